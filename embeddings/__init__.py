@@ -1,0 +1,1 @@
+"""hyrank embeddings."""

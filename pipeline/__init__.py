@@ -1,0 +1,1 @@
+"""hyrank pipeline: config, data, training loop, distributed wrappers, checkpoints, export, serving."""

@@ -1,0 +1,22 @@
+"""The import-time version guard turns an fbgemm ABI mismatch into an actionable message."""
+
+import pytest
+
+import pipeline.versions as v
+
+
+def test_installed_triple_is_supported():
+    found = v.check_versions()
+    assert found["torch"].startswith("2.13") and found["torchrec"].startswith("1.8")
+
+
+@pytest.mark.parametrize("fake,message", [
+    ({"torch": "2.13.0", "torchrec": "1.8.0", "fbgemm_gpu": "1.9.0"}, "Unsupported"),
+    ({"torch": "2.12.1", "torchrec": "1.8.0", "fbgemm_gpu": "1.8.0"}, "Unsupported"),
+    ({"torch": "2.13.0", "torchrec": None, "fbgemm_gpu": "1.8.0"}, "needs torchrec"),
+])
+def test_mismatch_fails_with_a_fix(monkeypatch, fake, message):
+    monkeypatch.setattr(v, "installed_versions", lambda: fake)
+    with pytest.raises(ImportError, match=message) as e:
+        v.check_versions()
+    assert "scripts/bootstrap.sh" in str(e.value)
