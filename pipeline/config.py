@@ -1,0 +1,314 @@
+"""Run configuration: TOML file -> typed, validated dataclasses.
+
+    cfg = load_config("jobs/configs/default.toml", overrides=["train.lr=0.01", "model.options.hidden=[64,32]"])
+    save_resolved(cfg, out_dir)   # writes out_dir/config.resolved.toml
+
+Every section is a dataclass whose fields are the allowed keys. An unknown key, a missing required key or a
+value of the wrong type raises `ConfigError` (a ValueError) naming the file and the dotted key. Semantic checks
+live in each dataclass's `__post_init__` and raise plain ValueErrors, which `load_config` re-raises with the
+file name attached. A new variant is a new TOML file, not a new flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from pipeline.features import FeatureSpec
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DataConfig:
+    """Where the day-partitioned logs are and how they are batched."""
+
+    root: str  # folder holding <partition_key>=YYYY-MM-DD/ sub-folders
+    partition_key: str = "day"
+    require_success: bool = True  # read only days with a _SUCCESS marker
+    batch_size_per_rank: int = 512
+
+    def __post_init__(self) -> None:
+        _check_positive("batch_size_per_rank", self.batch_size_per_rank)
+        if not self.partition_key.isidentifier():
+            raise ValueError(f"partition_key must be an identifier such as 'day' or 'dt', got {self.partition_key!r}")
+
+
+@dataclass
+class TableSharding:
+    """Planner constraints for one table (see embeddings/sharding.py)."""
+
+    sharding_types: list[Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]]
+    compute_kernels: list[Literal["fused", "dense"]] = field(default_factory=lambda: ["fused"])
+
+
+@dataclass
+class EmbeddingConfig:
+    """Sparse (embedding table) optimisation and sharding."""
+
+    # Fused into backward by fbgemm. fbgemm refuses adam on CPU; use it on GPU only.
+    optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    sharding: dict[str, TableSharding] = field(default_factory=dict)  # table name -> constraints
+
+    def __post_init__(self) -> None:
+        _check_positive("lr", self.lr)
+
+
+@dataclass
+class ModelConfig:
+    """Which dense tower (a key of models.MODELS) and its options (that model's Config fields)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.typed_options()  # fail at load time, naming the bad option, not when the model is built
+
+    def typed_options(self) -> Any:
+        """The options as the model's own Config dataclass."""
+        from models import model_class
+
+        try:
+            return from_dict(model_class(self.name).Config, self.options, source="", where="model.options")
+        except ConfigError as e:
+            raise ValueError(str(e)) from e
+
+
+@dataclass
+class TrainConfig:
+    """Dense optimiser, loop lengths, distributed settings."""
+
+    dense_optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_steps_per_day: int = 0  # 0: the whole day
+    eval_max_batches: int = 0  # 0: the whole evaluation day
+    log_every_steps: int = 50
+    allreduce: Literal["sync", "async"] = "sync"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
+    pg_timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        _check_positive("lr", self.lr)
+        _check_positive("log_every_steps", self.log_every_steps)
+        _check_positive("pg_timeout_s", self.pg_timeout_s)
+        for name in ("max_steps_per_day", "eval_max_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one TOML file."""
+
+    name: str
+    data: DataConfig
+    features: FeatureSpec
+    model: ModelConfig
+    seed: int = 0
+    out_dir: str = "runs/default"
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        tables = {t.name for t in self.features.tables}
+        for table in self.embeddings.sharding:
+            if table not in tables:
+                raise ValueError(f"embeddings.sharding names unknown table {table!r} (tables: {sorted(tables)})")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML run config, apply `a.b=c` overrides, and return the validated RunConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    for item in overrides:
+        apply_override(raw, item, source=str(path))
+    return from_dict(RunConfig, raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str, *, source: str = "--set") -> None:
+    """Set a dotted key in the raw TOML dict: `train.lr=0.01`, `features.sparse.0.oov="error"`.
+
+    The value is parsed as a TOML value (numbers, booleans, arrays, quoted strings); a bare word that is not
+    valid TOML is taken as a string, so `--set model.name=hyformer` works without quotes.
+    """
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        node = _override_step(node, key, ".".join(keys[: depth + 1]), source)
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, dotted, source)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise _err(source, f"override key {dotted!r} goes inside a value that is not a table")
+
+
+def _override_step(node: Any, key: str, where: str, source: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, key, where, source)]
+    if not isinstance(node, dict):
+        raise _err(source, f"override key {where!r} goes inside a value that is not a table")
+    return node.setdefault(key, {})
+
+
+def _list_index(node: list, key: str, where: str, source: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise _err(source, f"override key {where!r}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, *, source: str, where: str = "") -> T:
+    """Build dataclass `cls` from a TOML dict, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise _err(source, f"{where or 'top level'} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = _join(where, unknown[0])
+        raise _err(source, f"unknown key {key!r} (allowed in {where or 'top level'}: {sorted(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], source=source, where=key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _err(source, f"missing required key {key!r}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise _err(source, f"{where or 'top level'}: {e}") from e
+
+
+def _convert(tp: Any, value: Any, *, source: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source=source, where=where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, source=source, where=where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0]) if len(errors) == 1 else _err(source, f"{where}: no type of {tp} accepts {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise _err(source, f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _err(source, f"{where} must be a list, got {type(value).__name__} {value!r}")
+        return [_convert(args[0], v, source=source, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _err(source, f"{where} must be a table, got {type(value).__name__} {value!r}")
+        return {k: _convert(args[1], v, source=source, where=_join(where, k)) for k, v in value.items()}
+    return _convert_scalar(tp, value, source=source, where=where)
+
+
+def _convert_scalar(tp: Any, value: Any, *, source: str, where: str) -> Any:
+    # bool is an int in Python; a config that says `lr = true` is a mistake, not 1.0.
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }
+    if tp not in ok:
+        raise TypeError(f"config type {tp} of {where} is not supported")  # internal: a dataclass uses a bad type
+    if not ok[tp]:
+        raise _err(source, f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def _err(source: str, text: str) -> ConfigError:
+    return ConfigError(f"{source}: {text}" if source else text)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a TOML-ready dict (None values dropped: TOML has no null)."""
+    return _drop_none(dataclasses.asdict(cfg))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def save_resolved(cfg: RunConfig, out_dir: str | Path, filename: str = "config.resolved.toml") -> Path:
+    """Write the fully resolved config next to an output, so every artefact says how it was made."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / filename
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(tomli_w.dumps(to_dict(cfg)))
+    tmp.replace(path)
+    return path
