@@ -1,0 +1,115 @@
+"""Embedding tables and lookups: which feature reads which table, and which TorchRec module serves it.
+
+A table read by any sequence column lives in the `EmbeddingCollection` (one vector per event); a pooled feature
+that shares such a table (the target `item_id` sharing the `item` table with the behaviour sequence, so that
+target and history live in one space) is looked up there too and pooled here. Every other table lives in the
+`EmbeddingBagCollection`, pooled by fbgemm.
+
+This module knows nothing of Parquet or the feature spec: pipeline/features.py translates a spec into
+`TableDef`s and `LookupDef`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+
+@dataclass(frozen=True)
+class TableDef:
+    name: str
+    num_embeddings: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class LookupDef:
+    """One input feature (a KJT key): the table it reads, and whether it is pooled or kept per event."""
+
+    feature: str
+    table: str
+    kind: Literal["pooled", "sequence"]
+    pooling: Literal["sum", "mean"] = "sum"  # for kind == "pooled"
+
+
+@dataclass(frozen=True)
+class EmbeddingLayout:
+    """Tables and lookups, split between the EBC and the EC."""
+
+    tables: tuple[TableDef, ...]
+    lookups: tuple[LookupDef, ...]
+
+    def __post_init__(self) -> None:
+        names = {t.name for t in self.tables}
+        for lk in self.lookups:
+            if lk.table not in names:
+                raise ValueError(f"lookup {lk.feature!r} reads unknown table {lk.table!r}")
+        dims = {t.name: t.dim for t in self.ec_tables}
+        if len(set(dims.values())) > 1:
+            # TorchRec's EmbeddingCollection holds tables of one width only.
+            raise ValueError(f"tables read by sequences must share one dim (TorchRec EmbeddingCollection), got {dims}")
+
+    @property
+    def ec_tables(self) -> list[TableDef]:
+        seq = {lk.table for lk in self.lookups if lk.kind == "sequence"}
+        return [t for t in self.tables if t.name in seq]
+
+    @property
+    def ebc_tables(self) -> list[TableDef]:
+        ec = {t.name for t in self.ec_tables}
+        used = {lk.table for lk in self.lookups}
+        return [t for t in self.tables if t.name not in ec and t.name in used]
+
+    @property
+    def ebc_features(self) -> list[str]:
+        """KJT keys of the pooled batch, in the order the EBC expects them."""
+        return [lk.feature for t in self.ebc_tables for lk in self.lookups if lk.table == t.name]
+
+    @property
+    def ec_features(self) -> list[str]:
+        """KJT keys of the sequence batch, in the order the EC expects them."""
+        return [lk.feature for t in self.ec_tables for lk in self.lookups if lk.table == t.name]
+
+    def lookup(self, feature: str) -> LookupDef:
+        return next(lk for lk in self.lookups if lk.feature == feature)
+
+    def dim_of(self, feature: str) -> int:
+        table = self.lookup(feature).table
+        return next(t.dim for t in self.tables if t.name == table)
+
+    def ebc_configs(self) -> list:
+        """torchrec EmbeddingBagConfigs (torchrec is imported here, not at module import: it takes seconds)."""
+        from torchrec import EmbeddingBagConfig, PoolingType
+
+        return [
+            EmbeddingBagConfig(
+                name=t.name,
+                num_embeddings=t.num_embeddings,
+                embedding_dim=t.dim,
+                feature_names=[lk.feature for lk in self.lookups if lk.table == t.name],
+                pooling=PoolingType.MEAN if self._pooling_of(t.name) == "mean" else PoolingType.SUM,
+            )
+            for t in self.ebc_tables
+        ]
+
+    def ec_configs(self) -> list:
+        """torchrec EmbeddingConfigs."""
+        from torchrec import EmbeddingConfig
+
+        return [
+            EmbeddingConfig(
+                name=t.name,
+                num_embeddings=t.num_embeddings,
+                embedding_dim=t.dim,
+                feature_names=[lk.feature for lk in self.lookups if lk.table == t.name],
+            )
+            for t in self.ec_tables
+        ]
+
+    def _pooling_of(self, table: str) -> str:
+        # An EBC table has one pooling mode; features sharing a pooled table must agree.
+        modes = {lk.pooling for lk in self.lookups if lk.table == table}
+        if len(modes) > 1:
+            raise ValueError(f"features sharing table {table!r} ask for different poolings {sorted(modes)}")
+        return modes.pop()

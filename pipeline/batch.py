@@ -1,0 +1,59 @@
+"""The training batch: what the reader yields and the ranking model eats.
+
+Legend: B batch rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One batch of rows on one rank.
+
+    `pooled` feeds the EmbeddingBagCollection and `sequence` the EmbeddingCollection (keys in the order of
+    embeddings.tables.EmbeddingLayout); sequences are truncated to their max length, oldest event first.
+    """
+
+    pooled: KeyedJaggedTensor
+    sequence: KeyedJaggedTensor
+    dense: torch.Tensor  # (B, dense_dim) float32, normalised
+    labels: torch.Tensor  # (B,) float32 in {0, 1}
+    group_ids: torch.Tensor  # (B,) int64 query-level AUC group; zeros when the spec has no group column
+    oracle_p: torch.Tensor | None = None  # (B,) true click probability, only for synthetic data
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            pooled=self.pooled.to(device=device, non_blocking=non_blocking),
+            sequence=self.sequence.to(device=device, non_blocking=non_blocking),
+            dense=self.dense.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            group_ids=self.group_ids.to(device=device, non_blocking=non_blocking),
+            oracle_p=None if self.oracle_p is None else self.oracle_p.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.pooled.record_stream(stream)
+        self.sequence.record_stream(stream)
+        for t in (self.dense, self.labels, self.group_ids, self.oracle_p):
+            if t is not None:
+                t.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            pooled=self.pooled.pin_memory(),
+            sequence=self.sequence.pin_memory(),
+            dense=self.dense.pin_memory(),
+            labels=self.labels.pin_memory(),
+            group_ids=self.group_ids.pin_memory(),
+            oracle_p=None if self.oracle_p is None else self.oracle_p.pin_memory(),
+        )

@@ -1,0 +1,237 @@
+"""`hyrank <verb>`: the command line of the hyrank training pipeline.
+
+    hyrank gen-logs --out data/synth --days 4 --rows-per-day 50000
+    hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 \
+        --nproc-per-node 2
+    hyrank <verb> --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+EPILOG = """\
+A typical day-one session:
+  hyrank gen-logs --out data/synth --days 4                       # synthetic click logs (the built-in data)
+  hyrank train --config jobs/configs/default.toml \\
+      --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 --nproc-per-node 2
+
+Configs are TOML files (jobs/configs/*.toml); change any value without editing a file with
+--set section.key=value (e.g. --set train.lr=0.01 --set model.options.hidden=[128,64]).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        logging.getLogger("hyrank").error("%s", e)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyrank",
+        description="Train CTR ranking models on day-partitioned Parquet logs: TorchRec sharded embeddings, "
+        "HyFormer/HHFT/Hiformer towers, distributed training, daily retraining.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(title="verbs", metavar="<verb>")
+    _add_gen_logs(verbs)
+    _add_train(verbs)
+    return parser
+
+
+# -- gen-logs ------------------------------------------------------------------------------------------------------
+
+
+def _add_gen_logs(verbs) -> None:
+    from pipeline.synth import SynthConfig
+
+    d = SynthConfig()
+    p = verbs.add_parser(
+        "gen-logs",
+        help="write synthetic click logs with known structure (the built-in default data)",
+        description="Write day-partitioned synthetic click logs: <out>/day=YYYY-MM-DD/part-*.parquet plus _SUCCESS. "
+        "The true click probability is stored as `_oracle_p`, so every day's oracle AUC is known. "
+        "Same seed, identical files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, type=Path, help="dataset root to write under")
+    p.add_argument("--days", type=int, default=d.num_days, help="number of days")
+    p.add_argument("--rows-per-day", type=int, default=d.rows_per_day)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--start-day", type=dt.date.fromisoformat, default=d.start_day, help="first day, YYYY-MM-DD")
+    p.add_argument("--long-len", type=_int_range, default=f"{d.long_len_min}..{d.long_len_max}",
+                   help="long sequence length per row, MIN..MAX (paper scale: 1000..3000)")
+    p.add_argument("--short-len", type=int, default=d.short_len, help="length of the two short sequences")
+    p.add_argument("--partition-key", default=d.partition_key, help="folder key: <key>=YYYY-MM-DD")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_gen_logs)
+
+
+def _int_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("..")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected MIN..MAX, got {text!r}") from e
+
+
+def _gen_logs(args) -> int:
+    import time
+
+    from pipeline.synth import SynthConfig, generate_logs, oracle_auc
+
+    lo, hi = args.long_len
+    cfg = SynthConfig(rows_per_day=args.rows_per_day, num_days=args.days, start_day=args.start_day, seed=args.seed,
+                      long_len_min=lo, long_len_max=hi, short_len=args.short_len, partition_key=args.partition_key)
+    start = time.perf_counter()
+    days = generate_logs(cfg, args.out, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    rows = cfg.rows_per_day * cfg.num_days
+    for path in days:
+        print(f"{path}  oracle AUC {oracle_auc(path):.4f}")
+    print(f"wrote {rows} rows in {seconds:.1f} s ({rows / seconds:,.0f} rows/s)")
+    return 0
+
+
+# -- train ---------------------------------------------------------------------------------------------------------
+
+
+def _add_train(verbs) -> None:
+    p = verbs.add_parser(
+        "train",
+        help="train on a range of days, evaluate on another",
+        description="Train the configured model on --days and report exact metrics (AUC, query-level AUC, "
+        "logloss, calibration) on --eval-day. Runs on every rank of a torchrun job; with --nproc-per-node N "
+        "it launches that job itself on this machine.",
+        epilog="Example:\n  hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 "
+        "--eval-day 2026-11-04 --nproc-per-node 2 --set train.lr=0.002",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, type=Path, help="run config (TOML), e.g. jobs/configs/default.toml")
+    p.add_argument("--days", required=True, help="training days: YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
+    p.add_argument("--eval-day", help="evaluation day YYYY-MM-DD (default: none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+    p.add_argument("--nproc-per-node", type=int, default=0,
+                   help="launch N local ranks with torchrun (default: run in this process / the current torchrun job)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node)
+    from pipeline.config import load_config, save_resolved
+    from pipeline.data import DayRange, discover_days, find_day
+    from pipeline.distributed.env import init_distributed
+    from pipeline.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    days = discover_days(cfg.data.root, DayRange.parse(args.days), partition_key=cfg.data.partition_key,
+                         require_success=cfg.data.require_success)
+    if not days:
+        raise FileNotFoundError(f"no complete day in {args.days} under {cfg.data.root}")
+    eval_day = None
+    if args.eval_day:
+        eval_day = find_day(cfg.data.root, dt.date.fromisoformat(args.eval_day),
+                            partition_key=cfg.data.partition_key, require_success=cfg.data.require_success)
+    env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
+    out = Path(cfg.out_dir)
+    if env.is_main:
+        save_resolved(cfg, out)
+    trainer = Trainer(cfg, env, progress=not args.quiet)
+    history = []
+    for day in days:
+        stats = trainer.train_day(day)
+        history.append({"day": stats.day, "steps": stats.steps, "rows": stats.rows,
+                        "seconds": round(stats.seconds, 3), "mean_loss": stats.mean_loss, "losses": stats.losses})
+        if env.is_main:
+            print(f"train {stats.day}: {stats.steps} steps, {stats.rows} rows, mean loss {stats.mean_loss:.4f}, "
+                  f"{stats.rows / max(stats.seconds, 1e-9):,.0f} rows/s")
+    if env.is_main:
+        _write_json(out / "train_history.json", history)
+    if eval_day is not None:
+        m = trainer.evaluate(eval_day)
+        if env.is_main:
+            _write_json(out / "metrics" / f"eval-{eval_day.day}.json", m.to_dict())
+            oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m.oracle_auc is not None else ""
+            print(f"eval {eval_day.day}: AUC {m.auc:.4f}{oracle}, query-AUC {m.query_auc:.4f} over "
+                  f"{m.num_queries} queries, logloss {m.logloss:.4f}, NE {m.ne:.4f}, calibration {m.calibration:.3f}")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return 0
+
+
+def _relaunch_with_torchrun(nproc: int) -> int:
+    """Re-run this very command under torchrun with `nproc` local ranks (single node)."""
+    from torch.distributed.run import main as torchrun
+
+    argv = [a for a in sys.argv[1:]]
+    i = next(i for i, a in enumerate(argv) if a.startswith("--nproc-per-node"))
+    del argv[i:i + (1 if "=" in argv[i] else 2)]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
+    return 0
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _setup_logging(args) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("hyrank", "pipeline", "embeddings", "models", "jobs"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        silence_known_noise()
+
+
+# Known-harmless messages from TorchRec / torch on this stack (../shared/docs/torchrec-on-cpu.md, pitfall 17).
+_NOISE = ("Sharding spec not found", "is_fx_tracing will return true", "topology was constructed directly")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NOISE) and "is_fx_tracing" not in record.getMessage()
+
+
+def silence_known_noise() -> None:
+    """Drop the stack's harmless warnings so that a user sees hyrank's own messages."""
+    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+    warnings.filterwarnings("ignore", message=".*NumPy array is not writable.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchrec")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

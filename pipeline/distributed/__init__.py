@@ -1,0 +1,1 @@
+"""Process groups, DistributedModelParallel wiring and DDP comm hooks. Models never import this."""

@@ -1,0 +1,86 @@
+"""The ranking model: sparse arch (TorchRec) -> tokens -> dense tower (models/) -> BCE loss.
+
+    model = RankingModel(spec, tower, sparse_device=torch.device("meta"))
+    loss, out = model(batch)          # the TorchRec TrainPipeline contract: (loss, output)
+
+Legend: B batch rows, L padded sequence length, N events in a batch, D widths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import JaggedTensor
+
+from embeddings.collection import SparseArch, SparseOutput
+from models.inputs import SequenceInput, TowerInput
+from pipeline.batch import Batch
+from pipeline.features import FeatureSpec
+
+
+@dataclass
+class RankingOutput:
+    logits: torch.Tensor  # (B,)
+    labels: torch.Tensor  # (B,)
+    group_ids: torch.Tensor  # (B,)
+
+
+class RankingModel(nn.Module):
+    """Everything between a Batch and the loss; DMP shards `sparse`, DDP replicates the rest."""
+
+    def __init__(self, spec: FeatureSpec, tower: nn.Module, *, sparse_device: torch.device | None = None):
+        super().__init__()
+        self.sparse = SparseArch(spec.embedding_layout(), device=sparse_device)
+        self.tokens = Tokenizer(spec)
+        self.tower = tower
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, RankingOutput]:
+        embedded = self.sparse(batch.pooled, batch.sequence)
+        logits = self.tower(self.tokens(embedded, batch.dense)).logits
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, RankingOutput(logits=logits.detach(), labels=batch.labels, group_ids=batch.group_ids)
+
+
+class Tokenizer(nn.Module):
+    """Groups embedded features into the tower's input: block vectors, dense rest, padded sequences."""
+
+    def __init__(self, spec: FeatureSpec):
+        super().__init__()
+        starts, pos = {}, 0
+        for f in spec.dense_order:
+            starts[f.name] = (pos, pos + f.size)
+            pos += f.size
+        self._dense_slices = starts
+        self._blocks = spec.effective_blocks
+        self._unblocked = [f.name for f in spec.unblocked_dense]
+        self._sequences = {s.name: (s.columns, s.max_len) for s in spec.sequences}
+
+    def forward(self, emb: SparseOutput, dense_BF: torch.Tensor) -> TowerInput:
+        blocks = {b: torch.cat([self._feature(emb, dense_BF, n) for n in members], dim=-1)
+                  for b, members in self._blocks.items()}
+        rest = [self._feature(emb, dense_BF, n) for n in self._unblocked]
+        dense = torch.cat(rest, dim=-1) if rest else dense_BF.new_zeros(dense_BF.shape[0], 0)
+        sequences = {name: pad_sequence([emb.sequences[c] for c in cols], max_len, dense_BF.shape[0])
+                     for name, (cols, max_len) in self._sequences.items()}
+        return TowerInput(blocks=blocks, dense=dense, sequences=sequences)
+
+    def _feature(self, emb: SparseOutput, dense_BF: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self._dense_slices:
+            start, end = self._dense_slices[name]
+            return dense_BF[:, start:end]
+        return emb.pooled[name]
+
+
+def pad_sequence(columns: list[JaggedTensor], max_len: int, batch_size: int) -> SequenceInput:
+    """Concatenate aligned jagged columns event-wise and pad to (B, max_len, D); events stay left-aligned."""
+    lengths = columns[0].lengths()
+    values_ND = torch.cat([c.values() for c in columns], dim=-1)
+    rows = torch.repeat_interleave(torch.arange(batch_size, device=values_ND.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(values_ND.shape[0], device=values_ND.device) - torch.repeat_interleave(starts, lengths)
+    padded = values_ND.new_zeros(batch_size, max_len, values_ND.shape[-1])
+    padded[rows, pos] = values_ND
+    mask = torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return SequenceInput(values_BLD=padded, mask_BL=mask)

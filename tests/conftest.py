@@ -1,0 +1,43 @@
+"""Shared fixtures. Threads are pinned to one before torch loads: forked 2-rank tests need a parent with no
+OpenMP pool, and a 2-core CI machine runs faster without oversubscription."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import datetime as dt  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.synth import SynthConfig, generate_logs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "jobs" / "configs" / "default.toml"
+FIRST_DAY = dt.date(2026, 11, 1)
+
+
+def small_synth(**overrides) -> SynthConfig:
+    """A few thousand rows a day with short sequences: seconds to write, enough to learn from."""
+    base = dict(rows_per_day=6000, num_days=3, seed=7, long_len_min=40, long_len_max=80, short_len=12,
+                num_users=2000, num_items=5000, num_categories=40, num_authors=500, rows_per_chunk=1000,
+                chunks_per_file=3)
+    base.update(overrides)
+    return SynthConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate_logs(small_synth(), root)
+    return root
+
+
+@pytest.fixture
+def small_cfg(synth_root, tmp_path):
+    """The shipped default config pointed at the small synthetic logs, with a small tower."""
+    return load_config(DEFAULT_CONFIG, [f'data.root="{synth_root}"', f'out_dir="{tmp_path / "run"}"',
+                                        "data.batch_size_per_rank=128", "model.options.hidden=[64,32]",
+                                        "features.sequences.0.max_len=64", "features.sequences.1.max_len=12",
+                                        "features.sequences.2.max_len=12"])

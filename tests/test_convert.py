@@ -1,0 +1,101 @@
+"""Arrow -> Batch: KJTs from list offsets, truncation to the most recent events, OOV policy, clear errors."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.convert import BatchConverter, stable_hash, truncate_recent
+from pipeline.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
+
+
+def _spec(**kw) -> FeatureSpec:
+    base = dict(
+        label="y",
+        group="q",
+        tables=[TableSpec("t", 10, 4), TableSpec("s", 100, 4), TableSpec("c", 5, 4)],
+        sparse=[SparseFeature("a", "t"), SparseFeature("b", "t", oov="error"), SparseFeature("tgt", "s")],
+        dense=[DenseFeature("x", norm="log1p"), DenseFeature("v", size=2)],
+        sequences=[SequenceFeature("hist", "h", "s", max_len=3, side=[SideInfo("hc", "c")])],
+        blocks={"u": ["a", "x"], "i": ["b", "tgt", "v"]},
+    )
+    base.update(kw)
+    return FeatureSpec(**base)
+
+
+def _table(**cols):
+    base = dict(
+        y=pa.array([1, 0, 1], pa.int8()),
+        q=pa.array([7, 7, 8]),
+        a=pa.array([1, 12, 3]),  # 12 is out of range: hashed to 2
+        b=pa.array([[1, 2], [], [3]]),
+        tgt=pa.array([5, 6, 7]),
+        x=pa.array([0.0, 1.0, 3.0], pa.float32()),
+        v=pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float32(), 2)),
+        h=pa.array([[10, 11, 12, 13, 14], [20], []]),
+        hc=pa.array([[0, 1, 2, 3, 4], [1], []]),
+    )
+    base.update(cols)
+    return pa.table(base)
+
+
+def test_batch_from_arrow():
+    b = BatchConverter(_spec())(_table())
+    assert b.pooled.keys() == ["a", "b"]
+    assert b.pooled["a"].values().tolist() == [1, 2, 3]
+    assert b.pooled["b"].lengths().tolist() == [2, 0, 1]
+    assert b.sequence.keys() == ["tgt", "h", "hc"]
+    assert b.sequence["h"].lengths().tolist() == [3, 1, 0]
+    assert b.sequence["h"].values().tolist() == [12, 13, 14, 20]  # the 3 most recent, oldest first
+    assert b.sequence["hc"].values().tolist() == [2, 3, 4, 1]
+    # dense: block order (u: x, then i: v); log1p applied
+    torch.testing.assert_close(b.dense[:, 0], torch.log1p(torch.tensor([0.0, 1.0, 3.0])))
+    assert b.dense[:, 1:].tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert b.labels.tolist() == [1.0, 0.0, 1.0] and b.group_ids.tolist() == [7, 7, 8]
+
+
+def test_sliced_arrow_input_respects_offsets():
+    full = _table()
+    b = BatchConverter(_spec())(full.slice(1, 2))
+    assert b.sequence["h"].values().tolist() == [20] and b.pooled["b"].values().tolist() == [3]
+
+
+@pytest.mark.parametrize("order,expected", [("newest_last", [3, 4, 5, 9]), ("newest_first", [3, 2, 1, 9])])
+def test_truncation_keeps_most_recent(order, expected):
+    lengths = np.array([5, 1, 0])
+    values = np.array([1, 2, 3, 4, 5, 9])
+    kept, out = truncate_recent(lengths, values, 3, order)
+    assert kept.tolist() == [3, 1, 0] and out.tolist() == expected
+
+
+def test_oov_error_names_column_and_row():
+    with pytest.raises(ValueError, match=r"f.parquet: column 'b', row 12: id 10 >= table size 10"):
+        BatchConverter(_spec())(_table(b=pa.array([[1], [2], [3, 10]])), source="f.parquet", first_row=10)
+
+
+def test_negative_id_is_an_error():
+    with pytest.raises(ValueError, match=r"column 'a', row 1: negative id -4"):
+        BatchConverter(_spec())(_table(a=pa.array([1, -4, 3])))
+
+
+def test_string_ids_hash_stably():
+    strings = pa.array(["x", "y", "x"])
+    h = stable_hash(strings)
+    assert h[0] == h[2] != h[1] and (h >= 0).all()
+    assert h[0] == stable_hash(pa.array(["x"]))[0]  # same value, same id, in any batch
+    b = BatchConverter(_spec())(_table(a=strings))
+    assert b.pooled["a"].values().tolist() == (h % 10).tolist()
+
+
+@pytest.mark.parametrize("cols,message", [
+    (dict(y=pa.array([1, 2, 0])), r"column 'y', row 1: label 2.0 is not 0 or 1"),
+    (dict(y=pa.array([1, None, 0])), r"column 'y', row 1: is null"),
+    (dict(x=pa.array([0.0, float("nan"), 1.0])), r"column 'x', row 1: holds NaN or Inf"),
+    (dict(x=pa.array([0.0, -2.0, 1.0])), r"column 'x', row 1: is negative but norm = 'log1p'"),
+    (dict(v=pa.array([[1.0, 2.0], [3.0], [5.0, 6.0]])), r"column 'v', row 1: must hold 2 floats"),
+    (dict(hc=pa.array([[0, 1, 2, 3, 4], [1, 1], []])), r"column 'hc', row 1: has 2 events but 'h' has 1"),
+    (dict(h=pa.array([[10, None], [20], []])), r"column 'h', row 0: holds a null id"),
+])
+def test_bad_values_are_errors_not_zeros(cols, message):
+    with pytest.raises(ValueError, match=message):
+        BatchConverter(_spec())(_table(**cols))
