@@ -81,6 +81,8 @@ def _add_gen_logs(verbs) -> None:
                    help="long sequence length per row, MIN..MAX (paper scale: 1000..3000)")
     p.add_argument("--short-len", type=int, default=d.short_len, help="length of the two short sequences")
     p.add_argument("--partition-key", default=d.partition_key, help="folder key: <key>=YYYY-MM-DD")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
+                   help="days written in parallel processes (files are identical for any value)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_gen_logs)
 
@@ -102,7 +104,7 @@ def _gen_logs(args) -> int:
     cfg = SynthConfig(rows_per_day=args.rows_per_day, num_days=args.days, start_day=args.start_day, seed=args.seed,
                       long_len_min=lo, long_len_max=hi, short_len=args.short_len, partition_key=args.partition_key)
     start = time.perf_counter()
-    days = generate_logs(cfg, args.out, progress=not args.quiet)
+    days = generate_logs(cfg, args.out, workers=min(args.workers, cfg.num_days), progress=not args.quiet)
     seconds = time.perf_counter() - start
     rows = cfg.rows_per_day * cfg.num_days
     for path in days:

@@ -310,17 +310,49 @@ def write_day(world: World, out_dir: Path, day_index: int) -> Path:
     return final
 
 
-def generate_logs(cfg: SynthConfig, out_dir: str | Path, *, progress: bool = False) -> list[Path]:
-    """Write `cfg.num_days` days of logs under `out_dir`; returns the day folders."""
+def generate_logs(cfg: SynthConfig, out_dir: str | Path, *, workers: int = 1, progress: bool = False) -> list[Path]:
+    """Write `cfg.num_days` days of logs under `out_dir`, `workers` days at a time; returns the day folders.
+
+    Days are independent (each is seeded by its index), so the files are identical for any `workers`.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = World(cfg)
-    days = range(cfg.num_days)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        days = tqdm(days, desc="gen-logs", unit="day")
-    return [write_day(world, out, d) for d in days]
+        bar = tqdm(total=cfg.num_days, desc="gen-logs", unit="day")
+    if workers <= 1:
+        world = World(cfg)
+        paths = []
+        for d in range(cfg.num_days):
+            paths.append(write_day(world, out, d))
+            if bar is not None:
+                bar.update(1)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_write_day_in_worker, cfg, out, d) for d in range(cfg.num_days)]
+            for f in cf.as_completed(futures):
+                f.result()
+                if bar is not None:
+                    bar.update(1)
+            paths = [f.result() for f in futures]
+    if bar is not None:
+        bar.close()
+    return paths
+
+
+_WORKER_WORLD: World | None = None
+
+
+def _write_day_in_worker(cfg: SynthConfig, out: Path, day_index: int) -> Path:
+    global _WORKER_WORLD
+    if _WORKER_WORLD is None or _WORKER_WORLD.cfg != cfg:
+        _WORKER_WORLD = World(cfg)
+    return write_day(_WORKER_WORLD, out, day_index)
 
 
 def oracle_auc(day_path: str | Path, label: str = "click", oracle: str = "_oracle_p") -> float:

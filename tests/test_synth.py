@@ -80,3 +80,11 @@ def test_oracle_auc_is_informative_but_not_perfect(synth_root):
         assert 0.7 < value < 0.95
     labels = pq.read_table(discover_days(synth_root)[0].path, columns=["click"]).column("click").to_numpy()
     assert 0.05 < labels.mean() < 0.4
+
+
+def test_parallel_workers_write_the_same_files(tmp_path):
+    cfg = small_synth(rows_per_day=800, num_days=2)
+    serial = generate_logs(cfg, tmp_path / "serial")
+    parallel = generate_logs(cfg, tmp_path / "parallel", workers=2)
+    for a, b in zip(serial, parallel):
+        assert pq.read_table(a).equals(pq.read_table(b))
