@@ -105,7 +105,13 @@ class TrainConfig:
     max_steps_per_day: int = 0  # 0: the whole day
     eval_max_batches: int = 0  # 0: the whole evaluation day
     log_every_steps: int = 50
+    warmup_steps: int = 0  # linear LR warm-up of the dense optimizer
+    grad_clip_norm: float = 0.0  # clip the dense gradient norm; 0: off
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the forward on CUDA (ignored on CPU)
+    # sync: plain DDP. async: HyFormer's one-step-stale allreduce (pipeline/distributed/comm_hooks.py)
     allreduce: Literal["sync", "async"] = "sync"
+    allreduce_compression: Literal["none", "bf16"] = "none"
+    tensorboard: bool = True  # scalars under <out_dir>/tensorboard
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
     pg_timeout_s: int = 600
 
@@ -113,7 +119,7 @@ class TrainConfig:
         _check_positive("lr", self.lr)
         _check_positive("log_every_steps", self.log_every_steps)
         _check_positive("pg_timeout_s", self.pg_timeout_s)
-        for name in ("max_steps_per_day", "eval_max_batches"):
+        for name in ("max_steps_per_day", "eval_max_batches", "warmup_steps", "grad_clip_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}")
 
