@@ -10,11 +10,25 @@ from typing import Any
 
 from torch import nn
 
+from models.dcnv2 import DCNv2
 from models.dlrm import DLRM
+from models.hhft import HHFT
+from models.hiformer import Hiformer
+from models.hyformer import HyFormer
 from models.inputs import InputShape
+from models.longer_rankmixer import LongerRankMixer
+from models.rankmixer import RankMixer
+from models.transformer import Transformer
 
 MODELS: dict[str, type[nn.Module]] = {
     "dlrm_mlp": DLRM,
+    "dcnv2": DCNv2,
+    "rankmixer": RankMixer,
+    "longer_rankmixer": LongerRankMixer,
+    "transformer": Transformer,
+    "hyformer": HyFormer,
+    "hhft": HHFT,
+    "hiformer": Hiformer,
 }
 
 

@@ -1,0 +1,55 @@
+"""Params/FLOPs accounting: hand-counted small cases, meta-device costing, and the HyFormer paper table."""
+
+import re
+
+import torch
+
+from models import build_model
+from models.accounting import count_training_flops, dense_params, model_cost, paper_table, training_flops
+from models.inputs import InputShape, SequenceShape
+from models.layers.attention import MultiHeadAttention
+
+
+def test_mlp_flops_match_hand_count():
+    # DLRM with hidden=[16] on an 8-wide block is Linear(8,16) -> ReLU -> Linear(16,1).
+    shape = InputShape(blocks={"a": 8}, dense_dim=0, sequences={})
+    model = build_model("dlrm_mlp", {"hidden": [16]}, shape)
+    batch = 4
+    forward = 2 * batch * (8 * 16 + 16 * 1)  # multiply-adds x 2; bias adds are not counted
+    # backward: grad w.r.t. input and w.r.t. weight of each layer, each as costly as the forward matmul
+    assert training_flops(model, shape, batch_size=batch) == 3 * forward
+    assert dense_params(model) == 8 * 16 + 16 + 16 * 1 + 1
+
+
+def test_attention_flops_match_hand_count():
+    b, q, l, d, c, heads = 2, 3, 7, 16, 12, 4
+    # On meta, as model_cost counts (FlopCounterMode has no formula for the CPU fused SDPA backward kernel).
+    with torch.device("meta"):
+        attn = MultiHeadAttention(d, heads, kv_dim=c)
+        x = torch.randn(b, q, d, requires_grad=True)
+        kv = torch.randn(b, l, c, requires_grad=True)
+        mask = torch.ones(b, l, dtype=torch.bool)
+    projections = 2 * b * (q * d * d + 2 * l * c * d + q * d * d)  # W_q, W_k and W_v, W_o
+    scores_and_mix = 2 * (2 * b * q * l * d)  # QK^T and PV summed over heads (H * E = D)
+    assert count_training_flops(lambda: attn(x, kv, mask)) == 3 * (projections + scores_and_mix)
+
+
+def test_meta_costing_allocates_nothing_and_matches_real_params():
+    shape = InputShape(blocks={"item": 24, "user": 16}, dense_dim=0,
+                       sequences={"s": SequenceShape(dim=8, max_len=20)})
+    options = {"d_model": 48, "seq_dim": 16, "num_layers": 2}
+    cost = model_cost("hyformer", options, shape)
+    assert cost.params == dense_params(build_model("hyformer", options, shape))
+    assert cost.train_flops_per_sample > 6 * 0.5 * cost.params  # most weights touched at least once per sample
+    big = model_cost("rankmixer", {"d_model": 4098, "num_layers": 2}, shape)  # ~0.5B params, on meta only
+    assert big.params > 4e8
+
+
+def test_paper_table_prints_with_ratio_in_range():
+    text = paper_table()
+    assert "HyFormer" in text and "BaseArch" in text
+    ratio = float(re.search(r"^ratio HyFormer/BaseArch FLOPs: ([0-9.]+)", text, re.M).group(1))
+    assert 0.95 <= ratio <= 1.35
+    assert re.search(r"^ratio unified-full-Transformer/HyFormer FLOPs: [0-9.]+", text, re.M)
+    params_m = float(re.search(r"^HyFormer\s+([0-9.]+)", text, re.M).group(1))
+    assert 350 <= params_m <= 480  # near the paper's 418M dense parameters
