@@ -4,17 +4,22 @@
     arch = SparseArch(layout, device=torch.device("meta"))   # DMP materialises and shards it
     out = arch(pooled_kjt, sequence_kjt)                       # SparseOutput
 
-Legend: B batch rows, D embedding dim, N total events of a feature in the batch.
+    arch = SparseArch(layout, device=..., dedup=True)          # embeddings.dedup: look up distinct ids once
+    out = arch(pooled_kjt, unique_kjt, dedup_index)            # the same SparseOutput, out.dedup_ratio set
+
+Legend: B batch rows, D embedding dim, N total events of a feature in the batch, U distinct ids of a table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor
 
+from embeddings.dedup import DedupIndex, expand_sequences
 from embeddings.tables import EmbeddingLayout
 
 
@@ -24,28 +29,80 @@ class SparseOutput:
 
     pooled: dict[str, torch.Tensor]  # feature -> (B, D)
     sequences: dict[str, JaggedTensor]  # feature -> values (N, D), lengths (B,)
+    dedup_ratio: float | None = None  # distinct ids / events of the sequence lookup; None on the plain path
 
 
 class SparseArch(nn.Module):
-    """EmbeddingBagCollection for pooled-only tables, EmbeddingCollection for tables read by sequences."""
+    """EmbeddingBagCollection for pooled-only tables, EmbeddingCollection for tables read by sequences.
 
-    def __init__(self, layout: EmbeddingLayout, *, device: torch.device | None = None):
+    `dedup=True` builds the EC over one key of distinct ids per table (embeddings.dedup); the batch then
+    carries those ids and a DedupIndex, and the output is rebuilt event by event, identical to the plain path.
+    `transforms` (sequence feature -> position-independent module, e.g. a projection of the item embedding)
+    run on the looked-up rows of that feature: on U distinct rows with dedup, on all N events without.
+    """
+
+    def __init__(self, layout: EmbeddingLayout, *, device: torch.device | None = None, dedup: bool = False,
+                 transforms: Mapping[str, nn.Module] | None = None):
         super().__init__()
         self.layout = layout
-        ebc_configs, ec_configs = layout.ebc_configs(), layout.ec_configs()
+        self.dedup = dedup
+        ebc_configs, ec_configs = layout.ebc_configs(), layout.ec_configs(dedup=dedup)
         self.ebc = EmbeddingBagCollection(tables=ebc_configs, device=device) if ebc_configs else None
         self.ec = EmbeddingCollection(tables=ec_configs, device=device) if ec_configs else None
         self._ec_pooled = [lk for lk in layout.lookups if lk.kind == "pooled" and lk.feature in layout.ec_features]
+        self._sequence_features = [f for f in layout.ec_features if layout.lookup(f).kind == "sequence"]
+        unknown = sorted(set(transforms or {}) - set(self._sequence_features))
+        if unknown:
+            raise ValueError(f"transforms name {unknown}, which are not sequence features {self._sequence_features}")
+        self.transforms = nn.ModuleDict(dict(transforms or {}))
 
-    def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor) -> SparseOutput:
+    def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor,
+                sequence_index: DedupIndex | None = None) -> SparseOutput:
         out_pooled: dict[str, torch.Tensor] = {}
         if self.ebc is not None:
             out_pooled.update(self.ebc(pooled).to_dict())
-        seqs: dict[str, JaggedTensor] = self.ec(sequence) if self.ec is not None else {}
+        seqs = self._sequence_lookup(sequence, sequence_index)
         for lk in self._ec_pooled:
             out_pooled[lk.feature] = pool_jagged(seqs[lk.feature], lk.pooling)
-        sequences = {k: v for k, v in seqs.items() if self.layout.lookup(k).kind == "sequence"}
-        return SparseOutput(pooled=out_pooled, sequences=sequences)
+        sequences = {k: seqs[k] for k in self._sequence_features}
+        ratio = sequence_index.dedup_ratio if sequence_index is not None else None
+        return SparseOutput(pooled=out_pooled, sequences=sequences, dedup_ratio=ratio)
+
+    def _sequence_lookup(self, sequence: KeyedJaggedTensor,
+                         index: DedupIndex | None) -> dict[str, JaggedTensor]:
+        if self.ec is None:
+            return {}
+        if self.dedup:
+            index = _require_index(index)  # before the EC, whose own error would name a missing KJT key
+            return expand_sequences(self.ec(sequence), index, dict(self.transforms.items()))
+        _refuse_index(index)
+        looked_up = self.ec(sequence)
+        seqs = {f: looked_up[f] for f in self.layout.ec_features}
+        for feature, transform in self.transforms.items():
+            seqs[feature] = JaggedTensor(values=transform(seqs[feature].values()), lengths=seqs[feature].lengths())
+        return seqs
+
+
+# TorchRec's TrainPipelineSparseDist FX-traces the model: these run as opaque calls instead of being traced
+# (they branch on host ints and on None).
+torch.fx.wrap("expand_sequences")
+
+
+def _require_index(index: DedupIndex | None) -> DedupIndex:
+    if index is None:
+        raise ValueError("SparseArch(dedup=True) got a batch without a dedup index: build the BatchConverter "
+                         "with the same embeddings.dedup setting as the model")
+    return index
+
+
+def _refuse_index(index: DedupIndex | None) -> None:
+    if index is not None:
+        raise ValueError("SparseArch(dedup=False) got a deduplicated batch: build the model with the same "
+                         "embeddings.dedup setting as the BatchConverter")
+
+
+torch.fx.wrap("_require_index")
+torch.fx.wrap("_refuse_index")
 
 
 def pool_jagged(jt: JaggedTensor, mode: str) -> torch.Tensor:

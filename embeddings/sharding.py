@@ -72,6 +72,15 @@ class _CPURowWiseEBCSharder(EmbeddingBagCollectionSharder):
         return types
 
 
+@dataclass(frozen=True)
+class TableConstraint:
+    """What the planner may choose for one table."""
+
+    sharding_types: list[str]
+    compute_kernels: list[str]
+    min_partition: int | None = None  # narrowest column-wise shard; None keeps the planner's default
+
+
 def make_sharders(device: torch.device) -> list[ModuleSharder[nn.Module]]:
     ebc = EmbeddingBagCollectionSharder() if device.type == "cuda" else _CPURowWiseEBCSharder()
     return [ebc, EmbeddingCollectionSharder()]
@@ -85,19 +94,24 @@ def plan_sharding(
     local_world_size: int,
     device: torch.device,
     batch_size_per_rank: int,
-    constraints: dict[str, tuple[list[str], list[str]]] | None = None,
+    constraints: dict[str, TableConstraint | tuple[list[str], list[str]]] | None = None,
     collective: bool = True,
 ) -> ShardingPlan:
-    """Plan table placement; `constraints` maps table name -> (sharding types, compute kernels).
+    """Plan table placement; `constraints` maps table name -> TableConstraint or (sharding types, kernels).
 
     With `collective=True` rank 0 plans and broadcasts (all ranks get the same plan even if the planner's
-    heuristics were not deterministic); this needs an initialised process group.
+    heuristics were not deterministic); this needs an initialised process group, and a planner error on rank 0
+    leaves the other ranks waiting in the broadcast until the process group's timeout: keep it short in tests.
     """
     topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device.type)
-    param_constraints = {
-        table: ParameterConstraints(sharding_types=list(types), compute_kernels=list(kernels))
-        for table, (types, kernels) in (constraints or {}).items()
-    }
+    typed = {t: c if isinstance(c, TableConstraint) else TableConstraint(list(c[0]), list(c[1]))
+             for t, c in (constraints or {}).items()}
+    check_constraints(module, sharders, typed, device)
+    param_constraints = {}
+    for table, c in typed.items():
+        param_constraints[table] = ParameterConstraints(sharding_types=list(c.sharding_types),
+                                                        compute_kernels=list(c.compute_kernels),
+                                                        min_partition=c.min_partition)
     planner = EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size_per_rank, constraints=param_constraints, debug=False
     )
@@ -106,6 +120,30 @@ def plan_sharding(
 
         return planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     return planner.plan(module, sharders)
+
+
+def check_constraints(module: nn.Module, sharders: list[ModuleSharder[nn.Module]],
+                      constraints: dict[str, TableConstraint], device: torch.device) -> None:
+    """Refuse, before planning, a table whose allowed sharding types its module's sharder cannot do.
+
+    The planner's own message ("No available sharding type and compute kernel combination") names neither the
+    cause nor the way out, and under `collective_plan` it is raised on rank 0 only while the other ranks wait
+    in the broadcast. This check runs on every rank from the same inputs, so all fail together.
+    """
+    for _, sub in module.named_modules():
+        sharder = next((s for s in sharders if type(sub) is s.module_type), None)
+        configs_of = getattr(sub, "embedding_bag_configs", None) or getattr(sub, "embedding_configs", None)
+        if sharder is None or configs_of is None:
+            continue
+        configs = configs_of()
+        supported = list(sharder.sharding_types(device.type))
+        for cfg in configs:
+            c = constraints.get(cfg.name)
+            if c is not None and not set(c.sharding_types) & set(supported):
+                raise ValueError(
+                    f"embeddings.sharding[{cfg.name!r}] allows only {c.sharding_types}, but table {cfg.name!r} "
+                    f"lives in a {type(sub).__name__} whose TorchRec sharder supports {supported} on "
+                    f"{device.type}; pick one of those (e.g. row_wise instead of table_row_wise)")
 
 
 def describe_plan(plan: ShardingPlan) -> str:
@@ -119,3 +157,29 @@ def describe_plan(plan: ShardingPlan) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def plan_to_dict(plan: ShardingPlan) -> dict[str, dict[str, dict]]:
+    """The plan as plain data (str/int/list only) for checkpoints and logs: module -> table -> placement.
+
+    Each table gets its sharding type, kernel, ranks, and one entry per shard (rank, offsets, sizes), enough to
+    tell whether a checkpoint was written under a different layout.
+    """
+    out: dict[str, dict[str, dict]] = {}
+    for module_path, module_plan in plan.plan.items():
+        tables = {}
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            shards = []
+            if ps.sharding_spec is not None and hasattr(ps.sharding_spec, "shards"):
+                shards = [{"rank": _placement_rank(sh.placement), "offsets": list(map(int, sh.shard_offsets)),
+                           "sizes": list(map(int, sh.shard_sizes))} for sh in ps.sharding_spec.shards]
+            tables[table] = {"sharding_type": str(ps.sharding_type), "compute_kernel": str(ps.compute_kernel),
+                             "ranks": [int(r) for r in (ps.ranks or [])], "shards": shards}
+        out[module_path] = tables
+    return out
+
+
+def _placement_rank(placement) -> int:
+    # ShardMetadata.placement is a torch `_remote_device` ("rank:0/cpu"); only the rank is plan data.
+    rank = placement.rank() if placement is not None else None
+    return -1 if rank is None else int(rank)

@@ -93,16 +93,27 @@ class EmbeddingLayout:
             for t in self.ebc_tables
         ]
 
-    def ec_configs(self) -> list:
-        """torchrec EmbeddingConfigs."""
+    @property
+    def ec_table_of(self) -> dict[str, str]:
+        """EC feature -> the table it reads (what embeddings.dedup groups distinct ids by)."""
+        return {f: self.lookup(f).table for f in self.ec_features}
+
+    def ec_configs(self, *, dedup: bool = False) -> list:
+        """torchrec EmbeddingConfigs; with `dedup` each table reads one key, dedup_key(table), of distinct ids.
+
+        Table names (hence parameter names and checkpoints) are the same either way.
+        """
         from torchrec import EmbeddingConfig
+
+        from embeddings.dedup import dedup_key
 
         return [
             EmbeddingConfig(
                 name=t.name,
                 num_embeddings=t.num_embeddings,
                 embedding_dim=t.dim,
-                feature_names=[lk.feature for lk in self.lookups if lk.table == t.name],
+                feature_names=[dedup_key(t.name)] if dedup
+                else [lk.feature for lk in self.lookups if lk.table == t.name],
             )
             for t in self.ec_tables
         ]

@@ -11,6 +11,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from embeddings.dedup import DedupIndex
+
 
 @dataclass
 class Batch(Pipelineable):
@@ -18,6 +20,8 @@ class Batch(Pipelineable):
 
     `pooled` feeds the EmbeddingBagCollection and `sequence` the EmbeddingCollection (keys in the order of
     embeddings.tables.EmbeddingLayout); sequences are truncated to their max length, oldest event first.
+    With `embeddings.dedup` on, `sequence` holds each table's distinct ids instead (keys dedup_key(table)) and
+    `sequence_index` says how to rebuild every event from them (embeddings/dedup.py).
     """
 
     pooled: KeyedJaggedTensor
@@ -26,10 +30,16 @@ class Batch(Pipelineable):
     labels: torch.Tensor  # (B,) float32 in {0, 1}
     group_ids: torch.Tensor  # (B,) int64 query-level AUC group; zeros when the spec has no group column
     oracle_p: torch.Tensor | None = None  # (B,) true click probability, only for synthetic data
+    sequence_index: DedupIndex | None = None  # set when the sequences are deduplicated
 
     @property
     def batch_size(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def dedup_ratio(self) -> float | None:
+        """Distinct sequence ids / sequence events of this batch; None when not deduplicated."""
+        return None if self.sequence_index is None else self.sequence_index.dedup_ratio
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
@@ -39,12 +49,14 @@ class Batch(Pipelineable):
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             group_ids=self.group_ids.to(device=device, non_blocking=non_blocking),
             oracle_p=None if self.oracle_p is None else self.oracle_p.to(device=device, non_blocking=non_blocking),
+            sequence_index=None if self.sequence_index is None
+            else self.sequence_index.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.pooled.record_stream(stream)
         self.sequence.record_stream(stream)
-        for t in (self.dense, self.labels, self.group_ids, self.oracle_p):
+        for t in (self.dense, self.labels, self.group_ids, self.oracle_p, self.sequence_index):
             if t is not None:
                 t.record_stream(stream)
 
@@ -56,4 +68,5 @@ class Batch(Pipelineable):
             labels=self.labels.pin_memory(),
             group_ids=self.group_ids.pin_memory(),
             oracle_p=None if self.oracle_p is None else self.oracle_p.pin_memory(),
+            sequence_index=None if self.sequence_index is None else self.sequence_index.pin_memory(),
         )

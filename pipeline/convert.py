@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import torch
 from torchrec import KeyedJaggedTensor
 
+from embeddings.dedup import dedup_sequences
 from pipeline.batch import Batch
 from pipeline.features import DenseFeature, FeatureSpec, OOVPolicy, SequenceFeature
 
@@ -25,8 +26,9 @@ from pipeline.features import DenseFeature, FeatureSpec, OOVPolicy, SequenceFeat
 class BatchConverter:
     """Turns Arrow tables holding the spec's columns into Batches."""
 
-    def __init__(self, spec: FeatureSpec):
+    def __init__(self, spec: FeatureSpec, *, dedup: bool = False):
         self.spec = spec
+        self.dedup = dedup  # embeddings.dedup: sequences as distinct ids per table + an inverse index
         self.layout = spec.embedding_layout()
         self._num_rows = {t.name: t.num_embeddings for t in spec.tables}
 
@@ -37,9 +39,14 @@ class BatchConverter:
             jagged[f.name] = ids_column(table.column(f.name), self._num_rows[f.table], f.oov, ctx.at(f.name))
         for seq in self.spec.sequences:
             jagged.update(self._sequence(table, seq, ctx))
+        sequence, sequence_index = _kjt(self.layout.ec_features, jagged), None
+        if self.dedup and self.layout.ec_features:
+            deduped = dedup_sequences(sequence, self.layout.ec_table_of)
+            sequence, sequence_index = deduped.unique, deduped.index
         return Batch(
             pooled=_kjt(self.layout.ebc_features, jagged),
-            sequence=_kjt(self.layout.ec_features, jagged),
+            sequence=sequence,
+            sequence_index=sequence_index,
             dense=self._dense(table, ctx),
             labels=labels_column(table.column(self.spec.label), ctx.at(self.spec.label)),
             group_ids=self._groups(table, ctx),
@@ -153,8 +160,11 @@ def _is_stringy(t: pa.DataType) -> bool:
 def map_ids(values: np.ndarray, lengths: np.ndarray, num_embeddings: int, oov: OOVPolicy, ctx: _Ctx,
             *, hashed: bool = False) -> np.ndarray:
     """Apply the out-of-range policy: `hash` takes ids modulo the table size, `error` refuses them."""
-    if not hashed and values.size and values.min() < 0:
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if not hashed and low < 0:
         raise ctx.error(_row_of(np.flatnonzero(values < 0)[0], lengths), f"negative id {values[values < 0][0]}")
+    if 0 <= low and high < num_embeddings:  # the common case: skip the modulo, a division per id
+        return values
     if hashed or oov == "hash":
         return np.mod(values, num_embeddings)
     bad = values >= num_embeddings
@@ -171,6 +181,8 @@ def _row_of(event: int, lengths: np.ndarray) -> int:
 def truncate_recent(lengths: np.ndarray, values: np.ndarray, max_len: int,
                     order: str = "newest_last") -> tuple[np.ndarray, np.ndarray]:
     """Keep each row's `max_len` most recent events, returned oldest first."""
+    if order == "newest_last" and (lengths.size == 0 or lengths.max() <= max_len):
+        return lengths, values  # nothing to cut: skip the gather
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     kept = np.minimum(lengths, max_len)
     within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)  # 0..kept-1 per row

@@ -30,14 +30,16 @@ class RankingOutput:
 class RankingModel(nn.Module):
     """Everything between a Batch and the loss; DMP shards `sparse`, DDP replicates the rest."""
 
-    def __init__(self, spec: FeatureSpec, tower: nn.Module, *, sparse_device: torch.device | None = None):
+    def __init__(self, spec: FeatureSpec, tower: nn.Module, *, sparse_device: torch.device | None = None,
+                 dedup: bool = False):
         super().__init__()
-        self.sparse = SparseArch(spec.embedding_layout(), device=sparse_device)
+        # dedup must match the BatchConverter's (embeddings.dedup); both paths give the same loss
+        self.sparse = SparseArch(spec.embedding_layout(), device=sparse_device, dedup=dedup)
         self.tokens = Tokenizer(spec)
         self.tower = tower
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, RankingOutput]:
-        embedded = self.sparse(batch.pooled, batch.sequence)
+        embedded = self.sparse(batch.pooled, batch.sequence, batch.sequence_index)
         logits = self.tower(self.tokens(embedded, batch.dense)).logits
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         return loss, RankingOutput(logits=logits.detach(), labels=batch.labels, group_ids=batch.group_ids)
