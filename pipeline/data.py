@@ -1,33 +1,69 @@
-"""Day-partitioned Parquet logs: find the days, split a day across ranks, read it as Batches.
+"""Day-partitioned Parquet logs: find the days, split a day across ranks, validate, read it as Batches.
 
-    days = discover_days(root, DayRange.parse("2026-11-01..2026-11-03"))
-    reader = DayReader(days[0], spec, batch_size=512, rank=0, world_size=2)
-    for batch in reader: ...
+    scan = scan_days(root, DayRange.parse("2026-11-01..2026-11-03"))    # found + skipped (and why)
+    reader = DayReader(scan.found[0], spec, batch_size=512, rank=0, world_size=2, seed=cfg.seed,
+                       options=ReaderOptions.from_config(cfg.data), quarantine_dir=out_dir / "quarantine")
+    for batch in reader: ...                      # pipeline.batch.Batch, decoded ahead by loader threads
+    state = reader.state_dict()                   # resume: a new reader of the same day, load_state_dict(state)
 
-Layout: `<root>/<partition_key>=YYYY-MM-DD/*.parquet`; a day is complete when `_SUCCESS` exists in its folder.
+Layout: `<root>/<partition_key>=YYYY-MM-DD/*.parquet` (hive style); a day is complete when `_SUCCESS` exists in
+its folder. `scan_days` lists the files with pyarrow.dataset and reports every partition folder it skipped.
 
-Splitting policy: a day's row groups (in file, then row-group order) are dealt to ranks greedily by row count,
-largest first, each to the rank with the fewest rows so far (ties to the lower rank): deterministic from the
-Parquet footers alone, so every rank computes the same split with no communication. Every rank then yields
-exactly `min over ranks of (rows // batch_size)` batches, so no rank waits in a collective for another that has
-run out; the tail rows beyond that count are not trained on this epoch and the reader reports how many.
+Split: a day's row groups are dealt to ranks greedily by row count, largest first, each to the rank with the
+fewest rows so far (ties to the lower rank): deterministic from the Parquet footers alone, so every rank computes
+the same split with no communication. With `shuffle`, each rank visits its row groups in an order seeded by
+(seed, day, rank) and permutes rows within buffers of `shuffle_buffer_rows` (seeded by the buffer's index too).
+Loader threads (`num_workers`) decode, validate and convert row groups in parallel; results are consumed in
+plan order, so the batches do not depend on the number of workers.
+
+Equal batch counts: every rank yields exactly
+    N = min over ranks r of (rows_r - ceil(error_budget * rows_r)) // batch_size
+batches (footer row counts; capped by max_batches), so no rank waits in a collective for one that has run out.
+Each rank keeps `error_budget` of its rows in reserve for rows that validation drops. Rows beyond N batches are
+not trained this epoch (`rows_dropped`). If a rank's share holds more bad rows than its reserve it cannot fill
+N batches; that, a bad-row count over the day's budget, or a corrupt file, is a failure, and failures are agreed
+on: before each batch the ranks all_reduce one status flag (a gloo group; no collective in a world of one or
+without a process group), so every rank raises together instead of one hanging. After the last batch the ranks
+sum their per-reason counts with one all_reduce and all raise if the day's bad fraction exceeds the budget.
+
+Validation (pipeline/validate.py) runs on each row group before conversion: bad rows are dropped, counted per
+reason and written to `<quarantine_dir>/<partition folder>/<file>.rg<k>.parquet` with their reason and source
+row; the converter only sees good rows.
+
+Cursor (`state_dict`): the plan is cut into buffers ("blocks") of `block_rows` valid rows. The cursor holds the
+block index, the position of its first row (unit = index in this rank's row-group order, raw row within that row
+group), the batches already emitted from it and in all, and the validation counts of the units before it. A
+restored reader re-reads the block from its start, rebuilds the same permutation and skips the emitted batches:
+no row is trained twice and none is skipped. The cursor counts batches the trainer has taken, not prefetched ones.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
+import queue
 import re
-from dataclasses import dataclass
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
 
 from pipeline.batch import Batch
 from pipeline.convert import BatchConverter
 from pipeline.features import FeatureSpec
-from pipeline.validate import check_schema
+from pipeline.validate import REASONS, DayValidation, check_schema, validate_rows, write_quarantine
+
+log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 
@@ -70,25 +106,85 @@ class DayPartition:
         return sorted(self.path.glob("*.parquet"))
 
 
-def discover_days(root: str | Path, days: DayRange | None = None, *, partition_key: str = "day",
-                  require_success: bool = True) -> list[DayPartition]:
-    """Day folders under `root` in the range, oldest first; incomplete ones only if `require_success` is off."""
+@dataclass(frozen=True)
+class SkippedDay:
+    """A partition folder that discovery did not return, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class DayScan:
+    """What `scan_days` found (oldest first) and what it skipped."""
+
+    found: list[DayPartition]
+    skipped: list[SkippedDay]
+
+    def summary(self) -> str:
+        lines = [f"found {len(self.found)} day(s): " + ", ".join(
+            f"{d.day}{'' if d.complete else ' (incomplete)'}" for d in self.found)]
+        lines += [f"skipped {s.path.name}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def scan_days(root: str | Path, days: DayRange | None = None, *, partition_key: str = "day",
+              require_success: bool = True) -> DayScan:
+    """Day partitions under `root` in the range, and the folders skipped with the reason (not complete, ...)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root not found: {root}")
-    pattern = re.compile(rf"^{re.escape(partition_key)}=(\d{{4}}-\d{{2}}-\d{{2}})$")
-    found = []
-    for path in sorted(root.iterdir()):
-        m = pattern.match(path.name)
-        if not (m and path.is_dir()):
+    files_by_value = _parquet_files_by_partition(root, partition_key)
+    found, skipped = [], []
+    prefix = f"{partition_key}="
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)):
+        value = path.name[len(prefix):]
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            skipped.append(SkippedDay(path, f"{value!r} is not a YYYY-MM-DD date (an unfinished write?)"))
             continue
-        day = dt.date.fromisoformat(m.group(1))
+        try:
+            day = dt.date.fromisoformat(value)
+        except ValueError:
+            skipped.append(SkippedDay(path, f"{value!r} is not a valid date"))
+            continue
         if days is not None and day not in days:
             continue
         complete = (path / SUCCESS).exists()
-        if complete or not require_success:
-            found.append(DayPartition(day, path, complete))
-    return found
+        if require_success and not complete:
+            skipped.append(SkippedDay(path, f"no {SUCCESS} marker: the day is not complete"))
+            continue
+        if not files_by_value.get(value):  # kept, not skipped: a "complete" empty day is an upstream bug
+            log.warning("%s is marked complete but holds no .parquet files", path)
+        found.append(DayPartition(day, path, complete))
+    return DayScan(found, skipped)
+
+
+def _parquet_files_by_partition(root: Path, partition_key: str) -> dict[str, list[str]]:
+    """partition value -> its .parquet files, listed by pyarrow.dataset with hive partitioning (one listing)."""
+    partitioning = ds.partitioning(pa.schema([(partition_key, pa.string())]), flavor="hive")
+    # An explicit schema: discovery must not open any file (a corrupt one is the reader's to report, by path).
+    # The listing skips `_SUCCESS` and hidden files.
+    dataset = ds.dataset(root, format="parquet", partitioning=partitioning,
+                         schema=pa.schema([(partition_key, pa.string())]))
+    out: dict[str, list[str]] = {}
+    for fragment in dataset.get_fragments():
+        value = ds.get_partition_keys(fragment.partition_expression).get(partition_key)
+        if value is not None and fragment.path.endswith(".parquet"):
+            out.setdefault(str(value), []).append(fragment.path)
+    return out
+
+
+def discover_days(root: str | Path, days: DayRange | None = None, *, partition_key: str = "day",
+                  require_success: bool = True) -> list[DayPartition]:
+    """Day folders under `root` in the range, oldest first; incomplete ones only if `require_success` is off.
+
+    What was skipped, and why, is logged (see `scan_days` for the report itself).
+    """
+    scan = scan_days(root, days, partition_key=partition_key, require_success=require_success)
+    for s in scan.skipped:
+        log.warning("skipped %s: %s", s.path, s.reason)
+    log.info("%s", scan.summary().splitlines()[0])
+    return scan.found
 
 
 def find_day(root: str | Path, day: dt.date, *, partition_key: str = "day",
@@ -103,6 +199,26 @@ def find_day(root: str | Path, day: dt.date, *, partition_key: str = "day",
     return DayPartition(day, path, complete)
 
 
+def next_complete_day(root: str | Path, after: dt.date, *, partition_key: str = "day", timeout_s: float = 0.0,
+                      poll_s: float = 30.0) -> DayPartition | None:
+    """The earliest complete day after `after`, waiting up to `timeout_s` for one to appear; None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    window = DayRange(after + dt.timedelta(days=1), dt.date.max)
+    while True:
+        if Path(root).is_dir():
+            found = scan_days(root, window, partition_key=partition_key).found
+            if found:
+                return found[0]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        time.sleep(min(poll_s, left))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row groups and the split across ranks
+
+
 @dataclass(frozen=True)
 class RowGroupRef:
     file: Path
@@ -110,19 +226,41 @@ class RowGroupRef:
     num_rows: int
 
 
-def row_groups(day: DayPartition) -> list[RowGroupRef]:
-    """Every row group of the day, in file then row-group order."""
-    refs = []
+@dataclass
+class DayFooters:
+    """Every readable row group of a day, and the files skipped as corrupt (on_corrupt_file = "skip")."""
+
+    refs: list[RowGroupRef]
+    corrupt_files: list[str] = field(default_factory=list)
+
+
+def read_footers(day: DayPartition, spec: FeatureSpec | None = None, *,
+                 on_corrupt_file: Literal["fail", "skip"] = "fail") -> DayFooters:
+    """Row groups of the day in file then row-group order; each file's schema is checked against `spec`."""
     files = day.files
     if not files:
         raise FileNotFoundError(f"{day.path} holds no .parquet files")
+    out = DayFooters([])
     for file in files:
         try:
-            meta = pq.ParquetFile(file).metadata
+            pf = pq.ParquetFile(file)
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{file}: cannot read the Parquet footer: {e}") from e
-        refs += [RowGroupRef(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
-    return refs
+            if on_corrupt_file == "fail":
+                raise ValueError(f"{file}: cannot read the Parquet footer: {e} "
+                                 "(data.on_corrupt_file = 'skip' skips such files)") from e
+            log.warning("skipping corrupt file %s: cannot read the Parquet footer: %s", file, e)
+            out.corrupt_files.append(str(file))
+            continue
+        if spec is not None:
+            check_schema(spec, pf.schema_arrow, str(file))
+        meta = pf.metadata
+        out.refs += [RowGroupRef(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+    return out
+
+
+def row_groups(day: DayPartition) -> list[RowGroupRef]:
+    """Every row group of the day, in file then row-group order."""
+    return read_footers(day).refs
 
 
 def split_row_groups(refs: list[RowGroupRef], world_size: int) -> list[list[RowGroupRef]]:
@@ -137,49 +275,395 @@ def split_row_groups(refs: list[RowGroupRef], world_size: int) -> list[list[RowG
     return [[refs[i] for i in sorted(idx)] for idx in owned]
 
 
+def batches_per_rank(rows_per_rank: list[int], batch_size: int, error_budget: float) -> int:
+    """N of the equal-count policy: every rank can fill N batches while its bad rows stay within the reserve."""
+    return min((rows - math.ceil(error_budget * rows)) // batch_size for rows in rows_per_rank)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reader
+
+
+@dataclass
+class ReaderOptions:
+    """Reader knobs (the `data.*` keys of the run config, see DataConfig)."""
+
+    shuffle: bool = False
+    shuffle_buffer_rows: int = 8192
+    error_budget: float = 0.01
+    max_list_len: int = 100_000
+    on_corrupt_file: Literal["fail", "skip"] = "fail"
+    num_workers: int = 1
+    prefetch_batches: int = 4
+    pin_memory: bool | None = None  # None: pin when CUDA is available
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.error_budget < 1.0:
+            raise ValueError(f"error_budget must be in [0, 1), got {self.error_budget}")
+        for name in ("shuffle_buffer_rows", "max_list_len", "num_workers", "prefetch_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_config(cls, data: Any) -> "ReaderOptions":
+        """From a pipeline.config.DataConfig."""
+        return cls(**{f: getattr(data, f) for f in ("shuffle", "shuffle_buffer_rows", "error_budget",
+                                                    "max_list_len", "on_corrupt_file", "num_workers",
+                                                    "prefetch_batches")})
+
+
+@dataclass
+class Cursor:
+    """Where a rank is in its day (see the module docstring); `as_dict()` is what `state_dict` stores."""
+
+    block: int = 0  # index of the current buffer of block_rows valid rows
+    unit: int = 0  # the block's first row: index into this rank's row-group order ...
+    row: int = 0  # ... and its raw row number inside that row group
+    block_batches: int = 0  # batches of the block already emitted
+    batches_emitted: int = 0  # batches of the day already emitted
+    counts_before: list[int] = field(default_factory=lambda: [0] * (1 + len(REASONS)))  # units < `unit`
+
+
+@dataclass
+class _Unit:
+    """One validated row group: its good rows, their raw row numbers, and its counts."""
+
+    table: pa.Table
+    raw_rows: np.ndarray  # (num_good,) int64 row numbers inside the row group
+    num_rows: int
+    bad: dict[str, int]
+
+
+@dataclass
+class _Planned:
+    """A batch on its way: the conversion future, and the cursor once the trainer has taken it."""
+
+    batch: Future
+    cursor: Cursor
+    counts_seen: list[int]  # validation counts of every unit the plan has read so far
+
+
 class DayReader:
-    """Batches of one day for one rank; every rank gets the same number of batches."""
+    """Batches of one day for one rank; every rank gets the same number of batches. A Stateful (DCP)."""
 
     def __init__(self, day: DayPartition, spec: FeatureSpec, *, batch_size: int, rank: int = 0,
-                 world_size: int = 1, max_batches: int = 0):
+                 world_size: int = 1, max_batches: int = 0, seed: int = 0, options: ReaderOptions | None = None,
+                 quarantine_dir: str | Path | None = None, dedup: bool = False):
         self.day, self.spec, self.batch_size = day, spec, batch_size
-        shares = split_row_groups(row_groups(day), world_size)
-        self.mine = shares[rank]
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.options = opts = options or ReaderOptions()
+        footers = read_footers(day, spec, on_corrupt_file=opts.on_corrupt_file)
+        self.corrupt_files = footers.corrupt_files
+        shares = split_row_groups(footers.refs, world_size)
+        self.mine = self._order(shares[rank])
         rows = [sum(r.num_rows for r in share) for share in shares]
-        self.num_batches = min(r // batch_size for r in rows)
+        self.rows_per_rank, self.day_rows = rows, sum(rows)
+        self.num_batches = max(0, batches_per_rank(rows, batch_size, opts.error_budget))
         if max_batches:
             self.num_batches = min(self.num_batches, max_batches)
         self.rows_dropped = sum(rows) - self.num_batches * batch_size * world_size
-        self.convert = BatchConverter(spec)
+        self.block_rows = batch_size * math.ceil(opts.shuffle_buffer_rows / batch_size) if opts.shuffle else batch_size
+        self.quarantine = Path(quarantine_dir) / day.path.name if quarantine_dir else None
+        self.convert = BatchConverter(spec, dedup=dedup)  # dedup must match the model's (embeddings.dedup)
         self.columns = spec.columns()
+        self.pin = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
+        self.validation = DayValidation(str(day.day), quarantine=str(self.quarantine or ""))
+        self._group = _status_group(world_size)
+        self._cursor = Cursor()
+
+    def _order(self, share: list[RowGroupRef]) -> list[RowGroupRef]:
+        if not self.options.shuffle:
+            return share
+        rng = np.random.default_rng([self.seed, self.day.day.toordinal(), self.rank])
+        return [share[i] for i in rng.permutation(len(share))]
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[Batch]:
-        emitted = 0
-        pending: list[pa.Table] = []
-        pending_rows = 0
-        for ref in self.mine:
-            if emitted == self.num_batches:
-                return
-            table = self._read(ref)
-            pending.append(table)
-            pending_rows += table.num_rows
-            while pending_rows >= self.batch_size and emitted < self.num_batches:
-                buf = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
-                yield self.convert(buf.slice(0, self.batch_size), source=str(ref.file))
-                emitted += 1
-                rest = buf.slice(self.batch_size)
-                pending, pending_rows = [rest], rest.num_rows
+    @property
+    def num_remaining(self) -> int:
+        return self.num_batches - self._cursor.batches_emitted
 
-    def _read(self, ref: RowGroupRef) -> pa.Table:
+    def __iter__(self) -> Iterator[Batch]:
+        """The remaining batches from the cursor on; a second pass over a finished reader yields nothing."""
+        if self.num_remaining <= 0:
+            return
+        producer = _Producer(self, self._cursor)
+        seen = self._cursor.counts_before
         try:
-            pf = pq.ParquetFile(ref.file)
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{ref.file}: cannot open Parquet file: {e}") from e
-        check_schema(self.spec, pf.schema_arrow, str(ref.file))
+            for _ in range(self.num_remaining):
+                item = producer.get()
+                self._agree(item if isinstance(item, BaseException) else None)
+                batch, planned = item
+                self._cursor, seen = planned.cursor, planned.counts_seen
+                yield batch
+        finally:
+            producer.close()
+        self._finish_day(seen)
+
+    # -- Stateful ------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python: the cursor plus what must match on restore."""
+        c = self._cursor
+        ref = self.mine[c.unit] if c.unit < len(self.mine) else None
+        return {"version": 1, **self._identity(), "block": c.block, "unit": c.unit, "row": c.row,
+                "block_batches": c.block_batches, "batches_emitted": c.batches_emitted,
+                "counts_before": list(c.counts_before), "file": str(ref.file) if ref else "",
+                "row_group": ref.index if ref else -1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` left off; a ValueError names what differs if it is another day or layout."""
+        for key, value in self._identity().items():
+            if state.get(key) != value:
+                raise ValueError(f"reader state for {state.get('day')} does not match this reader: "
+                                 f"{key} is {state.get(key)!r} in the state, {value!r} here")
+        unit = int(state["unit"])
+        ref = self.mine[unit] if unit < len(self.mine) else None
+        if ref is not None and (str(ref.file), ref.index) != (state["file"], int(state["row_group"])):
+            raise ValueError(f"reader state points at {state['file']} row group {state['row_group']}, but unit "
+                             f"{unit} of this rank is {ref.file} row group {ref.index}: the day's files changed")
+        self._cursor = Cursor(int(state["block"]), unit, int(state["row"]), int(state["block_batches"]),
+                              int(state["batches_emitted"]), [int(v) for v in state["counts_before"]])
+
+    def _identity(self) -> dict[str, Any]:
+        return {"day": self.day.day.isoformat(), "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.options.shuffle,
+                "block_rows": self.block_rows, "num_batches": self.num_batches, "num_units": len(self.mine)}
+
+    # -- agreement between ranks ---------------------------------------------------------------------------------
+
+    def _agree(self, failure: BaseException | None) -> None:
+        """Raise on every rank if any rank failed to produce its next batch (one all_reduce per batch)."""
+        if self._group is False:
+            if failure is not None:
+                raise failure
+            return
+        flag = torch.tensor([0 if failure is None else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self._group)
+        if not flag.item():
+            return
+        messages: list[Any] = [None] * self.world_size
+        dist.all_gather_object(messages, None if failure is None else str(failure), group=self._group)
+        if failure is not None:
+            raise failure
+        failed = {r: m for r, m in enumerate(messages) if m is not None}
+        raise ValueError(f"day {self.day.day}: stopped because rank(s) {sorted(failed)} failed: "
+                         + "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
+
+    def _finish_day(self, seen: list[int]) -> None:
+        """Sum the ranks' validation counts (one all_reduce) and stop the run if the day is over budget."""
+        total = torch.tensor(seen, dtype=torch.int64)
+        if self._group is not False:
+            dist.all_reduce(total, group=self._group)
+        self.validation = DayValidation.from_vector(str(self.day.day), total.tolist(), str(self.quarantine or ""))
+        if self.corrupt_files:
+            self.validation.bad["corrupt_file"] = len(self.corrupt_files)
+        v = self.validation
+        if v.num_bad and self.rank == 0:
+            log.warning("day %s: dropped %d bad rows of %d: %s (quarantine: %s)", v.day, v.num_bad, v.rows, v.bad,
+                        v.quarantine or "none")
+        if v.over_budget(self.options.error_budget):
+            raise v.budget_error(self.options.error_budget)
+
+
+_STATUS_GROUPS: dict[int, Any] = {}
+
+
+def _status_group(world_size: int) -> Any:
+    """The group for the reader's status collectives: False when there is none to make (world of one or no
+    process group), None for the default group when it is gloo, else a gloo side group made once (CPU flags,
+    so no device sync per batch under NCCL)."""
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return False
+    if dist.get_world_size() != world_size:
+        raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} ranks")
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _STATUS_GROUPS:
+        _STATUS_GROUPS[key] = dist.new_group(backend="gloo")
+    return _STATUS_GROUPS[key]
+
+
+class _Producer:
+    """Plans one rank's batches from a cursor on a background thread; loader threads read, validate and convert.
+
+    The plan (which rows form which batch) is computed in order on one thread, so it is the same for any number
+    of workers; only the decoding is parallel. The queue holds at most `prefetch_batches` planned batches.
+    """
+
+    def __init__(self, reader: DayReader, start: Cursor):
+        self.r, self.start = reader, start
+        self.pool = ThreadPoolExecutor(reader.options.num_workers, thread_name_prefix="hyrank-reader")
+        self.out: queue.Queue = queue.Queue(maxsize=reader.options.prefetch_batches)
+        self.stopping = threading.Event()
+        self.counts = list(start.counts_before)  # validation counts of the units pulled so far
+        self.unit_counts: dict[int, list[int]] = {}  # unit -> counts of the units before it
+        self.next_unit = start.unit
+        self.thread = threading.Thread(target=self._run, name="hyrank-planner", daemon=True)
+        self.thread.start()
+
+    def get(self) -> tuple[Batch, _Planned] | BaseException:
+        item = self.out.get()
+        if isinstance(item, BaseException):
+            return item
         try:
-            return pf.read_row_group(ref.index, columns=self.columns)
+            return item.batch.result(), item
+        except Exception as e:  # noqa: BLE001 - handed to the agreement step, which raises it
+            return e
+
+    def close(self) -> None:
+        self.stopping.set()
+        while not self.out.empty():
+            self.out.get_nowait()
+        self.thread.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self) -> None:
+        try:
+            for planned in self._plan():
+                if not self._put(planned):
+                    return
+        except Exception as e:  # noqa: BLE001 - the consumer re-raises it on every rank
+            self._put(e)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # -- the plan ------------------------------------------------------------------------------------------------
+
+    def _plan(self) -> Iterator[_Planned]:
+        r, c = self.r, self.start
+        units = self._units(c.unit)
+        pieces: list[tuple[int, pa.Table, np.ndarray]] = []  # (unit, good rows, raw row numbers) not yet used
+        block, skip, emitted = c.block, c.block_batches, c.batches_emitted
+        while emitted < r.num_batches:
+            if not pieces:
+                self._pull(units, pieces, first_row=c.row if block == c.block else 0)
+            while sum(p[1].num_rows for p in pieces) < r.block_rows and self._pull(units, pieces):
+                pass
+            start = (pieces[0][0], int(pieces[0][2][0])) if pieces else (self.next_unit, 0)
+            table, num_rows = self._cut(pieces, r.block_rows)
+            num_in_block = num_rows // r.batch_size
+            if skip >= num_in_block and emitted < r.num_batches:
+                raise self._shortfall()
+            end = (pieces[0][0], int(pieces[0][2][0])) if pieces else (self.next_unit, 0)
+            counts_end = self._counts_before(end[0])
+            perm = np.random.default_rng([r.seed, r.day.day.toordinal(), r.rank, block]).permutation(num_rows) \
+                if r.options.shuffle else None
+            for k in range(skip, num_in_block):
+                if emitted == r.num_batches:
+                    return
+                emitted += 1
+                last = k + 1 == num_in_block
+                cursor = Cursor(block + 1, *end, 0, emitted, counts_end) if last else \
+                    Cursor(block, *start, k + 1, emitted, self._counts_before(start[0]))
+                yield _Planned(self.pool.submit(self._convert, table, perm, k), cursor, list(self.counts))
+            block, skip = block + 1, 0
+
+    def _units(self, first: int) -> Iterator[_Unit]:
+        """Validated units from `first` on, in order, `num_workers + 1` of them in flight."""
+        ahead: list[Future] = []
+        refs = self.r.mine
+        nxt = first
+        while True:
+            while nxt < len(refs) and len(ahead) <= self.r.options.num_workers:
+                ahead.append(self.pool.submit(self._read_unit, refs[nxt]))
+                nxt += 1
+            if not ahead:
+                return
+            yield ahead.pop(0).result()
+
+    def _pull(self, units: Iterator[_Unit], pieces: list, first_row: int = 0) -> bool:
+        """Append the next unit's good rows (those at raw row >= first_row) to `pieces`; False at the end."""
+        unit = next(units, None)
+        if unit is None:
+            return False
+        u = self.next_unit
+        self.next_unit += 1
+        self.unit_counts[u] = self.counts.copy()
+        self.counts[0] += unit.num_rows
+        for reason, n in unit.bad.items():
+            self.counts[1 + REASONS.index(reason)] += n
+        self._check_budget()
+        keep = unit.raw_rows >= first_row
+        if keep.any():
+            table = unit.table if keep.all() else unit.table.filter(pa.array(keep))
+            pieces.append((u, table, unit.raw_rows[keep]))
+        return True
+
+    def _counts_before(self, unit: int) -> list[int]:
+        return list(self.unit_counts[unit]) if unit in self.unit_counts else list(self.counts)
+
+    @staticmethod
+    def _cut(pieces: list, num_rows: int) -> tuple[pa.Table | None, int]:
+        """Take up to `num_rows` rows off the front of `pieces` as one table."""
+        taken, have = [], 0
+        while pieces and have < num_rows:
+            u, table, raw = pieces[0]
+            n = min(table.num_rows, num_rows - have)
+            taken.append(table.slice(0, n))
+            if n == table.num_rows:
+                pieces.pop(0)
+            else:
+                pieces[0] = (u, table.slice(n), raw[n:])
+            have += n
+        if not taken:
+            return None, 0
+        return (taken[0] if len(taken) == 1 else pa.concat_tables(taken)), have
+
+    def _check_budget(self) -> None:
+        """This rank alone has more bad rows than the budget allows for the whole day: stop now."""
+        r = self.r
+        v = DayValidation.from_vector(str(r.day.day), self.counts, str(r.quarantine or ""))
+        if v.num_bad > r.options.error_budget * r.day_rows:
+            v.rows = r.day_rows
+            raise v.budget_error(r.options.error_budget)
+
+    def _shortfall(self) -> ValueError:
+        r = self.r
+        v = DayValidation.from_vector(str(r.day.day), self.counts, str(r.quarantine or ""))
+        return ValueError(
+            f"day {r.day.day}: rank {r.rank} ran out of valid rows after {self.start.batches_emitted} + planned "
+            f"batches of the {r.num_batches} every rank must yield: its share of {r.rows_per_rank[r.rank]} rows "
+            f"holds {v.num_bad} bad rows {v.bad}, more than the {r.options.error_budget:.2%} reserve "
+            f"(data.error_budget) kept per rank; quarantine: {v.quarantine or 'none'}")
+
+    # -- work done on loader threads -----------------------------------------------------------------------------
+
+    def _read_unit(self, ref: RowGroupRef) -> _Unit:
+        r = self.r
+        try:
+            table = pq.ParquetFile(ref.file).read_row_group(ref.index, columns=r.columns, use_threads=True)
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{ref.file}: row group {ref.index} is unreadable: {e}") from e
+            if r.options.on_corrupt_file == "fail":
+                raise ValueError(f"{ref.file}: row group {ref.index} is unreadable: {e} "
+                                 "(data.on_corrupt_file = 'skip' skips it)") from e
+            log.warning("skipping %s row group %d (%d rows): unreadable: %s", ref.file, ref.index, ref.num_rows, e)
+            return _Unit(pa.table({}), np.zeros(0, np.int64), ref.num_rows, {"corrupt_row_group": ref.num_rows})
+        verdict = validate_rows(table, r.spec, max_list_len=r.options.max_list_len)
+        if not verdict.num_bad:
+            return _Unit(table, np.arange(table.num_rows, dtype=np.int64), table.num_rows, {})
+        good = verdict.good_B
+        if r.quarantine is not None:
+            bad_rows = np.flatnonzero(~good)
+            write_quarantine(r.quarantine / f"{ref.file.stem}.rg{ref.index}.parquet", table.take(bad_rows),
+                             _subset(verdict, ~good), source_file=str(ref.file), source_rows=bad_rows)
+        return _Unit(table.filter(pa.array(good)), np.flatnonzero(good), table.num_rows, verdict.counts())
+
+    def _convert(self, table: pa.Table, perm: np.ndarray | None, k: int) -> Batch:
+        b = self.r.batch_size
+        rows = table.slice(k * b, b) if perm is None else table.take(perm[k * b:(k + 1) * b])
+        batch = self.r.convert(rows, source=f"{self.r.day.path}")
+        return batch.pin_memory() if self.r.pin else batch
+
+
+def _subset(verdict: Any, mask: np.ndarray) -> Any:
+    return type(verdict)(verdict.reason_code_B[mask], verdict.column_B[mask])

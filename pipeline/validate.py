@@ -1,12 +1,24 @@
-"""Validation of logs against the feature spec.
+"""Validation of logs against the feature spec: schema per file, vectorised checks per row, the error budget.
 
-`check_schema` runs when a file is opened: a missing or wrongly typed column fails at once, naming the file and
-the column, before any row is decoded.
+    check_schema(spec, pf.schema_arrow, str(path))            # when a file is opened: fails at once
+    verdict = validate_rows(table, spec, max_list_len=100_000)
+    good = table.filter(verdict.good_B); verdict.counts()     # {"null": 3, "negative_id": 1}
+    write_quarantine(qdir / "part-0.rg3.parquet", table.filter(~verdict.good_B), ...)
+
+`check_schema`: a missing or wrongly typed column fails naming the file and the column, before any row is
+decoded. `validate_rows`: a bad row is dropped, never fixed; the reader (pipeline/data.py) counts bad rows per
+reason (REASONS), writes them to the quarantine and stops the run when a day's bad fraction exceeds the budget.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.features import FeatureSpec
 
@@ -56,3 +68,232 @@ def check_schema(spec: FeatureSpec, schema: pa.Schema, source: str) -> None:
         t = schema.field(idx).type
         if not ok(t):
             raise ValueError(f"{source}: column {column!r} has type {t}, the feature spec needs {description}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row validation
+#
+# Every check is a vectorised mask over the rows of an Arrow table (pyarrow.compute / numpy, no per-row Python).
+# A row that fails several checks is reported under the first one in REASONS order, so counts add up to the
+# number of bad rows. Clean data takes the fast path: a list column whose min/max and null count are fine is
+# never compared element by element.
+
+REASONS = (
+    "null",                  # null label, id, list, id inside a list, dense value, group or oracle
+    "label_not_binary",      # label other than 0 or 1
+    "not_finite",            # NaN or Inf in a dense value
+    "dense_wrong_size",      # a dense list whose length is not the feature's size
+    "negative_id",           # an integer id below 0 (string ids are hashed, never negative)
+    "id_out_of_range",       # an id >= the table size under oov = "error"
+    "list_too_long",         # a list longer than the hard cap `max_list_len` (not the truncation max_len)
+    "side_length_mismatch",  # a sequence side-info list whose length differs from its id list
+    "corrupt_row_group",     # a row group that could not be decoded (reader, on_corrupt_file = "skip")
+)
+_CODE = {r: i + 1 for i, r in enumerate(REASONS)}  # 0 means good
+
+
+@dataclass
+class RowVerdict:
+    """Per-row outcome of `validate_rows` for a table of B rows."""
+
+    reason_code_B: np.ndarray  # (B,) int8: 0 good, else 1 + index into REASONS
+    column_B: np.ndarray  # (B,) object: the column that failed, "" for good rows
+
+    @property
+    def good_B(self) -> np.ndarray:
+        return self.reason_code_B == 0
+
+    @property
+    def num_bad(self) -> int:
+        return int(np.count_nonzero(self.reason_code_B))
+
+    def counts(self) -> dict[str, int]:
+        """Bad rows per reason (only reasons that occurred)."""
+        hist = np.bincount(self.reason_code_B, minlength=len(REASONS) + 1)
+        return {r: int(hist[_CODE[r]]) for r in REASONS if hist[_CODE[r]]}
+
+    def reasons(self) -> np.ndarray:
+        """(B,) reason names, "" for good rows."""
+        return np.asarray([""] + list(REASONS), dtype=object)[self.reason_code_B]
+
+
+class _Marker:
+    """Collects failing rows: a row keeps the first reason it is marked with."""
+
+    def __init__(self, num_rows: int):
+        self.code = np.zeros(num_rows, dtype=np.int8)
+        self.column = np.full(num_rows, "", dtype=object)
+
+    def mark(self, bad_B: np.ndarray, reason: str, column: str) -> None:
+        new = bad_B & (self.code == 0)
+        if new.any():
+            self.code[new] = _CODE[reason]
+            self.column[new] = column
+
+    def mark_rows(self, rows: np.ndarray, reason: str, column: str) -> None:
+        if rows.size:
+            bad = np.zeros(len(self.code), dtype=bool)
+            bad[rows] = True
+            self.mark(bad, reason, column)
+
+
+def validate_rows(table: pa.Table, spec: FeatureSpec, *, max_list_len: int) -> RowVerdict:
+    """Check every row of `table` (which holds the spec's columns) against the spec; see REASONS."""
+    m = _Marker(table.num_rows)
+    tables = spec.table_by_name
+    _check_label(_col(table, spec.label), m, spec.label)
+    for column in (spec.group, spec.oracle):
+        if column:
+            m.mark(_nulls(_col(table, column)), "null", column)
+    for f in spec.sparse:
+        _check_ids(_col(table, f.name), tables[f.table].num_embeddings, f.oov, max_list_len, m, f.name)
+    for f in spec.dense:
+        _check_dense(_col(table, f.name), f.size, m, f.name)
+    for s in spec.sequences:
+        ids_len = None
+        for column in s.columns:
+            arr = _col(table, column)
+            _check_ids(arr, tables[s.table_of(column)].num_embeddings, s.oov_of(column), max_list_len, m, column)
+            lengths = _list_lengths(arr)
+            if ids_len is None:
+                ids_len = lengths
+            else:
+                m.mark(lengths != ids_len, "side_length_mismatch", column)
+    return RowVerdict(m.code, m.column)
+
+
+def _col(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _nulls(arr: pa.Array) -> np.ndarray:
+    if not arr.null_count:
+        return np.zeros(len(arr), dtype=bool)
+    return arr.is_null().to_numpy(zero_copy_only=False)
+
+
+def _is_list_type(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _list_lengths(arr: pa.Array) -> np.ndarray:
+    """(B,) int64 list lengths, 0 for null lists (which are marked separately)."""
+    return pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _element_rows(arr: pa.Array, bad_elements: np.ndarray) -> np.ndarray:
+    """Rows holding at least one flagged element of the flattened list `arr`."""
+    if not bad_elements.any():
+        return np.zeros(0, dtype=np.int64)
+    parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+    return np.unique(parents[bad_elements])
+
+
+def _check_label(arr: pa.Array, m: _Marker, column: str) -> None:
+    m.mark(_nulls(arr), "null", column)
+    if pa.types.is_boolean(arr.type):
+        return
+    y = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
+    m.mark((y != 0) & (y != 1), "label_not_binary", column)
+
+
+def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, m: _Marker, column: str) -> None:
+    m.mark(_nulls(arr), "null", column)
+    is_list = _is_list_type(arr.type)
+    if is_list:
+        m.mark(_list_lengths(arr) > max_list_len, "list_too_long", column)
+        values = pc.list_flatten(arr)
+    else:
+        values = arr
+    if pa.types.is_dictionary(values.type) or not pa.types.is_integer(values.type):
+        if is_list and values.null_count:  # string ids: hashed, so only nulls can be wrong
+            m.mark_rows(_element_rows(arr, _nulls(values)), "null", column)
+        return
+    low, high = pc.min_max(values).values()
+    if not values.null_count and (low.as_py() is None or low.as_py() >= 0) and \
+            (oov == "hash" or high.as_py() is None or high.as_py() < num_embeddings):
+        return  # the fast path: nothing to flag element by element
+    ids = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+    checks = [(_nulls(values), "null"), (ids < 0, "negative_id")]
+    if oov == "error":
+        checks.append((ids >= num_embeddings, "id_out_of_range"))
+    for bad, reason in checks:
+        if is_list:
+            m.mark_rows(_element_rows(arr, bad), reason, column)
+        else:
+            m.mark(bad, reason, column)
+
+
+def _check_dense(arr: pa.Array, size: int, m: _Marker, column: str) -> None:
+    m.mark(_nulls(arr), "null", column)
+    if _is_list_type(arr.type):
+        m.mark(_list_lengths(arr) != size, "dense_wrong_size", column)
+        values = pc.list_flatten(arr)
+        if not pa.types.is_floating(values.type):
+            return
+        bad = ~pc.fill_null(pc.is_finite(values), False).to_numpy(zero_copy_only=False)
+        m.mark_rows(_element_rows(arr, bad), "not_finite", column)
+        return
+    if pa.types.is_floating(arr.type):
+        m.mark(~pc.fill_null(pc.is_finite(arr), True).to_numpy(zero_copy_only=False), "not_finite", column)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quarantine and the error budget
+
+
+def write_quarantine(path: Path, bad_rows: pa.Table, verdict_bad: RowVerdict, *, source_file: str,
+                     source_rows: np.ndarray) -> Path:
+    """Write the bad rows of one row group with `_reason`, `_column`, `_source_file`, `_source_row` columns.
+
+    One file per source row group, written atomically: re-validating a row group (after a resume, or on
+    another rank) rewrites the same file instead of appending duplicates.
+    """
+    table = bad_rows.append_column("_reason", pa.array(verdict_bad.reasons().tolist(), pa.string()))
+    table = table.append_column("_column", pa.array(verdict_bad.column_B.tolist(), pa.string()))
+    table = table.append_column("_source_file", pa.array([source_file] * bad_rows.num_rows, pa.string()))
+    table = table.append_column("_source_row", pa.array(source_rows, pa.int64()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class DayValidation:
+    """Counts of one day (or one rank's part of it): rows validated and bad rows per reason."""
+
+    day: str
+    rows: int = 0
+    bad: dict[str, int] = field(default_factory=dict)
+    quarantine: str = ""  # where the bad rows went ("" when no sink was configured)
+
+    @property
+    def num_bad(self) -> int:
+        return sum(self.bad.values())
+
+    def add(self, rows: int, bad: dict[str, int]) -> None:
+        self.rows += rows
+        for reason, n in bad.items():
+            self.bad[reason] = self.bad.get(reason, 0) + n
+
+    def as_vector(self) -> list[int]:
+        """[rows, bad per reason in REASONS order]: what ranks sum with one all_reduce."""
+        return [self.rows] + [self.bad.get(r, 0) for r in REASONS]
+
+    @classmethod
+    def from_vector(cls, day: str, vector: list[int], quarantine: str = "") -> "DayValidation":
+        bad = {r: int(n) for r, n in zip(REASONS, vector[1:]) if n}
+        return cls(day, int(vector[0]), bad, quarantine)
+
+    def over_budget(self, error_budget: float) -> bool:
+        return self.rows > 0 and self.num_bad > error_budget * self.rows
+
+    def budget_error(self, error_budget: float) -> ValueError:
+        where = f"; bad rows are in {self.quarantine}" if self.quarantine else "; no quarantine sink was configured"
+        return ValueError(
+            f"day {self.day}: {self.num_bad} of {self.rows} rows ({self.num_bad / max(self.rows, 1):.2%}) failed "
+            f"validation, over the error budget of {error_budget:.2%} (data.error_budget); per reason: "
+            f"{dict(sorted(self.bad.items()))}{where}")

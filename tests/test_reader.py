@@ -1,0 +1,285 @@
+"""DayReader: equal batch counts, every row exactly once across ranks, bit-for-bit resume, validation and
+quarantine, corrupt files, the error budget, streaming discovery. Crafted days are cut from the small synthetic
+logs, with `query_id` replaced by a row index so every trained row can be identified (it is Batch.group_ids)."""
+
+import datetime as dt
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import DayReader, ReaderOptions, discover_days, next_complete_day, scan_days
+
+from conftest import DEFAULT_CONFIG
+from dist import run_distributed
+
+SPEC = load_config(DEFAULT_CONFIG).features
+DAY = dt.date(2026, 11, 1)
+
+
+@pytest.fixture(scope="module")
+def source(synth_root) -> pa.Table:
+    """3000 synthetic rows whose query_id is the row index."""
+    table = pq.read_table(discover_days(synth_root)[0].path).slice(0, 3000)
+    return table.set_column(table.schema.get_field_index("query_id"), "query_id", pa.array(np.arange(3000)))
+
+
+def write_day(root, parts: list[tuple[pa.Table, int]], day: dt.date = DAY):
+    """One file per (table, row group size); returns the DayPartition."""
+    path = root / f"day={day.isoformat()}"
+    path.mkdir(parents=True)
+    for i, (table, rg) in enumerate(parts):
+        pq.write_table(table, path / f"part-{i}.parquet", row_group_size=rg)
+    (path / "_SUCCESS").touch()
+    return next(d for d in discover_days(root) if d.day == day)
+
+
+def even_day(root, source):
+    """Row groups 1000, 500, 500, 300, 300, 200, 200 in four files: each of 2 ranks gets exactly 1500 rows."""
+    return write_day(root, [(source.slice(0, 1000), 1000), (source.slice(1000, 1000), 500),
+                            (source.slice(2000, 600), 300), (source.slice(2600, 400), 200)])
+
+
+def _rows_of(rank, world_size, day, options, seed=0):
+    reader = DayReader(day, SPEC, batch_size=100, rank=rank, world_size=world_size, seed=seed, options=options)
+    ids = [b.group_ids.tolist() for b in reader]
+    return len(reader), ids
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_two_ranks_read_every_row_exactly_once(source, tmp_path, shuffle):
+    day = even_day(tmp_path, source)
+    opts = ReaderOptions(shuffle=shuffle, shuffle_buffer_rows=250, error_budget=0.0, num_workers=2)
+    results = run_distributed(_rows_of, day, opts)
+    (n0, ids0), (n1, ids1) = results
+    assert n0 == n1 == len(ids0) == len(ids1) == 15
+    rows = [r for batch in ids0 + ids1 for r in batch]
+    assert sorted(rows) == list(range(3000))  # every row once, none twice
+    if shuffle:
+        assert [r for b in ids0 for r in b] != sorted(r for b in ids0 for r in b)
+
+
+def test_uneven_files_give_equal_counts_on_two_ranks(source, tmp_path):
+    day = write_day(tmp_path, [(source.slice(0, 2500), 1000), (source.slice(2500, 300), 300),
+                               (source.slice(2800, 170), 170)])
+    (n0, ids0), (n1, ids1) = run_distributed(_rows_of, day, ReaderOptions())
+    assert n0 == n1 == len(ids0) == len(ids1) > 0
+    rows = [r for batch in ids0 + ids1 for r in batch]
+    assert len(rows) == len(set(rows))
+
+
+def _batch_tensors(b) -> list[torch.Tensor]:
+    return [b.pooled.values(), b.pooled.lengths(), b.sequence.values(), b.sequence.lengths(), b.dense, b.labels,
+            b.group_ids, b.oracle_p]
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 5, 9])
+def test_resume_reproduces_the_remaining_batches_bit_for_bit(source, tmp_path, stop_after):
+    bad = source.slice(0, 1000)
+    click = bad.column("click").to_numpy().copy()
+    click[[10, 400, 990]] = 3  # a few bad rows: the counts must survive the resume too
+    bad = bad.set_column(bad.schema.get_field_index("click"), "click", pa.array(click, pa.int8()))
+    day = write_day(tmp_path, [(bad, 300), (source.slice(1000, 2000), 400)])
+    opts = ReaderOptions(shuffle=True, shuffle_buffer_rows=450, num_workers=1)  # blocks of 500 rows
+
+    def reader(workers=1):
+        o = ReaderOptions(**{**opts.__dict__, "num_workers": workers})
+        return DayReader(day, SPEC, batch_size=100, rank=1, world_size=2, seed=3, options=o)
+
+    full = reader()
+    expected = [_batch_tensors(b) for b in full]
+    first = reader()
+    for i, _ in enumerate(first):
+        if i + 1 == stop_after:
+            break
+    state = first.state_dict()
+    assert state["batches_emitted"] == stop_after and state["file"].endswith(".parquet")
+    resumed = reader(workers=2)  # the worker count does not change the plan
+    resumed.load_state_dict(state)
+    got = [_batch_tensors(b) for b in resumed]
+    assert len(got) == len(expected) - stop_after
+    for want, have in zip(expected[stop_after:], got):
+        for w, h in zip(want, have):
+            assert torch.equal(w, h)
+    assert resumed.validation.bad == full.validation.bad == {"label_not_binary": 3}
+    assert resumed.validation.rows == full.validation.rows
+
+
+def test_state_of_another_layout_is_refused(source, tmp_path):
+    day = even_day(tmp_path, source)
+    state = DayReader(day, SPEC, batch_size=100).state_dict()
+    with pytest.raises(ValueError, match="batch_size is 100 in the state, 50 here"):
+        DayReader(day, SPEC, batch_size=50).load_state_dict(state)
+
+
+def _bad_rows(source: pa.Table, max_len_row: int) -> tuple[pa.Table, dict[int, str]]:
+    """20 rows; rows 1.. each break one rule. Returns the table and {row: reason}."""
+    schema = source.schema.set(source.schema.get_field_index("item_content"),
+                               pa.field("item_content", pa.list_(pa.float32())))  # so a wrong size can be written
+    rows = source.slice(0, 20).to_pylist()
+    want = {}
+
+    def breaks(i, reason, column, value):
+        rows[i][column] = value
+        want[i] = reason
+
+    breaks(1, "null", "click", None)
+    breaks(2, "label_not_binary", "click", 2)
+    breaks(3, "not_finite", "item_ctr_prior", float("nan"))
+    breaks(4, "not_finite", "item_content", [1.0] * 7 + [float("inf")])
+    breaks(5, "dense_wrong_size", "item_content", [1.0] * 7)
+    breaks(6, "negative_id", "user_id", -5)
+    breaks(7, "id_out_of_range", "device", 9)  # oov = "error", table of 8
+    breaks(8, "list_too_long", "long_item_ids", list(range(max_len_row + 1)))
+    rows[8]["long_item_cats"] = [0] * (max_len_row + 1)
+    breaks(9, "side_length_mismatch", "long_item_cats", rows[9]["long_item_cats"][:-1])
+    breaks(10, "null", "item_tags", None)
+    breaks(11, "null", "long_item_ids", [1, None, 3])
+    rows[11]["long_item_cats"] = [1, 2, 3]
+    breaks(12, "null", "user_city", None)
+    breaks(13, "negative_id", "click_item_ids", [4, -1] + rows[13]["click_item_ids"][2:])
+    breaks(14, "null", "user_activity", None)
+    return pa.Table.from_pylist(rows, schema=schema), want
+
+
+def test_every_reason_is_dropped_counted_and_quarantined(source, tmp_path):
+    table, want = _bad_rows(source, max_len_row=500)
+    day = write_day(tmp_path / "data", [(table, 20)])
+    opts = ReaderOptions(error_budget=0.9, max_list_len=500)
+    reader = DayReader(day, SPEC, batch_size=2, options=opts, quarantine_dir=tmp_path / "q")
+    seen = [r for b in reader for r in b.group_ids.tolist()]
+    assert not set(seen) & set(want)  # the converter only saw good rows
+    assert len(reader) == (20 - 18) // 2  # 10% reserve of 20 rows
+    counts = {}
+    for reason in want.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    assert reader.validation.bad == counts
+    q = pq.read_table(tmp_path / "q" / "day=2026-11-01" / "part-0.rg0.parquet")
+    got = dict(zip(q.column("_source_row").to_pylist(), q.column("_reason").to_pylist()))
+    assert got == want
+    assert set(q.column("_source_file").to_pylist()) == {str(day.files[0])}
+    assert q.column("query_id").to_pylist() == sorted(want)  # the bad rows themselves, for inspection
+
+
+def test_over_budget_day_stops_with_a_report(source, tmp_path):
+    bad = source.slice(0, 1000)
+    label = bad.column("click").to_numpy().copy()
+    label[:30] = 7
+    bad = bad.set_column(bad.schema.get_field_index("click"), "click", pa.array(label, pa.int8()))
+    day = write_day(tmp_path, [(bad, 500)])
+    reader = DayReader(day, SPEC, batch_size=100, options=ReaderOptions(error_budget=0.01),
+                       quarantine_dir=tmp_path / "q")
+    with pytest.raises(ValueError, match=r"day 2026-11-01: 30 of 1000 rows \(3.00%\) failed validation, over the "
+                                         r"error budget of 1.00% .*'label_not_binary': 30.*q/day=2026-11-01"):
+        list(reader)
+
+
+def _errors(rank, world_size, day, opts):
+    reader = DayReader(day, SPEC, batch_size=100, rank=rank, world_size=world_size, options=opts)
+    try:
+        for _ in reader:
+            pass
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_rank_short_of_valid_rows_stops_every_rank(source, tmp_path):
+    # 150 bad rows (5% of the day: within budget) all in rank 0's share (the 1000-row group), more than its reserve
+    bad = source.slice(0, 1000)
+    label = bad.column("click").to_numpy().copy()
+    label[:150] = 5
+    bad = bad.set_column(bad.schema.get_field_index("click"), "click", pa.array(label, pa.int8()))
+    day = write_day(tmp_path, [(bad, 1000), (source.slice(1000, 1000), 500), (source.slice(2000, 600), 300),
+                               (source.slice(2600, 400), 200)])
+    e0, e1 = run_distributed(_errors, day, ReaderOptions(error_budget=0.05))
+    assert "rank 0 ran out of valid rows" in e0 and "'label_not_binary': 150" in e0
+    assert e1.startswith("day 2026-11-01: stopped because rank(s) [0] failed")
+
+
+def test_budget_stop_is_raised_on_every_rank(source, tmp_path):
+    bad = source.slice(0, 1000)
+    label = bad.column("click").to_numpy().copy()
+    label[:100] = 5
+    bad = bad.set_column(bad.schema.get_field_index("click"), "click", pa.array(label, pa.int8()))
+    day = write_day(tmp_path, [(bad, 1000), (source.slice(1000, 2000), 500)])
+    e0, e1 = run_distributed(_errors, day, ReaderOptions(error_budget=0.01))
+    assert "over the error budget" in e0 and "over the error budget" in e1
+
+
+def test_corrupt_files_fail_or_are_skipped_and_counted(source, tmp_path):
+    day = write_day(tmp_path, [(source.slice(0, 1000), 500), (source.slice(1000, 1000), 500)])
+    (day.path / "part-2.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"part-2.parquet: cannot read the Parquet footer"):
+        DayReader(day, SPEC, batch_size=100)
+    reader = DayReader(day, SPEC, batch_size=100, options=ReaderOptions(on_corrupt_file="skip"))
+    assert len(list(reader)) == len(reader) == 19
+    assert reader.corrupt_files == [str(day.path / "part-2.parquet")]
+    assert reader.validation.bad == {"corrupt_file": 1}
+
+
+def test_undecodable_row_group_fails_or_counts_its_rows(source, tmp_path):
+    day = write_day(tmp_path, [(source.slice(0, 1000), 500)])
+    path = day.files[0]
+    data = bytearray(path.read_bytes())
+    column = pq.ParquetFile(path).schema_arrow.get_field_index("long_item_ids")
+    start = pq.ParquetFile(path).metadata.row_group(0).column(column).data_page_offset
+    data[start + 20:start + 2020] = b"\x17" * 2000  # garbage inside the first row group's pages
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"part-0.parquet: row group 0 is unreadable"):
+        list(DayReader(day, SPEC, batch_size=100))
+    reader = DayReader(day, SPEC, batch_size=100, options=ReaderOptions(on_corrupt_file="skip", error_budget=0.6))
+    assert len(list(reader)) == 4  # (1000 - 600 reserve) // 100, all from row group 1
+    assert reader.validation.bad == {"corrupt_row_group": 500}
+
+
+def test_missing_column_names_the_file_and_column(source, tmp_path):
+    day = write_day(tmp_path, [(source.slice(0, 500).drop_columns(["item_author"]), 500)])
+    with pytest.raises(ValueError, match=r"part-0.parquet: missing column 'item_author'"):
+        DayReader(day, SPEC, batch_size=100)
+
+
+def test_truncation_keeps_the_most_recent_events(source, tmp_path):
+    rows = source.slice(0, 4).to_pylist()
+    for r in rows:
+        r["long_item_ids"] = list(range(300))
+        r["long_item_cats"] = [i % 7 for i in range(300)]
+    day = write_day(tmp_path, [(pa.Table.from_pylist(rows, schema=source.schema), 4)])
+    batch = next(iter(DayReader(day, SPEC, batch_size=2, options=ReaderOptions(error_budget=0.0))))
+    ids = batch.sequence["long_item_ids"]
+    assert ids.lengths().tolist() == [256, 256]
+    assert ids.values()[:256].tolist() == list(range(44, 300))  # max_len = 256 newest, oldest first
+
+
+def test_scan_days_reports_what_it_skipped(tmp_path, source):
+    for name, done in (("dt=2026-11-01", True), ("dt=2026-11-02", False), ("dt=2026-11-03.tmp", False),
+                       ("dt=2026-11-05", True)):
+        (tmp_path / name).mkdir()
+        pq.write_table(source.slice(0, 10), tmp_path / name / "part-0.parquet")
+        if done:
+            (tmp_path / name / "_SUCCESS").touch()
+    scan = scan_days(tmp_path, None, partition_key="dt")
+    assert [d.day.day for d in scan.found] == [1, 5]
+    assert {s.path.name: s.reason.split(":")[0] for s in scan.skipped} == {
+        "dt=2026-11-02": "no _SUCCESS marker", "dt=2026-11-03.tmp": "'2026-11-03.tmp' is not a YYYY-MM-DD date (an unfinished write?)"}
+    assert "skipped dt=2026-11-02" in scan.summary()
+    assert [d.complete for d in scan_days(tmp_path, None, partition_key="dt", require_success=False).found] == \
+        [True, False, True]
+
+
+def test_next_complete_day_waits_for_it(tmp_path, source):
+    write_day(tmp_path, [(source.slice(0, 10), 10)])
+    assert next_complete_day(tmp_path, DAY) is None  # nothing after it, no waiting
+    later = DAY + dt.timedelta(days=2)
+    timer = threading.Timer(0.2, write_day, args=(tmp_path, [(source.slice(0, 10), 10)], later))
+    timer.start()
+    start = time.monotonic()
+    found = next_complete_day(tmp_path, DAY, timeout_s=10, poll_s=0.05)
+    timer.join()
+    assert found is not None and found.day == later and time.monotonic() - start < 5
+    assert next_complete_day(tmp_path, later, timeout_s=0.1, poll_s=0.05) is None
