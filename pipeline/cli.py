@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import sys
@@ -54,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(title="verbs", metavar="<verb>")
     _add_gen_logs(verbs)
     _add_train(verbs)
+    _add_models(verbs)
+    _add_bench(verbs)
     return parser
 
 
@@ -156,31 +157,98 @@ def _train(args) -> int:
         eval_day = find_day(cfg.data.root, dt.date.fromisoformat(args.eval_day),
                             partition_key=cfg.data.partition_key, require_success=cfg.data.require_success)
     env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
-    out = Path(cfg.out_dir)
     if env.is_main:
-        save_resolved(cfg, out)
+        save_resolved(cfg, cfg.out_dir)
     trainer = Trainer(cfg, env, progress=not args.quiet)
-    history = []
     for day in days:
         stats = trainer.train_day(day)
-        history.append({"day": stats.day, "steps": stats.steps, "rows": stats.rows,
-                        "seconds": round(stats.seconds, 3), "mean_loss": stats.mean_loss, "losses": stats.losses})
         if env.is_main:
             print(f"train {stats.day}: {stats.steps} steps, {stats.rows} rows, mean loss {stats.mean_loss:.4f}, "
                   f"{stats.rows / max(stats.seconds, 1e-9):,.0f} rows/s")
-    if env.is_main:
-        _write_json(out / "train_history.json", history)
     if eval_day is not None:
         m = trainer.evaluate(eval_day)
         if env.is_main:
-            _write_json(out / "metrics" / f"eval-{eval_day.day}.json", m.to_dict())
             oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m.oracle_auc is not None else ""
             print(f"eval {eval_day.day}: AUC {m.auc:.4f}{oracle}, query-AUC {m.query_auc:.4f} over "
                   f"{m.num_queries} queries, logloss {m.logloss:.4f}, NE {m.ne:.4f}, calibration {m.calibration:.3f}")
+            print(f"outputs: {cfg.out_dir} (config.resolved.toml, train/, metrics/, tensorboard/)")
+    trainer.close()
     import torch.distributed as dist
 
     dist.destroy_process_group()
     return 0
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+
+
+def _add_models(verbs) -> None:
+    p = verbs.add_parser(
+        "models",
+        help="the registered towers: dense params and training FLOPs; --table for the paper-shaped comparison",
+        description="List the registered dense towers with their parameter count and training FLOPs per sample "
+        "(forward + backward, counted on the meta device) for the inputs of a run config. --table prints the "
+        "paper-shaped HyFormer / LONGER+RankMixer / unified comparison next to the HyFormer paper's Table 1.",
+    )
+    p.add_argument("--config", type=Path, default=Path("jobs/configs/default.toml"),
+                   help="run config whose feature spec sets the input shapes")
+    p.add_argument("--table", action="store_true", help="paper-shaped params/FLOPs table with the paper's figures")
+    p.set_defaults(func=_models)
+
+
+def _models(args) -> int:
+    from models import MODELS
+    from models.accounting import model_cost, paper_table
+
+    if args.table:
+        print(paper_table())
+        return 0
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    shape = cfg.features.input_shape()
+    print(f"input shapes from {args.config}: blocks {shape.blocks}, dense {shape.dense_dim}, "
+          f"sequences { {k: (v.max_len, v.dim) for k, v in shape.sequences.items()} }")
+    print(f"{'model':<18}{'params':>12}{'train MFLOPs/sample':>22}")
+    for name in MODELS:
+        options = cfg.model.options if name == cfg.model.name else {}
+        cost = model_cost(name, options, shape)
+        print(f"{name:<18}{cost.params:>12,}{cost.train_flops_per_sample / 1e6:>22.2f}")
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------------------------------------------
+
+# name -> (module under bench/, one-line help); each module has add_arguments(parser) and run(args) -> int
+BENCHES = {
+    "async": ("bench.async_bench", "sync vs one-step-stale allreduce: step time, hidden share, AUC parity"),
+    "dedup": ("bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
+    "reader": ("bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
+}
+
+
+def _add_bench(verbs) -> None:
+    p = verbs.add_parser(
+        "bench",
+        help="benchmarks that print ratios measured side by side in one run",
+        description="Benchmarks print ratios measured side by side in one run (absolute times on a shared "
+        "machine are noise; ratios of neighbours are not).",
+    )
+    kinds = p.add_subparsers(title="benchmarks", metavar="<benchmark>")
+    for name, (module, help_text) in BENCHES.items():
+        sub = kinds.add_parser(name, help=help_text, description=help_text,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.set_defaults(func=_run_bench, bench_module=module)
+        import importlib
+
+        importlib.import_module(module).add_arguments(sub)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _run_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(args.bench_module).run(args)
 
 
 def _relaunch_with_torchrun(nproc: int) -> int:
@@ -193,13 +261,6 @@ def _relaunch_with_torchrun(nproc: int) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
     return 0
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _setup_logging(args) -> None:

@@ -45,11 +45,23 @@ class DataConfig:
     partition_key: str = "day"
     require_success: bool = True  # read only days with a _SUCCESS marker
     batch_size_per_rank: int = 512
+    shuffle: bool = False  # shuffle a day by row group and within a buffer, seeded by the run seed
+    shuffle_buffer_rows: int = 8192  # rows shuffled together (rounded up to a multiple of the batch size)
+    error_budget: float = 0.01  # stop the run when more than this fraction of a day's rows fails validation
+    max_list_len: int = 100_000  # hard cap: a longer list is a bad row (truncation to max_len is separate)
+    on_corrupt_file: Literal["fail", "skip"] = "fail"  # an undecodable file: stop, or skip it and count it
+    num_workers: int = 1  # loader threads decoding, validating and converting row groups
+    prefetch_batches: int = 4  # batches decoded ahead of the trainer
+    quarantine_dir: str = ""  # bad rows go here; "" means <out_dir>/quarantine
 
     def __post_init__(self) -> None:
         _check_positive("batch_size_per_rank", self.batch_size_per_rank)
         if not self.partition_key.isidentifier():
             raise ValueError(f"partition_key must be an identifier such as 'day' or 'dt', got {self.partition_key!r}")
+        for name in ("shuffle_buffer_rows", "max_list_len", "num_workers", "prefetch_batches"):
+            _check_positive(name, getattr(self, name))
+        if not 0.0 <= self.error_budget < 1.0:
+            raise ValueError(f"error_budget must be in [0, 1), got {self.error_budget}")
 
 
 @dataclass
@@ -70,6 +82,9 @@ class EmbeddingConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     sharding: dict[str, TableSharding] = field(default_factory=dict)  # table name -> constraints
+    # Sequence tables look up each distinct id of a batch once (embeddings/dedup.py); false: the plain lookup
+    # of every event (the reference). Same tables, same loss; the converter and the model must agree.
+    dedup: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("lr", self.lr)

@@ -11,7 +11,8 @@ computable. Its logit sums four parts, each recoverable only by a model that loo
   (a) interest:  how much of the long sequence falls in the target item's category, and whether the target item
                  itself was consumed before (DIN-style target attention over the sequence);
   (b) cross:     a 3-way table W[user segment, item cluster, context] (segment = gender x age bucket,
-                 cluster = category mod 16, context = device x day-part): a high-order user/item/context cross;
+                 cluster = category mod 16, context = device x day-part) of CP rank 4: a high-order
+                 user/item/context cross;
   (c) dense:     the item's prior CTR (observed with noise) and the user's activity level;
   (d) drift:     W rotates slowly from day to day and the base rate oscillates, so yesterday's model is a little
                  stale today (what daily retraining is for).
@@ -96,9 +97,11 @@ class World:
         self.cat_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.cat_count = np.maximum(counts, 1)
         self.cluster_vec = rng.normal(0.0, 1.0, (NUM_CLUSTERS, CONTENT_DIM)).astype(np.float32)
-        # the cross table rotates between two random tables as days pass
-        self.w0 = rng.normal(0.0, 0.9, (NUM_SEGMENTS, NUM_CLUSTERS, NUM_CONTEXTS))
-        self.w1 = rng.normal(0.0, 0.9, (NUM_SEGMENTS, NUM_CLUSTERS, NUM_CONTEXTS))
+        # the cross table rotates between two random tables as days pass; each is a rank-4 CP tensor
+        # (sum of outer products of segment, cluster and context factors): a genuine 3-way interaction, as
+        # real crosses are, yet one a model can learn from a day of data instead of memorising 4096 cells
+        self.w0 = _cp_tensor(rng, rank=4, scale=0.7)
+        self.w1 = _cp_tensor(rng, rank=4, scale=0.7)
 
     def cross_table(self, day_index: int) -> np.ndarray:
         theta = 0.08 * day_index
@@ -115,6 +118,12 @@ class World:
         cats = self.user_interest[users, slot]
         wander = rng.random(users.shape) < explore
         return np.where(wander, rng.integers(0, self.cfg.num_categories, users.shape), cats)
+
+
+def _cp_tensor(rng: np.random.Generator, rank: int, scale: float) -> np.ndarray:
+    factors = [rng.normal(0.0, 1.0, (rank, n)) for n in (NUM_SEGMENTS, NUM_CLUSTERS, NUM_CONTEXTS)]
+    t = np.einsum("ra,rb,rc->abc", *factors)
+    return scale * t / t.std()
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:

@@ -4,14 +4,22 @@
         --days 2026-11-01..2026-11-02 --eval-day 2026-11-03
 
     trainer = Trainer(cfg, env)
-    trainer.train_day(day); metrics = trainer.evaluate(eval_day)
+    trainer.fit(days, eval_day)          # or: trainer.train_day(day); trainer.evaluate(day)
+
+One step: forward (bf16 autocast on CUDA if asked) -> BCE -> backward, during which fbgemm updates the
+sharded tables (fused optimizers) and DDP reduces the dense gradients -> clip -> dense optimizer step.
+With `train.allreduce = "async"` the dense step applies last step's gradient (pipeline/distributed/comm_hooks.py)
+and every boundary (end of a day, evaluation) flushes the gradient still in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,10 +27,11 @@ import torch.distributed as dist
 
 from models import build_model
 from pipeline.config import RunConfig
-from pipeline.data import DayPartition, DayReader
+from pipeline.data import DayPartition, DayReader, ReaderOptions
+from pipeline.distributed.comm_hooks import make_data_parallel_wrapper
 from pipeline.distributed.dmp import shard_model
 from pipeline.distributed.env import DistEnv
-from pipeline.metrics import EvalMetrics, compute_metrics
+from pipeline.metrics import EvalMetrics, metrics_over_ranks
 from pipeline.ranker import RankingModel
 
 log = logging.getLogger(__name__)
@@ -40,57 +49,124 @@ class DayStats:
     def mean_loss(self) -> float:
         return float(np.mean(self.losses)) if self.losses else float("nan")
 
+    def to_dict(self) -> dict:
+        return {"day": self.day, "steps": self.steps, "rows": self.rows, "seconds": round(self.seconds, 3),
+                "mean_loss": self.mean_loss, "losses": self.losses}
+
 
 class Trainer:
-    """Owns the sharded model and its optimizers for one run."""
+    """Owns the sharded model, its optimizers and the step counter of one run."""
 
     def __init__(self, cfg: RunConfig, env: DistEnv, *, progress: bool = False):
         self.cfg, self.env, self.progress = cfg, env, progress and env.is_main
         torch.manual_seed(cfg.seed)  # same dense init on every rank (DDP also broadcasts rank 0's)
         spec = cfg.features
         tower = build_model(cfg.model.name, cfg.model.typed_options(), spec.input_shape())
-        model = RankingModel(spec, tower, sparse_device=torch.device("meta"))
-        self.sharded = shard_model(model, cfg, env)
+        model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup)
+        wrapper, self.hook = make_data_parallel_wrapper(cfg.train.allreduce, cfg.train.allreduce_compression)
+        self.sharded = shard_model(model, cfg, env, data_parallel_wrapper=wrapper)
         self.model = self.sharded.dmp
-        self.optimizer = self.sharded.optimizer
+        self.optimizer = self.sharded.optimizer  # fused sparse + dense, for checkpoints
+        self.dense_optimizer = self.sharded.dense_optimizer
+        warmup = cfg.train.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.dense_optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.global_step = 0
+        self.out_dir = Path(cfg.out_dir)
+        self._tb = _tensorboard(self.out_dir) if cfg.train.tensorboard and env.is_main else None
+
+    # -- training ------------------------------------------------------------------------------------------------
 
     def _reader(self, day: DayPartition, max_batches: int) -> DayReader:
-        return DayReader(day, self.cfg.features, batch_size=self.cfg.data.batch_size_per_rank,
-                         rank=self.env.rank, world_size=self.env.world_size, max_batches=max_batches)
+        cfg = self.cfg
+        return DayReader(day, cfg.features, batch_size=cfg.data.batch_size_per_rank, rank=self.env.rank,
+                         world_size=self.env.world_size, max_batches=max_batches, seed=cfg.seed,
+                         options=ReaderOptions.from_config(cfg.data), dedup=cfg.embeddings.dedup,
+                         quarantine_dir=cfg.data.quarantine_dir or self.out_dir / "quarantine")
+
+    def _autocast(self):
+        if self.env.device.type == "cuda" and self.cfg.train.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batch) -> torch.Tensor:
+        """One step on one batch (already on the device); returns the detached loss."""
+        with self._autocast():
+            loss, _ = self.model(batch)
+        self.optimizer.zero_grad()
+        loss.backward()  # sparse tables are updated in here (fused optimizers)
+        if self.hook is None or self.hook.ready:  # async: nothing to apply on the first step after a flush
+            self._dense_step()
+        self.global_step += 1
+        return loss.detach()
+
+    def _dense_step(self) -> None:
+        if self.cfg.train.grad_clip_norm > 0:
+            params = [p for g in self.dense_optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip_norm)
+        self.dense_optimizer.step()
+        self.scheduler.step()
+
+    def flush(self) -> None:
+        """Boundary: apply any dense gradient still in flight (async allreduce), so none is lost or doubled."""
+        if self.hook is not None and self.hook.flush(None):
+            self._dense_step()
 
     def train_day(self, day: DayPartition) -> DayStats:
-        """One pass over the day's rows (or `train.max_steps_per_day` steps)."""
+        """One pass over the day's rows (or `train.max_steps_per_day` steps), flushed at the end."""
         reader = self._reader(day, self.cfg.train.max_steps_per_day)
+        rows_per_step = self.cfg.data.batch_size_per_rank * self.env.world_size
         self.model.train()
         start = time.perf_counter()
         losses = []
-        bar = _progress(len(reader), f"train {day.day}", self.progress)
+        bar = _progress(len(reader) * rows_per_step, f"train {day.day}", "row", self.progress)
         for step, batch in enumerate(reader):
-            loss, _ = self.model(batch.to(self.env.device))
-            self.optimizer.zero_grad()
-            loss.backward()  # sparse tables are updated inside backward (fused optimizer)
-            self.optimizer.step()
-            losses.append(loss.detach())
+            losses.append(self.train_step(batch.to(self.env.device, non_blocking=True)))
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (step + 1) % self.cfg.train.log_every_steps == 0 and self.env.is_main and bar is None:
-                log.info("%s step %d/%d loss %.4f", day.day, step + 1, len(reader), loss.item())
+                bar.update(rows_per_step)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{losses[-1].item():.4f}")
+            if (step + 1) % self.cfg.train.log_every_steps == 0:
+                self._log_train(day, step, len(reader), losses, start)
+        self.flush()
         if bar is not None:
             bar.close()
         mean_losses = _mean_over_ranks(torch.stack(losses)) if losses else []
-        rows = len(reader) * self.cfg.data.batch_size_per_rank * self.env.world_size
-        return DayStats(str(day.day), len(reader), rows, time.perf_counter() - start, mean_losses)
+        stats = DayStats(str(day.day), len(reader), len(reader) * rows_per_step, time.perf_counter() - start,
+                         mean_losses)
+        if self.env.is_main:
+            self._write_json(self.out_dir / "train" / f"day-{day.day}.json", stats.to_dict())
+        return stats
+
+    def _log_train(self, day, step, num_steps, losses, start) -> None:
+        if not self.env.is_main:
+            return
+        recent = torch.stack(losses[-self.cfg.train.log_every_steps:]).mean().item()
+        rows_s = (step + 1) * self.cfg.data.batch_size_per_rank * self.env.world_size / (time.perf_counter() - start)
+        if not self.progress:
+            log.info("%s step %d/%d loss %.4f (rank 0, last %d steps) %.0f rows/s", day.day, step + 1, num_steps,
+                     recent, self.cfg.train.log_every_steps, rows_s)
+        if self._tb is not None:
+            self._tb.add_scalar("train/loss", recent, self.global_step)
+            self._tb.add_scalar("train/rows_per_s", rows_s, self.global_step)
+            self._tb.add_scalar("train/lr", self.dense_optimizer.param_groups[0]["lr"], self.global_step)
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, day: DayPartition) -> EvalMetrics:
-        """Exact metrics over the whole day (or `train.eval_max_batches`), gathered from every rank."""
+        """Exact metrics over the whole day (or `train.eval_max_batches`), identical on every rank.
+
+        See pipeline.metrics.metrics_over_ranks for where the predictions go and what that costs.
+        """
+        self.flush()
         reader = self._reader(day, self.cfg.train.eval_max_batches)
         self.model.eval()
         parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "groups": [], "oracle": []}
-        bar = _progress(len(reader), f"eval {day.day}", self.progress)
+        bar = _progress(len(reader), f"eval {day.day}", "batch", self.progress)
         for batch in reader:
-            _, out = self.model(batch.to(self.env.device))
+            with self._autocast():
+                _, out = self.model(batch.to(self.env.device, non_blocking=True))
             parts["logits"].append(out.logits.float())
             parts["labels"].append(out.labels)
             parts["groups"].append(out.group_ids)
@@ -103,26 +179,50 @@ class Trainer:
         self.model.train()
         if not parts["labels"]:
             raise ValueError(f"evaluation day {day.day} gave no batch (fewer rows than ranks x batch size?)")
-        gathered = {k: _gather(torch.cat(v)) for k, v in parts.items() if v}
-        return compute_metrics(gathered["logits"], gathered["labels"], gathered["groups"], gathered.get("oracle"))
+        metrics = metrics_over_ranks(torch.cat(parts["logits"]), torch.cat(parts["labels"]),
+                                     torch.cat(parts["groups"]), torch.cat(parts["oracle"]) if parts["oracle"] else None)
+        if self.env.is_main:
+            self._write_json(self.out_dir / "metrics" / f"eval-{day.day}.json", metrics.to_dict())
+            if self._tb is not None:
+                for name, value in metrics.to_dict().items():
+                    if isinstance(value, float):
+                        self._tb.add_scalar(f"eval/{name}", value, self.global_step)
+        return metrics
+
+    def fit(self, days: list[DayPartition], eval_day: DayPartition | None = None) -> list[DayStats]:
+        """Train on each day in order; evaluate on `eval_day` at the end if given."""
+        history = [self.train_day(d) for d in days]
+        if eval_day is not None:
+            self.evaluate(eval_day)
+        return history
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    @staticmethod
+    def _write_json(path: Path, obj) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.replace(path)
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _tensorboard(out_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _progress(total: int, desc: str, unit: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
 
 
 def _mean_over_ranks(values: torch.Tensor) -> list[float]:
     values = values.float().clone()
     dist.all_reduce(values)
     return (values / dist.get_world_size()).tolist()
-
-
-def _gather(t: torch.Tensor) -> np.ndarray:
-    """Concatenate a 1-D tensor over ranks (every rank has the same length: equal batch counts)."""
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out).cpu().numpy()

@@ -45,3 +45,29 @@ def test_compute_metrics_logloss_ne_calibration():
     assert m.ne == pytest.approx(ll / np.log(2))
     assert m.calibration == pytest.approx(p.mean() / 0.5)
     assert m.auc == 1.0 and m.query_auc == 1.0 and m.num_queries == 2 and m.oracle_auc == 1.0
+
+
+def _metrics_on_rank(rank, world_size):
+    import torch
+
+    from pipeline.metrics import metrics_over_ranks
+
+    rng = np.random.default_rng(rank)
+    n = 300 + 50 * rank  # unequal lengths per rank are allowed
+    logits = torch.tensor(rng.normal(size=n).round(1), dtype=torch.float32)
+    labels = torch.tensor(rng.integers(0, 2, n), dtype=torch.float32)
+    groups = torch.tensor(rng.integers(0, 40, n))  # the same query ids on both ranks: queries span ranks
+    return metrics_over_ranks(logits, labels, groups), (logits.numpy(), labels.numpy(), groups.numpy())
+
+
+def test_metrics_over_two_ranks_equal_a_single_process_reference():
+    from dist import run_distributed
+
+    (m0, d0), (m1, d1) = run_distributed(_metrics_on_rank)
+    assert m0 == m1
+    s, y, g = (np.concatenate([a, b]) for a, b in zip(d0, d1))
+    assert m0.num_rows == len(s)
+    assert m0.auc == pytest.approx(_pairwise_auc(s, y), abs=1e-9)
+    per_query = [_pairwise_auc(s[g == k], y[g == k]) for k in np.unique(g) if 0 < y[g == k].sum() < (g == k).sum()]
+    assert m0.num_queries == len(per_query)
+    assert m0.query_auc == pytest.approx(np.mean(per_query), abs=1e-9)

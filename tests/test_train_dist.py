@@ -21,7 +21,9 @@ def _train_two_days(rank, world_size, cfg):
     return {"losses": [l for s in stats for l in s.losses], "dense": dense, "metrics": metrics}
 
 
-def test_skeleton_trains_on_two_ranks(small_cfg):
+@pytest.mark.parametrize("allreduce", ["sync", "async"])
+def test_skeleton_trains_on_two_ranks(small_cfg, allreduce):
+    small_cfg.train.allreduce = allreduce
     r0, r1 = run_distributed(_train_two_days, small_cfg, timeout_s=300)
     losses = r0["losses"]
     assert len(losses) == 2 * (6000 // (2 * 128))
@@ -34,3 +36,21 @@ def test_skeleton_trains_on_two_ranks(small_cfg):
     assert m == r1["metrics"]
     assert m.num_rows == (6000 // 256) * 256
     assert 0.55 < m.auc <= m.oracle_auc
+
+
+def _train_few_steps(rank, world_size, cfg):
+    trainer = Trainer(cfg, env_of_current_group())
+    days = discover_days(cfg.data.root)
+    stats = trainer.train_day(days[0])
+    return stats.losses, trainer.evaluate(days[1]).auc
+
+
+@pytest.mark.parametrize("name", sorted(__import__("models").MODELS))
+def test_every_registered_model_trains_on_two_ranks(small_cfg, name):
+    small_cfg.model.name, small_cfg.model.options = name, {}
+    small_cfg.train.max_steps_per_day = 4
+    small_cfg.train.eval_max_batches = 2
+    small_cfg.embeddings.dedup = name == "hyformer"  # the dedup path end to end, on the paper's model
+    (losses, auc), (losses1, auc1) = run_distributed(_train_few_steps, small_cfg, timeout_s=300)
+    assert len(losses) == 4 and losses == losses1 and auc == auc1
+    assert all(0 < l < 2 for l in losses)
