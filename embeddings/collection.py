@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embeddings.dedup import DedupIndex, expand_sequences
 from embeddings.tables import EmbeddingLayout
@@ -44,11 +44,31 @@ class SparseArch(nn.Module):
     def __init__(self, layout: EmbeddingLayout, *, device: torch.device | None = None, dedup: bool = False,
                  transforms: Mapping[str, nn.Module] | None = None):
         super().__init__()
-        self.layout = layout
         self.dedup = dedup
         ebc_configs, ec_configs = layout.ebc_configs(), layout.ec_configs(dedup=dedup)
         self.ebc = EmbeddingBagCollection(tables=ebc_configs, device=device) if ebc_configs else None
         self.ec = EmbeddingCollection(tables=ec_configs, device=device) if ec_configs else None
+        self.assemble = _Assemble(layout, dedup, transforms)
+
+    def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor,
+                sequence_index: DedupIndex | None = None) -> SparseOutput:
+        # Only the two lookups and a call to a module without tables: TorchRec's TrainPipelineSparseDist
+        # FX-traces this forward to find the sharded modules' inputs, and treats `assemble` as an opaque leaf.
+        if self.dedup:
+            _require_index(sequence_index)
+        else:
+            _refuse_index(sequence_index)
+        ebc_out = self.ebc(pooled) if self.ebc is not None else None
+        ec_out = self.ec(sequence) if self.ec is not None else None
+        return self.assemble(ebc_out, ec_out, sequence_index)
+
+
+class _Assemble(nn.Module):
+    """Lookup results -> SparseOutput: rebuild deduplicated sequences, apply transforms, pool shared features."""
+
+    def __init__(self, layout: EmbeddingLayout, dedup: bool, transforms: Mapping[str, nn.Module] | None):
+        super().__init__()
+        self.layout, self.dedup = layout, dedup
         self._ec_pooled = [lk for lk in layout.lookups if lk.kind == "pooled" and lk.feature in layout.ec_features]
         self._sequence_features = [f for f in layout.ec_features if layout.lookup(f).kind == "sequence"]
         unknown = sorted(set(transforms or {}) - set(self._sequence_features))
@@ -56,36 +76,23 @@ class SparseArch(nn.Module):
             raise ValueError(f"transforms name {unknown}, which are not sequence features {self._sequence_features}")
         self.transforms = nn.ModuleDict(dict(transforms or {}))
 
-    def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor,
-                sequence_index: DedupIndex | None = None) -> SparseOutput:
-        out_pooled: dict[str, torch.Tensor] = {}
-        if self.ebc is not None:
-            out_pooled.update(self.ebc(pooled).to_dict())
-        seqs = self._sequence_lookup(sequence, sequence_index)
+    def forward(self, ebc_out: KeyedTensor | None, ec_out: dict[str, JaggedTensor] | None,
+                index: DedupIndex | None) -> SparseOutput:
+        out_pooled: dict[str, torch.Tensor] = ebc_out.to_dict() if ebc_out is not None else {}
+        seqs = self._sequences(ec_out, index) if ec_out is not None else {}
         for lk in self._ec_pooled:
             out_pooled[lk.feature] = pool_jagged(seqs[lk.feature], lk.pooling)
         sequences = {k: seqs[k] for k in self._sequence_features}
-        ratio = sequence_index.dedup_ratio if sequence_index is not None else None
+        ratio = index.dedup_ratio if index is not None else None
         return SparseOutput(pooled=out_pooled, sequences=sequences, dedup_ratio=ratio)
 
-    def _sequence_lookup(self, sequence: KeyedJaggedTensor,
-                         index: DedupIndex | None) -> dict[str, JaggedTensor]:
-        if self.ec is None:
-            return {}
+    def _sequences(self, ec_out: dict[str, JaggedTensor], index: DedupIndex | None) -> dict[str, JaggedTensor]:
         if self.dedup:
-            index = _require_index(index)  # before the EC, whose own error would name a missing KJT key
-            return expand_sequences(self.ec(sequence), index, dict(self.transforms.items()))
-        _refuse_index(index)
-        looked_up = self.ec(sequence)
-        seqs = {f: looked_up[f] for f in self.layout.ec_features}
+            return expand_sequences(ec_out, index, dict(self.transforms.items()))
+        seqs = {f: ec_out[f] for f in self.layout.ec_features}
         for feature, transform in self.transforms.items():
             seqs[feature] = JaggedTensor(values=transform(seqs[feature].values()), lengths=seqs[feature].lengths())
         return seqs
-
-
-# TorchRec's TrainPipelineSparseDist FX-traces the model: these run as opaque calls instead of being traced
-# (they branch on host ints and on None).
-torch.fx.wrap("expand_sequences")
 
 
 def _require_index(index: DedupIndex | None) -> DedupIndex:
@@ -101,6 +108,7 @@ def _refuse_index(index: DedupIndex | None) -> None:
                          "embeddings.dedup setting as the BatchConverter")
 
 
+# Opaque to TrainPipelineSparseDist's FX trace: they branch on None.
 torch.fx.wrap("_require_index")
 torch.fx.wrap("_refuse_index")
 

@@ -127,6 +127,10 @@ class TrainConfig:
     allreduce: Literal["sync", "async"] = "sync"
     allreduce_compression: Literal["none", "bf16"] = "none"
     tensorboard: bool = True  # scalars under <out_dir>/tensorboard
+    # plain: one batch at a time. sparse_dist: TorchRec's TrainPipelineSparseDist, which overlaps the next
+    # batch's host->device copy and embedding all-to-all with this batch's compute (CUDA streams; on CPU it
+    # runs, with identical losses, but has nothing to overlap)
+    pipeline: Literal["plain", "sparse_dist"] = "plain"
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
     pg_timeout_s: int = 600
 

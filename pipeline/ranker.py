@@ -8,7 +8,7 @@ Legend: B batch rows, L padded sequence length, N events in a batch, D widths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,11 +20,14 @@ from pipeline.batch import Batch
 from pipeline.features import FeatureSpec
 
 
-@dataclass
-class RankingOutput:
+class RankingOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: TrainPipelineSparseDist FX-traces RankingModel.forward, and FX can return
+    named tuples but not dataclasses."""
+
     logits: torch.Tensor  # (B,)
     labels: torch.Tensor  # (B,)
     group_ids: torch.Tensor  # (B,)
+    loss: torch.Tensor  # () detached: TrainPipelineSparseDist.progress() returns only the output
 
 
 class RankingModel(nn.Module):
@@ -42,7 +45,8 @@ class RankingModel(nn.Module):
         embedded = self.sparse(batch.pooled, batch.sequence, batch.sequence_index)
         logits = self.tower(self.tokens(embedded, batch.dense)).logits
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
-        return loss, RankingOutput(logits=logits.detach(), labels=batch.labels, group_ids=batch.group_ids)
+        return loss, RankingOutput(logits=logits.detach(), labels=batch.labels, group_ids=batch.group_ids,
+                                   loss=loss.detach())
 
 
 class Tokenizer(nn.Module):

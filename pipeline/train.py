@@ -72,6 +72,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.dense_optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         self.global_step = 0
+        self.pipelined_modules = 0  # sharded modules TrainPipelineSparseDist pipelines (train.pipeline)
         self.out_dir = Path(cfg.out_dir)
         self._tb = _tensorboard(self.out_dir) if cfg.train.tensorboard and env.is_main else None
 
@@ -120,12 +121,12 @@ class Trainer:
         start = time.perf_counter()
         losses = []
         bar = _progress(len(reader) * rows_per_step, f"train {day.day}", "row", self.progress)
-        for step, batch in enumerate(reader):
-            losses.append(self.train_step(batch.to(self.env.device, non_blocking=True)))
+        for step, loss in enumerate(self._steps(reader)):
+            losses.append(loss)
             if bar is not None:
                 bar.update(rows_per_step)
                 if step % 10 == 0:
-                    bar.set_postfix(loss=f"{losses[-1].item():.4f}")
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % self.cfg.train.log_every_steps == 0:
                 self._log_train(day, step, len(reader), losses, start)
         self.flush()
@@ -137,6 +138,29 @@ class Trainer:
         if self.env.is_main:
             self._write_json(self.out_dir / "train" / f"day-{day.day}.json", stats.to_dict())
         return stats
+
+    def _steps(self, reader: DayReader):
+        """Yield each step's loss: plain loop, or TorchRec's TrainPipelineSparseDist (train.pipeline)."""
+        if self.cfg.train.pipeline == "plain":
+            for batch in reader:
+                yield self.train_step(batch.to(self.env.device, non_blocking=True))
+            return
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        # A pipeline per day: it rewrites the sharded modules' inputs on attach, and detach() restores the
+        # plain forward that evaluation and checkpoints expect.
+        pipe = TrainPipelineSparseDist(self.model, _PipelineStep(self), self.env.device)
+        batches = iter(reader)
+        try:
+            while True:
+                try:
+                    out = pipe.progress(batches)
+                except StopIteration:
+                    return
+                self.pipelined_modules = len(getattr(pipe, "_pipelined_modules", []))
+                yield out.loss
+        finally:
+            pipe.detach()
 
     def _log_train(self, day, step, num_steps, losses, start) -> None:
         if not self.env.is_main:
@@ -206,6 +230,22 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
         tmp.replace(path)
+
+
+class _PipelineStep:
+    """What TrainPipelineSparseDist calls as its optimizer: the trainer's own step after backward."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.trainer.optimizer.zero_grad()
+
+    def step(self, closure=None) -> None:
+        t = self.trainer
+        if t.hook is None or t.hook.ready:
+            t._dense_step()
+        t.global_step += 1
 
 
 def _tensorboard(out_dir: Path):

@@ -54,3 +54,25 @@ def test_every_registered_model_trains_on_two_ranks(small_cfg, name):
     (losses, auc), (losses1, auc1) = run_distributed(_train_few_steps, small_cfg, timeout_s=300)
     assert len(losses) == 4 and losses == losses1 and auc == auc1
     assert all(0 < l < 2 for l in losses)
+
+
+def _losses_one_day(rank, world_size, cfg):
+    trainer = Trainer(cfg, env_of_current_group())
+    days = discover_days(cfg.data.root)
+    losses = trainer.train_day(days[0]).losses
+    if cfg.train.pipeline == "sparse_dist":
+        assert trainer.pipelined_modules == 2, "the EBC and the EC should both be pipelined"
+    return losses, trainer.evaluate(days[1]).auc
+
+
+@pytest.mark.parametrize("allreduce", ["sync", "async"])
+def test_train_pipeline_sparse_dist_matches_the_plain_loop(small_cfg, allreduce):
+    small_cfg.train.allreduce = allreduce
+    small_cfg.train.max_steps_per_day = 8
+    small_cfg.train.eval_max_batches = 3
+    plain, _ = run_distributed(_losses_one_day, small_cfg, timeout_s=300)
+    small_cfg.train.pipeline = "sparse_dist"
+    piped, piped1 = run_distributed(_losses_one_day, small_cfg, timeout_s=300)
+    assert piped == piped1
+    assert piped[0] == plain[0]  # same losses step by step
+    assert piped[1] == plain[1]  # and the same model after the day (evaluation runs unpipelined)
