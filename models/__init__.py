@@ -17,6 +17,7 @@ from models.hiformer import Hiformer
 from models.hyformer import HyFormer
 from models.inputs import InputShape
 from models.longer_rankmixer import LongerRankMixer
+from models.onetrans import OneTrans
 from models.rankmixer import RankMixer
 from models.transformer import Transformer
 
@@ -26,6 +27,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "rankmixer": RankMixer,
     "longer_rankmixer": LongerRankMixer,
     "transformer": Transformer,
+    "onetrans": OneTrans,
     "hyformer": HyFormer,
     "hhft": HHFT,
     "hiformer": Hiformer,

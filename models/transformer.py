@@ -1,5 +1,5 @@
-"""Vanilla Transformer baseline: one set of shared parameters over all tokens (HHFT's "basic Transformer";
-with events as tokens it is the unified full-Transformer of MTGR/OneTrans in HyFormer's Table 1).
+"""Vanilla Transformer baseline: one set of shared parameters over all tokens (HHFT's "basic Transformer").
+The MTGR/OneTrans unified baselines of HyFormer's Table 1 are `onetrans` (mixed parameterisation, pyramid).
 
     model = build_model("transformer", {"d_model": 32, "num_layers": 2, "sequence_tokens": "events"}, shape)
 

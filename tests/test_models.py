@@ -8,6 +8,7 @@ from models.inputs import InputShape, SequenceInput, SequenceShape, TowerInput
 from models.layers.attention import attend, attend_reference
 from models.layers.hetero import HeteroTransformerLayer
 from models.layers.tokens import recent_events
+from models.onetrans import OneTransState
 
 SHAPE = InputShape(blocks={"user": 12, "item": 20, "context": 6}, dense_dim=3,
                    sequences={"long": SequenceShape(dim=16, max_len=10), "short": SequenceShape(dim=8, max_len=5)})
@@ -24,6 +25,10 @@ VARIANTS = {
     "dcnv2/parallel_low_rank": {"structure": "parallel", "rank": 4},
     "transformer/pooled": {"sequence_tokens": "pooled"},
     "longer_rankmixer/global_query": {"global_query": True},
+    "onetrans/pyramid": {"num_layers": 3},
+    "onetrans/longer": {"num_layers": 3, "first_layer": "longer", "recent_len": 4},
+    "onetrans/bidirectional_flat": {"num_layers": 3, "causal": False, "pyramid": False},
+    "onetrans/one_layer": {"num_layers": 1},
 }
 
 
@@ -231,3 +236,58 @@ def test_hiformer_full_rank_factorisation_and_pruning_equal_the_full_model():
         torch.testing.assert_close(fast(make_input()).logits, full(make_input()).logits)
     low = build("hiformer", rank=8)
     assert sum(p.numel() for p in low.parameters()) < sum(p.numel() for p in full.parameters())
+
+
+# -- OneTrans / MTGR (the unified baselines): mixed parameterisation, pyramid, causality ---------------------------
+
+def _first_layer_out(model, x) -> OneTransState:
+    state = OneTransState(seq=model.sequence_tokens(x), ns_BMD=model.ns(x).tokens_BMD)
+    return model.layers[0](state, model.schedule[0])
+
+
+def test_onetrans_ns_weights_are_token_specific_and_sequence_weights_shared():
+    model = build("onetrans", causal=False).eval()  # causal, the first event would see only itself (weight 1)
+    layer, num_ns = model.layers[0], model.ns.num_tokens
+    # Token-specific: one slice per NS token; shared: one Linear whatever the number of events.
+    assert layer.ns_q.weight_TIO.shape[0] == num_ns and layer.ns_ffn.up.per_token.weight_TIO.shape[0] == num_ns
+    longer = InputShape(blocks=SHAPE.blocks, dense_dim=SHAPE.dense_dim,
+                        sequences={n: SequenceShape(s.dim, max_len=10 * s.max_len) for n, s in SHAPE.sequences.items()})
+    seq_params = [sum(p.numel() for n, p in m.named_parameters() if ".seq_" in n)
+                  for m in (model, build_model("onetrans", {}, longer))]
+    assert seq_params[0] == seq_params[1]
+    x = make_input()
+    with torch.no_grad():
+        base = _first_layer_out(model, x)
+        layer.ns_q.weight_TIO[2].add_(torch.randn_like(layer.ns_q.weight_TIO[2]))  # NS token 2's own query
+        layer.ns_ffn.down.per_token.weight_TIO[2].add_(1.0)  # ... and its own FFN
+        out = _first_layer_out(model, x)
+        others = [m for m in range(num_ns) if m != 2]
+        torch.testing.assert_close(out.ns_BMD[:, others], base.ns_BMD[:, others], rtol=0, atol=0)
+        torch.testing.assert_close(out.seq.values_BLD, base.seq.values_BLD, rtol=0, atol=0)
+        assert not torch.allclose(out.ns_BMD[:, 2], base.ns_BMD[:, 2])
+        layer.seq_q.weight.add_(torch.randn_like(layer.seq_q.weight))  # the one query weight of every event
+        moved = (_first_layer_out(model, x).seq.values_BLD - out.seq.values_BLD).abs().sum(-1) > 0
+    assert moved[base.seq.mask_BL].all()
+
+
+def test_onetrans_pyramid_schedule_and_causal_attention():
+    num_events = sum(s.max_len for s in SHAPE.sequences.values())  # 15
+    assert build("onetrans", num_layers=3).schedule == [15, 8, 0]
+    assert build("onetrans", num_layers=3, first_layer="longer", recent_len=4).schedule == [4, 2, 0]
+    assert build("onetrans", num_layers=3, pyramid=False).schedule == [num_events, num_events, 0]
+    assert build("onetrans", num_layers=3, seq_queries=[-1, 20]).schedule == [15, 15, 0]
+    model = build("onetrans").eval()
+    x = make_input()
+    with torch.no_grad():
+        base = _first_layer_out(model, x)
+        x.sequences["short"].values_BLD[0, 1] += 1.0  # a later event (merged position 11) ...
+        out = _first_layer_out(model, x)
+    torch.testing.assert_close(out.seq.values_BLD[:, :11], base.seq.values_BLD[:, :11], rtol=0, atol=0)  # ... unseen
+    assert not torch.allclose(out.ns_BMD[0], base.ns_BMD[0])  # NS tokens come last and see every event
+
+
+def test_onetrans_rejects_bad_schedules():
+    with pytest.raises(ValueError, match="seq_queries"):
+        build_model("onetrans", {"num_layers": 3, "seq_queries": [4]}, SHAPE)
+    with pytest.raises(ValueError, match="first_layer"):
+        build_model("onetrans", {"first_layer": "sparse"}, SHAPE)

@@ -21,6 +21,8 @@ SMALL = {
     "transformer": {"d_model": 16, "num_layers": 1, "ffn_mult": 2, "head_hidden": [64]},
     "hyformer": {"d_model": 36, "num_layers": 1, "num_heads": 2, "ffn_mult": 2, "seq_dim": 16, "recent_len": 8,
                  "query_ffn_hidden": 32, "head_hidden": [64]},
+    "onetrans": {"d_model": 16, "seq_dim": 16, "num_layers": 2, "ffn_mult": 2, "first_layer": "longer",
+                 "recent_len": 8, "head_hidden": [64]},
     "hhft": {"d_model": 16, "num_layers": 1, "head_hidden": [64]},
     "hiformer": {"d_model": 16, "num_layers": 1, "head_hidden": [64]},
 }

@@ -67,20 +67,34 @@ class PooledSequenceTokens(nn.Module):
         return torch.stack([p(x.sequences[name].mean_pool()) for name, p in self.proj.items()], dim=1)
 
 
-def recent_events(seq: SequenceInput, num: int) -> SequenceInput:
-    """The last `num` real events of each row, oldest first; rows with fewer are padded (mask False).
+@dataclass
+class RecentIndex:
+    index_BN: torch.Tensor  # positions of the kept events, ascending; 0 where a row ran out
+    mask_BN: torch.Tensor  # True on kept (real) events
+
+
+def recent_index(mask_BL: torch.Tensor, num: int) -> RecentIndex:
+    """Positions of the last `num` real events of each row, oldest first; rows with fewer are padded (mask False).
 
     Works for any mask pattern (not only left-aligned) with no data-dependent shapes, so it runs on `meta`.
     """
-    values_BLD, mask_BL = seq.values_BLD, seq.mask_BL
     n = min(num, mask_BL.shape[1])
     from_end_BL = mask_BL.sum(1, keepdim=True) - mask_BL.long().cumsum(1)  # 0 on the most recent real event
     pos_BL = torch.arange(mask_BL.shape[1], device=mask_BL.device).expand_as(mask_BL)
     keyed_BL = torch.where(mask_BL & (from_end_BL < n), pos_BL, -1)
     top_BN = keyed_BL.topk(n, dim=1).values.flip(1)  # kept positions, ascending; -1 where a row ran out
-    idx_BN = top_BN.clamp(min=0)
-    values_BND = values_BLD.gather(1, idx_BN.unsqueeze(-1).expand(-1, -1, values_BLD.shape[-1]))
-    return SequenceInput(values_BLD=values_BND, mask_BL=top_BN >= 0)
+    return RecentIndex(index_BN=top_BN.clamp(min=0), mask_BN=top_BN >= 0)
+
+
+def gather_events(values_BLD: torch.Tensor, index_BN: torch.Tensor) -> torch.Tensor:
+    """(B, N, D): the events at `index_BN` of each row."""
+    return values_BLD.gather(1, index_BN.unsqueeze(-1).expand(-1, -1, values_BLD.shape[-1]))
+
+
+def recent_events(seq: SequenceInput, num: int) -> SequenceInput:
+    """The last `num` real events of each row, oldest first; rows with fewer are padded (mask False)."""
+    kept = recent_index(seq.mask_BL, num)
+    return SequenceInput(values_BLD=gather_events(seq.values_BLD, kept.index_BN), mask_BL=kept.mask_BN)
 
 
 def concat_sequences(seqs: list[SequenceInput]) -> SequenceInput:
