@@ -4,13 +4,20 @@
     hyrank bench reader --data data/bench --rows 40000 --workers 1 2 4
 
 Prints rows/s of DayReader (decode + validate + convert to Batch, prefetched by loader threads) for each worker
-count, of `pyarrow.parquet.read_table` with its own thread pool and with one thread, and the ratios. The reader
-is measured end to end, as the trainer sees it: time from the first `iter()` to the last batch.
+count, of `pyarrow.parquet.read_table` with use_threads on and off (off still decodes on pyarrow's pool), of
+`ParquetFile.read_row_group` on one thread (what a loader thread calls), the ratios, and the CPU cores each kept
+busy. The reader is measured end to end, as the trainer sees it: from building the DayReader (footers, schema
+checks) to its last batch. Every measurement reads the same files and the same columns (the spec's); the long
+sequence's max_len is the generated length, so nothing is truncated. The measurements take turns (each raw scan,
+then DayReader per worker count, `--repeats` times) and the best of each is reported, so load from other
+processes hits all of them alike; the load average is printed before and after: compare the ratios of one run,
+not numbers across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader thread counts to measure")
     parser.add_argument("--repeats", type=int, default=2, help="passes per measurement; the best is reported")
+    parser.add_argument("--shuffle", action="store_true", help="also measure DayReader with data.shuffle on")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,19 +49,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"day {day.day}: {len(files)} files, {sum(pq.ParquetFile(f).metadata.num_rows for f in files)} rows, "
               f"{sum(f.stat().st_size for f in files) / 2**20:.0f} MiB, {len(spec.columns())} columns "
               f"(root {root})")
-        raw = {threads: _best(args.repeats, lambda t=threads: _raw_scan(files, spec.columns(), t))
-               for threads in (True, False)}
-        reader = {w: _best(args.repeats, lambda w=w: _reader_pass(day, spec, args.batch_size, w))
-                  for w in args.workers}
-    print(f"{'what':<38}{'rows/s':>12}{'x raw (threads)':>17}{'x raw (1 thread)':>18}")
-    rows = [("raw pyarrow read_table, its threads", raw[True]), ("raw pyarrow read_table, 1 thread", raw[False])]
-    rows += [(f"DayReader, {w} worker{'s' if w > 1 else ''}", reader[w]) for w in args.workers]
-    for name, rate in rows:
-        print(f"{name:<38}{rate:>12,.0f}{rate / raw[True]:>17.2f}{rate / raw[False]:>18.2f}")
+        shuffles = (False, True) if args.shuffle else (False,)
+        runs = {"raw pyarrow read_table, its threads": lambda: _raw_scan(files, spec.columns(), True),
+                "raw pyarrow read_table, use_threads=False": lambda: _raw_scan(files, spec.columns(), False),
+                "raw pyarrow row groups, 1 thread": lambda: _raw_row_groups(files, spec.columns())}
+        runs |= {f"DayReader, {w} worker{'s' if w > 1 else ''}{', shuffle' if sh else ''}":
+                 (lambda w=w, sh=sh: _reader_pass(day, spec, args.batch_size, w, sh))
+                 for sh in shuffles for w in args.workers}
+        print(f"load average before: {_load()}")
+        best = dict.fromkeys(runs, (0.0, 0.0))
+        for _ in range(args.repeats):  # in turns, so a burst of load from elsewhere does not favour one line
+            for name, fn in runs.items():
+                best[name] = max(best[name], _measure(fn))
+        print(f"load average after:  {_load()}")
+    raw_threads = best["raw pyarrow read_table, its threads"][0]
+    raw_one = best["raw pyarrow read_table, use_threads=False"][0]
+    print(f"{'what':<42}{'rows/s':>10}{'x raw (threads)':>17}{'x raw (use_threads=False)':>27}{'cores busy':>12}")
+    for name, (rate, cores) in best.items():
+        print(f"{name:<42}{rate:>10,.0f}{rate / raw_threads:>17.2f}{rate / raw_one:>27.2f}{cores:>12.2f}")
     if len(args.workers) > 1:
         w0, w1 = args.workers[0], args.workers[-1]
-        print(f"scaling {w0} -> {w1} workers: {reader[w1] / reader[w0]:.2f}x")
+        for sh in shuffles:
+            tag = ", shuffle" if sh else ""
+            rate = {w: best[f"DayReader, {w} worker{'s' if w > 1 else ''}{tag}"][0] for w in (w0, w1)}
+            print(f"scaling {w0} -> {w1} workers{tag}: {rate[w1] / rate[w0]:.2f}x")
+    print("\nraw: pq.read_table of each file, the spec's columns, to an Arrow table (no validation, no tensors); "
+          "use_threads=False still decodes on pyarrow's pool (see cores busy). "
+          "DayReader: the same files and columns to Batches (KJTs, dense, labels) with row validation, "
+          "end to end through its planner and loader threads (each reads a row group with pyarrow's pool). "
+          "'row groups, 1 thread': ParquetFile.read_row_group(use_threads=False) of each row group, what a "
+          "loader thread calls, on one core. cores busy: this process's CPU seconds / wall seconds of the best pass.")
     return 0
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg()) + f" ({os.cpu_count()} cores)"
 
 
 def _generate(out: Path, rows: int, long_len: int) -> Path:
@@ -67,8 +97,11 @@ def _generate(out: Path, rows: int, long_len: int) -> Path:
     return out
 
 
-def _best(repeats: int, fn) -> float:
-    return max(fn() for _ in range(repeats))
+def _measure(fn) -> tuple[float, float]:
+    """(rows/s, CPU seconds of this process per wall second) of one pass of `fn`, which returns rows/s."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    rate = fn()
+    return rate, (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
 def _raw_scan(files: list[Path], columns: list[str], use_threads: bool) -> float:
@@ -77,12 +110,22 @@ def _raw_scan(files: list[Path], columns: list[str], use_threads: bool) -> float
     return rows / (time.perf_counter() - start)
 
 
-def _reader_pass(day, spec, batch_size: int, workers: int) -> float:
+def _raw_row_groups(files: list[Path], columns: list[str]) -> float:
+    start = time.perf_counter()
+    rows = 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        rows += sum(pf.read_row_group(i, columns=columns, use_threads=False).num_rows
+                    for i in range(pf.num_row_groups))
+    return rows / (time.perf_counter() - start)
+
+
+def _reader_pass(day, spec, batch_size: int, workers: int, shuffle: bool) -> float:
     from pipeline.data import DayReader, ReaderOptions
 
     start = time.perf_counter()
-    reader = DayReader(day, spec, batch_size=batch_size, options=ReaderOptions(num_workers=workers,
-                                                                               prefetch_batches=4 * workers))
+    reader = DayReader(day, spec, batch_size=batch_size, options=ReaderOptions(
+        num_workers=workers, prefetch_batches=4 * workers, shuffle=shuffle))
     rows = sum(b.batch_size for b in reader)
     return rows / (time.perf_counter() - start)
 

@@ -11,6 +11,7 @@ quarantines bad rows before they get here.
 from __future__ import annotations
 
 import hashlib
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -32,13 +33,18 @@ class BatchConverter:
         self.layout = spec.embedding_layout()
         self._num_rows = {t.name: t.num_embeddings for t in spec.tables}
 
-    def __call__(self, table: pa.Table, *, source: str = "<table>", first_row: int = 0) -> Batch:
+    def __call__(self, table: pa.Table, *, source: str = "<table>", first_row: int = 0,
+                 id_max: Mapping[str, int] | None = None) -> Batch:
+        """`id_max`: per integer id column, a bound such that every id of `table` is in [0, id_max] (the reader's
+        validation proves it: pipeline.validate.RowVerdict.id_max); such columns skip the range pass over their ids."""
         ctx = _Ctx(source, first_row)
+        id_max = id_max or {}
         jagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for f in self.spec.sparse:
-            jagged[f.name] = ids_column(table.column(f.name), self._num_rows[f.table], f.oov, ctx.at(f.name))
+            jagged[f.name] = ids_column(table.column(f.name), self._num_rows[f.table], f.oov, ctx.at(f.name),
+                                        known_max=id_max.get(f.name))
         for seq in self.spec.sequences:
-            jagged.update(self._sequence(table, seq, ctx))
+            jagged.update(self._sequence(table, seq, ctx, id_max))
         sequence, sequence_index = _kjt(self.layout.ec_features, jagged), None
         if self.dedup and self.layout.ec_features:
             deduped = dedup_sequences(sequence, self.layout.ec_table_of)
@@ -53,13 +59,14 @@ class BatchConverter:
             oracle_p=self._oracle(table, ctx),
         )
 
-    def _sequence(self, table: pa.Table, seq: SequenceFeature, ctx: "_Ctx") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _sequence(self, table: pa.Table, seq: SequenceFeature, ctx: "_Ctx",
+                  id_max: Mapping[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out = {}
         ids_lengths = None
         for column in seq.columns:
             col_ctx = ctx.at(column)
             lengths, values = ids_column(table.column(column), self._num_rows[seq.table_of(column)],
-                                         seq.oov_of(column), col_ctx)
+                                         seq.oov_of(column), col_ctx, known_max=id_max.get(column))
             if ids_lengths is None:
                 ids_lengths = lengths
             elif not np.array_equal(lengths, ids_lengths):
@@ -105,7 +112,10 @@ class _Ctx:
 
 
 def _combine(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    """One Array; zero-copy for a single chunk (a slice of one row group), where combine_chunks would copy."""
+    if not isinstance(col, pa.ChunkedArray):
+        return col
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def _no_nulls(arr: pa.Array, ctx: _Ctx) -> None:
@@ -132,9 +142,13 @@ def _as_int64(values: pa.Array, ctx: _Ctx) -> np.ndarray:
     raise ValueError(f"{ctx.source}: column {ctx.column!r} must hold integer or string ids, got {t}")
 
 
-def ids_column(col: pa.ChunkedArray | pa.Array, num_embeddings: int, oov: OOVPolicy,
-               ctx: _Ctx) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths (B,), values (N,)) int64 ids of a scalar or list id column, mapped into [0, num_embeddings)."""
+def ids_column(col: pa.ChunkedArray | pa.Array, num_embeddings: int, oov: OOVPolicy, ctx: _Ctx, *,
+               known_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths (B,), values (N,)) int64 ids of a scalar or list id column, mapped into [0, num_embeddings).
+
+    `known_max`: the ids are known to lie in [0, known_max] (validated); if that is inside the table, they are
+    returned as they are without another pass over them.
+    """
     arr = _combine(col)
     _no_nulls(arr, ctx)
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
@@ -148,7 +162,10 @@ def ids_column(col: pa.ChunkedArray | pa.Array, num_embeddings: int, oov: OOVPol
     else:
         lengths = np.ones(len(arr), dtype=np.int64)
         values = _as_int64(arr, ctx)
-    return lengths, map_ids(values, lengths, num_embeddings, oov, ctx, hashed=_is_stringy(arr.type))
+    hashed = _is_stringy(arr.type)
+    if known_max is not None and not hashed and known_max < num_embeddings:
+        return lengths, values
+    return lengths, map_ids(values, lengths, num_embeddings, oov, ctx, hashed=hashed)
 
 
 def _is_stringy(t: pa.DataType) -> bool:
@@ -160,7 +177,7 @@ def _is_stringy(t: pa.DataType) -> bool:
 def map_ids(values: np.ndarray, lengths: np.ndarray, num_embeddings: int, oov: OOVPolicy, ctx: _Ctx,
             *, hashed: bool = False) -> np.ndarray:
     """Apply the out-of-range policy: `hash` takes ids modulo the table size, `error` refuses them."""
-    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    low, high = _min_max(values)
     if not hashed and low < 0:
         raise ctx.error(_row_of(np.flatnonzero(values < 0)[0], lengths), f"negative id {values[values < 0][0]}")
     if 0 <= low and high < num_embeddings:  # the common case: skip the modulo, a division per id
@@ -174,6 +191,14 @@ def map_ids(values: np.ndarray, lengths: np.ndarray, num_embeddings: int, oov: O
     return values
 
 
+def _min_max(values: np.ndarray) -> tuple[int, int]:
+    """(min, max) in one pass without the GIL (Arrow's kernel on a zero-copy view); numpy takes two passes."""
+    if not values.size:
+        return 0, 0
+    low, high = pc.min_max(pa.array(values)).values()
+    return int(low.as_py()), int(high.as_py())
+
+
 def _row_of(event: int, lengths: np.ndarray) -> int:
     return int(np.searchsorted(np.cumsum(lengths), event, side="right"))
 
@@ -183,14 +208,17 @@ def truncate_recent(lengths: np.ndarray, values: np.ndarray, max_len: int,
     """Keep each row's `max_len` most recent events, returned oldest first."""
     if order == "newest_last" and (lengths.size == 0 or lengths.max() <= max_len):
         return lengths, values  # nothing to cut: skip the gather
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
     kept = np.minimum(lengths, max_len)
-    within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)  # 0..kept-1 per row
-    row_start = np.repeat(offsets[:-1], kept)
-    if order == "newest_last":  # the most recent are the last `kept`
-        index = row_start + np.repeat(lengths - kept, kept) + within
-    else:  # newest first: the most recent are the first `kept`; reverse them to oldest first
-        index = row_start + np.repeat(kept - 1, kept) - within
+    in_starts = np.cumsum(lengths) - lengths
+    out_starts = np.cumsum(kept) - kept
+    # index[p] for output position p = out_start + w (w = 0..kept-1 in a row) is one shift per row plus or minus
+    # p: two passes over the events (repeat, add) before the gather
+    if order == "newest_last":  # the most recent are the last `kept`: in_start + (length - kept) + w
+        index = np.arange(int(kept.sum()), dtype=np.int64)
+        index += np.repeat(in_starts + (lengths - kept) - out_starts, kept)
+    else:  # newest first: the most recent are the first `kept`, reversed to oldest first: in_start + kept - 1 - w
+        index = np.repeat(in_starts + kept - 1 + out_starts, kept)
+        index -= np.arange(int(kept.sum()), dtype=np.int64)
     return kept, values[index]
 
 

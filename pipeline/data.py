@@ -28,7 +28,10 @@ sum their per-reason counts with one all_reduce and all raise if the day's bad f
 
 Validation (pipeline/validate.py) runs on each row group before conversion: bad rows are dropped, counted per
 reason and written to `<quarantine_dir>/<partition folder>/<file>.rg<k>.parquet` with their reason and source
-row; the converter only sees good rows.
+row; the converter only sees good rows, and takes the id bounds validation found (RowVerdict.id_max) instead of
+making its own pass over every id. A row group is decoded into one chunk per column and a batch is a slice of it,
+zero-copy unless it straddles two row groups (with `shuffle`, a block is made one chunk once, then each batch is
+a take() of it: a take() from several chunks would concatenate them again for every batch).
 
 Cursor (`state_dict`): the plan is cut into buffers ("blocks") of `block_rows` valid rows. The cursor holds the
 block index, the position of its first row (unit = index in this rank's row-group order, raw row within that row
@@ -332,6 +335,7 @@ class _Unit:
     raw_rows: np.ndarray  # (num_good,) int64 row numbers inside the row group
     num_rows: int
     bad: dict[str, int]
+    id_max: dict[str, int] = field(default_factory=dict)  # RowVerdict.id_max: the converter skips a range pass
 
 
 @dataclass
@@ -542,7 +546,7 @@ class _Producer:
     def _plan(self) -> Iterator[_Planned]:
         r, c = self.r, self.start
         units = self._units(c.unit)
-        pieces: list[tuple[int, pa.Table, np.ndarray]] = []  # (unit, good rows, raw row numbers) not yet used
+        pieces: list[tuple[int, pa.Table, np.ndarray, dict]] = []  # (unit, good rows, raw rows, id_max) not used yet
         block, skip, emitted = c.block, c.block_batches, c.batches_emitted
         while emitted < r.num_batches:
             if not pieces:
@@ -550,7 +554,10 @@ class _Producer:
             while sum(p[1].num_rows for p in pieces) < r.block_rows and self._pull(units, pieces):
                 pass
             start = (pieces[0][0], int(pieces[0][2][0])) if pieces else (self.next_unit, 0)
-            table, num_rows = self._cut(pieces, r.block_rows)
+            table, num_rows, units_id_max = self._cut(pieces, r.block_rows)
+            if r.options.shuffle and table is not None:  # made one chunk on a loader thread, before its batches
+                table = self.pool.submit(_one_chunk, table)  # (else each take() concatenates the whole block again)
+            id_max = _merge_id_max(units_id_max)  # holds for every batch of the block
             num_in_block = num_rows // r.batch_size
             if skip >= num_in_block and emitted < r.num_batches:
                 raise self._shortfall()
@@ -565,7 +572,7 @@ class _Producer:
                 last = k + 1 == num_in_block
                 cursor = Cursor(block + 1, *end, 0, emitted, counts_end) if last else \
                     Cursor(block, *start, k + 1, emitted, self._counts_before(start[0]))
-                yield _Planned(self.pool.submit(self._convert, table, perm, k), cursor, list(self.counts))
+                yield _Planned(self.pool.submit(self._convert, table, perm, k, id_max), cursor, list(self.counts))
             block, skip = block + 1, 0
 
     def _units(self, first: int) -> Iterator[_Unit]:
@@ -596,28 +603,29 @@ class _Producer:
         keep = unit.raw_rows >= first_row
         if keep.any():
             table = unit.table if keep.all() else unit.table.filter(pa.array(keep))
-            pieces.append((u, table, unit.raw_rows[keep]))
+            pieces.append((u, table, unit.raw_rows[keep], unit.id_max))
         return True
 
     def _counts_before(self, unit: int) -> list[int]:
         return list(self.unit_counts[unit]) if unit in self.unit_counts else list(self.counts)
 
     @staticmethod
-    def _cut(pieces: list, num_rows: int) -> tuple[pa.Table | None, int]:
-        """Take up to `num_rows` rows off the front of `pieces` as one table."""
-        taken, have = [], 0
+    def _cut(pieces: list, num_rows: int) -> tuple[pa.Table | None, int, list[dict[str, int]]]:
+        """Take up to `num_rows` rows off the front of `pieces` as one table; also the id_max of their units."""
+        taken, have, id_maxes = [], 0, []
         while pieces and have < num_rows:
-            u, table, raw = pieces[0]
+            u, table, raw, id_max = pieces[0]
             n = min(table.num_rows, num_rows - have)
             taken.append(table.slice(0, n))
+            id_maxes.append(id_max)
             if n == table.num_rows:
                 pieces.pop(0)
             else:
-                pieces[0] = (u, table.slice(n), raw[n:])
+                pieces[0] = (u, table.slice(n), raw[n:], id_max)
             have += n
         if not taken:
-            return None, 0
-        return (taken[0] if len(taken) == 1 else pa.concat_tables(taken)), have
+            return None, 0, id_maxes
+        return (taken[0] if len(taken) == 1 else pa.concat_tables(taken)), have, id_maxes
 
     def _check_budget(self) -> None:
         """This rank alone has more bad rows than the budget allows for the whole day: stop now."""
@@ -650,19 +658,37 @@ class _Producer:
             return _Unit(pa.table({}), np.zeros(0, np.int64), ref.num_rows, {"corrupt_row_group": ref.num_rows})
         verdict = validate_rows(table, r.spec, max_list_len=r.options.max_list_len)
         if not verdict.num_bad:
-            return _Unit(table, np.arange(table.num_rows, dtype=np.int64), table.num_rows, {})
+            return _Unit(table, np.arange(table.num_rows, dtype=np.int64), table.num_rows, {}, verdict.id_max)
         good = verdict.good_B
         if r.quarantine is not None:
             bad_rows = np.flatnonzero(~good)
             write_quarantine(r.quarantine / f"{ref.file.stem}.rg{ref.index}.parquet", table.take(bad_rows),
                              _subset(verdict, ~good), source_file=str(ref.file), source_rows=bad_rows)
-        return _Unit(table.filter(pa.array(good)), np.flatnonzero(good), table.num_rows, verdict.counts())
+        return _Unit(table.filter(pa.array(good)), np.flatnonzero(good), table.num_rows, verdict.counts(),
+                     verdict.id_max)
 
-    def _convert(self, table: pa.Table, perm: np.ndarray | None, k: int) -> Batch:
+    def _convert(self, table: pa.Table | Future, perm: np.ndarray | None, k: int, id_max: dict[str, int]) -> Batch:
+        """Batch k of a block: a slice of its table, or with `perm` a take() of the block's one-chunk table (a future
+        submitted to this pool before any of the block's batches, so it has started before this waits on it)."""
         b = self.r.batch_size
-        rows = table.slice(k * b, b) if perm is None else table.take(perm[k * b:(k + 1) * b])
-        batch = self.r.convert(rows, source=f"{self.r.day.path}")
+        rows = table.slice(k * b, b) if perm is None else table.result().take(perm[k * b:(k + 1) * b])
+        batch = self.r.convert(rows, source=f"{self.r.day.path}", id_max=id_max)
         return batch.pin_memory() if self.r.pin else batch
+
+
+def _merge_id_max(per_unit: list[dict[str, int]]) -> dict[str, int]:
+    """Bounds that hold for rows of all these units: a column's largest bound, if every unit has one."""
+    if not per_unit:
+        return {}
+    common = set(per_unit[0]).intersection(*per_unit[1:])
+    return {c: max(m[c] for m in per_unit) for c in common}
+
+
+def _one_chunk(table: pa.Table) -> pa.Table:
+    """`table` with one chunk per column: copied once only if it spans several row groups."""
+    if all(col.num_chunks <= 1 for col in table.columns):
+        return table
+    return table.combine_chunks()
 
 
 def _subset(verdict: Any, mask: np.ndarray) -> Any:

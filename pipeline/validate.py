@@ -3,6 +3,7 @@
     check_schema(spec, pf.schema_arrow, str(path))            # when a file is opened: fails at once
     verdict = validate_rows(table, spec, max_list_len=100_000)
     good = table.filter(verdict.good_B); verdict.counts()     # {"null": 3, "negative_id": 1}
+    verdict.id_max                                            # {"user_id": 49983, ...}: bounds for the converter
     write_quarantine(qdir / "part-0.rg3.parquet", table.filter(~verdict.good_B), ...)
 
 `check_schema`: a missing or wrongly typed column fails naming the file and the column, before any row is
@@ -98,6 +99,9 @@ class RowVerdict:
 
     reason_code_B: np.ndarray  # (B,) int8: 0 good, else 1 + index into REASONS
     column_B: np.ndarray  # (B,) object: the column that failed, "" for good rows
+    # Largest id of each integer id column over all B rows. Good rows hold no negative ids, so their ids lie in
+    # [0, id_max[column]]: the converter takes this instead of its own pass over the ids (BatchConverter id_max).
+    id_max: dict[str, int] = field(default_factory=dict)
 
     @property
     def good_B(self) -> np.ndarray:
@@ -118,11 +122,12 @@ class RowVerdict:
 
 
 class _Marker:
-    """Collects failing rows: a row keeps the first reason it is marked with."""
+    """Collects failing rows (a row keeps the first reason it is marked with) and the id columns' maxima."""
 
     def __init__(self, num_rows: int):
         self.code = np.zeros(num_rows, dtype=np.int8)
         self.column = np.full(num_rows, "", dtype=object)
+        self.id_max: dict[str, int] = {}
 
     def mark(self, bad_B: np.ndarray, reason: str, column: str) -> None:
         new = bad_B & (self.code == 0)
@@ -153,18 +158,21 @@ def validate_rows(table: pa.Table, spec: FeatureSpec, *, max_list_len: int) -> R
         ids_len = None
         for column in s.columns:
             arr = _col(table, column)
-            _check_ids(arr, tables[s.table_of(column)].num_embeddings, s.oov_of(column), max_list_len, m, column)
-            lengths = _list_lengths(arr)
+            lengths = _check_ids(arr, tables[s.table_of(column)].num_embeddings, s.oov_of(column), max_list_len, m,
+                                 column)
             if ids_len is None:
                 ids_len = lengths
             else:
                 m.mark(lengths != ids_len, "side_length_mismatch", column)
-    return RowVerdict(m.code, m.column)
+    return RowVerdict(m.code, m.column, m.id_max)
 
 
 def _col(table: pa.Table, name: str) -> pa.Array:
+    """The column as one Array; zero-copy for a single chunk (a row group), where combine_chunks would copy."""
     col = table.column(name)
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not isinstance(col, pa.ChunkedArray):
+        return col
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def _nulls(arr: pa.Array) -> np.ndarray:
@@ -198,22 +206,28 @@ def _check_label(arr: pa.Array, m: _Marker, column: str) -> None:
     m.mark((y != 0) & (y != 1), "label_not_binary", column)
 
 
-def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, m: _Marker, column: str) -> None:
+def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, m: _Marker,
+               column: str) -> np.ndarray | None:
+    """Mark bad ids of a scalar or list column; returns the list lengths (None for a scalar column)."""
     m.mark(_nulls(arr), "null", column)
     is_list = _is_list_type(arr.type)
+    lengths = None
     if is_list:
-        m.mark(_list_lengths(arr) > max_list_len, "list_too_long", column)
+        lengths = _list_lengths(arr)  # computed once: the caller reuses it for the side-info length check
+        m.mark(lengths > max_list_len, "list_too_long", column)
         values = pc.list_flatten(arr)
     else:
         values = arr
     if pa.types.is_dictionary(values.type) or not pa.types.is_integer(values.type):
         if is_list and values.null_count:  # string ids: hashed, so only nulls can be wrong
             m.mark_rows(_element_rows(arr, _nulls(values)), "null", column)
-        return
-    low, high = pc.min_max(values).values()
+        return lengths
+    low, high = pc.min_max(values).values()  # one pass over the values, the only one on clean data
+    if high.as_py() is not None:
+        m.id_max[column] = high.as_py()
     if not values.null_count and (low.as_py() is None or low.as_py() >= 0) and \
             (oov == "hash" or high.as_py() is None or high.as_py() < num_embeddings):
-        return  # the fast path: nothing to flag element by element
+        return lengths  # the fast path: nothing to flag element by element
     ids = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
     checks = [(_nulls(values), "null"), (ids < 0, "negative_id")]
     if oov == "error":
@@ -223,6 +237,7 @@ def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, 
             m.mark_rows(_element_rows(arr, bad), reason, column)
         else:
             m.mark(bad, reason, column)
+    return lengths
 
 
 def _check_dense(arr: pa.Array, size: int, m: _Marker, column: str) -> None:

@@ -66,3 +66,9 @@ def test_budget_report_and_schema():
     with pytest.raises(ValueError, match=r"f.parquet: missing column 'hc'"):
         check_schema(_spec(), _table().drop_columns(["hc"]).schema, "f.parquet")
     assert len(REASONS) == len(set(REASONS))
+
+
+def test_id_max_bounds_every_integer_id_column():
+    verdict = validate_rows(_table(), _spec(), max_list_len=3)
+    # over all rows, bad ones included (a: 12 is out of range); string ids (s) are hashed, so no bound
+    assert verdict.id_max == {"a": 12, "h": 4, "hc": 2}
