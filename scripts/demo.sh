@@ -11,8 +11,7 @@ hyrank="${HYRANK_VENV:-$root/.venv}/bin/hyrank"
 data="${HYRANK_DATA:-$root/data/synth}"
 cd "$root"
 
-if [[ ! -f "$data/day=2026-11-04/_SUCCESS" ]]; then
-  "$hyrank" gen-logs --out "$data" --days 4 --rows-per-day 50000 --seed 0
-fi
+# Regenerated every run (~10 s, deterministic): data left by an older generator would silently differ.
+"$hyrank" gen-logs --out "$data" --days 4 --rows-per-day 50000 --seed 0 --quiet
 "$hyrank" train --config jobs/configs/default.toml --set "data.root=\"$data\"" \
   --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 --nproc-per-node 2 "$@"

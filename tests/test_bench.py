@@ -1,0 +1,18 @@
+"""The benchmarks still run end to end (tiny sizes; nothing here is timed or compared)."""
+
+import pytest
+
+from pipeline.cli import main
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "dedup", "--batch-size", "4", "--seq-len", "50", "--dim", "8", "--num-embeddings", "1000",
+     "--repeats", "1", "--devices", "cpu"],
+    ["bench", "reader", "--rows", "1200", "--long-len", "50", "--batch-size", "200", "--repeats", "1"],
+    ["bench", "async", "--rows-per-day", "2500", "--set", "data.batch_size_per_rank=128",
+     "--set", "model.options.hidden=[16]"],
+], ids=["dedup", "reader", "async"])
+def test_bench_runs(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 3, out
