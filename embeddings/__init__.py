@@ -1,1 +1,9 @@
-"""hyrank embeddings."""
+"""hyrank embeddings: tables from the feature spec, TorchRec collections, sharding plan, dedup lookups.
+
+Importing this package checks the torch / torchrec / fbgemm_gpu triple first (embeddings/versions.py), so a
+mismatched fbgemm wheel fails with a message saying what to reinstall, not with an `undefined symbol`.
+"""
+
+from embeddings.versions import check_versions
+
+check_versions()

@@ -2,7 +2,7 @@
 
 import pytest
 
-import pipeline.versions as v
+import embeddings.versions as v
 
 
 def test_installed_triple_is_supported():
@@ -20,3 +20,22 @@ def test_mismatch_fails_with_a_fix(monkeypatch, fake, message):
     with pytest.raises(ImportError, match=message) as e:
         v.check_versions()
     assert "scripts/bootstrap.sh" in str(e.value)
+
+
+def test_guard_runs_before_torchrec_is_imported(tmp_path):
+    """A broken triple must fail at `import pipeline` with the guard's message, before torchrec loads."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.metadata as md\n"
+        "real = md.version\n"
+        "md.version = lambda d: '1.9.0' if d.startswith('fbgemm') else real(d)\n"
+        "import sys\n"
+        "try:\n"
+        "    import pipeline.cli\n"
+        "except ImportError as e:\n"
+        "    print('torchrec' in sys.modules, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False Unsupported"), out
