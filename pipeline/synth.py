@@ -10,9 +10,10 @@ The click probability is known and written as `_oracle_p` (never a feature), so 
 computable. Its logit sums four parts, each recoverable only by a model that looks in the right place:
   (a) interest:  how much of the long sequence falls in the target item's category, and whether the target item
                  itself was consumed before (DIN-style target attention over the sequence);
-  (b) cross:     a 3-way table W[user segment, item cluster, context] (segment = gender x age bucket,
-                 cluster = category mod 16, context = device x day-part) of CP rank 4: a high-order
-                 user/item/context cross;
+  (b) cross:     a table W[user segment, item cluster, context] (segment = gender x age bucket, cluster =
+                 the item's top-level category, context = device x day-part) that sums segment and cluster
+                 effects, two 2-way crosses and a rank-2 3-way part: a high-order user/item/context cross
+                 with the lower-order structure real crosses have, so that a day of data can reveal it;
   (c) dense:     the item's prior CTR (observed with noise) and the user's activity level;
   (d) drift:     W rotates slowly from day to day and the base rate oscillates, so yesterday's model is a little
                  stale today (what daily retraining is for).
@@ -96,12 +97,12 @@ class World:
         counts = np.bincount(self.item_cat, minlength=cfg.num_categories)
         self.cat_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.cat_count = np.maximum(counts, 1)
+        # top-level categories: each category belongs to one of 16 clusters (observed as item_top_category)
+        self.cat_cluster = rng.integers(0, NUM_CLUSTERS, cfg.num_categories)
         self.cluster_vec = rng.normal(0.0, 1.0, (NUM_CLUSTERS, CONTENT_DIM)).astype(np.float32)
-        # the cross table rotates between two random tables as days pass; each is a rank-4 CP tensor
-        # (sum of outer products of segment, cluster and context factors): a genuine 3-way interaction, as
-        # real crosses are, yet one a model can learn from a day of data instead of memorising 4096 cells
-        self.w0 = _cp_tensor(rng, rank=4, scale=0.7)
-        self.w1 = _cp_tensor(rng, rank=4, scale=0.7)
+        # the cross table rotates between two random tables as days pass (see _cross_tensor)
+        self.w0 = _cross_tensor(rng, scale=0.7)
+        self.w1 = _cross_tensor(rng, scale=0.7)
 
     def cross_table(self, day_index: int) -> np.ndarray:
         theta = 0.08 * day_index
@@ -120,9 +121,23 @@ class World:
         return np.where(wander, rng.integers(0, self.cfg.num_categories, users.shape), cats)
 
 
-def _cp_tensor(rng: np.random.Generator, rank: int, scale: float) -> np.ndarray:
-    factors = [rng.normal(0.0, 1.0, (rank, n)) for n in (NUM_SEGMENTS, NUM_CLUSTERS, NUM_CONTEXTS)]
-    t = np.einsum("ra,rb,rc->abc", *factors)
+def _cross_tensor(rng: np.random.Generator, scale: float) -> np.ndarray:
+    """W[segment, cluster, context]: main effects + segment x cluster + cluster x context + a rank-2 3-way part.
+
+    A pure 3-way table (zero-mean CP factors) has no lower-order signal at all and could not be learned from a
+    day of data (measured: no model picked any of it up); real crosses have main effects and pairwise parts too.
+    Each part has equal variance before the whole is scaled to std `scale`.
+    """
+    s, c, x = NUM_SEGMENTS, NUM_CLUSTERS, NUM_CONTEXTS
+    parts = [
+        rng.normal(0, 1, (s, 1, 1)) * np.ones((s, c, x)),
+        rng.normal(0, 1, (1, c, 1)) * np.ones((s, c, x)),
+        rng.normal(0, 1, (s, c, 1)) * np.ones((s, c, x)),
+        rng.normal(0, 1, (1, c, x)) * np.ones((s, c, x)),
+    ]
+    factors = [rng.normal(0.0, 1.0, (2, n)) for n in (s, c, x)]
+    parts.append(np.einsum("ra,rb,rc->abc", *factors))
+    t = sum(p / p.std() for p in parts)
     return scale * t / t.std()
 
 
@@ -200,14 +215,14 @@ def generate_chunk(world: World, day_index: int, chunk_index: int, num_rows: int
     # -- the label -------------------------------------------------------------------------------------------------
     frac_in_cat, in_seq = _interest(world, pool_items, pool_len, long_items, event_slot, long_len, row_req, items)
     segment = world.user_gender[row_user] * 8 + world.user_age[row_user]
-    cluster = cats % NUM_CLUSTERS
+    cluster = world.cat_cluster[cats]
     cross = world.cross_table(day_index)[segment, cluster, context[row_req]]
     activity = world.user_activity[row_user]
     logit = (
         -3.3
         + 0.25 * math.sin(day_index / 4.0)
         + 1.6 * np.log1p(8.0 * frac_in_cat)
-        + 1.0 * in_seq
+        + 0.5 * in_seq
         + cross
         + 0.8 * world.item_prior[items]
         + 0.3 * np.tanh(np.log(activity))
@@ -240,6 +255,7 @@ def generate_chunk(world: World, day_index: int, chunk_index: int, num_rows: int
             "hour": hour[row_req],
             "item_id": items,
             "item_category": cats,
+            "item_top_category": cluster,
             "item_author": world.item_author[items],
             "item_tags": _list_array(_offsets(tags_len), tags),
             "item_ctr_prior": ctr_prior,
