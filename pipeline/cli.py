@@ -135,6 +135,10 @@ def _add_train(verbs) -> None:
                    help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
     p.add_argument("--nproc-per-node", type=int, default=0,
                    help="launch N local ranks with torchrun (default: run in this process / the current torchrun job)")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from a checkpoint: 'latest' under checkpoint.dir, or a step-N folder. Finished "
+                   "days are skipped and a day stopped part-way continues from its reader cursor. A torchelastic "
+                   "restart (--max-restarts) resumes from 'latest' by itself")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
@@ -160,8 +164,12 @@ def _train(args) -> int:
     if env.is_main:
         save_resolved(cfg, cfg.out_dir)
     trainer = Trainer(cfg, env, progress=not args.quiet)
+    resume = _resume(args.resume, trainer)
+    if resume is not None:
+        days = [d for d in days if str(d.day) not in resume.days_done]
     for day in days:
-        stats = trainer.train_day(day)
+        reader_state = resume.reader_state if resume is not None and str(day.day) == resume.day else None
+        stats = trainer.train_day(day, reader_state=reader_state)
         if env.is_main:
             print(f"train {stats.day}: {stats.steps} steps, {stats.rows} rows, mean loss {stats.mean_loss:.4f}, "
                   f"{stats.rows / max(stats.seconds, 1e-9):,.0f} rows/s")
@@ -173,10 +181,25 @@ def _train(args) -> int:
                   f"{m.num_queries} queries, logloss {m.logloss:.4f}, NE {m.ne:.4f}, calibration {m.calibration:.3f}")
             print(f"outputs: {cfg.out_dir} (config.resolved.toml, train/, metrics/, tensorboard/)")
     trainer.close()
+    if env.is_main and trainer.checkpointer.latest() is not None:
+        print(f"checkpoint: {trainer.checkpointer.latest()}")
     import torch.distributed as dist
 
     dist.destroy_process_group()
     return 0
+
+
+def _resume(where: str | None, trainer):
+    """Load the checkpoint `--resume` names (or, on a torchelastic restart, the latest one); None: fresh run."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if where is None and not restarted:
+        return None
+    path = trainer.checkpointer.latest() if where in (None, "latest") else Path(where)
+    if path is None:
+        if where == "latest":
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {trainer.checkpointer.root}")
+        return None  # restarted before the first checkpoint: start over
+    return trainer.checkpointer.load(trainer, path)
 
 
 # -- models --------------------------------------------------------------------------------------------------------

@@ -144,6 +144,21 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """DCP checkpoints of the whole run state (pipeline/checkpoint.py)."""
+
+    dir: str = ""  # "": <out_dir>/checkpoints
+    at_day_end: bool = True  # after each training day (its gradients flushed)
+    every_steps: int = 0  # also every N steps inside a day (0: off); resumes mid-day from the reader cursor
+    keep: int = 3  # newest complete checkpoints kept; older ones are deleted after a successful save
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0 (0 means off), got {self.every_steps}")
+        _check_positive("keep", self.keep)
+
+
+@dataclass
 class RunConfig:
     """The whole run: one TOML file."""
 
@@ -155,9 +170,13 @@ class RunConfig:
     out_dir: str = "runs/default"
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         tables = {t.name for t in self.features.tables}
+        if self.checkpoint.every_steps and self.train.pipeline != "plain":
+            raise ValueError("checkpoint.every_steps needs train.pipeline = 'plain': TrainPipelineSparseDist reads "
+                             "batches ahead of the step, so a mid-day reader cursor would skip them")
         for table in self.embeddings.sharding:
             if table not in tables:
                 raise ValueError(f"embeddings.sharding names unknown table {table!r} (tables: {sorted(tables)})")

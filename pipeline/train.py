@@ -9,7 +9,8 @@
 One step: forward (bf16 autocast on CUDA if asked) -> BCE -> backward, during which fbgemm updates the
 sharded tables (fused optimizers) and DDP reduces the dense gradients -> clip -> dense optimizer step.
 With `train.allreduce = "async"` the dense step applies last step's gradient (pipeline/distributed/comm_hooks.py)
-and every boundary (end of a day, evaluation) flushes the gradient still in flight.
+and every boundary (end of a day, evaluation) flushes the gradient still in flight; a checkpoint keeps it pending
+instead (pipeline/checkpoint.py), so a resumed run takes the same steps.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from models import build_model
+from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
 from pipeline.data import DayPartition, DayReader, ReaderOptions
 from pipeline.distributed.comm_hooks import make_data_parallel_wrapper
@@ -71,7 +74,11 @@ class Trainer:
         warmup = cfg.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.dense_optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        if self.hook is not None:
+            self.hook.bind(self.dense_named_parameters())
         self.global_step = 0
+        self.days_done: list[str] = []  # training days finished (checkpointed with the run)
+        self.checkpointer = Checkpointer(cfg, env)
         self.pipelined_modules = 0  # sharded modules TrainPipelineSparseDist pipelines (train.pipeline)
         self.out_dir = Path(cfg.out_dir)
         self._tb = _tensorboard(self.out_dir) if cfg.train.tensorboard and env.is_main else None
@@ -111,16 +118,34 @@ class Trainer:
     def flush(self) -> None:
         """Boundary: apply any dense gradient still in flight (async allreduce), so none is lost or doubled."""
         if self.hook is not None and self.hook.flush(None):
-            self._dense_step()
+            self._step_on_pending()
 
-    def train_day(self, day: DayPartition) -> DayStats:
-        """One pass over the day's rows (or `train.max_steps_per_day` steps), flushed at the end."""
+    def _step_on_pending(self) -> None:
+        """One dense step on the pending gradient just written into the DDP part. The dense optimizer also steps
+        data-parallel tables (their gradients are reduced at once, outside the hook); those get no second step."""
+        bound = {id(p) for _, p in self.dense_named_parameters()}
+        for group in self.dense_optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in bound:
+                    p.grad = None
+        self._dense_step()
+
+    def train_day(self, day: DayPartition, reader_state: dict | None = None) -> DayStats:
+        """One pass over the day's rows (or `train.max_steps_per_day` steps), flushed at the end.
+
+        `reader_state` continues a day stopped part-way (a mid-day checkpoint). Checkpoints are written every
+        `checkpoint.every_steps` steps and at the end of the day, as configured.
+        """
         reader = self._reader(day, self.cfg.train.max_steps_per_day)
+        if reader_state is not None:
+            reader.load_state_dict(reader_state)
+        every = self.cfg.checkpoint.every_steps
         rows_per_step = self.cfg.data.batch_size_per_rank * self.env.world_size
         self.model.train()
         start = time.perf_counter()
         losses = []
-        bar = _progress(len(reader) * rows_per_step, f"train {day.day}", "row", self.progress)
+        num_steps = reader.num_remaining
+        bar = _progress(num_steps * rows_per_step, f"train {day.day}", "row", self.progress)
         for step, loss in enumerate(self._steps(reader)):
             losses.append(loss)
             if bar is not None:
@@ -128,16 +153,49 @@ class Trainer:
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % self.cfg.train.log_every_steps == 0:
-                self._log_train(day, step, len(reader), losses, start)
+                self._log_train(day, step, num_steps, losses, start)
+            if every and self.global_step % every == 0 and reader.num_remaining > 0:
+                self.checkpointer.save(self, reader=reader)
         self.flush()
+        self.days_done.append(str(day.day))
         if bar is not None:
             bar.close()
         mean_losses = _mean_over_ranks(torch.stack(losses)) if losses else []
-        stats = DayStats(str(day.day), len(reader), len(reader) * rows_per_step, time.perf_counter() - start,
+        stats = DayStats(str(day.day), len(losses), len(losses) * rows_per_step, time.perf_counter() - start,
                          mean_losses)
         if self.env.is_main:
             self._write_json(self.out_dir / "train" / f"day-{day.day}.json", stats.to_dict())
+        if self.cfg.checkpoint.at_day_end:
+            self.checkpointer.save(self)
         return stats
+
+    # -- checkpoints (pipeline/checkpoint.py) --------------------------------------------------------------------
+
+    def dense_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The DDP part's parameters by name: what the async hook reduces (DMP's own split: every parameter that
+        is not in a sharded module)."""
+        inner = self.model.module
+        sharded = set(DistributedModelParallel._sharded_parameter_names(inner))
+        return [(n, p) for n, p in inner.named_parameters() if n not in sharded]
+
+    def checkpoint_state(self) -> dict:
+        """What DCP saves and loads: sharded model, fused + dense optimizer state, pending async gradients."""
+        state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+        if self.hook is not None:
+            state["hook"] = self.hook.state_dict()
+        return state
+
+    def load_pending_gradients(self, state: dict) -> None:
+        """Pending async gradients from a checkpoint: held for the next step, or (sync run) applied now, once."""
+        if self.hook is not None:
+            self.hook.load_state_dict(state)
+            return
+        if not bool(state["has_pending"].any()):
+            return
+        named = dict(self.dense_named_parameters())
+        for flag, name in zip(state["has_pending"].tolist(), sorted(named)):
+            named[name].grad = state["pending"][name].clone() if flag else torch.zeros_like(named[name])
+        self._step_on_pending()
 
     def _steps(self, reader: DayReader):
         """Yield each step's loss: plain loop, or TorchRec's TrainPipelineSparseDist (train.pipeline)."""

@@ -34,3 +34,31 @@ def test_bad_config_is_one_line_error(tmp_path, caplog):
     rc = main(["train", "--config", str(tmp_path / "missing.toml"), "--days", "2026-11-01"])
     assert rc == 2
     assert "config file not found" in caplog.text
+
+
+def _hyrank_train(synth_root, out_dir, *args):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import DEFAULT_CONFIG
+
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(DEFAULT_CONFIG), "--quiet",
+           "--set", f'data.root="{synth_root}"', "--set", f'out_dir="{out_dir}"', "--set", "train.max_steps_per_day=3",
+           "--set", "train.tensorboard=false", "--set", "data.batch_size_per_rank=64", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_train_resumes_from_the_latest_checkpoint(synth_root, tmp_path):
+    first = _hyrank_train(synth_root, tmp_path, "--days", "2026-11-01..2026-11-02")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "train 2026-11-01" in first.stdout and "train 2026-11-02" in first.stdout
+    assert f"checkpoint: {tmp_path / 'checkpoints' / 'step-000000006'}" in first.stdout
+    again = _hyrank_train(synth_root, tmp_path, "--days", "2026-11-01..2026-11-03", "--resume", "latest")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "train 2026-11-01" not in again.stdout and "train 2026-11-02" not in again.stdout
+    assert "train 2026-11-03: 3 steps" in again.stdout
+    assert "step-000000009" in again.stdout
+    missing = _hyrank_train(synth_root, tmp_path, "--days", "2026-11-03", "--resume", str(tmp_path / "nope"))
+    assert missing.returncode != 0 and "not a complete checkpoint" in missing.stderr

@@ -16,10 +16,14 @@ first iterations (see ../shared/docs/torchrec-on-cpu.md, section 3), so a bucket
 bucket of step k-1. Each launched reduction remembers which parameters it covers; the next step's hook
 assembles its bucket from those per-parameter results, whatever the layout.
 
-Boundaries (evaluation, checkpoint, end of a day or of training) call `flush`: it waits for the in-flight
-reductions, writes them into `.grad` and steps the dense optimizer once, so every gradient is applied exactly
-once and nothing is in flight. A checkpoint taken after a flush has no pending state; `state_dict` refuses to
-save while gradients are in flight rather than silently dropping them.
+Boundaries that change what the model is used for (evaluation, end of a day or of training) call `flush`: it
+waits for the in-flight reductions, writes them into `.grad` and steps the dense optimizer once, so every
+gradient is applied exactly once and nothing is in flight.
+
+A checkpoint does not flush: that would change the training trajectory. `state_dict()` waits for the reductions
+in flight and returns them, by parameter name, as the pending gradients the next step will apply;
+`load_state_dict()` puts them back, so a run resumed from a mid-day checkpoint takes exactly the steps the
+uninterrupted run takes (tests/test_checkpoint.py). Names come from `bind(named_parameters)`.
 """
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations as real objects.
@@ -54,6 +58,11 @@ class StaleAllReduce:
     _stale: dict[int, torch.Tensor] = field(default_factory=dict)
     _missing: int = 0  # buckets of this step that found no stale gradient (start, or after a flush)
     steps: int = 0
+    _named: dict[str, nn.Parameter] = field(default_factory=dict)  # the DDP part's parameters, for checkpoints
+
+    def bind(self, named_parameters) -> None:
+        """The dense parameters by fully qualified name: the keys of `state_dict`."""
+        self._named = dict(named_parameters)
 
     @property
     def ready(self) -> bool:
@@ -109,13 +118,22 @@ class StaleAllReduce:
                 offset += p.numel()
         self._previous = []
 
-    def flush(self, dense_optimizer: torch.optim.Optimizer | None) -> bool:
-        """Apply the gradients still in flight with one dense step; returns whether a step was taken."""
-        self._rotate()
-        self._resolve_previous()
+    def flush(self, dense_optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Write the gradients still in flight into `.grad` and, given an optimizer, take that one dense step.
+
+        Returns whether there was anything to apply; with no optimizer the caller steps (the Trainer, which
+        also clips and advances its LR schedule). The parameters written are the bound ones (`bind`), else the
+        optimizer's; a bound parameter with nothing pending gets a zero gradient, never a leftover one.
+        """
+        self.settle()
         if not self._stale:
             return False
-        params = [p for group in (dense_optimizer.param_groups if dense_optimizer else []) for p in group["params"]]
+        if self._named:
+            params = list(self._named.values())
+        elif dense_optimizer is not None:
+            params = [p for group in dense_optimizer.param_groups for p in group["params"]]
+        else:
+            raise RuntimeError("flush() without an optimizer needs bind(named_parameters) first")
         for p in params:
             stale = self._stale.get(id(p))
             if stale is not None:
@@ -128,13 +146,52 @@ class StaleAllReduce:
         self.steps = 0
         return True
 
-    def state_dict(self) -> dict:
-        if self.in_flight:
-            raise RuntimeError("async allreduce has gradients in flight: call flush() before checkpointing")
-        return {"compression": self.compression}
+    def settle(self) -> None:
+        """Wait for the reductions in flight and hold them for the next step: nothing changes numerically."""
+        self._rotate()
+        self._resolve_previous()
+
+    def state_dict(self) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+        """The pending gradients (reduced, not yet applied), by parameter name; the same on every rank.
+
+        Every bound parameter has an entry (zeros where nothing is pending) and `has_pending` marks the real ones,
+        so a checkpoint's layout does not depend on when it was taken (DCP loads into a template of that layout).
+        """
+        if not self._named:
+            raise RuntimeError("StaleAllReduce.bind(named_parameters) was not called: pending gradients have no names")
+        self.settle()
+        names = sorted(self._named)
+        pending, has = {}, torch.zeros(len(names), dtype=torch.int8)
+        for i, name in enumerate(names):
+            p = self._named[name]
+            grad = self._stale.get(id(p))
+            has[i] = grad is not None
+            pending[name] = (grad if grad is not None else torch.zeros_like(p)).detach().clone()
+        return {"pending": pending, "has_pending": has}
 
     def load_state_dict(self, state: dict) -> None:
-        self.compression = state.get("compression", self.compression)
+        """Hold the checkpoint's pending gradients: the next step applies them, as the saved run would have."""
+        names = sorted(self._named)
+        has = state["has_pending"]
+        if len(has) != len(names) or set(state["pending"]) != set(names):
+            missing = sorted(set(names) - set(state["pending"]))
+            extra = sorted(set(state["pending"]) - set(names))
+            raise ValueError(f"checkpoint's pending gradients do not fit this model: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        if self.in_flight:
+            raise RuntimeError("load_state_dict while gradients are in flight: load before the first step")
+        for flag, name in zip(has.tolist(), names):
+            if flag:
+                p = self._named[name]
+                self._stale[id(p)] = state["pending"][name].to(device=p.device, dtype=p.dtype)
+        self.steps = 1 if self._stale else 0
+
+    @staticmethod
+    def pending_template(named_parameters) -> dict:
+        """An empty `state_dict()` of this layout, for loading a checkpoint into a run without the hook."""
+        named = dict(named_parameters)
+        return {"pending": {n: torch.zeros_like(named[n]) for n in sorted(named)},
+                "has_pending": torch.zeros(len(named), dtype=torch.int8)}
 
 
 def stale_allreduce_hook(state: StaleAllReduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -1,0 +1,172 @@
+"""DCP checkpoints: a resumed run takes exactly the steps of the uninterrupted one (2 gloo ranks), a checkpoint
+reshards onto 1 rank, pending async gradients are applied exactly once, and a broken save is never picked up."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from pipeline.checkpoint import Checkpointer, _check_same_model
+from pipeline.config import to_dict
+from pipeline.data import discover_days
+from pipeline.distributed.env import env_of_current_group
+from pipeline.train import Trainer
+
+from dist import run_distributed
+
+STEPS = 12  # steps of the first day
+CUT = 5  # the mid-day checkpoint we resume from
+
+
+def _dense(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.module.tower.state_dict().items()}
+
+
+def _tables(trainer):
+    """This rank's shards of every table (ShardedTensor local shards), in a stable order."""
+    out = {}
+    for key, value in trainer.model.state_dict().items():
+        if hasattr(value, "local_shards"):
+            out[key] = [s.tensor.detach().clone() for s in value.local_shards()]
+    return out
+
+
+def _uninterrupted_then_resumed(rank, world_size, cfg):
+    days = discover_days(cfg.data.root)
+    # reference: the same run with no checkpoint at all
+    plain_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=0,
+                                                                         at_day_end=False))
+    ref = Trainer(plain_cfg, env_of_current_group())
+    ref_losses = ref.train_day(days[0]).losses
+    # the run under test: checkpoints every CUT steps and at the day's end
+    full = Trainer(cfg, env_of_current_group())
+    losses = full.train_day(days[0]).losses
+    after_day = (_dense(full), _tables(full))
+    # a fresh trainer resumes from the mid-day checkpoint and finishes the day
+    ckpt = full.checkpointer.root / f"step-{CUT:09d}"
+    resumed = Trainer(cfg, env_of_current_group())
+    resume = resumed.checkpointer.load(resumed, ckpt)
+    rest = resumed.train_day(days[0], reader_state=resume.reader_state).losses
+    out = {"ref_losses": ref_losses, "losses": losses, "rest": rest, "resume_day": resume.day,
+           "days_done": resumed.days_done, "latest": full.checkpointer.latest().name,
+           "complete": [p.name for p in full.checkpointer.complete()],
+           "after_day": after_day, "resumed": (_dense(resumed), _tables(resumed)),
+           "ref": (_dense(ref), _tables(ref))}
+    if cfg.train.allreduce == "async":
+        # the same mid-day checkpoint into a sync run applies the pending gradient at once; an async run that
+        # loads it and flushes must end at the same weights
+        sync_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allreduce="sync"))
+        sync = Trainer(sync_cfg, env_of_current_group())
+        sync.checkpointer.load(sync, ckpt)
+        flushed = Trainer(cfg, env_of_current_group())
+        flushed.checkpointer.load(flushed, ckpt)
+        out["pending_was_held"] = flushed.hook.in_flight
+        # data-parallel tables (the planner makes the tiny ones so) are stepped by the dense optimizer with
+        # their own, already reduced gradients: the flush of the tower's pending gradient must not step them again
+        replicated = {k: v.clone() for k, v in flushed.model.state_dict().items()
+                      if k.startswith("sparse.") and isinstance(v, torch.Tensor) and not hasattr(v, "local_shards")}
+        flushed.flush()
+        after = flushed.model.state_dict()
+        out["replicated_tables"] = sorted(replicated)
+        out["replicated_untouched"] = all(torch.equal(v, after[k]) for k, v in replicated.items())
+        out["sync_loaded"], out["async_flushed"] = _dense(sync), _dense(flushed)
+    return out
+
+
+def _assert_same(a, b, what):
+    dense_a, tables_a = a
+    dense_b, tables_b = b
+    for name, w in dense_a.items():
+        torch.testing.assert_close(w, dense_b[name], rtol=0, atol=0, msg=f"{what}: dense {name} differs")
+    for name, shards in tables_a.items():
+        for x, y in zip(shards, tables_b[name]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{what}: table {name} differs")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("allreduce", ["sync", "async"])
+def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allreduce):
+    small_cfg.train.allreduce = allreduce
+    small_cfg.train.max_steps_per_day = STEPS
+    small_cfg.checkpoint.every_steps = CUT
+    small_cfg.checkpoint.keep = 10
+    results = run_distributed(_uninterrupted_then_resumed, small_cfg, timeout_s=300)
+    for r in results:
+        assert r["losses"] == r["ref_losses"], "saving a checkpoint changed the training"
+        assert r["resume_day"] == "2026-11-01" and r["days_done"] == ["2026-11-01"]
+        assert r["rest"] == r["losses"][CUT:], "the resumed run took different steps"
+        _assert_same(r["after_day"], r["ref"], "with vs without checkpoints")
+        _assert_same(r["resumed"], r["after_day"], "resumed vs uninterrupted")
+        # mid-day at 5 and 10, then the day's end at 12
+        assert r["complete"] == [f"step-{s:09d}" for s in (5, 10, 12)] and r["latest"] == "step-000000012"
+        if allreduce == "async":
+            assert r["pending_was_held"]
+            assert r["replicated_tables"] and r["replicated_untouched"], r["replicated_tables"]
+            for name, w in r["sync_loaded"].items():
+                torch.testing.assert_close(w, r["async_flushed"][name], rtol=0, atol=0)
+
+
+def _train_and_save(rank, world_size, cfg):
+    days = discover_days(cfg.data.root)
+    trainer = Trainer(cfg, env_of_current_group())
+    trainer.train_day(days[0])
+    return str(trainer.checkpointer.latest()), {k: v for k, v in _dense(trainer).items()}
+
+
+def _load_on_one_rank(rank, world_size, cfg, path):
+    trainer = Trainer(cfg, env_of_current_group())
+    resume = trainer.checkpointer.load(trainer, path)
+    state = {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).detach().clone()
+             for k, v in trainer.model.state_dict().items()}
+    return resume.days_done, resume.global_step, state, _dense(trainer)
+
+
+@pytest.mark.dist
+def test_day_end_checkpoint_reshards_onto_one_rank(small_cfg, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    small_cfg.train.max_steps_per_day = 6
+    small_cfg.train.allreduce = "async"
+    (path, dense2), _ = run_distributed(_train_and_save, small_cfg, timeout_s=300)
+    full = tmp_path / "full.pt"
+    dcp_to_torch_save(path, full)  # offline, no process group: the unsharded tables as saved
+    saved = torch.load(full, weights_only=False)["model"]
+    [(days_done, step, state, dense1)] = run_distributed(_load_on_one_rank, small_cfg, path, world_size=1,
+                                                         timeout_s=300)
+    assert days_done == ["2026-11-01"] and step == 6
+    assert state.keys() == saved.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=f"{key} differs after resharding")
+    for name, w in dense2.items():
+        torch.testing.assert_close(dense1[name], w, rtol=0, atol=0)
+
+
+def test_latest_skips_interrupted_saves_and_load_refuses_them(small_cfg, tmp_path):
+    small_cfg.checkpoint.dir = str(tmp_path / "ck")
+    ck = Checkpointer(small_cfg, env=None)
+    assert ck.latest() is None
+    for name, complete in (("step-000000010", True), ("step-000000020", True), ("step-000000030.tmp", False)):
+        (tmp_path / "ck" / name).mkdir(parents=True)
+        if complete:
+            (tmp_path / "ck" / name / "meta.json").write_text("{}")
+    assert ck.latest().name == "step-000000020"  # no pointer: the newest complete one
+    (tmp_path / "ck" / "latest").write_text("step-000000010\n")
+    assert ck.latest().name == "step-000000010"
+    (tmp_path / "ck" / "latest").write_text("step-000000030.tmp\n")  # a pointer to a broken save is ignored
+    assert ck.latest().name == "step-000000020"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ck.load(trainer=None, path=tmp_path / "ck" / "step-000000030.tmp")
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(small_cfg):
+    saved = json.loads(json.dumps(to_dict(small_cfg), default=str))
+    current = json.loads(json.dumps(saved))
+    _check_same_model(saved, current, "ck")
+    current["model"]["options"]["hidden"] = [128, 64]
+    with pytest.raises(ValueError, match=r"different model \(options differ\)"):
+        _check_same_model(saved, current, "ck")
+    current = json.loads(json.dumps(saved))
+    current["features"]["tables"][0]["dim"] = 32
+    with pytest.raises(ValueError, match=r"features.tables \(user differ\)"):
+        _check_same_model(saved, current, "ck")
