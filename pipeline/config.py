@@ -192,17 +192,46 @@ def _check_positive(name: str, value: float) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a TOML run config, apply `a.b=c` overrides, and return the validated RunConfig."""
+    """Read a TOML run config, apply `a.b=c` overrides, and return the validated RunConfig.
+
+    A config may start with `extends = "other.toml"` (relative to itself): it is read over that one, tables
+    merged key by key and everything else (values, arrays) replaced, so a variant states only what differs.
+    `model.options` is replaced whole: options belong to one model.
+    """
     path = Path(path)
+    raw = _read_toml(path, chain=())
+    for item in overrides:
+        apply_override(raw, item, source=str(path))
+    return from_dict(RunConfig, raw, source=str(path))
+
+
+def _read_toml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `extends` loops: {' -> '.join(map(str, chain + (path.resolve(),)))}")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    for item in overrides:
-        apply_override(raw, item, source=str(path))
-    return from_dict(RunConfig, raw, source=str(path))
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `extends` must be a file name, got {base!r}")
+    return _merge(_read_toml(path.parent / base, chain + (path.resolve(),)), raw)
+
+
+_REPLACED_WHOLE = {"model.options"}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        at = _join(where, key)
+        merge = isinstance(value, dict) and isinstance(out.get(key), dict) and at not in _REPLACED_WHOLE
+        out[key] = _merge(out[key], value, at) if merge else value
+    return out
 
 
 def apply_override(raw: dict[str, Any], item: str, *, source: str = "--set") -> None:

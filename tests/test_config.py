@@ -48,8 +48,8 @@ def test_invalid_toml_names_file(tmp_path):
     ("lr = 0.001", "lr = 0.001\nmomentum = 0.9", r"unknown key 'train.momentum'"),
     ("lr = 0.001", 'lr = "fast"', r"train.lr must be float, got str 'fast'"),
     ("lr = 0.001", "lr = true", r"train.lr must be float, got bool"),
-    ("batch_size_per_rank = 256", "batch_size_per_rank = 2.5", r"data.batch_size_per_rank must be int"),
-    ("batch_size_per_rank = 256", "batch_size_per_rank = 0", r"batch_size_per_rank must be > 0"),
+    ("batch_size_per_rank = 128", "batch_size_per_rank = 2.5", r"data.batch_size_per_rank must be int"),
+    ("batch_size_per_rank = 128", "batch_size_per_rank = 0", r"batch_size_per_rank must be > 0"),
     ('optimizer = "rowwise_adagrad"', 'optimizer = "lion"', r"embeddings.optimizer must be one of"),
     ("options = { hidden = [256, 128, 64] }", "options = { hiden = [1] }", r"unknown key 'model.options.hiden'"),
     ("options = { hidden = [256, 128, 64] }", 'options = { hidden = ["a"] }', r"model.options.hidden\[0\] must be int"),
@@ -111,3 +111,21 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_resolved(cfg, tmp_path)
     assert path.name == "config.resolved.toml"
     assert load_config(path) == cfg
+
+
+def test_extends_merges_tables_and_replaces_values(tmp_path):
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "{DEFAULT_CONFIG}"\nname = "child"\n[model]\nname = "dcnv2"\noptions = {{}}\n'
+                     '[train]\nlr = 0.005\n')
+    base, cfg = load_config(DEFAULT_CONFIG), load_config(child)
+    assert cfg.name == "child" and cfg.model.name == "dcnv2" and cfg.model.options == {}
+    assert cfg.train.lr == 0.005 and cfg.train.dense_optimizer == base.train.dense_optimizer  # merged, not replaced
+    assert cfg.features == base.features
+    loop = tmp_path / "loop.toml"
+    loop.write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(loop)
+    orphan = tmp_path / "orphan.toml"
+    orphan.write_text('extends = "missing.toml"\n')
+    with pytest.raises(FileNotFoundError, match=r"missing.toml \(extended by"):
+        load_config(orphan)
