@@ -51,6 +51,9 @@ class StaleAllReduce:
 
     compression: Compression = "none"
     process_group: dist.ProcessGroup | None = None
+    # 1: hand back last step's gradient (async). 0: wait and hand back this step's, through the same per-parameter
+    # bookkeeping: it must equal plain DDP, which is how the bookkeeping is tested on real models.
+    staleness: int = 1
     # reductions launched during the current step, and reduced gradients of the previous step not yet used
     _launched: list[_InFlight] = field(default_factory=list)
     _launched_ids: set[int] = field(default_factory=set)
@@ -81,6 +84,8 @@ class StaleAllReduce:
             self.steps += 1
             self._missing = 0
         self._launch(bucket.buffer(), params)
+        if self.staleness == 0:
+            self._rotate()
         self._resolve_previous()
         out = bucket.buffer().new_zeros(bucket.buffer().shape)
         offset = 0
@@ -215,9 +220,12 @@ class HookedDataParallelWrapper(DefaultDataParallelWrapper):
 
 
 def make_data_parallel_wrapper(mode: str, compression: Compression = "none") -> tuple[DefaultDataParallelWrapper, StaleAllReduce | None]:
-    """The DDP wrapper for `train.allreduce`: plain DDP for "sync", the stale hook for "async"."""
+    """The DDP wrapper for `train.allreduce`: plain DDP for "sync", the stale hook for "async".
+
+    "hook_sync" (tests only) runs the hook with staleness 0: the hook's machinery with plain DDP's arithmetic.
+    """
     if mode == "sync":
         precision = "bf16" if compression == "bf16" else None
         return DefaultDataParallelWrapper(allreduce_comm_precision=precision), None
-    state = StaleAllReduce(compression=compression)
+    state = StaleAllReduce(compression=compression, staleness=0 if mode == "hook_sync" else 1)
     return HookedDataParallelWrapper(state), state
