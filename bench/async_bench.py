@@ -1,7 +1,7 @@
 """Benchmark: synchronous vs one-step-stale (async) AllReduce of the dense gradients, side by side in one run.
 
     hyrank bench async                      # generates a small dataset in a temp dir, 2 local gloo ranks
-    hyrank bench async --rows-per-day 40000 --model hyformer
+    hyrank bench async --data data/synth --config jobs/configs/hyformer.toml    # parity on a default day
 
 Prints per-step time of both modes, the time of the blocking allreduce alone, the share of it that async hides
 ((t_sync - t_async) / t_allreduce), and convergence parity: eval AUC of both after the same training day.
@@ -82,8 +82,7 @@ def _worker(rank: int, world_size: int, config: str, overrides: list[str]) -> di
         times.append(time.perf_counter() - start)
     trainer.flush()
     auc = trainer.evaluate(days[1]).auc
-    dense = [p for g in trainer.dense_optimizer.param_groups for p in g["params"]]
-    flat = torch.zeros(sum(p.numel() for p in dense))
+    flat = torch.zeros(sum(p.numel() for _, p in trainer.dense_named_parameters()))  # what the hook reduces
     ar = []
     for _ in range(20):
         dist.barrier()

@@ -1,6 +1,6 @@
 """`hyrank <verb>`: the command line of the hyrank training pipeline.
 
-    hyrank gen-logs --out data/synth --days 4 --rows-per-day 50000
+    hyrank gen-logs --out data/synth --days 4       # 150k rows a day (--rows-per-day, --long-len)
     hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 \
         --nproc-per-node 2
     hyrank <verb> --help

@@ -42,7 +42,7 @@ CONTENT_DIM = 8
 class SynthConfig:
     """Sizes of the synthetic world and of each day's log."""
 
-    rows_per_day: int = 20_000
+    rows_per_day: int = 150_000  # one day of the default data: enough for the attention towers to learn from
     num_days: int = 3
     start_day: dt.date = dt.date(2026, 11, 1)
     seed: int = 0
@@ -53,8 +53,8 @@ class SynthConfig:
     num_authors: int = 10_000
     num_tags: int = 500
     num_cities: int = 300
-    long_len_min: int = 200  # paper scale: 1000-3000
-    long_len_max: int = 400
+    long_len_min: int = 64  # paper scale: 1000-3000 (--long-len); CPU-sized by default
+    long_len_max: int = 128
     long_unique_frac: float = 0.25
     short_len: int = 50
     max_items_per_request: int = 8

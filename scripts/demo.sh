@@ -12,6 +12,6 @@ data="${HYRANK_DATA:-$root/data/synth}"
 cd "$root"
 
 # Regenerated every run (~10 s, deterministic): data left by an older generator would silently differ.
-"$hyrank" gen-logs --out "$data" --days 4 --rows-per-day 50000 --seed 0 --quiet
+"$hyrank" gen-logs --out "$data" --days 4 --seed 0 --quiet
 "$hyrank" train --config jobs/configs/default.toml --set "data.root=\"$data\"" \
   --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 --nproc-per-node 2 "$@"

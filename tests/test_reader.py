@@ -252,8 +252,9 @@ def test_truncation_keeps_the_most_recent_events(source, tmp_path):
     day = write_day(tmp_path, [(pa.Table.from_pylist(rows, schema=source.schema), 4)])
     batch = next(iter(DayReader(day, SPEC, batch_size=2, options=ReaderOptions(error_budget=0.0))))
     ids = batch.sequence["long_item_ids"]
-    assert ids.lengths().tolist() == [256, 256]
-    assert ids.values()[:256].tolist() == list(range(44, 300))  # max_len = 256 newest, oldest first
+    max_len = SPEC.sequences[0].max_len
+    assert ids.lengths().tolist() == [max_len, max_len]
+    assert ids.values()[:max_len].tolist() == list(range(300 - max_len, 300))  # the newest, oldest first
 
 
 def test_scan_days_reports_what_it_skipped(tmp_path, source):
