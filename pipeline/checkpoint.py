@@ -26,6 +26,7 @@ import base64
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -112,11 +113,12 @@ class Checkpointer:
     # -- find ----------------------------------------------------------------------------------------------------
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints (with meta.json), oldest first."""
+        """Complete checkpoints (with meta.json), oldest first by when they were written: a fresh run in a folder
+        that holds an older run's higher steps still finds (and keeps) its own newest."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                      and (p / META).is_file())
+        found = [p for p in self.root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / META).is_file()]
+        return sorted(found, key=lambda p: ((p / META).stat().st_mtime_ns, p.name))
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest"

@@ -179,7 +179,7 @@ def _train(args) -> int:
             oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m.oracle_auc is not None else ""
             print(f"eval {eval_day.day}: AUC {m.auc:.4f}{oracle}, query-AUC {m.query_auc:.4f} over "
                   f"{m.num_queries} queries, logloss {m.logloss:.4f}, NE {m.ne:.4f}, calibration {m.calibration:.3f}")
-            print(f"outputs: {cfg.out_dir} (config.resolved.toml, train/, metrics/, tensorboard/)")
+            print(f"outputs: {cfg.out_dir} (config.resolved.toml, train/, metrics/, tensorboard/, checkpoints/)")
     trainer.close()
     if env.is_main and trainer.checkpointer.latest() is not None:
         print(f"checkpoint: {trainer.checkpointer.latest()}")

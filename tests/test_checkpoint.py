@@ -3,6 +3,7 @@ reshards onto 1 rank, pending async gradients are applied exactly once, and a br
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -146,10 +147,12 @@ def test_latest_skips_interrupted_saves_and_load_refuses_them(small_cfg, tmp_pat
     small_cfg.checkpoint.dir = str(tmp_path / "ck")
     ck = Checkpointer(small_cfg, env=None)
     assert ck.latest() is None
-    for name, complete in (("step-000000010", True), ("step-000000020", True), ("step-000000030.tmp", False)):
+    for name, complete in (("step-000000010", True), ("step-000000020", True), ("step-000000030.tmp", False),
+                           ("step-000000040.old", True)):  # .old: moved aside while the same step was re-saved
         (tmp_path / "ck" / name).mkdir(parents=True)
         if complete:
             (tmp_path / "ck" / name / "meta.json").write_text("{}")
+            time.sleep(0.01)
     assert ck.latest().name == "step-000000020"  # no pointer: the newest complete one
     (tmp_path / "ck" / "latest").write_text("step-000000010\n")
     assert ck.latest().name == "step-000000010"
@@ -157,6 +160,12 @@ def test_latest_skips_interrupted_saves_and_load_refuses_them(small_cfg, tmp_pat
     assert ck.latest().name == "step-000000020"
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ck.load(trainer=None, path=tmp_path / "ck" / "step-000000030.tmp")
+    # a fresh run in the same folder: its step 5 is newer than the older run's step 20
+    (tmp_path / "ck" / "step-000000005").mkdir()
+    (tmp_path / "ck" / "step-000000005" / "meta.json").write_text("{}")
+    (tmp_path / "ck" / "latest").unlink()
+    assert [p.name for p in ck.complete()] == ["step-000000010", "step-000000020", "step-000000005"]
+    assert ck.latest().name == "step-000000005"
 
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(small_cfg):
