@@ -58,6 +58,9 @@ def test_invalid_toml_names_file(tmp_path):
     ('{ name = "user_id", table = "user" }', '{ name = "user_id" }', r"missing required key 'features.sparse\[0\].table'"),
     ('oov = "error" }', 'oov = "drop" }', r"features.sparse\[1\].oov must be one of \['hash', 'error'\]"),
     ('context = ["device", "hour"]', 'context = ["device", "hour", "weather"]', r"block 'context' names 'weather'"),
+    ("log_every_steps = 50", 'log_every_steps = 50\npipeline = "sparse_dist"\n[checkpoint]\nevery_steps = 100',
+     r"checkpoint.every_steps needs train.pipeline = 'plain'"),
+    ("log_every_steps = 50", "log_every_steps = 50\n[checkpoint]\nkeep = 0", r"keep must be > 0"),
     ('context = ["device", "hour"]', 'context = ["device"]', r"sparse features not in any block: \['hour'\]"),
 ])
 def test_errors_name_file_and_key(tmp_path, old, new, message):
