@@ -119,21 +119,6 @@ def _trainer_steps(rank, world_size, cfg):
     return losses, {n: p.detach().clone() for n, p in trainer.dense_named_parameters()}
 
 
-def test_hook_bookkeeping_equals_plain_ddp_on_hyformer(small_cfg):
-    """The per-parameter bookkeeping on a real tower (hundreds of parameters, DDP's re-bucketing): the hook with
-    staleness 0 must take plain DDP's steps."""
-    small_cfg.model.name, small_cfg.model.options = "hyformer", {}
-    small_cfg.train.max_steps_per_day = 6
-    small_cfg.train.allreduce = "sync"
-    (ddp_losses, ddp), _ = run_distributed(_trainer_steps, small_cfg, timeout_s=300)
-    small_cfg.train.allreduce = "hook_sync"
-    (hook_losses, hook), _ = run_distributed(_trainer_steps, small_cfg, timeout_s=300)
-    assert len(hook) > 100
-    torch.testing.assert_close(hook_losses, ddp_losses, rtol=0, atol=1e-6)
-    for name, w in ddp.items():
-        torch.testing.assert_close(hook[name], w, rtol=1e-5, atol=1e-6, msg=f"{name} differs from plain DDP")
-
-
 def _trainer_manual_stale(rank, world_size, cfg):
     """Plain DDP, with the stale rule applied by hand: the tower steps on the previous step's reduced gradient,
     data-parallel tables on their own fresh one, and the first step takes no dense step (as the hook's)."""
@@ -159,15 +144,19 @@ def _trainer_manual_stale(rank, world_size, cfg):
     return losses, {n: p.detach().clone() for n, p in trainer.dense_named_parameters()}
 
 
-def test_async_trainer_equals_the_stale_rule_applied_by_hand_on_hyformer(small_cfg):
-    """The async hook on a real tower (DDP re-bucketing across steps, data-parallel tables beside it) takes exactly
-    the steps of plain DDP with the one-step-stale rule applied by hand."""
+@pytest.mark.parametrize("hook_mode,reference", [("hook_sync", _trainer_steps), ("async", _trainer_manual_stale)],
+                         ids=["staleness0_vs_plain_ddp", "async_vs_stale_rule_by_hand"])
+def test_hook_on_hyformer_takes_the_reference_steps(small_cfg, hook_mode, reference):
+    """The hook on a real tower (hundreds of parameters, DDP re-bucketing across steps, a data-parallel table
+    beside it): with staleness 0 it takes plain DDP's steps; async, exactly those of plain DDP with the
+    one-step-stale rule applied by hand."""
     small_cfg.model.name, small_cfg.model.options = "hyformer", {}
     small_cfg.train.max_steps_per_day = 6
     small_cfg.train.allreduce = "sync"
-    (manual_losses, manual), _ = run_distributed(_trainer_manual_stale, small_cfg, timeout_s=300)
-    small_cfg.train.allreduce = "async"
+    (ref_losses, ref), _ = run_distributed(reference, small_cfg, timeout_s=300)
+    small_cfg.train.allreduce = hook_mode
     (hook_losses, hook), _ = run_distributed(_trainer_steps, small_cfg, timeout_s=300)
-    torch.testing.assert_close(hook_losses, manual_losses, rtol=0, atol=1e-6)
-    for name, w in manual.items():
-        torch.testing.assert_close(hook[name], w, rtol=1e-5, atol=1e-6, msg=f"{name} differs from the stale rule")
+    assert len(hook) > 100
+    torch.testing.assert_close(hook_losses, ref_losses, rtol=0, atol=1e-6)
+    for name, w in ref.items():
+        torch.testing.assert_close(hook[name], w, rtol=1e-5, atol=1e-6, msg=f"{name} differs ({hook_mode})")
