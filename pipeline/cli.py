@@ -125,7 +125,9 @@ def _add_train(verbs) -> None:
         "logloss, calibration) on --eval-day. Runs on every rank of a torchrun job; with --nproc-per-node N "
         "it launches that job itself on this machine.",
         epilog="Example:\n  hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 "
-        "--eval-day 2026-11-04 --nproc-per-node 2 --set train.lr=0.002",
+        "--eval-day 2026-11-04 --nproc-per-node 2 --set train.lr=0.002\n"
+        "  hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-05 --nproc-per-node 2 "
+        "--resume latest   # after a stop",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, type=Path, help="run config (TOML), e.g. jobs/configs/default.toml")
