@@ -36,7 +36,7 @@ def test_bad_config_is_one_line_error(tmp_path, caplog):
     assert "config file not found" in caplog.text
 
 
-def _hyrank_train(synth_root, out_dir, *args):
+def _hyrank_train(synth_root, out_dir, *args, env_extra=None):
     import os
     import subprocess
     import sys
@@ -46,7 +46,7 @@ def _hyrank_train(synth_root, out_dir, *args):
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(DEFAULT_CONFIG), "--quiet",
            "--set", f'data.root="{synth_root}"', "--set", f'out_dir="{out_dir}"', "--set", "train.max_steps_per_day=3",
            "--set", "train.tensorboard=false", "--set", "data.batch_size_per_rank=64", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -60,5 +60,10 @@ def test_train_resumes_from_the_latest_checkpoint(synth_root, tmp_path):
     assert "train 2026-11-01" not in again.stdout and "train 2026-11-02" not in again.stdout
     assert "train 2026-11-03: 3 steps" in again.stdout
     assert "step-000000009" in again.stdout
+    # a torchelastic restart of the same command resumes by itself: everything is done, nothing is retrained
+    restarted = _hyrank_train(synth_root, tmp_path, "--days", "2026-11-01..2026-11-03",
+                              env_extra={"TORCHELASTIC_RESTART_COUNT": "1"})
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert "train 2026-11-0" not in restarted.stdout and "step-000000009" in restarted.stdout
     missing = _hyrank_train(synth_root, tmp_path, "--days", "2026-11-03", "--resume", str(tmp_path / "nope"))
     assert missing.returncode != 0 and "not a complete checkpoint" in missing.stderr
