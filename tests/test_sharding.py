@@ -147,19 +147,52 @@ def test_sharded_lookup_and_sgd_step_match_unsharded(kind, sharding_type):
         assert all(len(plan["emb"][t]["shards"]) == 2 for t in TABLES)  # really split across both ranks
 
 
-def _ec_table_row_wise(rank: int, world_size: int) -> str:
+def _shard_error(rank: int, world_size: int, kind: str, sharding_type: str) -> str:
     try:
-        _shard("ec", "table_row_wise", world_size)
+        _shard(kind, sharding_type, world_size)
     except Exception as e:  # noqa: BLE001 - the message is what we check
         return f"{type(e).__name__}: {e}"
     return "no error"
 
 
-def test_ec_table_row_wise_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("sharding_type", ["table_row_wise", "data_parallel"])
+def test_ec_sharding_types_torchrec_cannot_do_are_refused_with_a_clear_error(sharding_type):
     # Planning is collective: both ranks must fail (rank 1 in the broadcast would otherwise wait for rank 0).
-    messages = run_distributed(_ec_table_row_wise, timeout_s=120, pg_timeout_s=30)
+    messages = run_distributed(_shard_error, "ec", sharding_type, timeout_s=120, pg_timeout_s=30)
     for m in messages:  # checked before the collective plan, on every rank: no rank waits in a broadcast
-        assert m.startswith("ValueError") and "table_row_wise" in m and "'t0'" in m and "row_wise" in m, m
+        assert m.startswith("ValueError") and f"only ['{sharding_type}']" in m and "'t0'" in m, m
+        assert "table_wise" in m and "row_wise" in m, m  # names what the EC sharder can do
+
+
+def _ec_data_parallel_lookup(rank: int, world_size: int) -> str:
+    """TorchRec's own data-parallel EC, planned without our refusal: what embeddings.sharding refuses and why."""
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    from embeddings.sharding import make_sharders
+
+    cpu = torch.device("cpu")
+    model, sharders = _build("ec", torch.device("meta")), make_sharders(cpu)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, local_world_size=world_size, compute_device="cpu"), batch_size=B,
+        constraints={t: ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"])
+                     for t in TABLES})
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   device=cpu, plan=plan, sharders=sharders, init_data_parallel=False)
+    try:
+        _outputs("ec", dmp(_kjt(rank)))
+    except RuntimeError as e:
+        return f"fails: {e}"
+    return "works"
+
+
+def test_canary_torchrec_data_parallel_ec_lookup_still_fails():
+    # When a TorchRec upgrade makes this pass, lift the data_parallel refusal in embeddings.sharding.check_constraints.
+    results = run_distributed(_ec_data_parallel_lookup, timeout_s=120, pg_timeout_s=30)
+    assert all(r.startswith("fails: split_with_sizes") for r in results), results
 
 
 def test_plan_to_dict_is_plain_data():
