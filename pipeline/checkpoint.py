@@ -91,6 +91,7 @@ class Checkpointer:
                 "world_size": env.world_size,
                 "allreduce": self.cfg.train.allreduce,
                 "scheduler": trainer.scheduler.state_dict(),
+                "lr_window": trainer.lr_window,
                 "ranks": ranks,
                 "plan": trainer.sharded.plan_dict,
                 "config": to_dict(self.cfg),
@@ -160,9 +161,12 @@ class Checkpointer:
             state["optim"]["state"][param].update(entries)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optim"])
+        trainer.scheduler.load_state_dict(meta["scheduler"])
+        window = meta.get("lr_window")
+        trainer.lr_window = tuple(window) if window else None
+        trainer.apply_lr_schedule()  # before the pending gradient: a sync trainer applies it right away
         if "hook" in state:
             trainer.load_pending_gradients(state["hook"])
-        trainer.scheduler.load_state_dict(meta["scheduler"])
         trainer.global_step = int(meta["global_step"])
         trainer.days_done = list(meta["days_done"])
         mine = meta["ranks"][self.env.rank] if same_world else None

@@ -169,6 +169,8 @@ def _train(args) -> int:
     resume = _resume(args.resume, trainer)
     if resume is not None:
         days = [d for d in days if str(d.day) not in resume.days_done]
+    trainer.plan_lr(days, resume.reader_state if resume is not None and days and str(days[0].day) == resume.day
+                    else None)
     for day in days:
         reader_state = resume.reader_state if resume is not None and str(day.day) == resume.day else None
         stats = trainer.train_day(day, reader_state=reader_state)

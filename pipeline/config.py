@@ -121,6 +121,11 @@ class TrainConfig:
     eval_max_batches: int = 0  # 0: the whole evaluation day
     log_every_steps: int = 50
     warmup_steps: int = 0  # linear LR warm-up of the dense optimizer
+    # constant: lr throughout (after warm-up). cosine: the dense LR falls from lr to lr * lr_min_ratio along a
+    # half cosine over the training steps of the run (every day of --days); a resumed run finishes the curve the
+    # interrupted one started, and a later run (the next day's retraining) starts a new one.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_ratio: float = 0.05
     grad_clip_norm: float = 0.0  # clip the dense gradient norm; 0: off
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the forward on CUDA (ignored on CPU)
     # sync: plain DDP. async: HyFormer's one-step-stale allreduce (pipeline/distributed/comm_hooks.py)
@@ -138,6 +143,8 @@ class TrainConfig:
         _check_positive("lr", self.lr)
         _check_positive("log_every_steps", self.log_every_steps)
         _check_positive("pg_timeout_s", self.pg_timeout_s)
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         for name in ("max_steps_per_day", "eval_max_batches", "warmup_steps", "grad_clip_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}")

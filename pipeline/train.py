@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,18 @@ class DayStats:
                 "mean_loss": self.mean_loss, "losses": self.losses}
 
 
+def lr_multiplier(step: int, *, warmup_steps: int = 0, min_ratio: float = 0.0,
+                  window: tuple[int, int] | None = None) -> float:
+    """Multiplier of train.lr at dense step `step`: a linear warm-up over the first `warmup_steps` steps, times,
+    with a `window` (first, last), a half cosine from 1 at `first` to `min_ratio` at `last` (held after it)."""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if window is not None:
+        first, last = window
+        x = min(1.0, max(0.0, (step - first) / max(last - first, 1)))
+        factor *= min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * x))
+    return factor
+
+
 class Trainer:
     """Owns the sharded model, its optimizers and the step counter of one run."""
 
@@ -71,9 +84,9 @@ class Trainer:
         self.model = self.sharded.dmp
         self.optimizer = self.sharded.optimizer  # fused sparse + dense, for checkpoints
         self.dense_optimizer = self.sharded.dense_optimizer
-        warmup = cfg.train.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.dense_optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        # (first, last) dense step of the cosine curve (plan_lr); the scheduler counts dense steps
+        self.lr_window: tuple[int, int] | None = None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.dense_optimizer, lambda step: self.lr_factor(step))
         if self.hook is not None:
             self.hook.bind(self.dense_named_parameters())
         self.global_step = 0
@@ -84,6 +97,36 @@ class Trainer:
         self._tb = _tensorboard(self.out_dir) if cfg.train.tensorboard and env.is_main else None
 
     # -- training ------------------------------------------------------------------------------------------------
+
+    def lr_factor(self, step: int) -> float:
+        t = self.cfg.train
+        return lr_multiplier(step, warmup_steps=t.warmup_steps, min_ratio=t.lr_min_ratio,
+                             window=self.lr_window if t.lr_schedule == "cosine" else None)
+
+    def plan_lr(self, days: list[DayPartition], reader_state: dict | None = None) -> None:
+        """Fit the cosine curve to the steps these days will take (the first day from `reader_state` if given).
+
+        A curve still unfinished (a resumed run) is kept, so the resumed run takes the LRs the uninterrupted one
+        would have; once finished, the next call starts a new curve from the current step.
+        """
+        if self.cfg.train.lr_schedule == "constant" or (
+                self.lr_window is not None and self.scheduler.last_epoch < self.lr_window[1]):
+            return
+        steps = 0
+        for i, day in enumerate(days):
+            reader = self._reader(day, self.cfg.train.max_steps_per_day)
+            if i == 0 and reader_state is not None:
+                reader.load_state_dict(reader_state)
+            steps += reader.num_remaining
+        first = self.scheduler.last_epoch
+        self.lr_window = (first, first + steps)
+        self.apply_lr_schedule()
+
+    def apply_lr_schedule(self) -> None:
+        """Set the dense LR of the next step from the schedule (after a new curve, or a checkpoint load: the
+        fused/keyed optimizer state does not carry param-group LRs back)."""
+        for group, base in zip(self.dense_optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.lr_factor(self.scheduler.last_epoch)
 
     def _reader(self, day: DayPartition, max_batches: int) -> DayReader:
         cfg = self.cfg
@@ -136,6 +179,7 @@ class Trainer:
         `reader_state` continues a day stopped part-way (a mid-day checkpoint). Checkpoints are written every
         `checkpoint.every_steps` steps and at the end of the day, as configured.
         """
+        self.plan_lr([day], reader_state)  # no-op inside a curve planned over several days (or unfinished)
         reader = self._reader(day, self.cfg.train.max_steps_per_day)
         if reader_state is not None:
             reader.load_state_dict(reader_state)
@@ -273,6 +317,7 @@ class Trainer:
 
     def fit(self, days: list[DayPartition], eval_day: DayPartition | None = None) -> list[DayStats]:
         """Train on each day in order; evaluate on `eval_day` at the end if given."""
+        self.plan_lr(days)  # one curve over all the days
         history = [self.train_day(d) for d in days]
         if eval_day is not None:
             self.evaluate(eval_day)

@@ -39,21 +39,26 @@ def _uninterrupted_then_resumed(rank, world_size, cfg):
     plain_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=0,
                                                                          at_day_end=False))
     ref = Trainer(plain_cfg, env_of_current_group())
+    ref.plan_lr(days[:1])
     ref_losses = ref.train_day(days[0]).losses
     # the run under test: checkpoints every CUT steps and at the day's end
     full = Trainer(cfg, env_of_current_group())
+    full.plan_lr(days[:1])
     losses = full.train_day(days[0]).losses
     after_day = (_dense(full), _tables(full))
     # a fresh trainer resumes from the mid-day checkpoint and finishes the day
     ckpt = full.checkpointer.root / f"step-{CUT:09d}"
     resumed = Trainer(cfg, env_of_current_group())
     resume = resumed.checkpointer.load(resumed, ckpt)
+    resumed.plan_lr(days[:1], resume.reader_state)  # keeps the curve the checkpoint is on
     rest = resumed.train_day(days[0], reader_state=resume.reader_state).losses
     out = {"ref_losses": ref_losses, "losses": losses, "rest": rest, "resume_day": resume.day,
            "days_done": resumed.days_done, "latest": full.checkpointer.latest().name,
            "complete": [p.name for p in full.checkpointer.complete()],
            "after_day": after_day, "resumed": (_dense(resumed), _tables(resumed)),
-           "ref": (_dense(ref), _tables(ref))}
+           "ref": (_dense(ref), _tables(ref)),
+           "windows": (full.lr_window, resumed.lr_window),
+           "lr_end": full.dense_optimizer.param_groups[0]["lr"]}
     if cfg.train.allreduce == "async":
         # the same mid-day checkpoint into a sync run applies the pending gradient at once; an async run that
         # loads it and flushes must end at the same weights
@@ -86,9 +91,10 @@ def _assert_same(a, b, what):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("allreduce", ["sync", "async"])
-def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allreduce):
+@pytest.mark.parametrize("allreduce,schedule", [("sync", "constant"), ("async", "constant"), ("async", "cosine")])
+def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allreduce, schedule):
     small_cfg.train.allreduce = allreduce
+    small_cfg.train.lr_schedule = schedule
     small_cfg.train.max_steps_per_day = STEPS
     small_cfg.checkpoint.every_steps = CUT
     small_cfg.checkpoint.keep = 10
@@ -99,6 +105,12 @@ def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allred
         assert r["rest"] == r["losses"][CUT:], "the resumed run took different steps"
         _assert_same(r["after_day"], r["ref"], "with vs without checkpoints")
         _assert_same(r["resumed"], r["after_day"], "resumed vs uninterrupted")
+        if schedule == "cosine":  # one curve over the day's 12 dense steps, ending at lr * lr_min_ratio
+            assert r["windows"] == ((0, STEPS), (0, STEPS))
+            lr = small_cfg.train.lr
+            assert r["lr_end"] == pytest.approx(lr * small_cfg.train.lr_min_ratio)
+        else:
+            assert r["windows"] == (None, None) and r["lr_end"] == small_cfg.train.lr
         # mid-day at 5 and 10, then the day's end at 12
         assert r["complete"] == [f"step-{s:09d}" for s in (5, 10, 12)] and r["latest"] == "step-000000012"
         if allreduce == "async":
