@@ -45,9 +45,10 @@ def test_invalid_toml_names_file(tmp_path):
 
 @pytest.mark.parametrize("old,new,message", [
     ('name = "default"', 'name = "default"\nlearning_rate = 3', r"unknown key 'learning_rate'"),
-    ("lr = 0.001", "lr = 0.001\nmomentum = 0.9", r"unknown key 'train.momentum'"),
-    ("lr = 0.001", 'lr = "fast"', r"train.lr must be float, got str 'fast'"),
-    ("lr = 0.001", "lr = true", r"train.lr must be float, got bool"),
+    ("lr = 0.002", "lr = 0.002\nmomentum = 0.9", r"unknown key 'train.momentum'"),
+    ("lr = 0.002", 'lr = "fast"', r"train.lr must be float, got str 'fast'"),
+    ("lr = 0.002", "lr = true", r"train.lr must be float, got bool"),
+    ('lr_schedule = "cosine"', 'lr_schedule = "linear"', r"train.lr_schedule must be one of \['constant', 'cosine'\]"),
     ("batch_size_per_rank = 128", "batch_size_per_rank = 2.5", r"data.batch_size_per_rank must be int"),
     ("batch_size_per_rank = 128", "batch_size_per_rank = 0", r"batch_size_per_rank must be > 0"),
     ('optimizer = "rowwise_adagrad"', 'optimizer = "lion"', r"embeddings.optimizer must be one of"),
