@@ -169,11 +169,14 @@ def _train(args) -> int:
     resume = _resume(args.resume, trainer)
     if resume is not None:
         days = [d for d in days if str(d.day) not in resume.days_done]
-    trainer.plan_lr(days, resume.reader_state if resume is not None and days and str(days[0].day) == resume.day
-                    else None)
+
+    def reader_state(day):  # the cursor of the day a mid-day checkpoint stopped in
+        return resume.reader_state if resume is not None and str(day.day) == resume.day else None
+
+    if days:
+        trainer.plan_lr(days, reader_state(days[0]))
     for day in days:
-        reader_state = resume.reader_state if resume is not None and str(day.day) == resume.day else None
-        stats = trainer.train_day(day, reader_state=reader_state)
+        stats = trainer.train_day(day, reader_state=reader_state(day))
         if env.is_main:
             print(f"train {stats.day}: {stats.steps} steps, {stats.rows} rows, mean loss {stats.mean_loss:.4f}, "
                   f"{stats.rows / max(stats.seconds, 1e-9):,.0f} rows/s")
