@@ -8,8 +8,9 @@
 One checkpoint is a folder `<checkpoint.dir>/step-000000123/`:
   DCP shards   "model": sharded tables (ShardedTensors) and the dense tower; "optim": the fused sparse optimizer
                state and the dense AdamW state, by parameter name; "hook": the async allreduce's pending gradients
-               (pipeline/distributed/comm_hooks.py), so a resumed async run applies exactly what the saved one
-               would have. DCP reshards on load: a checkpoint taken on N ranks loads on M ranks.
+               (pipeline/distributed/comm_hooks.py) with their delay-compensation state, so a resumed async
+               run applies exactly what the saved one would have. DCP reshards on load: a checkpoint taken on N
+               ranks loads on M ranks.
   meta.json    global step, finished days, the day in progress with every rank's reader cursor, LR scheduler,
                every rank's RNG state, world size, sharding plan and the resolved config.
 All ranks write into `step-...tmp`; rank 0 writes meta.json last and renames the folder, so a crash leaves the
@@ -155,7 +156,11 @@ class Checkpointer:
             state.pop("hook", None)  # a sync run has nothing pending
         elif "hook" not in state:  # saved async, resumed sync: the pending gradient is applied now, once
             state["hook"] = StaleAllReduce.pending_template(trainer.dense_named_parameters())
-        fresh = _set_aside_unsaved_optimizer_state(state, path)
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        fresh = _set_aside_unsaved_optimizer_state(state, saved)
+        unsaved_hook = [k for k in state.get("hook", {}) if not _has_prefix(saved, f"hook.{k}")]
+        for key in unsaved_hook:  # delay compensation turned on after this checkpoint: its state starts fresh
+            state["hook"].pop(key)
         dcp.load(state, checkpoint_id=str(path))
         for param, entries in fresh.items():  # back in, as initialised: the optimizer wants every entry
             state["optim"]["state"][param].update(entries)
@@ -178,6 +183,9 @@ class Checkpointer:
                         "optimizes those tables differently from the one on %d (e.g. data-parallel + dense "
                         "optimizer vs fused): %s", len(names), path, self.env.world_size, meta["world_size"],
                         ", ".join(names[:6]))
+        if self.env.is_main and unsaved_hook:
+            log.warning("%s has no delay-compensation state (%s): the pending gradient counts as computed at the "
+                        "loaded weights and the mean squares start fresh", path, ", ".join(unsaved_hook))
         if self.env.is_main:
             log.info("resumed from %s: step %d, days done %s%s (%.2f s)", path, trainer.global_step,
                      trainer.days_done or "none", f", day {meta['day']} part-way" if meta["day"] else "",
@@ -186,13 +194,13 @@ class Checkpointer:
                       reader_state=mine["reader"] if mine is not None else None)
 
 
-def _set_aside_unsaved_optimizer_state(state: dict, path: Path) -> dict[str, dict[str, Any]]:
-    """Take out the optimizer-state entries the checkpoint does not have and return them, by parameter.
+def _set_aside_unsaved_optimizer_state(state: dict, saved: dict) -> dict[str, dict[str, Any]]:
+    """Take out the optimizer-state entries the checkpoint (`saved`: its DCP metadata) does not have and return
+    them, by parameter.
 
     That happens when another plan puts a table under another optimizer (a small table is data-parallel and
     AdamW-updated on N ranks, fused on 1 rank). Anything else missing stays in, so DCP fails loudly on it.
     """
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     aside: dict[str, dict[str, Any]] = {}
     for param, entries in state["optim"].get("state", {}).items():
         for name in list(entries):

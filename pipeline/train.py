@@ -79,7 +79,8 @@ class Trainer:
         spec = cfg.features
         tower = build_model(cfg.model.name, cfg.model.typed_options(), spec.input_shape())
         model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup)
-        wrapper, self.hook = make_data_parallel_wrapper(cfg.train.allreduce, cfg.train.allreduce_compression)
+        wrapper, self.hook = make_data_parallel_wrapper(cfg.train.allreduce, cfg.train.allreduce_compression,
+                                                        cfg.train.allreduce_delay_compensation)
         self.sharded = shard_model(model, cfg, env, data_parallel_wrapper=wrapper)
         self.model = self.sharded.dmp
         self.optimizer = self.sharded.optimizer  # fused sparse + dense, for checkpoints

@@ -36,11 +36,11 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
 
 
-def _train_ranks(rank, world_size, mode, compression):
+def _train_ranks(rank, world_size, mode, compression, compensation=0.0):
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-    wrapper, state = make_data_parallel_wrapper(mode, compression)
+    wrapper, state = make_data_parallel_wrapper(mode, compression, compensation)
     wrapper._bucket_cap_mb = 0.001  # several tiny buckets, so DDP's re-bucketing after step 1 is exercised
     dmp = DistributedModelParallel(_net(), env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD),
                                    device=torch.device("cpu"), plan=ShardingPlan({}), data_parallel_wrapper=wrapper)
@@ -58,26 +58,37 @@ def _train_ranks(rank, world_size, mode, compression):
             "in_flight": state.in_flight if state else False}
 
 
-def _simulate(world_size: int, stale: bool):
-    """Single process: gradient of the mean over ranks; applied at once, or one step late."""
+def _simulate(world_size: int, stale: bool, compensation: float = 0.0):
+    """Single process: gradient of the mean over ranks; applied at once, or one step late (optionally moved to the
+    current weights by DC-ASGD-a: g + lambda0 * g^2 / sqrt(MS) * (W_now - W_then), MS an EMA 0.95 of g^2)."""
     model = _net()
-    opt = _optimizer(model.parameters())
-    pending = None
+    params = list(model.parameters())
+    opt = _optimizer(params)
+    pending, mean_square = None, None
+
+    def apply(grads, computed_at):
+        nonlocal mean_square
+        if compensation:
+            sq = [g * g for g in grads]
+            mean_square = sq if mean_square is None else [0.95 * m + 0.05 * s for m, s in zip(mean_square, sq)]
+            grads = [g + compensation * g * g * (p.detach() - w) / (m.sqrt() + 1e-7)
+                     for g, p, w, m in zip(grads, params, computed_at, mean_square)]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+
     for step in range(NUM_STEPS):
         model.zero_grad()
         sum(_loss(model, *_data(step, r)) for r in range(world_size)).div(world_size).backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        apply = pending if stale else grads
-        if apply is not None:
-            for p, g in zip(model.parameters(), apply):
-                p.grad = g.clone()
-            opt.step()
-        pending = grads
+        fresh = ([p.grad.clone() for p in params], [p.detach().clone() for p in params])
+        if not stale:
+            apply(*fresh)
+        elif pending is not None:
+            apply(*pending)
+        pending = fresh
     if stale:
-        for p, g in zip(model.parameters(), pending):
-            p.grad = g.clone()
-        opt.step()
-    return [p.detach() for p in model.parameters()]
+        apply(*pending)
+    return [p.detach() for p in params]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "hook_sync"])
@@ -91,6 +102,17 @@ def test_dense_updates_match_the_simulated_rule(mode):
     if mode == "async":
         assert r0["ready"] == [False] + [True] * (NUM_STEPS - 1)  # no gradient to apply at the first step
         assert r0["flushed"] and not r0["in_flight"]
+
+
+def test_delay_compensation_matches_the_simulated_rule():
+    """DC-ASGD-a on the stale gradient, at each step and at the final flush, equals the rule done by hand."""
+    r0, r1 = run_distributed(_train_ranks, "async", "none", 2.0)
+    expected = _simulate(2, stale=True, compensation=2.0)
+    plain_stale = _simulate(2, stale=True)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(expected, plain_stale))  # it does something
+    for a, b, e in zip(r0["params"], r1["params"], expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_async_differs_from_sync():

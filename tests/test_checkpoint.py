@@ -91,10 +91,14 @@ def _assert_same(a, b, what):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("allreduce,schedule", [("sync", "constant"), ("async", "constant"), ("async", "cosine")])
-def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allreduce, schedule):
+@pytest.mark.parametrize("allreduce,schedule,compensation", [
+    ("sync", "constant", 0.0), ("async", "constant", 0.0), ("async", "cosine", 0.0), ("async", "cosine", 2.0)])
+def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allreduce, schedule, compensation):
+    """compensation: the delay-compensation state (weights the pending gradient was computed at, mean squares)
+    travels with the checkpoint; without it the resumed steps would differ."""
     small_cfg.train.allreduce = allreduce
     small_cfg.train.lr_schedule = schedule
+    small_cfg.train.allreduce_delay_compensation = compensation
     small_cfg.train.max_steps_per_day = STEPS
     small_cfg.checkpoint.every_steps = CUT
     small_cfg.checkpoint.keep = 10
@@ -116,6 +120,8 @@ def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allred
         if allreduce == "async":
             assert r["pending_was_held"]
             assert r["replicated_tables"] and r["replicated_untouched"], r["replicated_tables"]
+            if compensation:  # a sync run applies the pending gradient as saved, uncompensated
+                continue
             for name, w in r["sync_loaded"].items():
                 torch.testing.assert_close(w, r["async_flushed"][name], rtol=0, atol=0)
 
@@ -153,6 +159,28 @@ def test_day_end_checkpoint_reshards_onto_one_rank(small_cfg, tmp_path):
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=f"{key} differs after resharding")
     for name, w in dense2.items():
         torch.testing.assert_close(dense1[name], w, rtol=0, atol=0)
+
+
+def _plain_async_then_compensated(rank, world_size, cfg):
+    days = discover_days(cfg.data.root)
+    Trainer(cfg, env_of_current_group()).train_day(days[0])
+    dc_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allreduce_delay_compensation=0.5))
+    resumed = Trainer(dc_cfg, env_of_current_group())
+    resume = resumed.checkpointer.load(resumed, resumed.checkpointer.root / "step-000000003")
+    held = resumed.hook.in_flight
+    rest = resumed.train_day(days[0], reader_state=resume.reader_state)
+    return held, rest.steps, resumed.hook.in_flight
+
+
+@pytest.mark.dist
+def test_a_checkpoint_without_compensation_state_resumes_with_compensation(small_cfg):
+    """Turning delay compensation on for a run whose async checkpoints predate it: the pending gradient loads
+    (counted as computed at the loaded weights) and the day finishes."""
+    small_cfg.train.allreduce = "async"
+    small_cfg.train.max_steps_per_day = 6
+    small_cfg.checkpoint.every_steps = 3
+    for held, steps, in_flight in run_distributed(_plain_async_then_compensated, small_cfg, timeout_s=300):
+        assert held and steps == 3 and not in_flight
 
 
 def test_latest_skips_interrupted_saves_and_load_refuses_them(small_cfg, tmp_path):

@@ -20,6 +20,17 @@ Boundaries that change what the model is used for (evaluation, end of a day or o
 waits for the in-flight reductions, writes them into `.grad` and steps the dense optimizer once, so every
 gradient is applied exactly once and nothing is in flight.
 
+Delay compensation (`compensation` > 0, DC-ASGD-a of Zheng et al., ICML 2017): a gradient handed back was
+computed at the weights of one dense step earlier (W_then), and a first-order Taylor step moves it to the weights
+it is applied to (W_now):
+    g~ = g + lambda0 * g*g / sqrt(MS(g)) * (W_now - W_then),   MS an EMA (0.95) of g*g, per element,
+with the diagonal outer-product approximation of the Hessian that DC-ASGD uses. Why: a one-step delay shrinks the
+stable step size of a momentum optimizer far more than plain SGD's. On a quadratic of curvature h, the EMA momentum
+Adam uses (beta1 = 0.9) is stable for lr*h < 38 with fresh gradients but only for lr*h < 1 with one-step-stale ones
+(SGD: 2 vs 1), so a tower that trains near that edge (Adam at the edge of stability) loses quality when its
+gradients go stale. Each launched reduction keeps the weights its gradient was computed at (one copy of the dense
+parameters in flight), so the correction needs no help from the trainer and also holds at a flush.
+
 A checkpoint does not flush: that would change the training trajectory. `state_dict()` waits for the reductions
 in flight and returns them, by parameter name, as the pending gradients the next step will apply;
 `load_state_dict()` puts them back, so a run resumed from a mid-day checkpoint takes exactly the steps the
@@ -43,6 +54,27 @@ class _InFlight:
     work: dist.Work
     flat: torch.Tensor  # the (compressed) buffer being reduced, already divided by world size
     params: list[nn.Parameter]
+    weights: list[torch.Tensor] | None = None  # the parameters' values when the gradient was computed (compensation)
+
+
+@dataclass
+class DelayCompensation:
+    """DC-ASGD-a's correction of a stale gradient (see the module docstring); `strength` is lambda0."""
+
+    strength: float
+    decay: float = 0.95  # of the mean square MS(g)
+    eps: float = 1e-7
+    mean_square: dict[int, torch.Tensor] = field(default_factory=dict)  # by id(param)
+
+    def __call__(self, param: nn.Parameter, grad: torch.Tensor, computed_at: torch.Tensor) -> torch.Tensor:
+        """`grad` (computed at `computed_at`) moved to the parameter's current value; updates MS with `grad`."""
+        ms = self.mean_square.get(id(param))
+        if ms is None:
+            ms = self.mean_square[id(param)] = grad * grad
+        else:
+            ms.mul_(self.decay).addcmul_(grad, grad, value=1.0 - self.decay)
+        shift = param.detach() - computed_at
+        return grad + self.strength * grad * grad * shift / (ms.sqrt() + self.eps)
 
 
 @dataclass
@@ -54,14 +86,22 @@ class StaleAllReduce:
     # 1: hand back last step's gradient (async). 0: wait and hand back this step's, through the same per-parameter
     # bookkeeping: it must equal plain DDP, which is how the bookkeeping is tested on real models.
     staleness: int = 1
+    compensation: float = 0.0  # lambda0 of the delay compensation; 0: the plain stale rule
     # reductions launched during the current step, and reduced gradients of the previous step not yet used
     _launched: list[_InFlight] = field(default_factory=list)
     _launched_ids: set[int] = field(default_factory=set)
     _previous: list[_InFlight] = field(default_factory=list)
     _stale: dict[int, torch.Tensor] = field(default_factory=dict)
+    _stale_at: dict[int, torch.Tensor] = field(default_factory=dict)  # weights each stale gradient was computed at
     _missing: int = 0  # buckets of this step that found no stale gradient (start, or after a flush)
     steps: int = 0
     _named: dict[str, nn.Parameter] = field(default_factory=dict)  # the DDP part's parameters, for checkpoints
+    _dc: DelayCompensation | None = None
+
+    def __post_init__(self) -> None:
+        if self.compensation < 0:
+            raise ValueError(f"delay compensation must be >= 0, got {self.compensation}")
+        self._dc = DelayCompensation(self.compensation) if self.compensation > 0 else None
 
     def bind(self, named_parameters) -> None:
         """The dense parameters by fully qualified name: the keys of `state_dict`."""
@@ -90,7 +130,7 @@ class StaleAllReduce:
         out = bucket.buffer().new_zeros(bucket.buffer().shape)
         offset = 0
         for p in params:
-            stale = self._stale.pop(id(p), None)
+            stale = self._take(p)
             if stale is None:
                 self._missing += 1
             else:
@@ -105,7 +145,8 @@ class StaleAllReduce:
         flat = buffer.to(torch.bfloat16) if self.compression == "bf16" else buffer.clone()
         flat.div_(world)
         work = dist.all_reduce(flat, group=self.process_group, async_op=True)
-        self._launched.append(_InFlight(work, flat, params))
+        weights = [p.detach().clone() for p in params] if self._dc is not None else None
+        self._launched.append(_InFlight(work, flat, params, weights))
         self._launched_ids.update(id(p) for p in params)
 
     def _rotate(self) -> None:
@@ -118,10 +159,20 @@ class StaleAllReduce:
             item.work.wait()
             flat = item.flat.float() if item.flat.dtype != torch.float32 else item.flat
             offset = 0
-            for p in item.params:
+            for i, p in enumerate(item.params):
                 self._stale[id(p)] = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                if item.weights is not None:
+                    self._stale_at[id(p)] = item.weights[i]
                 offset += p.numel()
         self._previous = []
+
+    def _take(self, p: nn.Parameter) -> torch.Tensor | None:
+        """The stale gradient of `p` (delay-compensated to p's current value if configured), or None."""
+        stale = self._stale.pop(id(p), None)
+        computed_at = self._stale_at.pop(id(p), None)
+        if stale is None or self._dc is None:
+            return stale
+        return self._dc(p, stale, computed_at)
 
     def flush(self, dense_optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Write the gradients still in flight into `.grad` and, given an optimizer, take that one dense step.
@@ -140,7 +191,7 @@ class StaleAllReduce:
         else:
             raise RuntimeError("flush() without an optimizer needs bind(named_parameters) first")
         for p in params:
-            stale = self._stale.get(id(p))
+            stale = self._take(p)
             if stale is not None:
                 p.grad = stale.clone() if p.grad is None else p.grad.copy_(stale)
             elif p.grad is not None:
@@ -148,6 +199,7 @@ class StaleAllReduce:
         if dense_optimizer is not None:
             dense_optimizer.step()
         self._stale.clear()
+        self._stale_at.clear()
         self.steps = 0
         return True
 
@@ -161,6 +213,8 @@ class StaleAllReduce:
 
         Every bound parameter has an entry (zeros where nothing is pending) and `has_pending` marks the real ones,
         so a checkpoint's layout does not depend on when it was taken (DCP loads into a template of that layout).
+        With delay compensation, also the weights each pending gradient was computed at (`computed_at`) and the
+        mean squares (`mean_square`, `has_mean_square`).
         """
         if not self._named:
             raise RuntimeError("StaleAllReduce.bind(named_parameters) was not called: pending gradients have no names")
@@ -172,7 +226,13 @@ class StaleAllReduce:
             grad = self._stale.get(id(p))
             has[i] = grad is not None
             pending[name] = (grad if grad is not None else torch.zeros_like(p)).detach().clone()
-        return {"pending": pending, "has_pending": has}
+        state = {"pending": pending, "has_pending": has}
+        if self._dc is not None:
+            ms = self._dc.mean_square
+            state["computed_at"] = {n: _or_zeros(self._stale_at.get(id(self._named[n])), self._named[n]) for n in names}
+            state["mean_square"] = {n: _or_zeros(ms.get(id(self._named[n])), self._named[n]) for n in names}
+            state["has_mean_square"] = torch.tensor([id(self._named[n]) in ms for n in names], dtype=torch.int8)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Hold the checkpoint's pending gradients: the next step applies them, as the saved run would have."""
@@ -189,6 +249,14 @@ class StaleAllReduce:
             if flag:
                 p = self._named[name]
                 self._stale[id(p)] = state["pending"][name].to(device=p.device, dtype=p.dtype)
+                if self._dc is not None:  # a checkpoint without compensation state: computed at the weights loaded
+                    at = state["computed_at"][name] if "computed_at" in state else p.detach()
+                    self._stale_at[id(p)] = at.to(device=p.device, dtype=p.dtype).clone()
+        if self._dc is not None and "mean_square" in state:
+            for flag, name in zip(state["has_mean_square"].tolist(), names):
+                if flag:
+                    p = self._named[name]
+                    self._dc.mean_square[id(p)] = state["mean_square"][name].to(device=p.device, dtype=p.dtype).clone()
         self.steps = 1 if self._stale else 0
 
     @staticmethod
@@ -197,6 +265,10 @@ class StaleAllReduce:
         named = dict(named_parameters)
         return {"pending": {n: torch.zeros_like(named[n]) for n in sorted(named)},
                 "has_pending": torch.zeros(len(named), dtype=torch.int8)}
+
+
+def _or_zeros(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return (t if t is not None else torch.zeros_like(like)).detach().clone()
 
 
 def stale_allreduce_hook(state: StaleAllReduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -219,13 +291,16 @@ class HookedDataParallelWrapper(DefaultDataParallelWrapper):
             ddp.register_comm_hook(self.state, stale_allreduce_hook)
 
 
-def make_data_parallel_wrapper(mode: str, compression: Compression = "none") -> tuple[DefaultDataParallelWrapper, StaleAllReduce | None]:
-    """The DDP wrapper for `train.allreduce`: plain DDP for "sync", the stale hook for "async".
+def make_data_parallel_wrapper(mode: str, compression: Compression = "none", compensation: float = 0.0
+                               ) -> tuple[DefaultDataParallelWrapper, StaleAllReduce | None]:
+    """The DDP wrapper for `train.allreduce`: plain DDP for "sync", the stale hook for "async" (with delay
+    compensation of strength `compensation`; nothing is stale under "sync", so it is not used there).
 
     "hook_sync" (tests only) runs the hook with staleness 0: the hook's machinery with plain DDP's arithmetic.
     """
     if mode == "sync":
         precision = "bf16" if compression == "bf16" else None
         return DefaultDataParallelWrapper(allreduce_comm_precision=precision), None
-    state = StaleAllReduce(compression=compression, staleness=0 if mode == "hook_sync" else 1)
+    state = StaleAllReduce(compression=compression, staleness=0 if mode == "hook_sync" else 1,
+                           compensation=compensation)
     return HookedDataParallelWrapper(state), state
