@@ -4,7 +4,8 @@
     hyrank bench async --data data/synth --config jobs/configs/hyformer.toml    # parity on a default day
 
 Prints per-step time of both modes, the time of the blocking allreduce alone, the share of it that async hides
-((t_sync - t_async) / t_allreduce), and convergence parity: eval AUC of both after the same training day.
+((t_sync - t_async) / t_allreduce), and convergence parity: eval AUC of both after the same training day (with
+`train.allreduce_delay_compensation` configured, also that of the plain stale rule).
 On a 2-core CPU machine gloo's allreduce competes with compute for the same cores, so the hidden share there
 says little about GPUs/NCCL, where the allreduce runs on its own stream and link.
 """
@@ -24,11 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=None, help="dataset root with 2 days (default: generate one)")
     p.add_argument("--rows-per-day", type=int, default=30_000)
     p.add_argument("--model", default=None, help="override model.name")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run sync and async on seeds 0..N-1 and report async's mean AUC difference with its standard "
+                        "error (one run's AUC varies by about 0.01 from seed to seed on the default data)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from pipeline.config import load_config
     from pipeline.distributed.launch import run_local
     from pipeline.synth import SynthConfig, generate_logs
 
@@ -41,10 +46,16 @@ def run(args: argparse.Namespace) -> int:
             generate_logs(SynthConfig(rows_per_day=args.rows_per_day, num_days=2, rows_per_chunk=2048), data)
         overrides = [f'data.root="{data}"', f'out_dir="{Path(tmp) / "run"}"', "train.tensorboard=false",
                      *(["model.name=" + args.model] if args.model else []), *args.overrides]
-        runs = {"sync": ["train.allreduce=sync"], "async": ["train.allreduce=async"],
-                "sync, other seed": ["train.allreduce=sync", "seed=1"]}
-        results = {name: run_local(_worker, str(config), overrides + extra)[0] for name, extra in runs.items()}
-    sync, asyn, other = results["sync"], results["async"], results["sync, other seed"]
+        compensation = load_config(config, overrides).train.allreduce_delay_compensation
+        modes = {"sync": ["train.allreduce=sync"], "async": ["train.allreduce=async"]}
+        if compensation:  # the configured async run compensates the delay: also show the plain stale rule
+            modes["plain stale"] = ["train.allreduce=async", "train.allreduce_delay_compensation=0"]
+        # one seed: a second sync seed gives the noise floor; several: every mode on every seed
+        runs = [(mode, seed) for seed in range(args.seeds) for mode in modes]
+        runs += [("sync", 1)] if args.seeds == 1 else []
+        results = {(mode, seed): run_local(_worker, str(config), overrides + modes[mode] + [f"seed={seed}"])[0]
+                   for mode, seed in runs}
+    sync, asyn = results[("sync", 0)], results[("async", 0)]
     print(f"dense parameters: {sync['dense_params']:,}  ranks: 2 (gloo, CPU)")
     print(f"step time   sync {sync['step_s'] * 1e3:8.2f} ms   async {asyn['step_s'] * 1e3:8.2f} ms   "
           f"ratio async/sync {asyn['step_s'] / sync['step_s']:.3f}")
@@ -57,9 +68,29 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("share of the allreduce hidden by async: not measurable here (the allreduce is under 5% of a step, "
               "below the step-time noise)")
-    print(f"eval AUC    sync {sync['auc']:.4f}   async {asyn['auc']:.4f}   |delta| {abs(sync['auc'] - asyn['auc']):.4f}")
-    print(f"noise floor: sync with another seed {other['auc']:.4f}   |delta| {abs(sync['auc'] - other['auc']):.4f}")
+    _print_parity(results, list(modes), args.seeds, compensation)
     return 0
+
+
+def _print_parity(results: dict, modes: list[str], seeds: int, compensation: float) -> None:
+    """Eval AUC of every mode and seed, and async's mean difference from sync with its standard error."""
+    names = {"async": f"async (compensation {compensation:g})" if compensation else "async"}
+    print("eval AUC after one day")
+    print("  seed  " + "".join(f"{names.get(m, m):>28}" for m in modes))
+    for seed in range(seeds):
+        print(f"  {seed:>4}  " + "".join(f"{results[(m, seed)]['auc']:>28.4f}" for m in modes))
+    sync = [results[("sync", s)]["auc"] for s in range(seeds)]
+    for mode in modes[1:]:
+        deltas = [results[(mode, s)]["auc"] - a for s, a in enumerate(sync)]
+        mean = statistics.fmean(deltas)
+        error = f" +- {statistics.stdev(deltas) / len(deltas) ** 0.5:.4f} (standard error)" if seeds > 1 else ""
+        print(f"  {names.get(mode, mode)} - sync: {mean:+.4f}{error} over {seeds} seed(s)")
+    if seeds > 1:
+        print(f"  noise floor: sync's seed-to-seed standard deviation {statistics.stdev(sync):.4f}")
+    else:
+        other = results[("sync", 1)]["auc"]
+        print(f"  noise floor: sync with seed 1 {other:.4f}, |delta| {abs(other - sync[0]):.4f} "
+              f"(--seeds N runs every mode on N seeds)")
 
 
 def _worker(rank: int, world_size: int, config: str, overrides: list[str]) -> dict:
@@ -74,6 +105,7 @@ def _worker(rank: int, world_size: int, config: str, overrides: list[str]) -> di
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, env_of_current_group())
     days = discover_days(cfg.data.root)
+    trainer.plan_lr(days[:1])  # the LR curve `hyrank train` would take over this one day
     reader = trainer._reader(days[0], cfg.train.max_steps_per_day)
     times = []
     for batch in reader:
