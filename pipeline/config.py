@@ -131,8 +131,10 @@ class TrainConfig:
     # sync: plain DDP. async: HyFormer's one-step-stale allreduce (pipeline/distributed/comm_hooks.py)
     allreduce: Literal["sync", "async"] = "sync"
     allreduce_compression: Literal["none", "bf16"] = "none"
-    # async only: lambda0 of DC-ASGD's delay compensation of the stale dense gradient (comm_hooks.py); 0: off
+    # async only (pipeline/distributed/comm_hooks.py): lambda0 of DC-ASGD's delay compensation of the stale dense
+    # gradient, and s of the weight prediction (forward/backward at W + s * last dense update); 0: off
     allreduce_delay_compensation: float = 0.0
+    allreduce_weight_prediction: float = 0.0
     tensorboard: bool = True  # scalars under <out_dir>/tensorboard
     # plain: one batch at a time. sparse_dist: TorchRec's TrainPipelineSparseDist, which overlaps the next
     # batch's host->device copy and embedding all-to-all with this batch's compute (CUDA streams; on CPU it
@@ -150,9 +152,9 @@ class TrainConfig:
         for name in ("max_steps_per_day", "eval_max_batches", "warmup_steps", "grad_clip_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}")
-        if self.allreduce_delay_compensation < 0:
-            raise ValueError(f"allreduce_delay_compensation must be >= 0 (0 means off), "
-                             f"got {self.allreduce_delay_compensation}")
+        for name in ("allreduce_delay_compensation", "allreduce_weight_prediction"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 means off), got {getattr(self, name)}")
 
 
 @dataclass

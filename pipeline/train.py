@@ -79,8 +79,9 @@ class Trainer:
         spec = cfg.features
         tower = build_model(cfg.model.name, cfg.model.typed_options(), spec.input_shape())
         model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup)
-        wrapper, self.hook = make_data_parallel_wrapper(cfg.train.allreduce, cfg.train.allreduce_compression,
-                                                        cfg.train.allreduce_delay_compensation)
+        t = cfg.train
+        wrapper, self.hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression,
+                                                        t.allreduce_delay_compensation, t.allreduce_weight_prediction)
         self.sharded = shard_model(model, cfg, env, data_parallel_wrapper=wrapper)
         self.model = self.sharded.dmp
         self.optimizer = self.sharded.optimizer  # fused sparse + dense, for checkpoints
@@ -143,10 +144,16 @@ class Trainer:
 
     def train_step(self, batch) -> torch.Tensor:
         """One step on one batch (already on the device); returns the detached loss."""
-        with self._autocast():
-            loss, _ = self.model(batch)
-        self.optimizer.zero_grad()
-        loss.backward()  # sparse tables are updated in here (fused optimizers)
+        if self.hook is not None:
+            self.hook.shift_weights()  # async weight prediction (no-op unless configured)
+        try:
+            with self._autocast():
+                loss, _ = self.model(batch)
+            self.optimizer.zero_grad()
+            loss.backward()  # sparse tables are updated in here (fused optimizers)
+        finally:
+            if self.hook is not None:
+                self.hook.restore_weights()
         if self.hook is None or self.hook.ready:  # async: nothing to apply on the first step after a flush
             self._dense_step()
         self.global_step += 1
@@ -156,7 +163,11 @@ class Trainer:
         if self.cfg.train.grad_clip_norm > 0:
             params = [p for g in self.dense_optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip_norm)
+        if self.hook is not None:
+            self.hook.begin_update()
         self.dense_optimizer.step()
+        if self.hook is not None:
+            self.hook.end_update()
         self.scheduler.step()
 
     def flush(self) -> None:
@@ -343,10 +354,15 @@ class _PipelineStep:
         self.trainer = trainer
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Called before the forward: also where the async weight prediction shifts the weights."""
         self.trainer.optimizer.zero_grad()
+        if self.trainer.hook is not None:
+            self.trainer.hook.shift_weights()
 
     def step(self, closure=None) -> None:
         t = self.trainer
+        if t.hook is not None:
+            t.hook.restore_weights()
         if t.hook is None or t.hook.ready:
             t._dense_step()
         t.global_step += 1

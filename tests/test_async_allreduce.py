@@ -36,38 +36,51 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
 
 
-def _train_ranks(rank, world_size, mode, compression, compensation=0.0):
+def _train_ranks(rank, world_size, mode, compression, compensation=0.0, prediction=0.0):
+    """The trainer's step protocol on a small net: shift/restore around forward+backward, begin/end around a step."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-    wrapper, state = make_data_parallel_wrapper(mode, compression, compensation)
+    wrapper, state = make_data_parallel_wrapper(mode, compression, compensation, prediction)
     wrapper._bucket_cap_mb = 0.001  # several tiny buckets, so DDP's re-bucketing after step 1 is exercised
     dmp = DistributedModelParallel(_net(), env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD),
                                    device=torch.device("cpu"), plan=ShardingPlan({}), data_parallel_wrapper=wrapper)
+    if state is not None:
+        state.bind(dmp.module.named_parameters())
     opt = _optimizer(dmp.parameters())
     ready = []
     for step in range(NUM_STEPS):
         x, y = _data(step, rank)
         opt.zero_grad()
+        if state is not None:
+            state.shift_weights()
         _loss(dmp, x, y).backward()
+        if state is not None:
+            state.restore_weights()
         ready.append(state.ready if state else True)
         if state is None or state.ready:
+            if state is not None:
+                state.begin_update()
             opt.step()
+            if state is not None:
+                state.end_update()
     flushed = state.flush(opt) if state else False
     return {"params": [p.detach().clone() for p in dmp.module.parameters()], "ready": ready, "flushed": flushed,
             "in_flight": state.in_flight if state else False}
 
 
-def _simulate(world_size: int, stale: bool, compensation: float = 0.0):
-    """Single process: gradient of the mean over ranks; applied at once, or one step late (optionally moved to the
-    current weights by DC-ASGD-a: g + lambda0 * g^2 / sqrt(MS) * (W_now - W_then), MS an EMA 0.95 of g^2)."""
+def _simulate(world_size: int, stale: bool, compensation: float = 0.0, prediction: float = 0.0):
+    """Single process: gradient of the mean over ranks; applied at once, or one step late. Stale options: the
+    gradient moved to the current weights by DC-ASGD-a, g + lambda0 * g^2 / sqrt(MS) * (W_now - W_then) with MS an
+    EMA 0.95 of g^2; and computed at predicted weights W + s * (last update) when a step will follow."""
     model = _net()
     params = list(model.parameters())
     opt = _optimizer(params)
-    pending, mean_square = None, None
+    pending, mean_square, last_update = None, None, None
 
     def apply(grads, computed_at):
-        nonlocal mean_square
+        nonlocal mean_square, last_update
+        before = [p.detach().clone() for p in params]
         if compensation:
             sq = [g * g for g in grads]
             mean_square = sq if mean_square is None else [0.95 * m + 0.05 * s for m, s in zip(mean_square, sq)]
@@ -76,11 +89,21 @@ def _simulate(world_size: int, stale: bool, compensation: float = 0.0):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
+        last_update = [p.detach() - b for p, b in zip(params, before)]
 
     for step in range(NUM_STEPS):
         model.zero_grad()
+        shift = prediction and pending is not None and last_update is not None
+        unshifted = [p.detach().clone() for p in params]
+        if shift:
+            with torch.no_grad():
+                for p, u in zip(params, last_update):
+                    p.add_(u, alpha=prediction)
         sum(_loss(model, *_data(step, r)) for r in range(world_size)).div(world_size).backward()
         fresh = ([p.grad.clone() for p in params], [p.detach().clone() for p in params])
+        with torch.no_grad():
+            for p, w in zip(params, unshifted):
+                p.copy_(w)
         if not stale:
             apply(*fresh)
         elif pending is not None:
@@ -110,6 +133,19 @@ def test_delay_compensation_matches_the_simulated_rule():
     expected = _simulate(2, stale=True, compensation=2.0)
     plain_stale = _simulate(2, stale=True)
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(expected, plain_stale))  # it does something
+    for a, b, e in zip(r0["params"], r1["params"], expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compensation", [0.0, 2.0], ids=["prediction", "prediction_and_compensation"])
+def test_weight_prediction_matches_the_simulated_rule(compensation):
+    """Forward/backward at W + s * (last update) whenever a dense step follows, weights restored exactly after;
+    with compensation too, the gradient is moved from the predicted weights to the real ones."""
+    r0, r1 = run_distributed(_train_ranks, "async", "none", compensation, 1.0)
+    expected = _simulate(2, stale=True, compensation=compensation, prediction=1.0)
+    without = _simulate(2, stale=True, compensation=compensation)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(expected, without))  # it does something
     for a, b, e in zip(r0["params"], r1["params"], expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

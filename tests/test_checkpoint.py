@@ -94,11 +94,13 @@ def _assert_same(a, b, what):
 @pytest.mark.parametrize("allreduce,schedule,compensation", [
     ("sync", "constant", 0.0), ("async", "constant", 0.0), ("async", "cosine", 0.0), ("async", "cosine", 2.0)])
 def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allreduce, schedule, compensation):
-    """compensation: the delay-compensation state (weights the pending gradient was computed at, mean squares)
-    travels with the checkpoint; without it the resumed steps would differ."""
+    """compensation: with the delay compensation and the weight prediction on, their state (weights the pending
+    gradient was computed at, mean squares, the last update) travels with the checkpoint; without it the resumed
+    steps would differ."""
     small_cfg.train.allreduce = allreduce
     small_cfg.train.lr_schedule = schedule
     small_cfg.train.allreduce_delay_compensation = compensation
+    small_cfg.train.allreduce_weight_prediction = 1.0 if compensation else 0.0
     small_cfg.train.max_steps_per_day = STEPS
     small_cfg.checkpoint.every_steps = CUT
     small_cfg.checkpoint.keep = 10
@@ -120,7 +122,7 @@ def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allred
         if allreduce == "async":
             assert r["pending_was_held"]
             assert r["replicated_tables"] and r["replicated_untouched"], r["replicated_tables"]
-            if compensation:  # a sync run applies the pending gradient as saved, uncompensated
+            if compensation:  # a sync run applies the pending gradient as saved, uncompensated, unpredicted
                 continue
             for name, w in r["sync_loaded"].items():
                 torch.testing.assert_close(w, r["async_flushed"][name], rtol=0, atol=0)

@@ -65,9 +65,11 @@ def _losses_one_day(rank, world_size, cfg):
     return losses, trainer.evaluate(days[1]).auc
 
 
-@pytest.mark.parametrize("allreduce", ["sync", "async"])
+@pytest.mark.parametrize("allreduce", ["sync", "async", "async_predicted"])
 def test_train_pipeline_sparse_dist_matches_the_plain_loop(small_cfg, allreduce):
-    small_cfg.train.allreduce = allreduce
+    """async_predicted: the weight prediction shifts the weights around the pipeline's forward and backward."""
+    small_cfg.train.allreduce = allreduce.removesuffix("_predicted")
+    small_cfg.train.allreduce_weight_prediction = 1.0 if allreduce.endswith("_predicted") else 0.0
     small_cfg.train.max_steps_per_day = 8
     small_cfg.train.eval_max_batches = 3
     plain, _ = run_distributed(_losses_one_day, small_cfg, timeout_s=300)

@@ -31,6 +31,13 @@ Adam uses (beta1 = 0.9) is stable for lr*h < 38 with fresh gradients but only fo
 gradients go stale. Each launched reduction keeps the weights its gradient was computed at (one copy of the dense
 parameters in flight), so the correction needs no help from the trainer and also holds at a flush.
 
+Weight prediction (`prediction` = s > 0, as SpecTrain/PipeMare do for pipeline-parallel delay): a step whose
+gradient will be applied one dense step late runs its forward and backward at W + s * (the last dense update), a
+guess of the weights that gradient will be applied to; the trainer calls `shift_weights()` before the forward and
+`restore_weights()` after the backward, and `begin_update()` / `end_update()` around each dense step. On the
+quadratic above, s = 1 raises the stale limit from lr*h < 1 to < 2.7; unlike the compensation it needs no Hessian
+guess. Both can be on: the compensation then corrects what the prediction missed.
+
 A checkpoint does not flush: that would change the training trajectory. `state_dict()` waits for the reductions
 in flight and returns them, by parameter name, as the pending gradients the next step will apply;
 `load_state_dict()` puts them back, so a run resumed from a mid-day checkpoint takes exactly the steps the
@@ -66,14 +73,15 @@ class DelayCompensation:
     eps: float = 1e-7
     mean_square: dict[int, torch.Tensor] = field(default_factory=dict)  # by id(param)
 
-    def __call__(self, param: nn.Parameter, grad: torch.Tensor, computed_at: torch.Tensor) -> torch.Tensor:
-        """`grad` (computed at `computed_at`) moved to the parameter's current value; updates MS with `grad`."""
+    def __call__(self, param: nn.Parameter, grad: torch.Tensor, computed_at: torch.Tensor,
+                 applied_at: torch.Tensor) -> torch.Tensor:
+        """`grad` (computed at `computed_at`) moved to `applied_at`; updates the mean square of `param` with `grad`."""
         ms = self.mean_square.get(id(param))
         if ms is None:
             ms = self.mean_square[id(param)] = grad * grad
         else:
             ms.mul_(self.decay).addcmul_(grad, grad, value=1.0 - self.decay)
-        shift = param.detach() - computed_at
+        shift = applied_at - computed_at
         return grad + self.strength * grad * grad * shift / (ms.sqrt() + self.eps)
 
 
@@ -87,6 +95,7 @@ class StaleAllReduce:
     # bookkeeping: it must equal plain DDP, which is how the bookkeeping is tested on real models.
     staleness: int = 1
     compensation: float = 0.0  # lambda0 of the delay compensation; 0: the plain stale rule
+    prediction: float = 0.0  # s of the weight prediction; 0: off
     # reductions launched during the current step, and reduced gradients of the previous step not yet used
     _launched: list[_InFlight] = field(default_factory=list)
     _launched_ids: set[int] = field(default_factory=set)
@@ -97,10 +106,14 @@ class StaleAllReduce:
     steps: int = 0
     _named: dict[str, nn.Parameter] = field(default_factory=dict)  # the DDP part's parameters, for checkpoints
     _dc: DelayCompensation | None = None
+    _last_update: dict[int, torch.Tensor] = field(default_factory=dict)  # weight prediction: the last dense step
+    _unshifted: dict[int, torch.Tensor] = field(default_factory=dict)  # the weights under a prediction
+    _before_update: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.compensation < 0:
-            raise ValueError(f"delay compensation must be >= 0, got {self.compensation}")
+        if self.compensation < 0 or self.prediction < 0:
+            raise ValueError(f"delay compensation and weight prediction must be >= 0, got {self.compensation} "
+                             f"and {self.prediction}")
         self._dc = DelayCompensation(self.compensation) if self.compensation > 0 else None
 
     def bind(self, named_parameters) -> None:
@@ -115,6 +128,37 @@ class StaleAllReduce:
     @property
     def in_flight(self) -> bool:
         return bool(self._launched or self._previous or self._stale)
+
+    # -- weight prediction (the trainer calls these around each step; no-ops when prediction = 0) -----------------
+
+    @torch.no_grad()
+    def shift_weights(self) -> None:
+        """Before a forward: move the bound weights to W + s * (last update) if this step will take a dense step
+        (a gradient is pending) and one was recorded. `restore_weights` undoes it exactly (a copy, not a subtraction)."""
+        if not self.prediction or not self._last_update or not self.in_flight:
+            return
+        for p in self._named.values():
+            update = self._last_update.get(id(p))
+            if update is not None:
+                self._unshifted[id(p)] = p.detach().clone()
+                p.add_(update, alpha=self.prediction)
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        for p in self._named.values():
+            saved = self._unshifted.pop(id(p), None)
+            if saved is not None:
+                p.copy_(saved)
+
+    def begin_update(self) -> None:
+        """Before a dense optimizer step: remember the weights, so `end_update` can record the step's update."""
+        if self.prediction:
+            self._before_update = {id(p): p.detach().clone() for p in self._named.values()}
+
+    def end_update(self) -> None:
+        if self.prediction:
+            self._last_update = {id(p): p.detach() - self._before_update[id(p)] for p in self._named.values()}
+            self._before_update = {}
 
     def hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         params = list(bucket.parameters())
@@ -172,7 +216,8 @@ class StaleAllReduce:
         computed_at = self._stale_at.pop(id(p), None)
         if stale is None or self._dc is None:
             return stale
-        return self._dc(p, stale, computed_at)
+        applied_at = self._unshifted.get(id(p), p.detach())  # under a weight prediction: the real weights
+        return self._dc(p, stale, computed_at, applied_at)
 
     def flush(self, dense_optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Write the gradients still in flight into `.grad` and, given an optimizer, take that one dense step.
@@ -232,6 +277,10 @@ class StaleAllReduce:
             state["computed_at"] = {n: _or_zeros(self._stale_at.get(id(self._named[n])), self._named[n]) for n in names}
             state["mean_square"] = {n: _or_zeros(ms.get(id(self._named[n])), self._named[n]) for n in names}
             state["has_mean_square"] = torch.tensor([id(self._named[n]) in ms for n in names], dtype=torch.int8)
+        if self.prediction:
+            state["last_update"] = {n: _or_zeros(self._last_update.get(id(self._named[n])), self._named[n])
+                                    for n in names}
+            state["has_last_update"] = torch.tensor([bool(self._last_update)], dtype=torch.int8)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -257,6 +306,8 @@ class StaleAllReduce:
                 if flag:
                     p = self._named[name]
                     self._dc.mean_square[id(p)] = state["mean_square"][name].to(device=p.device, dtype=p.dtype).clone()
+        if self.prediction and "last_update" in state and bool(state["has_last_update"].any()):
+            self._last_update = {id(self._named[n]): state["last_update"][n].to(self._named[n]).clone() for n in names}
         self.steps = 1 if self._stale else 0
 
     @staticmethod
@@ -291,10 +342,11 @@ class HookedDataParallelWrapper(DefaultDataParallelWrapper):
             ddp.register_comm_hook(self.state, stale_allreduce_hook)
 
 
-def make_data_parallel_wrapper(mode: str, compression: Compression = "none", compensation: float = 0.0
-                               ) -> tuple[DefaultDataParallelWrapper, StaleAllReduce | None]:
+def make_data_parallel_wrapper(mode: str, compression: Compression = "none", compensation: float = 0.0,
+                               prediction: float = 0.0) -> tuple[DefaultDataParallelWrapper, StaleAllReduce | None]:
     """The DDP wrapper for `train.allreduce`: plain DDP for "sync", the stale hook for "async" (with delay
-    compensation of strength `compensation`; nothing is stale under "sync", so it is not used there).
+    compensation of strength `compensation` and weight prediction of scale `prediction`; nothing is stale under
+    "sync", so neither is used there).
 
     "hook_sync" (tests only) runs the hook with staleness 0: the hook's machinery with plain DDP's arithmetic.
     """
@@ -302,5 +354,5 @@ def make_data_parallel_wrapper(mode: str, compression: Compression = "none", com
         precision = "bf16" if compression == "bf16" else None
         return DefaultDataParallelWrapper(allreduce_comm_precision=precision), None
     state = StaleAllReduce(compression=compression, staleness=0 if mode == "hook_sync" else 1,
-                           compensation=compensation)
+                           compensation=compensation, prediction=prediction)
     return HookedDataParallelWrapper(state), state
