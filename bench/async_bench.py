@@ -5,7 +5,8 @@
 
 Prints per-step time of both modes, the time of the blocking allreduce alone, the share of it that async hides
 ((t_sync - t_async) / t_allreduce), and convergence parity: eval AUC of both after the same training day (with
-`train.allreduce_delay_compensation` configured, also that of the plain stale rule).
+`train.allreduce_weight_prediction` or `train.allreduce_delay_compensation` configured, also that of the plain
+stale rule).
 On a 2-core CPU machine gloo's allreduce competes with compute for the same cores, so the hidden share there
 says little about GPUs/NCCL, where the allreduce runs on its own stream and link.
 """
@@ -46,10 +47,13 @@ def run(args: argparse.Namespace) -> int:
             generate_logs(SynthConfig(rows_per_day=args.rows_per_day, num_days=2, rows_per_chunk=2048), data)
         overrides = [f'data.root="{data}"', f'out_dir="{Path(tmp) / "run"}"', "train.tensorboard=false",
                      *(["model.name=" + args.model] if args.model else []), *args.overrides]
-        compensation = load_config(config, overrides).train.allreduce_delay_compensation
+        t = load_config(config, overrides).train
+        fixes = {"prediction": t.allreduce_weight_prediction, "compensation": t.allreduce_delay_compensation}
+        fixes = {name: value for name, value in fixes.items() if value}
         modes = {"sync": ["train.allreduce=sync"], "async": ["train.allreduce=async"]}
-        if compensation:  # the configured async run compensates the delay: also show the plain stale rule
-            modes["plain stale"] = ["train.allreduce=async", "train.allreduce_delay_compensation=0"]
+        if fixes:  # the configured async run corrects for the delay: also show the plain stale rule
+            modes["plain stale"] = ["train.allreduce=async", "train.allreduce_delay_compensation=0",
+                                    "train.allreduce_weight_prediction=0"]
         # one seed: a second sync seed gives the noise floor; several: every mode on every seed
         runs = [(mode, seed) for seed in range(args.seeds) for mode in modes]
         runs += [("sync", 1)] if args.seeds == 1 else []
@@ -68,17 +72,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("share of the allreduce hidden by async: not measurable here (the allreduce is under 5% of a step, "
               "below the step-time noise)")
-    _print_parity(results, list(modes), args.seeds, compensation)
+    _print_parity(results, list(modes), args.seeds, fixes)
     return 0
 
 
-def _print_parity(results: dict, modes: list[str], seeds: int, compensation: float) -> None:
+def _print_parity(results: dict, modes: list[str], seeds: int, fixes: dict[str, float]) -> None:
     """Eval AUC of every mode and seed, and async's mean difference from sync with its standard error."""
-    names = {"async": f"async (compensation {compensation:g})" if compensation else "async"}
+    names = {"async": f"async ({', '.join(f'{k} {v:g}' for k, v in fixes.items())})" if fixes else "async"}
     print("eval AUC after one day")
-    print("  seed  " + "".join(f"{names.get(m, m):>28}" for m in modes))
+    width = max(len(names.get(m, m)) for m in modes) + 3
+    print("  seed" + "".join(f"{names.get(m, m):>{width}}" for m in modes))
     for seed in range(seeds):
-        print(f"  {seed:>4}  " + "".join(f"{results[(m, seed)]['auc']:>28.4f}" for m in modes))
+        print(f"  {seed:>4}" + "".join(f"{results[(m, seed)]['auc']:>{width}.4f}" for m in modes))
     sync = [results[("sync", s)]["auc"] for s in range(seeds)]
     for mode in modes[1:]:
         deltas = [results[(mode, s)]["auc"] - a for s, a in enumerate(sync)]

@@ -210,6 +210,7 @@ def test_hook_on_hyformer_takes_the_reference_steps(small_cfg, hook_mode, refere
     one-step-stale rule applied by hand."""
     small_cfg.model.name, small_cfg.model.options = "hyformer", {}
     small_cfg.train.max_steps_per_day = 6
+    small_cfg.train.allreduce_weight_prediction = small_cfg.train.allreduce_delay_compensation = 0.0  # plain rule
     small_cfg.train.allreduce = "sync"
     (ref_losses, ref), _ = run_distributed(reference, small_cfg, timeout_s=300)
     small_cfg.train.allreduce = hook_mode

@@ -166,7 +166,8 @@ def test_day_end_checkpoint_reshards_onto_one_rank(small_cfg, tmp_path):
 def _plain_async_then_compensated(rank, world_size, cfg):
     days = discover_days(cfg.data.root)
     Trainer(cfg, env_of_current_group()).train_day(days[0])
-    dc_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allreduce_delay_compensation=0.5))
+    dc_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allreduce_delay_compensation=0.5,
+                                                                allreduce_weight_prediction=1.0))
     resumed = Trainer(dc_cfg, env_of_current_group())
     resume = resumed.checkpointer.load(resumed, resumed.checkpointer.root / "step-000000003")
     held = resumed.hook.in_flight
@@ -176,9 +177,11 @@ def _plain_async_then_compensated(rank, world_size, cfg):
 
 @pytest.mark.dist
 def test_a_checkpoint_without_compensation_state_resumes_with_compensation(small_cfg):
-    """Turning delay compensation on for a run whose async checkpoints predate it: the pending gradient loads
-    (counted as computed at the loaded weights) and the day finishes."""
+    """Turning delay compensation and weight prediction on for a run whose async checkpoints predate them: the
+    pending gradient loads (counted as computed at the loaded weights, nothing to predict from) and the day
+    finishes."""
     small_cfg.train.allreduce = "async"
+    small_cfg.train.allreduce_weight_prediction = small_cfg.train.allreduce_delay_compensation = 0.0
     small_cfg.train.max_steps_per_day = 6
     small_cfg.checkpoint.every_steps = 3
     for held, steps, in_flight in run_distributed(_plain_async_then_compensated, small_cfg, timeout_s=300):
