@@ -8,9 +8,9 @@
 One checkpoint is a folder `<checkpoint.dir>/step-000000123/`:
   DCP shards   "model": sharded tables (ShardedTensors) and the dense tower; "optim": the fused sparse optimizer
                state and the dense AdamW state, by parameter name; "hook": the async allreduce's pending gradients
-               (pipeline/distributed/comm_hooks.py) with their delay-compensation state, so a resumed async
-               run applies exactly what the saved one would have. DCP reshards on load: a checkpoint taken on N
-               ranks loads on M ranks.
+               (pipeline/distributed/comm_hooks.py) with the delay compensation's and weight prediction's
+               state, so a resumed async run applies exactly what the saved one would have. DCP reshards on
+               load: a checkpoint taken on N ranks loads on M ranks.
   meta.json    global step, finished days, the day in progress with every rank's reader cursor, LR scheduler,
                every rank's RNG state, world size, sharding plan and the resolved config.
 All ranks write into `step-...tmp`; rank 0 writes meta.json last and renames the folder, so a crash leaves the
@@ -159,7 +159,7 @@ class Checkpointer:
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         fresh = _set_aside_unsaved_optimizer_state(state, saved)
         unsaved_hook = [k for k in state.get("hook", {}) if not _has_prefix(saved, f"hook.{k}")]
-        for key in unsaved_hook:  # delay compensation turned on after this checkpoint: its state starts fresh
+        for key in unsaved_hook:  # compensation / prediction turned on after this checkpoint: start fresh
             state["hook"].pop(key)
         dcp.load(state, checkpoint_id=str(path))
         for param, entries in fresh.items():  # back in, as initialised: the optimizer wants every entry
@@ -184,8 +184,9 @@ class Checkpointer:
                         "optimizer vs fused): %s", len(names), path, self.env.world_size, meta["world_size"],
                         ", ".join(names[:6]))
         if self.env.is_main and unsaved_hook:
-            log.warning("%s has no delay-compensation state (%s): the pending gradient counts as computed at the "
-                        "loaded weights and the mean squares start fresh", path, ", ".join(unsaved_hook))
+            log.warning("%s has no delay-compensation / weight-prediction state (%s): the pending gradient counts "
+                        "as computed at the loaded weights, the mean squares start fresh and the first step is not "
+                        "predicted", path, ", ".join(unsaved_hook))
         if self.env.is_main:
             log.info("resumed from %s: step %d, days done %s%s (%.2f s)", path, trainer.global_step,
                      trainer.days_done or "none", f", day {meta['day']} part-way" if meta["day"] else "",

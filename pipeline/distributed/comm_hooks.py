@@ -36,7 +36,9 @@ gradient will be applied one dense step late runs its forward and backward at W 
 guess of the weights that gradient will be applied to; the trainer calls `shift_weights()` before the forward and
 `restore_weights()` after the backward, and `begin_update()` / `end_update()` around each dense step. On the
 quadratic above, s = 1 raises the stale limit from lr*h < 1 to < 2.7; unlike the compensation it needs no Hessian
-guess. Both can be on: the compensation then corrects what the prediction missed.
+guess. Both can be on: the compensation then corrects what the prediction missed. Memory: compensation keeps one
+copy of the dense parameters per step in flight, prediction up to three (the last update, the unshifted weights,
+the weights before a step).
 
 A checkpoint does not flush: that would change the training trajectory. `state_dict()` waits for the reductions
 in flight and returns them, by parameter name, as the pending gradients the next step will apply;
@@ -134,7 +136,7 @@ class StaleAllReduce:
     @torch.no_grad()
     def shift_weights(self) -> None:
         """Before a forward: move the bound weights to W + s * (last update) if this step will take a dense step
-        (a gradient is pending) and one was recorded. `restore_weights` undoes it exactly (a copy, not a subtraction)."""
+        (a gradient is pending) and an update was recorded. `restore_weights` undoes it exactly (by a copy)."""
         if not self.prediction or not self._last_update or not self.in_flight:
             return
         for p in self._named.values():
@@ -211,7 +213,7 @@ class StaleAllReduce:
         self._previous = []
 
     def _take(self, p: nn.Parameter) -> torch.Tensor | None:
-        """The stale gradient of `p` (delay-compensated to p's current value if configured), or None."""
+        """The stale gradient of `p` (moved to the weights it is applied to, if compensation is on), or None."""
         stale = self._stale.pop(id(p), None)
         computed_at = self._stale_at.pop(id(p), None)
         if stale is None or self._dc is None:
