@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"dense parameters: {sync['dense_params']:,}  ranks: 2 (gloo, CPU)")
     print(f"step time   sync {sync['step_s'] * 1e3:8.2f} ms   async {asyn['step_s'] * 1e3:8.2f} ms   "
           f"ratio async/sync {asyn['step_s'] / sync['step_s']:.3f}")
+    if ("plain stale", 0) in results:  # what the prediction / compensation cost per step
+        plain = results[("plain stale", 0)]
+        print(f"            plain stale {plain['step_s'] * 1e3:8.2f} ms   ratio async/plain stale "
+              f"{asyn['step_s'] / plain['step_s']:.3f}")
     share = sync["allreduce_s"] / sync["step_s"]
     print(f"blocking allreduce of the dense gradient alone: {sync['allreduce_s'] * 1e3:.2f} ms "
           f"({share:.1%} of a sync step)")

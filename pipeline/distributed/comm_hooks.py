@@ -75,16 +75,24 @@ class DelayCompensation:
     eps: float = 1e-7
     mean_square: dict[int, torch.Tensor] = field(default_factory=dict)  # by id(param)
 
-    def __call__(self, param: nn.Parameter, grad: torch.Tensor, computed_at: torch.Tensor,
-                 applied_at: torch.Tensor) -> torch.Tensor:
-        """`grad` (computed at `computed_at`) moved to `applied_at`; updates the mean square of `param` with `grad`."""
-        ms = self.mean_square.get(id(param))
-        if ms is None:
-            ms = self.mean_square[id(param)] = grad * grad
-        else:
-            ms.mul_(self.decay).addcmul_(grad, grad, value=1.0 - self.decay)
-        shift = applied_at - computed_at
-        return grad + self.strength * grad * grad * shift / (ms.sqrt() + self.eps)
+    @torch.no_grad()
+    def __call__(self, params: list[nn.Parameter], grads: list[torch.Tensor], computed_at: list[torch.Tensor],
+                 applied_at: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each of `grads` (computed at `computed_at`) moved to `applied_at`; updates the parameters' mean squares.
+        Multi-tensor (`torch._foreach_*`) ops: one dispatch per op for all parameters, not one per parameter."""
+        for p, g in zip(params, grads):
+            if id(p) not in self.mean_square:
+                self.mean_square[id(p)] = g * g  # and g*g stays g*g through the EMA step below
+        ms = [self.mean_square[id(p)] for p in params]
+        torch._foreach_mul_(ms, self.decay)
+        torch._foreach_addcmul_(ms, grads, grads, value=1.0 - self.decay)
+        step = torch._foreach_sub(applied_at, computed_at)
+        torch._foreach_mul_(step, grads)
+        torch._foreach_mul_(step, grads)
+        denom = torch._foreach_sqrt(ms)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_div_(step, denom)
+        return torch._foreach_add(grads, step, alpha=self.strength)
 
 
 @dataclass
@@ -110,7 +118,7 @@ class StaleAllReduce:
     _dc: DelayCompensation | None = None
     _last_update: dict[int, torch.Tensor] = field(default_factory=dict)  # weight prediction: the last dense step
     _unshifted: dict[int, torch.Tensor] = field(default_factory=dict)  # the weights under a prediction
-    _before_update: dict[int, torch.Tensor] = field(default_factory=dict)
+    _before_update: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.compensation < 0 or self.prediction < 0:
@@ -139,28 +147,29 @@ class StaleAllReduce:
         (a gradient is pending) and an update was recorded. `restore_weights` undoes it exactly (by a copy)."""
         if not self.prediction or not self._last_update or not self.in_flight:
             return
-        for p in self._named.values():
-            update = self._last_update.get(id(p))
-            if update is not None:
-                self._unshifted[id(p)] = p.detach().clone()
-                p.add_(update, alpha=self.prediction)
+        params = list(self._named.values())
+        self._unshifted = dict(zip(map(id, params), torch._foreach_mul(params, 1.0)))  # copies, one dispatch
+        torch._foreach_add_(params, [self._last_update[id(p)] for p in params], alpha=self.prediction)
 
     @torch.no_grad()
     def restore_weights(self) -> None:
-        for p in self._named.values():
-            saved = self._unshifted.pop(id(p), None)
-            if saved is not None:
-                p.copy_(saved)
+        if self._unshifted:
+            params = list(self._named.values())
+            torch._foreach_copy_(params, [self._unshifted[id(p)] for p in params])
+            self._unshifted = {}
 
+    @torch.no_grad()
     def begin_update(self) -> None:
         """Before a dense optimizer step: remember the weights, so `end_update` can record the step's update."""
         if self.prediction:
-            self._before_update = {id(p): p.detach().clone() for p in self._named.values()}
+            self._before_update = list(torch._foreach_mul(list(self._named.values()), 1.0))
 
+    @torch.no_grad()
     def end_update(self) -> None:
         if self.prediction:
-            self._last_update = {id(p): p.detach() - self._before_update[id(p)] for p in self._named.values()}
-            self._before_update = {}
+            params = list(self._named.values())
+            self._last_update = dict(zip(map(id, params), torch._foreach_sub(params, self._before_update)))
+            self._before_update = []
 
     def hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         params = list(bucket.parameters())
@@ -175,8 +184,7 @@ class StaleAllReduce:
         self._resolve_previous()
         out = bucket.buffer().new_zeros(bucket.buffer().shape)
         offset = 0
-        for p in params:
-            stale = self._take(p)
+        for p, stale in zip(params, self._take(params)):
             if stale is None:
                 self._missing += 1
             else:
@@ -212,14 +220,21 @@ class StaleAllReduce:
                 offset += p.numel()
         self._previous = []
 
-    def _take(self, p: nn.Parameter) -> torch.Tensor | None:
-        """The stale gradient of `p` (moved to the weights it is applied to, if compensation is on), or None."""
-        stale = self._stale.pop(id(p), None)
-        computed_at = self._stale_at.pop(id(p), None)
-        if stale is None or self._dc is None:
+    def _take(self, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+        """The stale gradients of `params` (None where nothing is pending), moved to the weights they are applied
+        to if compensation is on."""
+        stale = [self._stale.pop(id(p), None) for p in params]
+        computed_at = [self._stale_at.pop(id(p), None) for p in params]
+        if self._dc is None:
             return stale
-        applied_at = self._unshifted.get(id(p), p.detach())  # under a weight prediction: the real weights
-        return self._dc(p, stale, computed_at, applied_at)
+        have = [i for i, g in enumerate(stale) if g is not None]
+        if have:
+            ps = [params[i] for i in have]
+            applied_at = [self._unshifted.get(id(p), p.detach()) for p in ps]  # under a prediction: the real weights
+            moved = self._dc(ps, [stale[i] for i in have], [computed_at[i] for i in have], applied_at)
+            for i, g in zip(have, moved):
+                stale[i] = g
+        return stale
 
     def flush(self, dense_optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Write the gradients still in flight into `.grad` and, given an optimizer, take that one dense step.
@@ -237,8 +252,7 @@ class StaleAllReduce:
             params = [p for group in dense_optimizer.param_groups for p in group["params"]]
         else:
             raise RuntimeError("flush() without an optimizer needs bind(named_parameters) first")
-        for p in params:
-            stale = self._take(p)
+        for p, stale in zip(params, self._take(params)):
             if stale is not None:
                 p.grad = stale.clone() if p.grad is None else p.grad.copy_(stale)
             elif p.grad is not None:
