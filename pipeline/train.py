@@ -151,13 +151,21 @@ class Trainer:
                 loss, _ = self.model(batch)
             self.optimizer.zero_grad()
             loss.backward()  # sparse tables are updated in here (fused optimizers)
-        finally:
+        finally:  # the real weights back even if the step fails
             if self.hook is not None:
                 self.hook.restore_weights()
-        if self.hook is None or self.hook.ready:  # async: nothing to apply on the first step after a flush
+        self._after_backward()
+        return loss.detach()
+
+    def _after_backward(self) -> None:
+        """After a step's backward (plain loop or TrainPipelineSparseDist): the real weights back under an async
+        prediction (a no-op if already restored), the dense step (async: none on the first step after a flush),
+        the step count."""
+        if self.hook is not None:
+            self.hook.restore_weights()
+        if self.hook is None or self.hook.ready:
             self._dense_step()
         self.global_step += 1
-        return loss.detach()
 
     def _dense_step(self) -> None:
         if self.cfg.train.grad_clip_norm > 0:
@@ -360,12 +368,7 @@ class _PipelineStep:
             self.trainer.hook.shift_weights()
 
     def step(self, closure=None) -> None:
-        t = self.trainer
-        if t.hook is not None:
-            t.hook.restore_weights()
-        if t.hook is None or t.hook.ready:
-            t._dense_step()
-        t.global_step += 1
+        self.trainer._after_backward()
 
 
 def _tensorboard(out_dir: Path):
