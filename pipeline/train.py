@@ -32,8 +32,7 @@ from models import build_model
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import RunConfig
 from pipeline.data import DayPartition, DayReader, ReaderOptions
-from pipeline.distributed.comm_hooks import make_data_parallel_wrapper
-from pipeline.distributed.dmp import shard_model
+from pipeline.distributed.dmp import make_data_parallel_wrapper, shard_model
 from pipeline.distributed.env import DistEnv
 from pipeline.metrics import EvalMetrics, metrics_over_ranks
 from pipeline.ranker import RankingModel

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.distributed.comm_hooks import make_data_parallel_wrapper
+from pipeline.distributed.dmp import make_data_parallel_wrapper
 
 from dist import run_distributed
 

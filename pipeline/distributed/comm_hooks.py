@@ -1,7 +1,8 @@
-"""Asynchronous (one-step-stale) AllReduce for the dense part, as in HyFormer section 3.8.2.
+"""Asynchronous (one-step-stale) AllReduce for the dense part, as in HyFormer section 3.8.2. Plain torch.distributed:
+any DDP module takes the hook (`hyrank bench overlap` times it on a tower alone); TorchRec's seam is in dmp.py.
 
     state = StaleAllReduce(compression="bf16")
-    wrapper = HookedDataParallelWrapper(state)            # DMP(..., data_parallel_wrapper=wrapper)
+    ddp.register_comm_hook(state, stale_allreduce_hook)   # under DMP: HookedDataParallelWrapper(state) (dmp.py)
     ...
     loss.backward()                                       # launches allreduce(g_k), hands back g_{k-1}
     if state.ready: dense_optimizer.step()                # W_k = W_{k-1} - lr * g_{k-1}
@@ -53,7 +54,6 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 
 Compression = Literal["none", "bf16"]
 
@@ -341,34 +341,3 @@ def _or_zeros(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 def stale_allreduce_hook(state: StaleAllReduce, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The function DDP calls per bucket; the annotation must be exactly Future[torch.Tensor]."""
     return state.hook(bucket)
-
-
-class HookedDataParallelWrapper(DefaultDataParallelWrapper):
-    """DMP's DDP wrapper with the stale-allreduce hook registered before the first forward."""
-
-    def __init__(self, state: StaleAllReduce, **kwargs):
-        super().__init__(**kwargs)
-        self.state = state
-
-    def wrap(self, dmp, env, device) -> None:
-        super().wrap(dmp, env, device)
-        ddp = dmp._dmp_wrapped_module
-        if isinstance(ddp, nn.parallel.DistributedDataParallel):
-            self.state.process_group = env.process_group
-            ddp.register_comm_hook(self.state, stale_allreduce_hook)
-
-
-def make_data_parallel_wrapper(mode: str, compression: Compression = "none", compensation: float = 0.0,
-                               prediction: float = 0.0) -> tuple[DefaultDataParallelWrapper, StaleAllReduce | None]:
-    """The DDP wrapper for `train.allreduce`: plain DDP for "sync", the stale hook for "async" (with delay
-    compensation of strength `compensation` and weight prediction of scale `prediction`; nothing is stale under
-    "sync", so neither is used there).
-
-    "hook_sync" (tests only) runs the hook with staleness 0: the hook's machinery with plain DDP's arithmetic.
-    """
-    if mode == "sync":
-        precision = "bf16" if compression == "bf16" else None
-        return DefaultDataParallelWrapper(allreduce_comm_precision=precision), None
-    state = StaleAllReduce(compression=compression, staleness=0 if mode == "hook_sync" else 1,
-                           compensation=compensation, prediction=prediction)
-    return HookedDataParallelWrapper(state), state

@@ -1,5 +1,6 @@
 """Wrap a RankingModel in DistributedModelParallel: sharded tables with fused optimizers, DDP for the rest.
 
+    wrapper, hook = make_data_parallel_wrapper(cfg.train.allreduce, ...)   # DDP, with the stale hook for "async"
     sharded = shard_model(model, cfg, env, data_parallel_wrapper=wrapper)
     sharded.dmp, sharded.optimizer (fused sparse + dense, for checkpoints), sharded.dense_optimizer, sharded.plan
 """
@@ -26,6 +27,7 @@ from embeddings.sharding import (
     plan_to_dict,
 )
 from pipeline.config import RunConfig
+from pipeline.distributed.comm_hooks import Compression, StaleAllReduce, stale_allreduce_hook
 from pipeline.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
@@ -77,3 +79,34 @@ def shard_model(model: nn.Module, cfg: RunConfig, env: DistEnv, *,
                                   dense_optimizer_factory(cfg))
     return ShardedModel(dmp=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), dense_optimizer=dense,
                         plan=plan)
+
+
+class HookedDataParallelWrapper(DefaultDataParallelWrapper):
+    """DMP's DDP wrapper with the stale-allreduce hook registered before the first forward."""
+
+    def __init__(self, state: StaleAllReduce, **kwargs):
+        super().__init__(**kwargs)
+        self.state = state
+
+    def wrap(self, dmp, env, device) -> None:
+        super().wrap(dmp, env, device)
+        ddp = dmp._dmp_wrapped_module
+        if isinstance(ddp, nn.parallel.DistributedDataParallel):
+            self.state.process_group = env.process_group
+            ddp.register_comm_hook(self.state, stale_allreduce_hook)
+
+
+def make_data_parallel_wrapper(mode: str, compression: Compression = "none", compensation: float = 0.0,
+                               prediction: float = 0.0) -> tuple[DefaultDataParallelWrapper, StaleAllReduce | None]:
+    """The DDP wrapper for `train.allreduce`: plain DDP for "sync", the stale hook for "async" (with delay
+    compensation of strength `compensation` and weight prediction of scale `prediction`; nothing is stale under
+    "sync", so neither is used there).
+
+    "hook_sync" (tests only) runs the hook with staleness 0: the hook's machinery with plain DDP's arithmetic.
+    """
+    if mode == "sync":
+        precision = "bf16" if compression == "bf16" else None
+        return DefaultDataParallelWrapper(allreduce_comm_precision=precision), None
+    state = StaleAllReduce(compression=compression, staleness=0 if mode == "hook_sync" else 1,
+                           compensation=compensation, prediction=prediction)
+    return HookedDataParallelWrapper(state), state

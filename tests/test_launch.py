@@ -1,0 +1,29 @@
+"""run_local: the fork/spawn launcher of the 2-rank tests and benchmarks."""
+
+import os
+import time
+
+import pytest
+
+from pipeline.distributed.launch import run_local
+
+
+def _rank_and_size(rank, world_size, tag):
+    return rank, world_size, tag
+
+
+def _rank_1_dies(rank, world_size):
+    if rank == 1:
+        os._exit(3)  # no exception, no result: what a segfault or an OOM kill looks like from the parent
+    return rank
+
+
+def test_results_come_back_in_rank_order():
+    assert run_local(_rank_and_size, "x") == [(0, 2, "x"), (1, 2, "x")]
+
+
+def test_a_rank_that_dies_fails_fast_not_at_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] exited with code\(s\) \[3\]"):
+        run_local(_rank_1_dies, timeout_s=120)
+    assert time.monotonic() - start < 30
