@@ -8,7 +8,8 @@ Prints per-step time of both modes, the time of the blocking allreduce alone, th
 `train.allreduce_weight_prediction` or `train.allreduce_delay_compensation` configured, also that of the plain
 stale rule).
 On a 2-core CPU machine gloo's allreduce competes with compute for the same cores, so the hidden share there
-says little about GPUs/NCCL, where the allreduce runs on its own stream and link.
+says little about GPUs/NCCL, where the allreduce runs on its own stream and link: `hyrank bench overlap` measures
+it for the dense tower alone, with torch only, on a GPU machine.
 """
 
 from __future__ import annotations

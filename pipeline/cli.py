@@ -252,6 +252,8 @@ def _models(args) -> int:
 # name -> (module under bench/, one-line help); each module has add_arguments(parser) and run(args) -> int
 BENCHES = {
     "async": ("bench.async_bench", "sync vs one-step-stale allreduce: step time, hidden share, AUC parity"),
+    "overlap": ("bench.overlap", "the share of the dense allreduce the stale hook hides: a tower alone, CPU or GPU, "
+                                 "torch only"),
     "dedup": ("bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
     "reader": ("bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
 }

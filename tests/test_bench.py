@@ -14,12 +14,16 @@ from pipeline.cli import main
      "--set", "train.allreduce_weight_prediction=0"],
     ["bench", "async", "--rows-per-day", "2500", "--set", "data.batch_size_per_rank=128",
      "--set", "model.options.hidden=[16]"],
-], ids=["dedup", "reader", "async_plain_2_seeds", "async_default"])
+    ["bench", "overlap", "--config", "jobs/configs/hyformer.toml", "--batch-size", "16", "--steps", "2",
+     "--warmup", "1", "--rounds", "1"],
+], ids=["dedup", "reader", "async_plain_2_seeds", "async_default", "overlap"])
 def test_bench_runs(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 3, out
     if "async" in argv and "--seeds" not in argv:  # default.toml corrects for the delay: plain rule beside it
         assert "async (prediction 1, compensation 0.5)" in out and "plain stale - sync" in out, out
+    if "overlap" in argv:  # every mode ran, and each one's gradients were checked reduced (or not, for local)
+        assert all(m in out for m in ("local (no", "sync (plain", "async (stale", "async, plain")), out
     if "--seeds" in argv:
         assert "standard error" in out and "seed-to-seed" in out, out

@@ -39,3 +39,41 @@ def test_guard_runs_before_torchrec_is_imported(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("False Unsupported"), out
+
+
+def test_torch_only_install_imports_the_torch_parts(monkeypatch):
+    """A GPU box with torch alone (no torchrec, no fbgemm) may import models/ and the dedup op; half a stack may not."""
+    import sys
+
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # the guard's import finder goes when the test ends
+    monkeypatch.setattr(v, "installed_versions", lambda: {"torch": "2.11.0", "torchrec": None, "fbgemm_gpu": None})
+    assert v.check_versions(allow_torch_only=True)["torch"] == "2.11.0"
+    with pytest.raises(ImportError, match="needs torchrec, fbgemm_gpu"):
+        v.check_versions()
+    monkeypatch.setattr(v, "installed_versions", lambda: {"torch": "2.11.0", "torchrec": None, "fbgemm_gpu": "1.8.0"})
+    with pytest.raises(ImportError, match="needs torchrec"):
+        v.check_versions(allow_torch_only=True)
+
+
+def test_torch_only_install_fails_at_torchrec_with_the_fix():
+    """With torchrec and fbgemm absent, `import pipeline`, models/ and the dedup op work, and what needs torchrec
+    fails with the guard's message instead of a bare ModuleNotFoundError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.metadata as md\n"
+        "real = md.version\n"
+        "def version(d):\n"
+        "    if d.startswith(('torchrec', 'fbgemm')): raise md.PackageNotFoundError(d)\n"
+        "    return real(d)\n"
+        "md.version = version\n"
+        "import sys\n"
+        "import pipeline.cli, models, embeddings.dedup, pipeline.distributed.comm_hooks, bench.overlap\n"
+        "try:\n"
+        "    import pipeline.train\n"
+        "except ImportError as e:\n"
+        "    print('torchrec' in sys.modules, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False torchrec") and "scripts/bootstrap.sh" in out, out
