@@ -135,6 +135,9 @@ class TrainConfig:
     # gradient, and s of the weight prediction (forward/backward at W + s * last dense update); 0: off
     allreduce_delay_compensation: float = 0.0
     allreduce_weight_prediction: float = 0.0
+    # async only: the first N training steps of a model (its global step, so a resumed run or the next day's
+    # retraining does not start again) reduce synchronously, and the stale rule starts after them
+    allreduce_sync_steps: int = 0
     tensorboard: bool = True  # scalars under <out_dir>/tensorboard
     # plain: one batch at a time. sparse_dist: TorchRec's TrainPipelineSparseDist, which overlaps the next
     # batch's host->device copy and embedding all-to-all with this batch's compute (CUDA streams; on CPU it
@@ -149,7 +152,7 @@ class TrainConfig:
         _check_positive("pg_timeout_s", self.pg_timeout_s)
         if not 0.0 <= self.lr_min_ratio <= 1.0:
             raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
-        for name in ("max_steps_per_day", "eval_max_batches", "warmup_steps", "grad_clip_norm"):
+        for name in ("max_steps_per_day", "eval_max_batches", "warmup_steps", "grad_clip_norm", "allreduce_sync_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}")
         for name in ("allreduce_delay_compensation", "allreduce_weight_prediction"):

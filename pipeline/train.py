@@ -143,8 +143,7 @@ class Trainer:
 
     def train_step(self, batch) -> torch.Tensor:
         """One step on one batch (already on the device); returns the detached loss."""
-        if self.hook is not None:
-            self.hook.shift_weights()  # async weight prediction (no-op unless configured)
+        self._before_forward()
         try:
             with self._autocast():
                 loss, _ = self.model(batch)
@@ -155,6 +154,18 @@ class Trainer:
                 self.hook.restore_weights()
         self._after_backward()
         return loss.detach()
+
+    def _before_forward(self) -> None:
+        """Before a step's forward (plain loop or TrainPipelineSparseDist): the async hook reduces synchronously
+        for the model's first `train.allreduce_sync_steps` steps, then one step stale; and under a weight
+        prediction the weights move to the predicted ones (no-op unless configured)."""
+        if self.hook is not None:
+            if self.cfg.train.allreduce == "async":  # (not the tests' "hook_sync", which stays at 0)
+                staleness = int(self.global_step >= self.cfg.train.allreduce_sync_steps)
+                if staleness == 0 and self.hook.in_flight:  # a resumed run whose allreduce_sync_steps was raised
+                    self.flush()
+                self.hook.staleness = staleness
+            self.hook.shift_weights()
 
     def _after_backward(self) -> None:
         """After a step's backward (plain loop or TrainPipelineSparseDist): the real weights back under an async
@@ -361,10 +372,9 @@ class _PipelineStep:
         self.trainer = trainer
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Called before the forward: also where the async weight prediction shifts the weights."""
+        """Called before the forward: also where the async hook is set up for the step (Trainer._before_forward)."""
         self.trainer.optimizer.zero_grad()
-        if self.trainer.hook is not None:
-            self.trainer.hook.shift_weights()
+        self.trainer._before_forward()
 
     def step(self, closure=None) -> None:
         self.trainer._after_backward()

@@ -36,8 +36,9 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
 
 
-def _train_ranks(rank, world_size, mode, compression, compensation=0.0, prediction=0.0):
-    """The trainer's step protocol on a small net: shift/restore around forward+backward, begin/end around a step."""
+def _train_ranks(rank, world_size, mode, compression, compensation=0.0, prediction=0.0, sync_steps=0):
+    """The trainer's step protocol on a small net: shift/restore around forward+backward, begin/end around a step;
+    the first `sync_steps` steps at staleness 0 (train.allreduce_sync_steps)."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
@@ -53,6 +54,8 @@ def _train_ranks(rank, world_size, mode, compression, compensation=0.0, predicti
         x, y = _data(step, rank)
         opt.zero_grad()
         if state is not None:
+            if mode == "async":
+                state.staleness = int(step >= sync_steps)
             state.shift_weights()
         _loss(dmp, x, y).backward()
         if state is not None:
@@ -69,10 +72,11 @@ def _train_ranks(rank, world_size, mode, compression, compensation=0.0, predicti
             "in_flight": state.in_flight if state else False}
 
 
-def _simulate(world_size: int, stale: bool, compensation: float = 0.0, prediction: float = 0.0):
-    """Single process: gradient of the mean over ranks; applied at once, or one step late. Stale options: the
-    gradient moved to the current weights by DC-ASGD-a, g + lambda0 * g^2 / sqrt(MS) * (W_now - W_then) with MS an
-    EMA 0.95 of g^2; and computed at predicted weights W + s * (last update) when a step will follow."""
+def _simulate(world_size: int, stale: bool, compensation: float = 0.0, prediction: float = 0.0, sync_steps: int = 0):
+    """Single process: gradient of the mean over ranks; applied at once, or one step late (after the first
+    `sync_steps` steps, which apply theirs at once). Stale options: the gradient moved to the current weights by
+    DC-ASGD-a, g + lambda0 * g^2 / sqrt(MS) * (W_now - W_then) with MS an EMA 0.95 of g^2; and computed at predicted
+    weights W + s * (last update) when a step will follow."""
     model = _net()
     params = list(model.parameters())
     opt = _optimizer(params)
@@ -104,9 +108,10 @@ def _simulate(world_size: int, stale: bool, compensation: float = 0.0, predictio
         with torch.no_grad():
             for p, w in zip(params, unshifted):
                 p.copy_(w)
-        if not stale:
+        if not stale or step < sync_steps:
             apply(*fresh)
-        elif pending is not None:
+            continue
+        if pending is not None:
             apply(*pending)
         pending = fresh
     if stale:
@@ -151,6 +156,43 @@ def test_weight_prediction_matches_the_simulated_rule(compensation):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("compensation,prediction", [(0.0, 0.0), (2.0, 1.0)], ids=["plain", "both_fixes"])
+def test_sync_steps_then_stale_matches_the_simulated_rule(compensation, prediction):
+    """train.allreduce_sync_steps: the first steps reduce synchronously, the stale rule takes over after them (its
+    first stale step takes no dense step), the compensation's mean squares and the prediction's last update carry
+    across the switch."""
+    r0, r1 = run_distributed(_train_ranks, "async", "none", compensation, prediction, 3)
+    expected = _simulate(2, stale=True, compensation=compensation, prediction=prediction, sync_steps=3)
+    for other in (_simulate(2, stale=True, compensation=compensation, prediction=prediction),
+                  _simulate(2, stale=False)):
+        assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(expected, other))  # neither rule alone
+    for a, b, e in zip(r0["params"], r1["params"], expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    assert r0["ready"] == [True] * 3 + [False] + [True] * (NUM_STEPS - 4)
+
+
+def _back_to_sync_without_flush(rank, world_size):
+    wrapper, state = make_data_parallel_wrapper("async")
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+    dmp = DistributedModelParallel(_net(), env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD),
+                                   device=torch.device("cpu"), plan=ShardingPlan({}), data_parallel_wrapper=wrapper)
+    _loss(dmp, *_data(0, rank)).backward()
+    state.staleness = 0
+    try:
+        _loss(dmp, *_data(1, rank)).backward()
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_staleness_back_to_0_with_a_pending_gradient_fails_loudly():
+    """It would overwrite the pending gradient with this step's: a lost step, so the hook refuses."""
+    assert all("flush() first" in r for r in run_distributed(_back_to_sync_without_flush))
+
+
 def test_async_differs_from_sync():
     """Guard against a hook that is silently synchronous: the stale rule must give other weights."""
     stale = _simulate(2, stale=True)
@@ -177,9 +219,10 @@ def _trainer_steps(rank, world_size, cfg):
     return losses, {n: p.detach().clone() for n, p in trainer.dense_named_parameters()}
 
 
-def _trainer_manual_stale(rank, world_size, cfg):
+def _trainer_manual_stale(rank, world_size, cfg, sync_steps=0):
     """Plain DDP, with the stale rule applied by hand: the tower steps on the previous step's reduced gradient,
-    data-parallel tables on their own fresh one, and the first step takes no dense step (as the hook's)."""
+    data-parallel tables on their own fresh one, and the first step takes no dense step (as the hook's); the
+    first `sync_steps` steps take plain DDP's step."""
     from pipeline.data import discover_days
     from pipeline.distributed.env import env_of_current_group
     from pipeline.train import Trainer
@@ -193,6 +236,10 @@ def _trainer_manual_stale(rank, world_size, cfg):
         trainer.optimizer.zero_grad()
         loss.backward()
         fresh = [p.grad.clone() for p in tower]
+        if len(losses) < sync_steps:
+            trainer._dense_step()
+            losses.append(loss.item())
+            continue
         if previous is not None:
             for p, g in zip(tower, previous):
                 p.grad.copy_(g)
@@ -219,3 +266,20 @@ def test_hook_on_hyformer_takes_the_reference_steps(small_cfg, hook_mode, refere
     torch.testing.assert_close(hook_losses, ref_losses, rtol=0, atol=1e-6)
     for name, w in ref.items():
         torch.testing.assert_close(hook[name], w, rtol=1e-5, atol=1e-6, msg=f"{name} differs ({hook_mode})")
+
+
+def test_trainer_reduces_synchronously_for_its_first_steps(small_cfg):
+    """train.allreduce_sync_steps = 3 on the trainer: plain DDP's steps for 3 steps, then the stale rule by hand."""
+    import functools
+
+    small_cfg.model.name, small_cfg.model.options = "hyformer", {}
+    small_cfg.train.max_steps_per_day = 6
+    small_cfg.train.allreduce_weight_prediction = small_cfg.train.allreduce_delay_compensation = 0.0
+    small_cfg.train.allreduce = "sync"
+    (ref_losses, ref), _ = run_distributed(functools.partial(_trainer_manual_stale, sync_steps=3), small_cfg,
+                                           timeout_s=300)
+    small_cfg.train.allreduce, small_cfg.train.allreduce_sync_steps = "async", 3
+    (losses, params), _ = run_distributed(_trainer_steps, small_cfg, timeout_s=300)
+    torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-6)
+    for name, w in ref.items():
+        torch.testing.assert_close(params[name], w, rtol=1e-5, atol=1e-6, msg=f"{name} differs")

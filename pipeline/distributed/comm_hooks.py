@@ -102,7 +102,8 @@ class StaleAllReduce:
     compression: Compression = "none"
     process_group: dist.ProcessGroup | None = None
     # 1: hand back last step's gradient (async). 0: wait and hand back this step's, through the same per-parameter
-    # bookkeeping: it must equal plain DDP, which is how the bookkeeping is tested on real models.
+    # bookkeeping: it must equal plain DDP, which is how the bookkeeping is tested on real models. May change
+    # between steps (the trainer's train.allreduce_sync_steps: 0, then 1); going back to 0 needs a flush() first.
     staleness: int = 1
     compensation: float = 0.0  # lambda0 of the delay compensation; 0: the plain stale rule
     prediction: float = 0.0  # s of the weight prediction; 0: off
@@ -173,6 +174,9 @@ class StaleAllReduce:
 
     def hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         params = list(bucket.parameters())
+        if self.staleness == 0 and (self._launched_ids or self._stale):
+            # this step's reduction would overwrite the pending gradient of an earlier step: it would be lost
+            raise RuntimeError("StaleAllReduce: staleness set to 0 while a stale gradient is pending; flush() first")
         if any(id(p) in self._launched_ids for p in params):
             self._rotate()  # the first bucket of a new step: last step's launches become this step's stale grads
         if not self._launched:
