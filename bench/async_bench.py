@@ -5,8 +5,8 @@
 
 Prints per-step time of both modes, the time of the blocking allreduce alone, the share of it that async hides
 ((t_sync - t_async) / t_allreduce), and convergence parity: eval AUC of both after the same training day (with
-`train.allreduce_weight_prediction` or `train.allreduce_delay_compensation` configured, also that of the plain
-stale rule).
+`train.allreduce_sync_steps`, `train.allreduce_weight_prediction` or `train.allreduce_delay_compensation`
+configured, also that of the plain stale rule).
 On a 2-core CPU machine gloo's allreduce competes with compute for the same cores, so the hidden share there
 says little about GPUs/NCCL, where the allreduce runs on its own stream and link: `hyrank bench overlap` measures
 it for the dense tower alone, with torch only, on a GPU machine.
@@ -49,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
         overrides = [f'data.root="{data}"', f'out_dir="{Path(tmp) / "run"}"', "train.tensorboard=false",
                      *(["model.name=" + args.model] if args.model else []), *args.overrides]
         t = load_config(config, overrides).train
-        fixes = {"prediction": t.allreduce_weight_prediction, "compensation": t.allreduce_delay_compensation}
+        fixes = {"sync steps": t.allreduce_sync_steps, "prediction": t.allreduce_weight_prediction,
+                 "compensation": t.allreduce_delay_compensation}
         fixes = {name: value for name, value in fixes.items() if value}
         modes = {"sync": ["train.allreduce=sync"], "async": ["train.allreduce=async"]}
         if fixes:  # the configured async run corrects for the delay: also show the plain stale rule
             modes["plain stale"] = ["train.allreduce=async", "train.allreduce_delay_compensation=0",
-                                    "train.allreduce_weight_prediction=0"]
+                                    "train.allreduce_weight_prediction=0", "train.allreduce_sync_steps=0"]
         # one seed: a second sync seed gives the noise floor; several: every mode on every seed
         runs = [(mode, seed) for seed in range(args.seeds) for mode in modes]
         runs += [("sync", 1)] if args.seeds == 1 else []
@@ -132,5 +133,7 @@ def _worker(rank: int, world_size: int, config: str, overrides: list[str]) -> di
         dist.all_reduce(flat)
         ar.append(time.perf_counter() - start)
     skip = min(5, len(times) // 4)  # warm-up steps (DDP re-bucketing, allocator) are not representative
+    if cfg.train.allreduce == "async":  # and an async run's synchronous first steps are not async steps
+        skip = min(len(times) - 1, max(skip, cfg.train.allreduce_sync_steps + 1))
     return {"step_s": statistics.median(times[skip:]), "allreduce_s": statistics.median(ar), "auc": auc,
             "dense_params": flat.numel()}
