@@ -283,3 +283,29 @@ def test_trainer_reduces_synchronously_for_its_first_steps(small_cfg):
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-6)
     for name, w in ref.items():
         torch.testing.assert_close(params[name], w, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+
+
+def _raise_sync_steps_midway(rank, world_size, cfg):
+    """Two async steps, then allreduce_sync_steps raised above the step count (as a resumed run with a new config
+    would see it): the trainer flushes the pending gradient instead of losing it, and reduces synchronously."""
+    from pipeline.data import discover_days
+    from pipeline.distributed.env import env_of_current_group
+    from pipeline.train import Trainer
+
+    trainer = Trainer(cfg, env_of_current_group())
+    batches = iter(trainer._reader(discover_days(cfg.data.root)[0], 4))
+    for _ in range(2):
+        trainer.train_step(next(batches))
+    pending = trainer.hook.in_flight
+    dense_steps = trainer.scheduler.last_epoch
+    trainer.cfg.train.allreduce_sync_steps = 100
+    trainer.train_step(next(batches))
+    return pending, trainer.scheduler.last_epoch - dense_steps, trainer.hook.staleness, trainer.hook.in_flight
+
+
+def test_raising_sync_steps_over_a_pending_gradient_flushes_it(small_cfg):
+    small_cfg.train.allreduce = "async"
+    (pending, steps_taken, staleness, in_flight), _ = run_distributed(_raise_sync_steps_midway, small_cfg,
+                                                                      timeout_s=300)
+    assert pending and staleness == 0 and not in_flight
+    assert steps_taken == 2  # the flushed pending gradient, then the step's own synchronous one
