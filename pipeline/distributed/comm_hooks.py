@@ -78,21 +78,24 @@ class DelayCompensation:
     @torch.no_grad()
     def __call__(self, params: list[nn.Parameter], grads: list[torch.Tensor], computed_at: list[torch.Tensor],
                  applied_at: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each of `grads` (computed at `computed_at`) moved to `applied_at`; updates the parameters' mean squares.
-        Multi-tensor (`torch._foreach_*`) ops: one dispatch per op for all parameters, not one per parameter."""
+        """Each of `grads` (computed at `computed_at`) moved to `applied_at`, in place (`grads` and `computed_at` are
+        overwritten); updates the parameters' mean squares. Multi-tensor (`torch._foreach_*`) ops: one dispatch per
+        op for all parameters, not one per parameter."""
         for p, g in zip(params, grads):
             if id(p) not in self.mean_square:
                 self.mean_square[id(p)] = g * g  # and g*g stays g*g through the EMA step below
         ms = [self.mean_square[id(p)] for p in params]
         torch._foreach_mul_(ms, self.decay)
         torch._foreach_addcmul_(ms, grads, grads, value=1.0 - self.decay)
-        step = torch._foreach_sub(applied_at, computed_at)
-        torch._foreach_mul_(step, grads)
-        torch._foreach_mul_(step, grads)
+        # in place on the caller's buffers (the stale gradients and their weight copies are the hook's own):
+        # g <- g - lambda0 * ((W_then - W_now) * g / (sqrt(MS) + eps)) * g, six passes and one new buffer
+        moved = torch._foreach_sub_(computed_at, applied_at) or computed_at
+        torch._foreach_mul_(moved, grads)
         denom = torch._foreach_sqrt(ms)
         torch._foreach_add_(denom, self.eps)
-        torch._foreach_div_(step, denom)
-        return torch._foreach_add(grads, step, alpha=self.strength)
+        torch._foreach_div_(moved, denom)
+        torch._foreach_addcmul_(grads, moved, grads, value=-self.strength)
+        return grads
 
 
 @dataclass
@@ -120,6 +123,7 @@ class StaleAllReduce:
     _last_update: dict[int, torch.Tensor] = field(default_factory=dict)  # weight prediction: the last dense step
     _unshifted: dict[int, torch.Tensor] = field(default_factory=dict)  # the weights under a prediction
     _before_update: list[torch.Tensor] = field(default_factory=list)
+    _restored: list[torch.Tensor] = field(default_factory=list)  # copies equal to the weights since restore_weights
 
     def __post_init__(self) -> None:
         if self.compensation < 0 or self.prediction < 0:
@@ -146,6 +150,7 @@ class StaleAllReduce:
     def shift_weights(self) -> None:
         """Before a forward: move the bound weights to W + s * (last update) if this step will take a dense step
         (a gradient is pending) and an update was recorded. `restore_weights` undoes it exactly (by a copy)."""
+        self._restored = []  # valid only from a restore to the dense step of the same step
         if not self.prediction or not self._last_update or not self.in_flight:
             return
         params = list(self._named.values())
@@ -156,14 +161,16 @@ class StaleAllReduce:
     def restore_weights(self) -> None:
         if self._unshifted:
             params = list(self._named.values())
-            torch._foreach_copy_(params, [self._unshifted[id(p)] for p in params])
+            self._restored = [self._unshifted[id(p)] for p in params]
+            torch._foreach_copy_(params, self._restored)
             self._unshifted = {}
 
     @torch.no_grad()
     def begin_update(self) -> None:
         """Before a dense optimizer step: remember the weights, so `end_update` can record the step's update."""
-        if self.prediction:
-            self._before_update = list(torch._foreach_mul(list(self._named.values()), 1.0))
+        if self.prediction:  # right after a restore the unshifted copies are the weights: no second copy
+            self._before_update = self._restored or list(torch._foreach_mul(list(self._named.values()), 1.0))
+            self._restored = []
 
     @torch.no_grad()
     def end_update(self) -> None:
@@ -203,7 +210,7 @@ class StaleAllReduce:
         flat = buffer.to(torch.bfloat16) if self.compression == "bf16" else buffer.clone()
         flat.div_(world)
         work = dist.all_reduce(flat, group=self.process_group, async_op=True)
-        weights = [p.detach().clone() for p in params] if self._dc is not None else None
+        weights = list(torch._foreach_mul([p.detach() for p in params], 1.0)) if self._dc is not None else None
         self._launched.append(_InFlight(work, flat, params, weights))
         self._launched_ids.update(id(p) for p in params)
 
@@ -314,6 +321,7 @@ class StaleAllReduce:
                              f"unexpected {extra[:5]}")
         if self.in_flight:
             raise RuntimeError("load_state_dict while gradients are in flight: load before the first step")
+        self._restored = []
         for flag, name in zip(has.tolist(), names):
             if flag:
                 p = self._named[name]
