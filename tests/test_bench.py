@@ -13,7 +13,7 @@ from pipeline.cli import main
      "--set", "model.options.hidden=[16]", "--seeds", "2", "--set", "train.allreduce_delay_compensation=0",
      "--set", "train.allreduce_weight_prediction=0"],
     ["bench", "async", "--rows-per-day", "2500", "--set", "data.batch_size_per_rank=128",
-     "--set", "model.options.hidden=[16]"],
+     "--set", "model.options.hidden=[16]", "--set", "train.allreduce_sync_steps=2"],  # ~10 steps: most async
     ["bench", "overlap", "--config", "jobs/configs/hyformer.toml", "--batch-size", "16", "--steps", "2",
      "--warmup", "1", "--rounds", "1"],
 ], ids=["dedup", "reader", "async_plain_2_seeds", "async_default", "overlap"])
@@ -22,7 +22,7 @@ def test_bench_runs(argv, capsys):
     out = capsys.readouterr().out
     assert out.count("\n") >= 3, out
     if "async" in argv and "--seeds" not in argv:  # default.toml corrects for the delay: plain rule beside it
-        assert "async (prediction 1, compensation 0.5)" in out and "plain stale - sync" in out, out
+        assert "async (sync steps 2, prediction 1, compensation 0.5)" in out and "plain stale - sync" in out, out
     if "overlap" in argv:  # every mode ran, and each one's gradients were checked reduced (or not, for local)
         assert all(m in out for m in ("local (no", "sync (plain", "async (stale", "async, plain")), out
     if "--seeds" in argv:
