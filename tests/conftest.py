@@ -36,8 +36,9 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def small_cfg(synth_root, tmp_path):
-    """The shipped default config pointed at the small synthetic logs, with a small tower."""
+    """The shipped default config pointed at the small synthetic logs, with a small tower; an async run is one
+    step stale from its first step (the tests take a handful of steps, fewer than default.toml's synchronous ones)."""
     return load_config(DEFAULT_CONFIG, [f'data.root="{synth_root}"', f'out_dir="{tmp_path / "run"}"',
                                         "data.batch_size_per_rank=128", "model.options.hidden=[64,32]",
                                         "features.sequences.0.max_len=64", "features.sequences.1.max_len=12",
-                                        "features.sequences.2.max_len=12"])
+                                        "features.sequences.2.max_len=12", "train.allreduce_sync_steps=0"])
