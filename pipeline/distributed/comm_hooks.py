@@ -89,7 +89,8 @@ class DelayCompensation:
         torch._foreach_addcmul_(ms, grads, grads, value=1.0 - self.decay)
         # in place on the caller's buffers (the stale gradients and their weight copies are the hook's own):
         # g <- g - lambda0 * ((W_then - W_now) * g / (sqrt(MS) + eps)) * g, six passes and one new buffer
-        moved = torch._foreach_sub_(computed_at, applied_at) or computed_at
+        torch._foreach_sub_(computed_at, applied_at)
+        moved = computed_at  # now W_then - W_now
         torch._foreach_mul_(moved, grads)
         denom = torch._foreach_sqrt(ms)
         torch._foreach_add_(denom, self.eps)
