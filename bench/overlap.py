@@ -87,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
             backend = "nccl" if gpus >= args.world_size else "gloo"
         if backend == "nccl" and gpus < args.world_size:
             raise ValueError(f"nccl needs a GPU per rank: {args.world_size} ranks, {gpus} GPU(s)")
-    elif backend in ("auto", "nccl"):
-        if backend == "nccl":
-            raise ValueError("nccl needs --device cuda")
+    elif backend == "nccl":
+        raise ValueError("nccl needs --device cuda")
+    else:
         backend = "gloo"
     start = "spawn" if args.device == "cuda" else "fork"  # a forked child cannot initialise CUDA
     timing = {"device": args.device, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds}
@@ -114,8 +114,8 @@ def _gpu_count() -> int:
 
 def _spec(args: argparse.Namespace, config: str) -> dict:
     """What every rank builds: model name and options, input shapes, batch size, training options."""
-    from models import MODELS
-    from models.accounting import PAPER_ROWS, paper_shape
+    from models import MODELS, build_model
+    from models.accounting import PAPER_ROWS, dense_params, paper_shape
     from pipeline.config import load_config
 
     cfg = load_config(config, list(args.overrides))
@@ -138,12 +138,10 @@ def _spec(args: argparse.Namespace, config: str) -> dict:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    from models import build_model
-
-    with torch.device("meta"):  # a bad option fails here, once, not in every rank
-        build_model(name, dict(options), shape)
+    with torch.device("meta"):  # a bad option fails here, once, not in every rank; counted without memory
+        params = dense_params(build_model(name, dict(options), shape))
     t = cfg.train
-    return {"model": name, "options": options, "shape": shape,
+    return {"model": name, "options": options, "shape": shape, "dense_params": params,
             "batch_size": args.batch_size or cfg.data.batch_size_per_rank,
             "lr": t.lr, "weight_decay": t.weight_decay, "grad_clip_norm": t.grad_clip_norm,
             "bf16": t.precision == "bf16", "compression": t.allreduce_compression,
@@ -243,9 +241,7 @@ def _worker(rank: int, world_size: int, spec: dict, timing: dict) -> dict:
     for _ in range(timing["rounds"]):
         for mode in modes:
             times[mode] += one_mode(mode)
-    with torch.device(device):
-        params = sum(p.numel() for p in build_model(spec["model"], dict(spec["options"]), spec["shape"]).parameters())
-    flat = torch.zeros(params, device=device)
+    flat = torch.zeros(spec["dense_params"], device=device)  # what the hook reduces, in one piece
     ar = []
     for _ in range(max(5, timing["steps"] // 2)):
         sync()
@@ -260,7 +256,6 @@ def _worker(rank: int, world_size: int, spec: dict, timing: dict) -> dict:
     dist.all_gather_object(gathered, local)
     out = {m: max(g[m] for g in gathered) for m in modes}
     out["allreduce"] = statistics.median(ar)
-    out["dense_params"] = params
     out["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return out
 
@@ -290,7 +285,8 @@ def _to(x, device: torch.device):
 def _report(r: dict, spec: dict, args: argparse.Namespace, backend: str) -> None:
     fixes = [f"{k} {spec[k]:g}" for k in ("prediction", "compensation") if spec[k]]
     shared = args.device == "cuda" and backend == "gloo"
-    print(f"tower {spec['model']}: {r['dense_params']:,} dense parameters ({r['dense_params'] * 4 / 2**20:.1f} MiB of "
+    params = spec["dense_params"]
+    print(f"tower {spec['model']}: {params:,} dense parameters ({params * 4 / 2**20:.1f} MiB of "
           f"fp32 gradient), batch {spec['batch_size']} per rank, {args.world_size} ranks, {backend} on "
           f"{r['device_name']}{' (ranks share the GPU)' if shared else ''}"
           f"{', bf16 autocast' if args.device == 'cuda' and spec['bf16'] else ''}")
