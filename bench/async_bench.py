@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from pipeline.config import load_config
     from pipeline.distributed.launch import run_local
-    from pipeline.synth import SynthConfig, generate_logs
+    from pipeline.data.synth import SynthConfig, generate_logs
 
     config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,9 +109,9 @@ def _worker(rank: int, world_size: int, config: str, overrides: list[str]) -> di
     import torch.distributed as dist
 
     from pipeline.config import load_config
-    from pipeline.data import discover_days
+    from pipeline.data.days import discover_days
     from pipeline.distributed.env import env_of_current_group
-    from pipeline.train import Trainer
+    from pipeline.train.trainer import Trainer
 
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, env_of_current_group())

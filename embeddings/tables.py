@@ -5,7 +5,7 @@ that shares such a table (the target `item_id` sharing the `item` table with the
 target and history live in one space) is looked up there too and pooled here. Every other table lives in the
 `EmbeddingBagCollection`, pooled by fbgemm.
 
-This module knows nothing of Parquet or the feature spec: pipeline/features.py translates a spec into
+This module knows nothing of Parquet or the feature spec: pipeline/data/features.py translates a spec into
 `TableDef`s and `LookupDef`s.
 """
 

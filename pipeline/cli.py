@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_gen_logs(verbs) -> None:
-    from pipeline.synth import SynthConfig
+    from pipeline.data.synth import SynthConfig
 
     d = SynthConfig()
     p = verbs.add_parser(
@@ -99,7 +99,7 @@ def _int_range(text: str) -> tuple[int, int]:
 def _gen_logs(args) -> int:
     import time
 
-    from pipeline.synth import SynthConfig, generate_logs, oracle_auc
+    from pipeline.data.synth import SynthConfig, generate_logs, oracle_auc
 
     lo, hi = args.long_len
     cfg = SynthConfig(rows_per_day=args.rows_per_day, num_days=args.days, start_day=args.start_day, seed=args.seed,
@@ -149,9 +149,9 @@ def _train(args) -> int:
     if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node)
     from pipeline.config import load_config, save_resolved
-    from pipeline.data import DayRange, discover_days, find_day
+    from pipeline.data.days import DayRange, discover_days, find_day
     from pipeline.distributed.env import init_distributed
-    from pipeline.train import Trainer
+    from pipeline.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     days = discover_days(cfg.data.root, DayRange.parse(args.days), partition_key=cfg.data.partition_key,

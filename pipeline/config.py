@@ -26,7 +26,7 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from pipeline.features import FeatureSpec
+from pipeline.data.features import FeatureSpec
 
 
 class ConfigError(ValueError):
@@ -162,7 +162,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """DCP checkpoints of the whole run state (pipeline/checkpoint.py)."""
+    """DCP checkpoints of the whole run state (pipeline/train/checkpoint.py)."""
 
     dir: str = ""  # "": <out_dir>/checkpoints
     at_day_end: bool = True  # after each training day (its gradients flushed)

@@ -16,8 +16,8 @@ from torchrec import JaggedTensor
 
 from embeddings.collection import SparseArch, SparseOutput
 from models.inputs import SequenceInput, TowerInput
-from pipeline.batch import Batch
-from pipeline.features import FeatureSpec
+from pipeline.data.batch import Batch
+from pipeline.data.features import FeatureSpec
 
 
 class RankingOutput(NamedTuple):

@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpointer, _check_same_model
+from pipeline.train.checkpoint import Checkpointer, _check_same_model
 from pipeline.config import to_dict
-from pipeline.data import discover_days
+from pipeline.data.days import discover_days
 from pipeline.distributed.env import env_of_current_group
-from pipeline.train import Trainer
+from pipeline.train.trainer import Trainer
 
 from dist import run_distributed
 

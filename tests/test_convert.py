@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.convert import BatchConverter, stable_hash, truncate_recent
-from pipeline.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
+from pipeline.data.convert import BatchConverter, stable_hash, truncate_recent
+from pipeline.data.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
 
 
 def _spec(**kw) -> FeatureSpec:

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import (DayRange, DayReader, batches_per_rank, discover_days, find_day, row_groups,
-                           split_row_groups)
+from pipeline.data.days import DayRange, discover_days, find_day
+from pipeline.data.reader import DayReader, batches_per_rank, row_groups, split_row_groups
 
 from conftest import DEFAULT_CONFIG
 

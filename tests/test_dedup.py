@@ -173,7 +173,7 @@ def _ranking_model(cfg, *, dedup: bool):
 
 
 def test_ranking_model_dedup_equals_reference_on_a_real_batch(small_cfg):
-    from pipeline.convert import BatchConverter
+    from pipeline.data.convert import BatchConverter
 
     table = _real_table(small_cfg)
     plain = BatchConverter(small_cfg.features)(table)
@@ -201,7 +201,7 @@ def test_ranking_model_dedup_equals_reference_on_a_real_batch(small_cfg):
 
 
 def test_mismatched_dedup_setting_is_a_clear_error(small_cfg):
-    from pipeline.convert import BatchConverter
+    from pipeline.data.convert import BatchConverter
 
     deduped = BatchConverter(small_cfg.features, dedup=True)(_real_table(small_cfg, rows=8))
     plain = BatchConverter(small_cfg.features)(_real_table(small_cfg, rows=8))
@@ -212,7 +212,7 @@ def test_mismatched_dedup_setting_is_a_clear_error(small_cfg):
 
 
 def test_batch_with_dedup_index_moves_to_a_device_and_pins():
-    from pipeline.batch import Batch
+    from pipeline.data.batch import Batch
 
     d = dedup_sequences(_batch(0.25), TABLE_OF)
     b = Batch(pooled=d.unique, sequence=d.unique, dense=torch.zeros(16, 0), labels=torch.zeros(16),

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import discover_days
+from pipeline.data.days import discover_days
 from pipeline.distributed.env import env_of_current_group
-from pipeline.synth import generate_logs
-from pipeline.train import Trainer
+from pipeline.data.synth import generate_logs
+from pipeline.train.trainer import Trainer
 
 from conftest import DEFAULT_CONFIG, small_synth
 from dist import run_distributed

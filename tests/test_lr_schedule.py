@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train import lr_multiplier
+from pipeline.train.trainer import lr_multiplier
 
 
 def test_constant_is_one_after_a_linear_warm_up():

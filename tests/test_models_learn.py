@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models import MODELS, build_model
-from pipeline.data import DayReader, discover_days
+from pipeline.data.days import discover_days
+from pipeline.data.reader import DayReader
 from pipeline.ranker import RankingModel
 
 # Small widths: the whole file must stay well under a minute or two on two shared cores.

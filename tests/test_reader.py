@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data import DayReader, ReaderOptions, discover_days, next_complete_day, scan_days
+from pipeline.data.days import discover_days, next_complete_day, scan_days
+from pipeline.data.reader import DayReader, ReaderOptions
 
 from conftest import DEFAULT_CONFIG
 from dist import run_distributed

@@ -215,7 +215,7 @@ def test_plan_to_dict_is_plain_data():
 
 def _train_steps(rank: int, world_size: int, cfg, table, full_state: dict, dedup: bool, num_steps: int = 3):
     from models import build_model
-    from pipeline.convert import BatchConverter
+    from pipeline.data.convert import BatchConverter
     from pipeline.distributed.dmp import shard_model
     from pipeline.distributed.env import env_of_current_group
     from pipeline.ranker import RankingModel

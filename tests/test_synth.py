@@ -5,9 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data import discover_days, row_groups
-from pipeline.synth import generate_logs, oracle_auc
-from pipeline.validate import check_schema
+from pipeline.data.days import discover_days
+from pipeline.data.reader import row_groups
+from pipeline.data.synth import generate_logs, oracle_auc
+from pipeline.data.validate import check_schema
 
 from conftest import DEFAULT_CONFIG, small_synth
 

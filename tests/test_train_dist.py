@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.data import discover_days
+from pipeline.data.days import discover_days
 from pipeline.distributed.env import env_of_current_group
-from pipeline.train import Trainer
+from pipeline.train.trainer import Trainer
 
 from dist import run_distributed
 

@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
-from pipeline.validate import REASONS, DayValidation, check_schema, validate_rows
+from pipeline.data.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
+from pipeline.data.validate import REASONS, DayValidation, check_schema, validate_rows
 
 
 def _spec() -> FeatureSpec:

@@ -71,7 +71,7 @@ def test_torch_only_install_fails_at_torchrec_with_the_fix():
         "import sys\n"
         "import pipeline.cli, models, embeddings.dedup, pipeline.distributed.comm_hooks, bench.overlap\n"
         "try:\n"
-        "    import pipeline.train\n"
+        "    import pipeline.train.trainer\n"
         "except ImportError as e:\n"
         "    print('torchrec' in sys.modules, e)\n"
     )

@@ -43,8 +43,8 @@ from pipeline.distributed.comm_hooks import StaleAllReduce
 from pipeline.distributed.env import DistEnv
 
 if TYPE_CHECKING:
-    from pipeline.data import DayReader
-    from pipeline.train import Trainer
+    from pipeline.data.reader import DayReader
+    from pipeline.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from embeddings.dedup import dedup_sequences
-from pipeline.batch import Batch
-from pipeline.features import DenseFeature, FeatureSpec, OOVPolicy, SequenceFeature
+from pipeline.data.batch import Batch
+from pipeline.data.features import DenseFeature, FeatureSpec, OOVPolicy, SequenceFeature
 
 
 class BatchConverter:
@@ -36,7 +36,7 @@ class BatchConverter:
     def __call__(self, table: pa.Table, *, source: str = "<table>", first_row: int = 0,
                  id_max: Mapping[str, int] | None = None) -> Batch:
         """`id_max`: per integer id column, a bound such that every id of `table` is in [0, id_max] (the reader's
-        validation proves it: pipeline.validate.RowVerdict.id_max); such columns skip the range pass over their ids."""
+        validation proves it: pipeline.data.validate.RowVerdict.id_max); such columns skip the range pass over their ids."""
         ctx = _Ctx(source, first_row)
         id_max = id_max or {}
         jagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -10,7 +10,7 @@ One step: forward (bf16 autocast on CUDA if asked) -> BCE -> backward, during wh
 sharded tables (fused optimizers) and DDP reduces the dense gradients -> clip -> dense optimizer step.
 With `train.allreduce = "async"` the dense step applies last step's gradient (pipeline/distributed/comm_hooks.py)
 and every boundary (end of a day, evaluation) flushes the gradient still in flight; a checkpoint keeps it pending
-instead (pipeline/checkpoint.py), so a resumed run takes the same steps.
+instead (pipeline/train/checkpoint.py), so a resumed run takes the same steps.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from models import build_model
-from pipeline.checkpoint import Checkpointer
+from pipeline.train.checkpoint import Checkpointer
 from pipeline.config import RunConfig
-from pipeline.data import DayPartition, DayReader, ReaderOptions
+from pipeline.data.days import DayPartition
+from pipeline.data.reader import DayReader, ReaderOptions
 from pipeline.distributed.dmp import make_data_parallel_wrapper, shard_model
 from pipeline.distributed.env import DistEnv
-from pipeline.metrics import EvalMetrics, metrics_over_ranks
+from pipeline.train.metrics import EvalMetrics, metrics_over_ranks
 from pipeline.ranker import RankingModel
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ class Trainer:
             self.checkpointer.save(self)
         return stats
 
-    # -- checkpoints (pipeline/checkpoint.py) --------------------------------------------------------------------
+    # -- checkpoints (pipeline/train/checkpoint.py) --------------------------------------------------------------------
 
     def dense_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The DDP part's parameters by name: what the async hook reduces (DMP's own split: every parameter that
@@ -313,7 +314,7 @@ class Trainer:
     def evaluate(self, day: DayPartition) -> EvalMetrics:
         """Exact metrics over the whole day (or `train.eval_max_batches`), identical on every rank.
 
-        See pipeline.metrics.metrics_over_ranks for where the predictions go and what that costs.
+        See pipeline.train.metrics.metrics_over_ranks for where the predictions go and what that costs.
         """
         self.flush()
         reader = self._reader(day, self.cfg.train.eval_max_batches)

@@ -7,7 +7,7 @@
     write_quarantine(qdir / "part-0.rg3.parquet", table.filter(~verdict.good_B), ...)
 
 `check_schema`: a missing or wrongly typed column fails naming the file and the column, before any row is
-decoded. `validate_rows`: a bad row is dropped, never fixed; the reader (pipeline/data.py) counts bad rows per
+decoded. `validate_rows`: a bad row is dropped, never fixed; the reader (pipeline/data/reader.py) counts bad rows per
 reason (REASONS), writes them to the quarantine and stops the run when a day's bad fraction exceeds the budget.
 """
 
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.features import FeatureSpec
+from pipeline.data.features import FeatureSpec
 
 
 def _is_list(t: pa.DataType) -> bool:
