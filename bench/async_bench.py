@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             # row groups of 2048 rows: enough of them to deal to both ranks even for a small day
             generate_logs(SynthConfig(rows_per_day=args.rows_per_day, num_days=2, rows_per_chunk=2048), data)
         overrides = [f'data.root="{data}"', f'out_dir="{Path(tmp) / "run"}"', "train.tensorboard=false",
+                     "checkpoint.at_day_end=false",
                      *(["model.name=" + args.model] if args.model else []), *args.overrides]
         t = load_config(config, overrides).train
         fixes = {"sync steps": t.allreduce_sync_steps, "prediction": t.allreduce_weight_prediction,
@@ -111,20 +112,13 @@ def _worker(rank: int, world_size: int, config: str, overrides: list[str]) -> di
     from pipeline.config import load_config
     from pipeline.data.days import discover_days
     from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.trainer import RunPlan, Trainer
 
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, env_of_current_group())
     days = discover_days(cfg.data.root)
-    trainer.plan_lr(days[:1])  # the LR curve `hyrank train` would take over this one day
-    reader = trainer._reader(days[0], cfg.train.max_steps_per_day)
-    times = []
-    for batch in reader:
-        start = time.perf_counter()
-        trainer.train_step(batch)
-        times.append(time.perf_counter() - start)
-    trainer.flush()
-    auc = trainer.evaluate(days[1]).auc
+    result = trainer.run(RunPlan(train_days=days[:1], eval_days=days[1:2]))  # what `hyrank train` runs
+    times = result.trained[0].step_seconds
     flat = torch.zeros(sum(p.numel() for _, p in trainer.dense_named_parameters()))  # what the hook reduces
     ar = []
     for _ in range(20):
@@ -135,5 +129,5 @@ def _worker(rank: int, world_size: int, config: str, overrides: list[str]) -> di
     skip = min(5, len(times) // 4)  # warm-up steps (DDP re-bucketing, allocator) are not representative
     if cfg.train.allreduce == "async":  # and an async run's synchronous first steps are not async steps
         skip = min(len(times) - 1, max(skip, cfg.train.allreduce_sync_steps + 1))
-    return {"step_s": statistics.median(times[skip:]), "allreduce_s": statistics.median(ar), "auc": auc,
-            "dense_params": flat.numel()}
+    return {"step_s": statistics.median(times[skip:]), "allreduce_s": statistics.median(ar),
+            "auc": result.metrics[str(days[1].day)].auc, "dense_params": flat.numel()}

@@ -5,7 +5,7 @@
 
 Needs only torch (no torchrec, no fbgemm), so it runs on any GPU machine: the tower from models/, random embedded
 inputs of the run config's shapes (or the HyFormer paper's, `--shape paper`), DDP over the tower, and the hook of
-pipeline/distributed/comm_hooks.py with the config's prediction / compensation: the dense half of what
+pipeline/distributed/comm_hooks.py driven by DenseSync (dense_sync.py) with the config's prediction / compensation: the dense half of what
 `hyrank train` runs under DMP. Three DDP modes, each on a fresh tower, interleaved over `--rounds`:
   local   a comm hook that reduces nothing: the step's compute alone
   sync    plain DDP; its bucket allreduces overlap the rest of backward, and what they still add is "exposed"
@@ -171,6 +171,7 @@ def _worker(rank: int, world_size: int, spec: dict, timing: dict) -> dict:
     from models import build_model
     from models.accounting import meta_inputs
     from pipeline.distributed.comm_hooks import StaleAllReduce, stale_allreduce_hook
+    from pipeline.distributed.dense_sync import DenseSync
 
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if timing["device"] == "cuda" else "cpu")
     if device.type == "cuda":
@@ -200,38 +201,29 @@ def _worker(rank: int, world_size: int, spec: dict, timing: dict) -> dict:
             fixes = mode == "async"  # "plain": the stale rule without prediction / compensation
             hook = StaleAllReduce(compression=spec["compression"], compensation=spec["compensation"] * fixes,
                                   prediction=spec["prediction"] * fixes)
-            hook.bind(tower.named_parameters())
             ddp.register_comm_hook(hook, stale_allreduce_hook)
         opt = torch.optim.AdamW(tower.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
+        # the trainer's own dense step: the same object, so the same call order as `hyrank train`
+        dense = DenseSync(opt, tower.named_parameters(), hook=hook, mode="sync" if hook is None else "async",
+                          grad_clip_norm=spec["grad_clip_norm"])
         times = []
         for step in range(timing["warmup"] + timing["steps"]):
             sync()
             dist.barrier()
             start = time.perf_counter()
-            if hook is not None:
-                hook.shift_weights()
+            dense.before_forward(step)
             with autocast:
                 logits = ddp(inputs).float()
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
             opt.zero_grad()
             loss.backward()
-            if hook is not None:
-                hook.restore_weights()
-            if hook is None or hook.ready:
-                if spec["grad_clip_norm"] > 0:
-                    torch.nn.utils.clip_grad_norm_(tower.parameters(), spec["grad_clip_norm"])
-                if hook is not None:
-                    hook.begin_update()
-                opt.step()
-                if hook is not None:
-                    hook.end_update()
+            dense.after_backward()
             sync()
             if step >= timing["warmup"]:
                 times.append(time.perf_counter() - start)
         _check_reduced(mode, tower)
-        if hook is not None:
-            hook.flush(opt)
-        del ddp, tower, opt, hook
+        dense.flush()
+        del ddp, tower, opt, hook, dense
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return times

@@ -121,7 +121,8 @@ def _raw_row_groups(files: list[Path], columns: list[str]) -> float:
 
 
 def _reader_pass(day, spec, batch_size: int, workers: int, shuffle: bool) -> float:
-    from pipeline.data.reader import DayReader, ReaderOptions
+    from pipeline.data.options import ReaderOptions
+    from pipeline.data.reader import DayReader
 
     start = time.perf_counter()
     reader = DayReader(day, spec, batch_size=batch_size, options=ReaderOptions(

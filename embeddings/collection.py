@@ -2,10 +2,15 @@
 
     layout = EmbeddingLayout(tables=..., lookups=...)
     arch = SparseArch(layout, device=torch.device("meta"))   # DMP materialises and shards it
-    out = arch(pooled_kjt, sequence_kjt)                       # SparseOutput
+    ids = arch.sequence_feed(sequence_kjt)                     # on the host (the reader's converter): SequenceIds
+    out = arch(pooled_kjt, ids.kjt, ids.index)                 # SparseOutput
 
-    arch = SparseArch(layout, device=..., dedup=True)          # embeddings.dedup: look up distinct ids once
-    out = arch(pooled_kjt, unique_kjt, dedup_index)            # the same SparseOutput, out.dedup_ratio set
+    arch = SparseArch(layout, device=..., dedup=True)          # embeddings.dedup: look up distinct ids once; its
+    ids = arch.sequence_feed(sequence_kjt)                     # feed yields distinct ids and a DedupIndex, and
+    out = arch(pooled_kjt, ids.kjt, ids.index)                 # out is the same, with out.dedup_ratio set
+
+`dedup` is a switch of this module alone: the EC's keys and the feed that fills them come from it, and batch
+producers take `sequence_feed` from the model instead of a setting of their own, so they cannot disagree.
 
 Legend: B batch rows, D embedding dim, N total events of a feature in the batch, U distinct ids of a table.
 """
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embeddings.dedup import DedupIndex, expand_sequences
+from embeddings.dedup import DedupIndex, SequenceFeed, expand_sequences
 from embeddings.tables import EmbeddingLayout
 
 
@@ -36,7 +41,8 @@ class SparseArch(nn.Module):
     """EmbeddingBagCollection for pooled-only tables, EmbeddingCollection for tables read by sequences.
 
     `dedup=True` builds the EC over one key of distinct ids per table (embeddings.dedup); the batch then
-    carries those ids and a DedupIndex, and the output is rebuilt event by event, identical to the plain path.
+    carries those ids and a DedupIndex, made on the host by `sequence_feed`, and the output is rebuilt event by
+    event, identical to the plain path.
     `transforms` (sequence feature -> position-independent module, e.g. a projection of the item embedding)
     run on the looked-up rows of that feature: on U distinct rows with dedup, on all N events without.
     """
@@ -44,11 +50,13 @@ class SparseArch(nn.Module):
     def __init__(self, layout: EmbeddingLayout, *, device: torch.device | None = None, dedup: bool = False,
                  transforms: Mapping[str, nn.Module] | None = None):
         super().__init__()
-        self.dedup = dedup
-        ebc_configs, ec_configs = layout.ebc_configs(), layout.ec_configs(dedup=dedup)
+        # One switch feeds both sides: the host step batches go through, and the EC keys it fills.
+        self.sequence_feed: SequenceFeed = layout.sequence_feed(dedup=dedup)
+        self.dedup = self.sequence_feed.dedup
+        ebc_configs, ec_configs = layout.ebc_configs(), layout.ec_configs(dedup=self.dedup)
         self.ebc = EmbeddingBagCollection(tables=ebc_configs, device=device) if ebc_configs else None
         self.ec = EmbeddingCollection(tables=ec_configs, device=device) if ec_configs else None
-        self.assemble = _Assemble(layout, dedup, transforms)
+        self.assemble = _Assemble(layout, self.dedup, transforms)
 
     def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor,
                 sequence_index: DedupIndex | None = None) -> SparseOutput:
@@ -95,17 +103,19 @@ class _Assemble(nn.Module):
         return seqs
 
 
+_NOT_FED = ("it was not made with this model's sequence_feed (embeddings.dedup is a switch of the model alone: "
+            "pass sequence_feed=model.sequence_feed to the BatchConverter or DayReader)")
+
+
 def _require_index(index: DedupIndex | None) -> DedupIndex:
     if index is None:
-        raise ValueError("SparseArch(dedup=True) got a batch without a dedup index: build the BatchConverter "
-                         "with the same embeddings.dedup setting as the model")
+        raise ValueError(f"SparseArch(dedup=True) got a batch without a dedup index: {_NOT_FED}")
     return index
 
 
 def _refuse_index(index: DedupIndex | None) -> None:
     if index is not None:
-        raise ValueError("SparseArch(dedup=False) got a deduplicated batch: build the model with the same "
-                         "embeddings.dedup setting as the BatchConverter")
+        raise ValueError(f"SparseArch(dedup=False) got a deduplicated batch: {_NOT_FED}")
 
 
 # Opaque to TrainPipelineSparseDist's FX trace: they branch on None.

@@ -1,9 +1,9 @@
 """Deduplicated sequence lookup (HyFormer 3.8.1): look up each distinct id of a batch once, rebuild the events.
 
-    host:   d = dedup_sequences(sequence_kjt, table_of={"long_item_ids": "item", ...})  # DedupResult
-            batch carries d.unique (the EC's input) and d.index (compact inverse) host -> device
-    device: unique = ec(d.unique)                                   # dedup_key(table) -> JaggedTensor (U, D)
-            seqs = expand_sequences(unique, d.index, transforms)     # feature -> JaggedTensor (N, D')
+    host:   ids = arch.sequence_feed(sequence_kjt)                  # SparseArch(layout, dedup=True): SequenceIds
+            batch carries ids.kjt (distinct ids, the EC's input) and ids.index (compact inverse) host -> device
+    device: unique = ec(ids.kjt)                                    # dedup_key(table) -> JaggedTensor (U, D)
+            seqs = expand_sequences(unique, ids.index, transforms)   # feature -> JaggedTensor (N, D')
 
 Long behaviour sequences repeat items (~25% of tokens are distinct in the paper's logs), so the batch moves
 U int64 ids + N int16/int32 inverse indices instead of N int64 ids, the lookup (and its all-to-all when sharded)
@@ -12,7 +12,8 @@ rows instead of N. The expansion is an index_select whose backward is an index_a
 ids are summed into their unique row before they reach the table (tests/test_dedup.py checks this against the
 plain lookup of every event).
 
-The reference path is the plain lookup of every event: `SparseArch(layout, dedup=False)`.
+The reference path is the plain lookup of every event: `SparseArch(layout, dedup=False)`, whose feed passes the
+KJT through. `dedup_sequences` is the dedup step on its own (tests; bench/dedup.py times its core).
 
 Legend: N events of one feature (or of all features of a table) in the batch, U distinct ids of a table,
 B batch rows, F sequence features, T tables read by sequences, D embedding width, D' width after a transform.
@@ -127,6 +128,34 @@ def dedup_sequences(kjt: "KeyedJaggedTensor", table_of: Mapping[str, str]) -> De
                        u.inverse.to(compact_index_dtype(u.num_unique)), int(kjt.values().numel()),
                        sum(u.num_unique))
     return DedupResult(unique=unique, index=index)
+
+
+@dataclass
+class SequenceIds:
+    """A batch's sequence ids in the form its EC lookup reads."""
+
+    kjt: KeyedJaggedTensor  # every event's id (plain), or each table's distinct ids, keys dedup_key(table)
+    index: DedupIndex | None  # how to rebuild every event from the distinct ids; None on the plain path
+
+
+@dataclass(frozen=True)
+class SequenceFeed:
+    """The host-side step between a batch's sequence KJT and the EC lookup that reads it (runs in the loader).
+
+    Plain: the KJT as it is. Dedup: each table's distinct ids and a DedupIndex (`dedup_sequences`). The lookup
+    owns the choice, like torchrec's EmbeddingCollectionSharder(use_index_dedup=...): `SparseArch.sequence_feed`
+    is the feed its EC was built for, and readers take it from the model. `EmbeddingLayout.sequence_feed` builds
+    one without a model (tests, benchmarks).
+    """
+
+    table_of: dict[str, str]  # EC feature -> the table it reads (EmbeddingLayout.ec_table_of)
+    dedup: bool
+
+    def __call__(self, sequence: "KeyedJaggedTensor") -> SequenceIds:
+        if not self.dedup:
+            return SequenceIds(sequence, None)
+        d = dedup_sequences(sequence, self.table_of)
+        return SequenceIds(d.unique, d.index)
 
 
 def expand_rows(unique_UD: torch.Tensor, inverse_N: torch.Tensor, *, impl: ExpandImpl = "auto") -> torch.Tensor:

@@ -12,8 +12,10 @@ This module knows nothing of Parquet or the feature spec: pipeline/data/features
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+if TYPE_CHECKING:
+    from embeddings.dedup import SequenceFeed
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,15 @@ class EmbeddingLayout:
     def ec_table_of(self) -> dict[str, str]:
         """EC feature -> the table it reads (what embeddings.dedup groups distinct ids by)."""
         return {f: self.lookup(f).table for f in self.ec_features}
+
+    def sequence_feed(self, *, dedup: bool) -> "SequenceFeed":
+        """The host-side step that prepares sequence KJTs for an EC built with `ec_configs(dedup=...)`.
+
+        With no table read by sequences there is nothing to deduplicate: the feed is plain whatever `dedup` says.
+        """
+        from embeddings.dedup import SequenceFeed
+
+        return SequenceFeed(self.ec_table_of, dedup=dedup and bool(self.ec_tables))
 
     def ec_configs(self, *, dedup: bool = False) -> list:
         """torchrec EmbeddingConfigs; with `dedup` each table reads one key, dedup_key(table), of distinct ids.

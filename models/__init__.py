@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from torch import nn
@@ -41,10 +40,10 @@ def model_class(name: str) -> type[nn.Module]:
 
 
 def build_model(name: str, config: Any, shape: InputShape) -> nn.Module:
-    """Instantiate a registered tower from its Config (a dataclass instance, or a dict of its fields)."""
+    """Instantiate a registered tower from its Config (an instance, or a dict of its fields, checked here)."""
     cls = model_class(name)
     if isinstance(config, dict):
         config = cls.Config(**config)
-    if not dataclasses.is_dataclass(config):
+    if not isinstance(config, cls.Config):
         raise TypeError(f"config for {name!r} must be a {cls.Config.__name__} or a dict")
     return cls(config, shape)

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from models.config import at_least, choices, widths
 from models.inputs import InputShape, TowerInput, TowerOutput
 from models.layers.mlp import mlp
 
@@ -25,6 +26,11 @@ class DCNv2Config:
     rank: int = 0  # 0: full-rank W; r > 0: W = U V^T with inner width r
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     structure: Literal["stacked", "parallel"] = "stacked"
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "num_cross_layers", "rank")  # 0 cross layers: the deep part alone
+        widths(self, "hidden")
+        choices(self)
 
 
 class CrossLayerV2(nn.Module):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from models.config import fraction, widths
 from models.inputs import InputShape, TowerInput, TowerOutput
 from models.layers.mlp import mlp
 
@@ -19,6 +20,10 @@ from models.layers.mlp import mlp
 class DLRMConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 128, 64])
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        widths(self, "hidden")
+        fraction(self, "dropout")
 
 
 class DLRM(nn.Module):

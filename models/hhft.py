@@ -16,11 +16,12 @@ Legend: B batch rows, K blocks (= tokens), D token width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from models.config import AttentionTowerConfig, at_least
 from models.inputs import InputShape, TowerInput, TowerOutput
 from models.layers.hetero import HeteroTransformerLayer, HiformerLayer
 from models.layers.mlp import mlp
@@ -28,15 +29,16 @@ from models.layers.tokens import BlockTokenizer, PooledSequenceTokens
 
 
 @dataclass
-class HHFTConfig:
-    d_model: int = 32
-    num_heads: int = 2
-    num_layers: int = 2  # n1: heterogeneous encoder layers
-    num_hiformer_layers: int = 1  # nh
+class HHFTConfig(AttentionTowerConfig):
+    # num_layers is n1, the heterogeneous encoder layers
+    num_hiformer_layers: int = 1  # nh; 0: encoder layers only
     ffn_mult: int = 2
     hiformer_rank: int = 0  # 0: full composite projection; r > 0: rank-r factorisation
     heterogeneous: bool = True  # False: parameters shared across blocks (the paper's ablation)
-    head_hidden: list[int] = field(default_factory=lambda: [128, 64])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least(self, 0, "num_hiformer_layers", "hiformer_rank")
 
 
 class HHFT(nn.Module):

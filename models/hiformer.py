@@ -14,11 +14,12 @@ Legend: B batch rows, T tokens (1 task + features), D token width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from models.config import AttentionTowerConfig, at_least
 from models.inputs import InputShape, TowerInput, TowerOutput
 from models.layers.hetero import HiformerLayer
 from models.layers.mlp import mlp
@@ -26,15 +27,15 @@ from models.layers.tokens import BlockTokenizer, PooledSequenceTokens
 
 
 @dataclass
-class HiformerConfig:
-    d_model: int = 32
-    num_heads: int = 2
-    num_layers: int = 2
+class HiformerConfig(AttentionTowerConfig):
     ffn_mult: int = 2
     rank: int = 0  # composite K/V projection rank; 0 = full (T*D)
     composite: bool = True  # False: heterogeneous attention only (feature-specific K/V)
     prune_last_layer: bool = True
-    head_hidden: list[int] = field(default_factory=lambda: [128, 64])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least(self, 0, "rank")
 
 
 class Hiformer(nn.Module):

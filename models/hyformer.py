@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from models.config import at_least, choices, divisible, widths
 from models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
 from models.layers.attention import CrossAttentionLayer, TransformerLayer
 from models.layers.mlp import mlp
@@ -55,6 +56,17 @@ class HyFormerConfig:
     global_tokens: bool = True
     merge_sequences: bool = False
     head_hidden: list[int] = field(default_factory=lambda: [256, 64])
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "d_model")
+        at_least(self, 1, "num_layers", "num_heads", "num_queries", "tokens_per_block", "ffn_mult", "query_ffn_hidden",
+                 "seq_dim", "seq_num_heads", "seq_ffn_mult", "recent_len")
+        choices(self)
+        if self.d_model:  # 0 picks a width divisible by num_heads itself
+            divisible(self, "d_model", "num_heads")
+        if self.seq_encoder != "swiglu":  # the SwiGLU encoder has no attention heads
+            divisible(self, "seq_dim", "seq_num_heads")
+        widths(self, "head_hidden")
 
 
 @dataclass

@@ -19,20 +19,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from models.config import at_least, divisible
 from models.hyformer import QueryGenerator
 from models.inputs import InputShape, TowerInput, TowerOutput
 from models.layers.longer import LongerEncoder
 from models.layers.mlp import mlp
 from models.layers.token_mixing import RankMixerBlock, mixer_width
 from models.layers.tokens import BlockTokenizer, block_token_slices
+from models.rankmixer import RankMixerConfig
 
 
 @dataclass
-class LongerRankMixerConfig:
-    d_model: int = 0  # token width; divisible by T; 0: smallest multiple of T >= 64
-    num_layers: int = 2  # RankMixer layers
-    ffn_mult: int = 4
-    tokens_per_block: int = 1
+class LongerRankMixerConfig(RankMixerConfig):
+    """RankMixer's fields (num_layers: the stage-2 mixer layers) plus stage 1's LONGER encoders."""
+
     seq_dim: int = 32
     seq_layers: int = 2  # LONGER: 1 cross-attention layer + (seq_layers - 1) self-attention layers
     seq_num_heads: int = 2
@@ -41,7 +41,11 @@ class LongerRankMixerConfig:
     target_blocks: list[str] = field(default_factory=lambda: ["item"])
     global_query: bool = False
     query_ffn_hidden: int = 128
-    head_hidden: list[int] = field(default_factory=lambda: [128, 64])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least(self, 1, "seq_dim", "seq_layers", "seq_num_heads", "seq_ffn_mult", "recent_len", "query_ffn_hidden")
+        divisible(self, "seq_dim", "seq_num_heads")
 
 
 class LongerRankMixer(nn.Module):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import at_least, choices, divisible, widths
 from models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
 from models.layers.attention import ffn
 from models.layers.mlp import mlp
@@ -60,17 +61,16 @@ class OneTransConfig:
     causal: bool = True
     head_hidden: list[int] = field(default_factory=lambda: [128, 64])
 
-    def __post_init__(self):
-        if self.first_layer not in ("full", "longer"):
-            raise ValueError(f"onetrans: first_layer={self.first_layer!r} must be 'full' or 'longer'")
-        if self.num_layers < 1 or self.recent_len < 1:
-            raise ValueError(f"onetrans: num_layers={self.num_layers} and recent_len={self.recent_len} must be >= 1")
-        if self.seq_dim % self.num_heads:
-            raise ValueError(f"onetrans: seq_dim={self.seq_dim} is not divisible by num_heads={self.num_heads}")
+    def __post_init__(self) -> None:
+        at_least(self, 1, "d_model", "seq_dim", "num_heads", "num_layers", "ffn_mult", "seq_ffn_mult",
+                 "tokens_per_block", "recent_len")
+        divisible(self, "seq_dim", "num_heads")  # attention runs at width C for every token
+        choices(self)
         if self.seq_queries and (len(self.seq_queries) != self.num_layers - 1
                                  or any(k < 1 and k != -1 for k in self.seq_queries)):
-            raise ValueError(f"onetrans: seq_queries={self.seq_queries} needs num_layers - 1 = "
-                             f"{self.num_layers - 1} entries, each >= 1 or -1 (the last layer is always NS-only)")
+            raise ValueError(f"seq_queries needs num_layers - 1 = {self.num_layers - 1} entries, each >= 1 or -1 "
+                             f"(the last layer is always NS-only), got {self.seq_queries}")
+        widths(self, "head_hidden")
 
 
 def query_schedule(cfg: OneTransConfig, num_events: int) -> list[int]:

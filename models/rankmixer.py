@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from models.config import at_least, widths
 from models.inputs import InputShape, TowerInput, TowerOutput
 from models.layers.mlp import mlp
 from models.layers.token_mixing import RankMixerBlock, mixer_width
@@ -27,6 +28,11 @@ class RankMixerConfig:
     ffn_mult: int = 4
     tokens_per_block: int = 1
     head_hidden: list[int] = field(default_factory=lambda: [128, 64])
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "d_model")
+        at_least(self, 1, "num_layers", "ffn_mult", "tokens_per_block")
+        widths(self, "head_hidden")
 
 
 class RankMixer(nn.Module):

@@ -11,12 +11,13 @@ Legend: B batch rows, M non-sequence tokens, L total event tokens, D width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
+from models.config import AttentionTowerConfig
 from models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
 from models.layers.attention import TransformerLayer
 from models.layers.mlp import mlp
@@ -24,13 +25,8 @@ from models.layers.tokens import BlockTokenizer, PooledSequenceTokens
 
 
 @dataclass
-class TransformerConfig:
-    d_model: int = 32
-    num_heads: int = 2
-    num_layers: int = 2
-    ffn_mult: int = 4
+class TransformerConfig(AttentionTowerConfig):
     sequence_tokens: Literal["events", "pooled"] = "events"
-    head_hidden: list[int] = field(default_factory=lambda: [128, 64])
 
 
 class Transformer(nn.Module):

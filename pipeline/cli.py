@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import inspect
+import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -58,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _verb(verbs, name: str, handler, **kwargs) -> argparse.ArgumentParser:
+    """The parser of a verb run by `handler`: its docstring's first line is the one-line help, all of it the
+    description (so the text that teaches a verb sits beside the code that runs it); defaults are shown."""
+    doc = inspect.cleandoc(handler.__doc__)
+    kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+    p = verbs.add_parser(name, help=doc.splitlines()[0].rstrip("."), description=doc, **kwargs)
+    p.set_defaults(func=handler)
+    return p
+
+
 # -- gen-logs ------------------------------------------------------------------------------------------------------
 
 
@@ -65,14 +78,7 @@ def _add_gen_logs(verbs) -> None:
     from pipeline.data.synth import SynthConfig
 
     d = SynthConfig()
-    p = verbs.add_parser(
-        "gen-logs",
-        help="write synthetic click logs with known structure (the built-in default data)",
-        description="Write day-partitioned synthetic click logs: <out>/day=YYYY-MM-DD/part-*.parquet plus _SUCCESS. "
-        "The true click probability is stored as `_oracle_p`, so every day's oracle AUC is known. "
-        "Same seed, identical files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _verb(verbs, "gen-logs", _gen_logs)
     p.add_argument("--out", required=True, type=Path, help="dataset root to write under")
     p.add_argument("--days", type=int, default=d.num_days, help="number of days")
     p.add_argument("--rows-per-day", type=int, default=d.rows_per_day)
@@ -85,7 +91,6 @@ def _add_gen_logs(verbs) -> None:
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="days written in parallel processes (files are identical for any value)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_gen_logs)
 
 
 def _int_range(text: str) -> tuple[int, int]:
@@ -97,8 +102,11 @@ def _int_range(text: str) -> tuple[int, int]:
 
 
 def _gen_logs(args) -> int:
-    import time
+    """Write synthetic click logs with known structure (the built-in default data).
 
+    Day-partitioned: <out>/day=YYYY-MM-DD/part-*.parquet plus _SUCCESS. The true click probability is stored as
+    `_oracle_p`, so every day's oracle AUC is known. Same seed, identical files.
+    """
     from pipeline.data.synth import SynthConfig, generate_logs, oracle_auc
 
     lo, hi = args.long_len
@@ -118,12 +126,8 @@ def _gen_logs(args) -> int:
 
 
 def _add_train(verbs) -> None:
-    p = verbs.add_parser(
-        "train",
-        help="train on a range of days, evaluate on another",
-        description="Train the configured model on --days and report exact metrics (AUC, query-level AUC, "
-        "logloss, calibration) on --eval-day. Runs on every rank of a torchrun job; with --nproc-per-node N "
-        "it launches that job itself on this machine.",
+    p = _verb(
+        verbs, "train", _train,
         epilog="Example:\n  hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 "
         "--eval-day 2026-11-04 --nproc-per-node 2 --set train.lr=0.002\n"
         "  hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-05 --nproc-per-node 2 "
@@ -140,93 +144,84 @@ def _add_train(verbs) -> None:
     p.add_argument("--resume", metavar="latest|PATH",
                    help="continue from a checkpoint: 'latest' under checkpoint.dir, or a step-N folder. Finished "
                    "days are skipped and a day stopped part-way continues from its reader cursor. A torchelastic "
-                   "restart (--max-restarts) resumes from 'latest' by itself")
+                   "restart (--max-restarts) resumes from 'latest' by itself. 'latest' skips, with a warning, "
+                   "checkpoints that fail their checksums or do not load")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow --resume PATH outside checkpoint.dir: a checkpoint is code (DCP unpickles it), so "
+                   "only for checkpoints whose writer you trust")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_train)
 
 
 def _train(args) -> int:
+    """Train on a range of days, evaluate on another.
+
+    Trains the configured model on --days and reports exact metrics (AUC, query-level AUC, logloss, calibration)
+    on --eval-day. Runs on every rank of a torchrun job; with --nproc-per-node N it launches that job itself on
+    this machine.
+    """
     if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node)
-    from pipeline.config import load_config, save_resolved
-    from pipeline.data.days import DayRange, discover_days, find_day
-    from pipeline.distributed.env import init_distributed
-    from pipeline.train.trainer import Trainer
-
-    cfg = load_config(args.config, args.overrides)
-    days = discover_days(cfg.data.root, DayRange.parse(args.days), partition_key=cfg.data.partition_key,
-                         require_success=cfg.data.require_success)
-    if not days:
-        raise FileNotFoundError(f"no complete day in {args.days} under {cfg.data.root}")
-    eval_day = None
-    if args.eval_day:
-        eval_day = find_day(cfg.data.root, dt.date.fromisoformat(args.eval_day),
-                            partition_key=cfg.data.partition_key, require_success=cfg.data.require_success)
-    env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
-    if env.is_main:
-        save_resolved(cfg, cfg.out_dir)
-    trainer = Trainer(cfg, env, progress=not args.quiet)
-    resume = _resume(args.resume, trainer)
-    if resume is not None:
-        days = [d for d in days if str(d.day) not in resume.days_done]
-
-    def reader_state(day):  # the cursor of the day a mid-day checkpoint stopped in
-        return resume.reader_state if resume is not None and str(day.day) == resume.day else None
-
-    if days:
-        trainer.plan_lr(days, reader_state(days[0]))
-    for day in days:
-        stats = trainer.train_day(day, reader_state=reader_state(day))
-        if env.is_main:
-            print(f"train {stats.day}: {stats.steps} steps, {stats.rows} rows, mean loss {stats.mean_loss:.4f}, "
-                  f"{stats.rows / max(stats.seconds, 1e-9):,.0f} rows/s")
-    if eval_day is not None:
-        m = trainer.evaluate(eval_day)
-        if env.is_main:
-            oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m.oracle_auc is not None else ""
-            print(f"eval {eval_day.day}: AUC {m.auc:.4f}{oracle}, query-AUC {m.query_auc:.4f} over "
-                  f"{m.num_queries} queries, logloss {m.logloss:.4f}, NE {m.ne:.4f}, calibration {m.calibration:.3f}")
-            print(f"outputs: {cfg.out_dir} (config.resolved.toml, train/, metrics/, tensorboard/, checkpoints/)")
-    trainer.close()
-    if env.is_main and trainer.checkpointer.latest() is not None:
-        print(f"checkpoint: {trainer.checkpointer.latest()}")
     import torch.distributed as dist
 
+    from pipeline.config import load_config
+    from pipeline.data.days import DayRange, discover_days, find_day
+    from pipeline.distributed.env import init_distributed
+    from pipeline.train.trainer import RunPlan, Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    d = cfg.data
+    days = discover_days(d.root, DayRange.parse(args.days), partition_key=d.partition_key,
+                         require_success=d.require_success)
+    if not days:
+        raise FileNotFoundError(f"no complete day in {args.days} under {d.root}")
+    eval_days = [find_day(d.root, dt.date.fromisoformat(args.eval_day), partition_key=d.partition_key,
+                          require_success=d.require_success)] if args.eval_day else []
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # resumes from its own checkpoints
+    plan = RunPlan(days, eval_days, resume=args.resume or ("latest-if-any" if restarted else None),
+                   trust_checkpoint=args.trust_checkpoint)
+    env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
+    trainer = Trainer(cfg, env, progress=not args.quiet)
+    result = trainer.run(plan)
+    trainer.close()
+    if env.is_main:
+        _print_result(result, cfg.out_dir)
     dist.destroy_process_group()
     return 0
 
 
-def _resume(where: str | None, trainer):
-    """Load the checkpoint `--resume` names (or, on a torchelastic restart, the latest one); None: fresh run."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if where is None and not restarted:
-        return None
-    path = trainer.checkpointer.latest() if where in (None, "latest") else Path(where)
-    if path is None:
-        if where == "latest":
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {trainer.checkpointer.root}")
-        return None  # restarted before the first checkpoint: start over
-    return trainer.checkpointer.load(trainer, path)
+def _print_result(result, out_dir: str) -> None:
+    for s in result.trained:
+        print(f"train {s.day}: {s.steps} steps, {s.rows} rows, mean loss {s.mean_loss:.4f}, "
+              f"{s.rows / max(s.seconds, 1e-9):,.0f} rows/s")
+    for day, m in result.metrics.items():
+        oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m.oracle_auc is not None else ""
+        print(f"eval {day}: AUC {m.auc:.4f}{oracle}, query-AUC {m.query_auc:.4f} over {m.num_queries} queries, "
+              f"logloss {m.logloss:.4f}, NE {m.ne:.4f}, calibration {m.calibration:.3f}")
+    if result.metrics:
+        print(f"outputs: {out_dir} (config.resolved.toml, train/, metrics/, tensorboard/, checkpoints/)")
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+    if result.stopped:
+        print(f"stopped by {result.stopped}: continue with the same command and --resume latest")
 
 
 # -- models --------------------------------------------------------------------------------------------------------
 
 
 def _add_models(verbs) -> None:
-    p = verbs.add_parser(
-        "models",
-        help="the registered towers: dense params and training FLOPs; --table for the paper-shaped comparison",
-        description="List the registered dense towers with their parameter count and training FLOPs per sample "
-        "(forward + backward, counted on the meta device) for the inputs of a run config. --table prints the "
-        "paper-shaped HyFormer / LONGER+RankMixer / unified comparison next to the HyFormer paper's Table 1.",
-    )
+    p = _verb(verbs, "models", _models)
     p.add_argument("--config", type=Path, default=Path("jobs/configs/default.toml"),
                    help="run config whose feature spec sets the input shapes")
     p.add_argument("--table", action="store_true", help="paper-shaped params/FLOPs table with the paper's figures")
-    p.set_defaults(func=_models)
 
 
 def _models(args) -> int:
+    """The registered towers: dense params and training FLOPs; --table for the paper-shaped comparison.
+
+    Lists the registered dense towers with their parameter count and training FLOPs per sample (forward +
+    backward, counted on the meta device) for the inputs of a run config. --table prints the paper-shaped
+    HyFormer / LONGER+RankMixer / unified comparison next to the HyFormer paper's Table 1.
+    """
     from models import MODELS
     from models.accounting import model_cost, paper_table
 
@@ -260,12 +255,7 @@ BENCHES = {
 
 
 def _add_bench(verbs) -> None:
-    p = verbs.add_parser(
-        "bench",
-        help="benchmarks that print ratios measured side by side in one run",
-        description="Benchmarks print ratios measured side by side in one run (absolute times on a shared "
-        "machine are noise; ratios of neighbours are not).",
-    )
+    p = _verb(verbs, "bench", _bench_menu)
     kinds = p.add_subparsers(title="benchmarks", metavar="<benchmark>")
     for name, (module, help_text) in BENCHES.items():
         sub = kinds.add_parser(name, help=help_text, description=help_text,
@@ -274,7 +264,16 @@ def _add_bench(verbs) -> None:
         import importlib
 
         importlib.import_module(module).add_arguments(sub)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    p.set_defaults(print_help=p.print_help)
+
+
+def _bench_menu(args) -> int:
+    """Benchmarks that print ratios measured side by side in one run.
+
+    Absolute times on a shared machine are noise; ratios of neighbours are not.
+    """
+    args.print_help()
+    return 2
 
 
 def _run_bench(args) -> int:
@@ -284,15 +283,39 @@ def _run_bench(args) -> int:
 
 
 def _relaunch_with_torchrun(nproc: int) -> int:
-    """Re-run this very command under torchrun with `nproc` local ranks (single node)."""
+    """Re-run this very command under torchrun with `nproc` local ranks (single node).
+
+    SIGTERM / SIGINT to this process: torchelastic forwards it to the ranks, which finish their step and checkpoint
+    (Trainer.run); this process then exits 0 if they recorded the stop (`<out_dir>/stopped.json`), 1 if not.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
     argv = [a for a in sys.argv[1:]]
     i = next(i for i, a in enumerate(argv) if a.startswith("--nproc-per-node"))
     del argv[i:i + (1 if "=" in argv[i] else 2)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
+    started = time.time()
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
+    except SignalException as e:
+        return _report_stop(e.sigval.name, started)
     return 0
+
+
+def _report_stop(signal_name: str, since: float) -> int:
+    """After the ranks were stopped by a signal: 0 if they checkpointed and recorded it, else 1."""
+    from pipeline.config import load_config
+
+    args = build_parser().parse_args(sys.argv[1:])
+    record = Path(load_config(args.config, args.overrides).out_dir) / "stopped.json"
+    if record.is_file() and record.stat().st_mtime >= since:
+        stop = json.loads(record.read_text())
+        print(f"stopped by {signal_name} at step {stop['step']}: checkpoint {stop['checkpoint']}; continue with "
+              "the same command and --resume latest")
+        return 0
+    logging.getLogger("hyrank").error("stopped by %s before the ranks could checkpoint", signal_name)
+    return 1
 
 
 def _setup_logging(args) -> None:

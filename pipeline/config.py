@@ -12,6 +12,7 @@ file name attached. A new variant is a new TOML file, not a new flag.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -27,6 +28,8 @@ else:  # pragma: no cover
 import tomli_w
 
 from pipeline.data.features import FeatureSpec
+from pipeline.data.options import ReaderOptions
+from pipeline.files import write_atomic
 
 
 class ConfigError(ValueError):
@@ -37,31 +40,23 @@ class ConfigError(ValueError):
 # Sections
 
 
-@dataclass
-class DataConfig:
-    """Where the day-partitioned logs are and how they are batched."""
+@dataclass(kw_only=True)  # root (required) follows the options' defaults
+class DataConfig(ReaderOptions):
+    """Where the day-partitioned logs are and how they are batched; the reader's knobs (shuffle, error_budget,
+    num_workers, ...) are the fields of ReaderOptions (pipeline/data/options.py), so the reader takes this
+    section as it is: `DayReader(..., options=cfg.data)`."""
 
     root: str  # folder holding <partition_key>=YYYY-MM-DD/ sub-folders
     partition_key: str = "day"
     require_success: bool = True  # read only days with a _SUCCESS marker
     batch_size_per_rank: int = 512
-    shuffle: bool = False  # shuffle a day by row group and within a buffer, seeded by the run seed
-    shuffle_buffer_rows: int = 8192  # rows shuffled together (rounded up to a multiple of the batch size)
-    error_budget: float = 0.01  # stop the run when more than this fraction of a day's rows fails validation
-    max_list_len: int = 100_000  # hard cap: a longer list is a bad row (truncation to max_len is separate)
-    on_corrupt_file: Literal["fail", "skip"] = "fail"  # an undecodable file: stop, or skip it and count it
-    num_workers: int = 1  # loader threads decoding, validating and converting row groups
-    prefetch_batches: int = 4  # batches decoded ahead of the trainer
     quarantine_dir: str = ""  # bad rows go here; "" means <out_dir>/quarantine
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_positive("batch_size_per_rank", self.batch_size_per_rank)
         if not self.partition_key.isidentifier():
             raise ValueError(f"partition_key must be an identifier such as 'day' or 'dt', got {self.partition_key!r}")
-        for name in ("shuffle_buffer_rows", "max_list_len", "num_workers", "prefetch_batches"):
-            _check_positive(name, getattr(self, name))
-        if not 0.0 <= self.error_budget < 1.0:
-            raise ValueError(f"error_budget must be in [0, 1), got {self.error_budget}")
 
 
 @dataclass
@@ -83,31 +78,34 @@ class EmbeddingConfig:
     weight_decay: float = 0.0
     sharding: dict[str, TableSharding] = field(default_factory=dict)  # table name -> constraints
     # Sequence tables look up each distinct id of a batch once (embeddings/dedup.py); false: the plain lookup
-    # of every event (the reference). Same tables, same loss; the converter and the model must agree.
+    # of every event (the reference). Same tables, same loss. The model's switch alone: readers take the batch
+    # transform it needs from the model (RankingModel.sequence_feed), so the two cannot disagree.
     dedup: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("lr", self.lr)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    """Which dense tower (a key of models.MODELS) and its options (that model's Config fields)."""
+    """Which dense tower (a key of models.MODELS) and its options; `config`: them as that model's Config.
+
+    Frozen: `config` is parsed from `name` and `options` once, so changing either afterwards would leave it stale
+    (make a new ModelConfig instead)."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.typed_options()  # fail at load time, naming the bad option, not when the model is built
-
-    def typed_options(self) -> Any:
-        """The options as the model's own Config dataclass."""
         from models import model_class
 
+        # Parsed once, here, so a bad option fails at load naming its key. A plain attribute, not a field: the
+        # resolved TOML and equality stay about `options` alone.
         try:
-            return from_dict(model_class(self.name).Config, self.options, source="", where="model.options")
+            config = from_dict(model_class(self.name).Config, self.options, source="", where="model.options")
         except ConfigError as e:
-            raise ValueError(str(e)) from e
+            raise ValueError(str(e)) from e  # from_dict(RunConfig) adds the file name
+        object.__setattr__(self, "config", config)
 
 
 @dataclass
@@ -153,10 +151,10 @@ class TrainConfig:
         if not 0.0 <= self.lr_min_ratio <= 1.0:
             raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         for name in ("max_steps_per_day", "eval_max_batches", "warmup_steps", "grad_clip_norm", "allreduce_sync_steps"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # `not >=` also rejects NaN
                 raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}")
         for name in ("allreduce_delay_compensation", "allreduce_weight_prediction"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (0 means off), got {getattr(self, name)}")
 
 
@@ -200,8 +198,8 @@ class RunConfig:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not 0 < value < math.inf:  # NaN fails every comparison, so `value <= 0` would let it through
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,7 +316,7 @@ def from_dict(cls: type[T], data: Any, *, source: str, where: str = "") -> T:
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise _err(source, f"{where or 'top level'}: {e}") from e
+        raise _err(source, _located(str(e), where, fields)) from e
 
 
 def _convert(tp: Any, value: Any, *, source: str, where: str) -> Any:
@@ -368,6 +366,14 @@ def _convert_scalar(tp: Any, value: Any, *, source: str, where: str) -> Any:
     return float(value) if tp is float else value
 
 
+def _located(text: str, where: str, fields: dict[str, Any]) -> str:
+    """A `__post_init__` error prefixed with the dotted key it is about: the field it starts with, else the section."""
+    first = text.split(" ", 1)[0].rstrip(":")
+    if where and first.startswith(f"{where}."):  # a nested section's error, already located (model.options.x)
+        return text
+    return f"{_join(where, first) if first in fields else where or 'top level'}: {text}"
+
+
 def _err(source: str, text: str) -> ConfigError:
     return ConfigError(f"{source}: {text}" if source else text)
 
@@ -395,10 +401,4 @@ def _drop_none(value: Any) -> Any:
 
 def save_resolved(cfg: RunConfig, out_dir: str | Path, filename: str = "config.resolved.toml") -> Path:
     """Write the fully resolved config next to an output, so every artefact says how it was made."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / filename
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(tomli_w.dumps(to_dict(cfg)))
-    tmp.replace(path)
-    return path
+    return write_atomic(Path(out_dir) / filename, tomli_w.dumps(to_dict(cfg)))

@@ -1,6 +1,7 @@
 """The ranking model: sparse arch (TorchRec) -> tokens -> dense tower (models/) -> BCE loss.
 
-    model = RankingModel(spec, tower, sparse_device=torch.device("meta"))
+    model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup)
+    reader = DayReader(day, spec, batch_size=512, sequence_feed=model.sequence_feed)   # batches this model reads
     loss, out = model(batch)          # the TorchRec TrainPipeline contract: (loss, output)
 
 Legend: B batch rows, L padded sequence length, N events in a batch, D widths.
@@ -15,6 +16,7 @@ from torch import nn
 from torchrec import JaggedTensor
 
 from embeddings.collection import SparseArch, SparseOutput
+from embeddings.dedup import SequenceFeed
 from models.inputs import SequenceInput, TowerInput
 from pipeline.data.batch import Batch
 from pipeline.data.features import FeatureSpec
@@ -36,10 +38,15 @@ class RankingModel(nn.Module):
     def __init__(self, spec: FeatureSpec, tower: nn.Module, *, sparse_device: torch.device | None = None,
                  dedup: bool = False):
         super().__init__()
-        # dedup must match the BatchConverter's (embeddings.dedup); both paths give the same loss
+        # dedup (embeddings.dedup) is the sparse arch's switch; batches follow it through `sequence_feed`
         self.sparse = SparseArch(spec.embedding_layout(), device=sparse_device, dedup=dedup)
         self.tokens = Tokenizer(spec)
         self.tower = tower
+
+    @property
+    def sequence_feed(self) -> SequenceFeed:
+        """The host-side step a BatchConverter/DayReader applies to sequences for this model's lookup."""
+        return self.sparse.sequence_feed
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, RankingOutput]:
         embedded = self.sparse(batch.pooled, batch.sequence, batch.sequence_index)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.config import ModelConfig
+from pipeline.distributed.dense_sync import DenseSync
 from pipeline.distributed.dmp import make_data_parallel_wrapper
 
 from dist import run_distributed
@@ -37,8 +39,8 @@ def _optimizer(params):
 
 
 def _train_ranks(rank, world_size, mode, compression, compensation=0.0, prediction=0.0, sync_steps=0):
-    """The trainer's step protocol on a small net: shift/restore around forward+backward, begin/end around a step;
-    the first `sync_steps` steps at staleness 0 (train.allreduce_sync_steps)."""
+    """The trainer's dense step (DenseSync) on a small net: the first `sync_steps` steps at staleness 0
+    (train.allreduce_sync_steps), then one step stale; prediction and compensation as given."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
@@ -46,30 +48,18 @@ def _train_ranks(rank, world_size, mode, compression, compensation=0.0, predicti
     wrapper._bucket_cap_mb = 0.001  # several tiny buckets, so DDP's re-bucketing after step 1 is exercised
     dmp = DistributedModelParallel(_net(), env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD),
                                    device=torch.device("cpu"), plan=ShardingPlan({}), data_parallel_wrapper=wrapper)
-    if state is not None:
-        state.bind(dmp.module.named_parameters())
     opt = _optimizer(dmp.parameters())
+    dense = DenseSync(opt, dmp.module.named_parameters(), hook=state, mode=mode, sync_steps=sync_steps)
     ready = []
     for step in range(NUM_STEPS):
         x, y = _data(step, rank)
         opt.zero_grad()
-        if state is not None:
-            if mode == "async":
-                state.staleness = int(step >= sync_steps)
-            state.shift_weights()
+        dense.before_forward(step)
         _loss(dmp, x, y).backward()
-        if state is not None:
-            state.restore_weights()
-        ready.append(state.ready if state else True)
-        if state is None or state.ready:
-            if state is not None:
-                state.begin_update()
-            opt.step()
-            if state is not None:
-                state.end_update()
-    flushed = state.flush(opt) if state else False
+        ready.append(dense.after_backward())
+    flushed = dense.flush()
     return {"params": [p.detach().clone() for p in dmp.module.parameters()], "ready": ready, "flushed": flushed,
-            "in_flight": state.in_flight if state else False}
+            "in_flight": dense.in_flight}
 
 
 def _simulate(world_size: int, stale: bool, compensation: float = 0.0, prediction: float = 0.0, sync_steps: int = 0):
@@ -237,13 +227,13 @@ def _trainer_manual_stale(rank, world_size, cfg, sync_steps=0):
         loss.backward()
         fresh = [p.grad.clone() for p in tower]
         if len(losses) < sync_steps:
-            trainer._dense_step()
+            trainer.dense.optimizer_step()
             losses.append(loss.item())
             continue
         if previous is not None:
             for p, g in zip(tower, previous):
                 p.grad.copy_(g)
-            trainer._dense_step()
+            trainer.dense.optimizer_step()
         previous = fresh
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in trainer.dense_named_parameters()}
@@ -255,7 +245,7 @@ def test_hook_on_hyformer_takes_the_reference_steps(small_cfg, hook_mode, refere
     """The hook on a real tower (hundreds of parameters, DDP re-bucketing across steps, a data-parallel table
     beside it): with staleness 0 it takes plain DDP's steps; async, exactly those of plain DDP with the
     one-step-stale rule applied by hand."""
-    small_cfg.model.name, small_cfg.model.options = "hyformer", {}
+    small_cfg.model = ModelConfig("hyformer", {})
     small_cfg.train.max_steps_per_day = 6
     small_cfg.train.allreduce_weight_prediction = small_cfg.train.allreduce_delay_compensation = 0.0  # plain rule
     small_cfg.train.allreduce = "sync"
@@ -272,7 +262,7 @@ def test_trainer_reduces_synchronously_for_its_first_steps(small_cfg):
     """train.allreduce_sync_steps = 3 on the trainer: plain DDP's steps for 3 steps, then the stale rule by hand."""
     import functools
 
-    small_cfg.model.name, small_cfg.model.options = "hyformer", {}
+    small_cfg.model = ModelConfig("hyformer", {})
     small_cfg.train.max_steps_per_day = 6
     small_cfg.train.allreduce_weight_prediction = small_cfg.train.allreduce_delay_compensation = 0.0
     small_cfg.train.allreduce = "sync"
@@ -296,11 +286,11 @@ def _raise_sync_steps_midway(rank, world_size, cfg):
     batches = iter(trainer._reader(discover_days(cfg.data.root)[0], 4))
     for _ in range(2):
         trainer.train_step(next(batches))
-    pending = trainer.hook.in_flight
-    dense_steps = trainer.scheduler.last_epoch
-    trainer.cfg.train.allreduce_sync_steps = 100
+    pending = trainer.dense.in_flight
+    dense_steps = trainer.schedule.num_steps
+    trainer.dense.sync_steps = 100
     trainer.train_step(next(batches))
-    return pending, trainer.scheduler.last_epoch - dense_steps, trainer.hook.staleness, trainer.hook.in_flight
+    return pending, trainer.schedule.num_steps - dense_steps, trainer.dense.hook.staleness, trainer.dense.in_flight
 
 
 def test_raising_sync_steps_over_a_pending_gradient_flushes_it(small_cfg):

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from pipeline.train.checkpoint import Checkpointer, _check_same_model
+from pipeline.train.checkpoint import CheckpointError, Checkpointer
+from pipeline.train.state import check_same_model
 from pipeline.config import to_dict
 from pipeline.data.days import discover_days
 from pipeline.distributed.env import env_of_current_group
@@ -49,30 +50,31 @@ def _uninterrupted_then_resumed(rank, world_size, cfg):
     # a fresh trainer resumes from the mid-day checkpoint and finishes the day
     ckpt = full.checkpointer.root / f"step-{CUT:09d}"
     resumed = Trainer(cfg, env_of_current_group())
-    resume = resumed.checkpointer.load(resumed, ckpt)
-    resumed.plan_lr(days[:1], resume.reader_state)  # keeps the curve the checkpoint is on
-    rest = resumed.train_day(days[0], reader_state=resume.reader_state).losses
-    out = {"ref_losses": ref_losses, "losses": losses, "rest": rest, "resume_day": resume.day,
-           "days_done": resumed.days_done, "latest": full.checkpointer.latest().name,
+    resumed.resume(ckpt)
+    resume_day = resumed.progress.day
+    resumed.plan_lr(days[:1])  # keeps the curve the checkpoint is on
+    rest = resumed.train_day(days[0]).losses
+    out = {"ref_losses": ref_losses, "losses": losses, "rest": rest, "resume_day": resume_day,
+           "days_done": resumed.progress.days_done, "latest": full.checkpointer.latest().name,
            "complete": [p.name for p in full.checkpointer.complete()],
            "after_day": after_day, "resumed": (_dense(resumed), _tables(resumed)),
            "ref": (_dense(ref), _tables(ref)),
-           "windows": (full.lr_window, resumed.lr_window),
-           "lr_end": full.dense_optimizer.param_groups[0]["lr"]}
+           "windows": (full.schedule.window, resumed.schedule.window),
+           "lr_end": full.schedule.optimizer.param_groups[0]["lr"]}
     if cfg.train.allreduce == "async":
         # the same mid-day checkpoint into a sync run applies the pending gradient at once; an async run that
         # loads it and flushes must end at the same weights
         sync_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allreduce="sync"))
         sync = Trainer(sync_cfg, env_of_current_group())
-        sync.checkpointer.load(sync, ckpt)
+        sync.resume(ckpt)
         flushed = Trainer(cfg, env_of_current_group())
-        flushed.checkpointer.load(flushed, ckpt)
-        out["pending_was_held"] = flushed.hook.in_flight
+        flushed.resume(ckpt)
+        out["pending_was_held"] = flushed.dense.in_flight
         # data-parallel tables (the planner makes the tiny ones so) are stepped by the dense optimizer with
         # their own, already reduced gradients: the flush of the tower's pending gradient must not step them again
         replicated = {k: v.clone() for k, v in flushed.model.state_dict().items()
                       if k.startswith("sparse.") and isinstance(v, torch.Tensor) and not hasattr(v, "local_shards")}
-        flushed.flush()
+        flushed.dense.flush()
         after = flushed.model.state_dict()
         out["replicated_tables"] = sorted(replicated)
         out["replicated_untouched"] = all(torch.equal(v, after[k]) for k, v in replicated.items())
@@ -108,7 +110,8 @@ def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allred
     for r in results:
         assert r["losses"] == r["ref_losses"], "saving a checkpoint changed the training"
         assert r["resume_day"] == "2026-11-01" and r["days_done"] == ["2026-11-01"]
-        assert r["rest"] == r["losses"][CUT:], "the resumed run took different steps"
+        # the resumed day's record holds the whole day: the steps before the checkpoint (carried in it) and after
+        assert r["rest"] == r["losses"], "the resumed run took different steps, or its record lost the first ones"
         _assert_same(r["after_day"], r["ref"], "with vs without checkpoints")
         _assert_same(r["resumed"], r["after_day"], "resumed vs uninterrupted")
         if schedule == "cosine":  # one curve over the day's 12 dense steps, ending at lr * lr_min_ratio
@@ -137,10 +140,10 @@ def _train_and_save(rank, world_size, cfg):
 
 def _load_on_one_rank(rank, world_size, cfg, path):
     trainer = Trainer(cfg, env_of_current_group())
-    resume = trainer.checkpointer.load(trainer, path)
+    trainer.resume(path)
     state = {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).detach().clone()
              for k, v in trainer.model.state_dict().items()}
-    return resume.days_done, resume.global_step, state, _dense(trainer)
+    return trainer.progress.days_done, trainer.global_step, state, _dense(trainer)
 
 
 @pytest.mark.dist
@@ -169,10 +172,10 @@ def _plain_async_then_compensated(rank, world_size, cfg):
     dc_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, allreduce_delay_compensation=0.5,
                                                                 allreduce_weight_prediction=1.0))
     resumed = Trainer(dc_cfg, env_of_current_group())
-    resume = resumed.checkpointer.load(resumed, resumed.checkpointer.root / "step-000000003")
-    held = resumed.hook.in_flight
-    rest = resumed.train_day(days[0], reader_state=resume.reader_state)
-    return held, rest.steps, resumed.hook.in_flight
+    resumed.resume(resumed.checkpointer.root / "step-000000003")
+    held = resumed.dense.in_flight
+    rest = resumed.train_day(days[0])
+    return held, rest.steps, resumed.dense.in_flight
 
 
 @pytest.mark.dist
@@ -185,12 +188,11 @@ def test_a_checkpoint_without_compensation_state_resumes_with_compensation(small
     small_cfg.train.max_steps_per_day = 6
     small_cfg.checkpoint.every_steps = 3
     for held, steps, in_flight in run_distributed(_plain_async_then_compensated, small_cfg, timeout_s=300):
-        assert held and steps == 3 and not in_flight
+        assert held and steps == 6 and not in_flight  # the day's record: 3 steps before the checkpoint, 3 after
 
 
 def test_latest_skips_interrupted_saves_and_load_refuses_them(small_cfg, tmp_path):
-    small_cfg.checkpoint.dir = str(tmp_path / "ck")
-    ck = Checkpointer(small_cfg, env=None)
+    ck = Checkpointer(tmp_path / "ck", env=None, keep=3, tensors={})
     assert ck.latest() is None
     for name, complete in (("step-000000010", True), ("step-000000020", True), ("step-000000030.tmp", False),
                            ("step-000000040.old", True)):  # .old: moved aside while the same step was re-saved
@@ -203,8 +205,8 @@ def test_latest_skips_interrupted_saves_and_load_refuses_them(small_cfg, tmp_pat
     assert ck.latest().name == "step-000000010"
     (tmp_path / "ck" / "latest").write_text("step-000000030.tmp\n")  # a pointer to a broken save is ignored
     assert ck.latest().name == "step-000000020"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        ck.load(trainer=None, path=tmp_path / "ck" / "step-000000030.tmp")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        ck.load(tmp_path / "ck" / "step-000000030.tmp")
     # a fresh run in the same folder: its step 5 is newer than the older run's step 20
     (tmp_path / "ck" / "step-000000005").mkdir()
     (tmp_path / "ck" / "step-000000005" / "meta.json").write_text("{}")
@@ -216,11 +218,11 @@ def test_latest_skips_interrupted_saves_and_load_refuses_them(small_cfg, tmp_pat
 def test_a_checkpoint_of_another_model_is_refused_by_name(small_cfg):
     saved = json.loads(json.dumps(to_dict(small_cfg), default=str))
     current = json.loads(json.dumps(saved))
-    _check_same_model(saved, current, "ck")
+    check_same_model(saved, current)
     current["model"]["options"]["hidden"] = [128, 64]
     with pytest.raises(ValueError, match=r"different model \(options differ\)"):
-        _check_same_model(saved, current, "ck")
+        check_same_model(saved, current)
     current = json.loads(json.dumps(saved))
     current["features"]["tables"][0]["dim"] = 32
     with pytest.raises(ValueError, match=r"features.tables \(user differ\)"):
-        _check_same_model(saved, current, "ck")
+        check_same_model(saved, current)

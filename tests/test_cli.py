@@ -65,5 +65,6 @@ def test_train_resumes_from_the_latest_checkpoint(synth_root, tmp_path):
                               env_extra={"TORCHELASTIC_RESTART_COUNT": "1"})
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "train 2026-11-0" not in restarted.stdout and "step-000000009" in restarted.stdout
-    missing = _hyrank_train(synth_root, tmp_path, "--days", "2026-11-03", "--resume", str(tmp_path / "nope"))
+    missing = _hyrank_train(synth_root, tmp_path, "--days", "2026-11-03", "--resume", str(tmp_path / "nope"),
+                            "--trust-checkpoint")
     assert missing.returncode != 0 and "not a complete checkpoint" in missing.stderr

@@ -15,7 +15,7 @@ SHIPPED = sorted((ROOT / "jobs" / "configs").glob("*.toml"))
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    cfg.model.typed_options()
+    cfg.model.config
     cfg.features.input_shape()
     cfg.features.embedding_layout()
 
@@ -71,6 +71,14 @@ def test_errors_name_file_and_key(tmp_path, old, new, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("key", ["train.lr", "embeddings.lr"])
+def test_learning_rates_must_be_finite(key, value):
+    # NaN compares False with everything: a plain `lr <= 0` check lets it through to the optimizer
+    with pytest.raises(ValueError, match=rf"{key}: lr must be > 0 and finite, got {value}"):
+        load_config(DEFAULT_CONFIG, [f"{key}={value}"])
+
+
 def test_missing_required_section(tmp_path):
     text = DEFAULT_CONFIG.read_text().replace("[model]", "[unused_model]").replace(
         "options = { hidden", "# options = { hidden")
@@ -107,7 +115,7 @@ def test_override_is_validated_like_the_file():
     with pytest.raises(ConfigError, match="train.lr must be float"):
         load_config(DEFAULT_CONFIG, ["train.lr=[1]"])
     cfg = load_config(DEFAULT_CONFIG, ["train.lr=0.5", "model.options.hidden=[8]"])
-    assert cfg.train.lr == 0.5 and cfg.model.typed_options().hidden == [8]
+    assert cfg.train.lr == 0.5 and cfg.model.config.hidden == [8]
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -1,5 +1,7 @@
 """Arrow -> Batch: KJTs from list offsets, truncation to the most recent events, OOV policy, clear errors."""
 
+import decimal
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -135,3 +137,119 @@ def test_validated_id_bounds_give_the_same_batch():
         assert want.keys() == got.keys()
         assert torch.equal(want.values(), got.values()) and torch.equal(want.lengths(), got.lengths())
     assert hinted.pooled["a"].values().tolist() == [1, 2, 3]
+
+
+# -- validation and conversion accept the same Arrow types (pipeline/data/schema.py) ------------------------------
+
+_SCALARS = [pa.int8(), pa.int32(), pa.int64(), pa.uint8(), pa.uint64(), pa.bool_(), pa.float16(), pa.float32(),
+            pa.float64(), pa.string(), pa.large_string(), pa.dictionary(pa.int32(), pa.string()),
+            pa.dictionary(pa.int8(), pa.int64()), pa.binary(), pa.date32(), pa.timestamp("s"),
+            pa.decimal128(5, 2), pa.null(), pa.struct([("a", pa.int64())])]
+_LISTS = [wrap(v) for wrap in (pa.list_, pa.large_list, lambda v: pa.list_(v, 2))
+          for v in (pa.int64(), pa.uint8(), pa.float32(), pa.float64(), pa.string(),
+                    pa.dictionary(pa.int32(), pa.string()), pa.bool_())]
+_TYPES = _SCALARS + _LISTS + [pa.list_(pa.float32(), 3), pa.list_(pa.list_(pa.int64()))]
+
+
+def _sample(t: pa.DataType, n: int) -> pa.Array:
+    """n valid values of type `t` for any column that takes it: 0/1 (labels, ids in range, finite floats), and
+    lists of 2 such values (the dense list feature has size 2) or of the fixed size."""
+    if pa.types.is_fixed_size_list(t):
+        return pa.FixedSizeListArray.from_arrays(_sample(t.value_type, n * t.list_size), t.list_size)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        offsets = pa.array(np.arange(n + 1) * 2, pa.int64() if pa.types.is_large_list(t) else pa.int32())
+        make = pa.LargeListArray if pa.types.is_large_list(t) else pa.ListArray
+        return make.from_arrays(offsets, _sample(t.value_type, 2 * n))
+    if pa.types.is_dictionary(t):
+        return _sample(t.value_type, n).dictionary_encode().cast(t)
+    bits = [i % 2 for i in range(n)]
+    if pa.types.is_null(t):
+        return pa.nulls(n)
+    if pa.types.is_struct(t):
+        return pa.array([{"a": b} for b in bits], t)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
+        return pa.array([str(b) for b in bits], t)
+    if pa.types.is_boolean(t):
+        return pa.array([bool(b) for b in bits], t)
+    if pa.types.is_date(t) or pa.types.is_timestamp(t):
+        return pa.array(bits, pa.int32() if pa.types.is_date32(t) else pa.int64()).view(t)
+    if pa.types.is_decimal(t):
+        return pa.array([decimal.Decimal(b) for b in bits], t)
+    return pa.array(bits, pa.int64()).cast(t)
+
+
+def _error(fn) -> str | None:
+    """The ValueError `fn` raises, as text; None if it returns."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+# one column of each kind in _spec(oracle="o"): label, group, sparse id, sequence ids, dense, dense list, oracle
+_KINDS = {"label": "y", "group": "q", "sparse": "a", "sequence": "h", "dense": "x", "dense list": "v", "oracle": "o"}
+# facts the shared definition pins down; float labels were refused by validation but converted (issue 13)
+_PINNED = [("y", pa.float64(), True), ("y", pa.bool_(), True), ("y", pa.string(), False),
+           ("a", pa.list_(pa.int64(), 2), True), ("a", pa.list_(pa.string()), True),
+           ("h", pa.list_(pa.string()), False), ("x", pa.list_(pa.float32()), False),
+           ("v", pa.list_(pa.float32(), 3), False), ("o", pa.int64(), False), ("q", pa.float32(), False)]
+
+
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_validation_and_conversion_accept_the_same_types(kind):
+    """Every type check_schema accepts validates clean and converts; every type it refuses, conversion refuses
+    with the same message."""
+    from pipeline.data.schema import column_kinds
+    from pipeline.data.validate import check_schema, validate_rows
+
+    spec, column = _spec(oracle="o"), _KINDS[kind]
+    assert column_kinds(spec)[column].name == kind
+    accepted, disagree = [], []
+    for t in _TYPES:
+        cols = {"o": pa.array([0.1, 0.5, 0.9]), column: _sample(t, 3)}
+        if column == "h":  # side info aligned with the ids: 2 events per row
+            cols["hc"] = _sample(pa.list_(pa.int64()), 3)
+        table = _table(**cols)
+        refused = _error(lambda: check_schema(spec, table.schema, "f.parquet"))
+        converting = _error(lambda: BatchConverter(spec)(table, source="f.parquet"))
+        if refused is not None:
+            if converting != refused:
+                disagree.append(f"{t}: validation refuses it ({refused}); conversion: {converting or 'converts it'}")
+            continue
+        accepted.append(t)
+        verdict = validate_rows(table, spec, max_list_len=10)
+        if verdict.num_bad:
+            disagree.append(f"{t}: accepted, but its valid rows fail validation: {verdict.counts()}")
+        if converting is not None:
+            disagree.append(f"{t}: accepted by validation, refused by conversion: {converting}")
+    assert not disagree, "\n".join(disagree)
+    assert accepted and len(accepted) < len(_TYPES)  # each kind takes some types and refuses others
+    for col, t, ok in _PINNED:
+        if col == column:
+            assert (t in accepted) == ok, (col, t)
+
+
+def test_float_labels_convert_and_a_refused_type_names_the_column():
+    b = BatchConverter(_spec())(_table(y=pa.array([1.0, 0.0, 1.0])))
+    assert b.labels.tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match=r"f.parquet: column 'y' has type string, .* label column"):
+        BatchConverter(_spec())(_table(y=pa.array(["1", "0", "1"])), source="f.parquet")
+    with pytest.raises(ValueError, match=r"column 'y', row 1: label nan is not 0 or 1"):
+        BatchConverter(_spec())(_table(y=pa.array([1.0, float("nan"), 0.0])))
+
+
+def test_fixed_size_lists_convert_like_lists():
+    """Validation has always accepted fixed-size id lists; conversion now reads them (sliced, too)."""
+    ids = [[1, 2], [3, 4], [5, 6]]
+    as_lists = _table(b=pa.array(ids), h=pa.array([[10, 11], [20, 21], [30, 31]]), hc=pa.array([[0, 1]] * 3))
+    fixed = _table(b=pa.array(ids, pa.list_(pa.int64(), 2)), h=pa.array([[10, 11], [20, 21], [30, 31]],
+                   pa.list_(pa.int64(), 2)), hc=pa.array([[0, 1]] * 3, pa.list_(pa.int64(), 2)))
+    for rows in (slice(0, 3), slice(1, 3)):
+        want = BatchConverter(_spec())(as_lists.slice(rows.start, rows.stop - rows.start))
+        got = BatchConverter(_spec())(fixed.slice(rows.start, rows.stop - rows.start))
+        for kjt in ("pooled", "sequence"):
+            assert torch.equal(getattr(got, kjt).values(), getattr(want, kjt).values())
+            assert torch.equal(getattr(got, kjt).lengths(), getattr(want, kjt).lengths())
+    with pytest.raises(ValueError, match=r"column 'b', row 1: holds a null id"):
+        BatchConverter(_spec())(_table(b=pa.array([[1, 2], [None, 4], [5, 6]], pa.list_(pa.int64(), 2))))

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data.days import DayRange, discover_days, find_day
-from pipeline.data.reader import DayReader, batches_per_rank, row_groups, split_row_groups
+from pipeline.data.reader import DayReader
+from pipeline.data.split import batches_per_rank, row_groups, split_row_groups
 
 from conftest import DEFAULT_CONFIG
 

@@ -168,7 +168,7 @@ def _ranking_model(cfg, *, dedup: bool):
 
     torch.manual_seed(0)
     spec = cfg.features
-    tower = build_model(cfg.model.name, cfg.model.typed_options(), spec.input_shape())
+    tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
     return RankingModel(spec, tower, sparse_device=torch.device("cpu"), dedup=dedup)
 
 
@@ -176,14 +176,14 @@ def test_ranking_model_dedup_equals_reference_on_a_real_batch(small_cfg):
     from pipeline.data.convert import BatchConverter
 
     table = _real_table(small_cfg)
-    plain = BatchConverter(small_cfg.features)(table)
-    deduped = BatchConverter(small_cfg.features, dedup=True)(table)
+    ref, dd = _ranking_model(small_cfg, dedup=False), _ranking_model(small_cfg, dedup=True)
+    plain = BatchConverter(small_cfg.features, sequence_feed=ref.sequence_feed)(table)
+    deduped = BatchConverter(small_cfg.features, sequence_feed=dd.sequence_feed)(table)
     # the small config truncates the long sequence (synthetic 40..80 events) to 64: dedup sees truncated ids
     assert plain.sequence.lengths().max() == 64
     assert plain.dedup_ratio is None and 0 < deduped.dedup_ratio < 1
     assert deduped.sequence_index.num_ids == plain.sequence.values().numel()
 
-    ref, dd = _ranking_model(small_cfg, dedup=False), _ranking_model(small_cfg, dedup=True)
     dd.load_state_dict(ref.state_dict())  # same parameter names: tables are named the same either way
     results = []
     for model, batch in ((ref, plain), (dd, deduped)):
@@ -201,14 +201,41 @@ def test_ranking_model_dedup_equals_reference_on_a_real_batch(small_cfg):
 
 
 def test_mismatched_dedup_setting_is_a_clear_error(small_cfg):
+    """Only a converter fed by hand, not from the model, can disagree with it; the model says so at once."""
     from pipeline.data.convert import BatchConverter
 
-    deduped = BatchConverter(small_cfg.features, dedup=True)(_real_table(small_cfg, rows=8))
+    layout = small_cfg.features.embedding_layout()
+    deduped = BatchConverter(small_cfg.features, sequence_feed=layout.sequence_feed(dedup=True))(
+        _real_table(small_cfg, rows=8))
     plain = BatchConverter(small_cfg.features)(_real_table(small_cfg, rows=8))
     with pytest.raises(ValueError, match="embeddings.dedup"):
         _ranking_model(small_cfg, dedup=False)(deduped)
     with pytest.raises(ValueError, match="embeddings.dedup"):
         _ranking_model(small_cfg, dedup=True)(plain)
+
+
+def test_the_model_owns_the_sequence_feed(small_cfg):
+    """One switch: the model's feed is the layout's for its dedup setting, and batches made with it are what its
+    lookup reads; a layout with no sequence table has nothing to deduplicate, so dedup=True stays plain."""
+    from embeddings.collection import SparseArch
+    from embeddings.tables import EmbeddingLayout, LookupDef, TableDef
+    from pipeline.data.convert import BatchConverter
+
+    layout = small_cfg.features.embedding_layout()
+    table = _real_table(small_cfg, rows=8)
+    for dedup in (False, True):
+        model = _ranking_model(small_cfg, dedup=dedup)
+        assert model.sequence_feed == layout.sequence_feed(dedup=dedup) and model.sequence_feed.dedup == dedup
+        batch = BatchConverter(small_cfg.features, sequence_feed=model.sequence_feed)(table)
+        assert (batch.sequence_index is not None) == dedup
+        model(batch)
+
+    pooled_only = EmbeddingLayout(tables=(TableDef("t", 10, 4),), lookups=(LookupDef("a", "t", "pooled"),))
+    arch = SparseArch(pooled_only, dedup=True)
+    assert not arch.sequence_feed.dedup
+    kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
+    ids = arch.sequence_feed(KeyedJaggedTensor.empty(values_dtype=torch.int64, lengths_dtype=torch.int64))
+    assert arch(kjt, ids.kjt, ids.index).pooled["a"].shape == (2, 4)
 
 
 def test_batch_with_dedup_index_moves_to_a_device_and_pins():

@@ -1,4 +1,4 @@
-"""The dense LR schedule (pipeline.train.lr_multiplier): warm-up, then constant or a half cosine over a window."""
+"""The dense LR schedule (pipeline/train/schedule.py): warm-up, then constant or a half cosine over a window."""
 
 import math
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train.trainer import lr_multiplier
+from pipeline.train.schedule import lr_multiplier
 
 
 def test_constant_is_one_after_a_linear_warm_up():

@@ -14,7 +14,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.days import discover_days, next_complete_day, scan_days
-from pipeline.data.reader import DayReader, ReaderOptions
+from pipeline.data.options import ReaderOptions
+from pipeline.data.reader import DayReader
 
 from conftest import DEFAULT_CONFIG
 from dist import run_distributed
@@ -63,6 +64,17 @@ def test_two_ranks_read_every_row_exactly_once(source, tmp_path, shuffle):
     assert sorted(rows) == list(range(3000))  # every row once, none twice
     if shuffle:
         assert [r for b in ids0 for r in b] != sorted(r for b in ids0 for r in b)
+
+
+def test_the_data_config_is_what_the_reader_takes(source, tmp_path):
+    """DataConfig is a ReaderOptions: every `data.*` reader key reaches the reader, with no copy to forget."""
+    day = even_day(tmp_path, source)
+    keys = {"shuffle": True, "shuffle_buffer_rows": 250, "error_budget": 0.0, "num_workers": 2}
+    cfg = load_config(DEFAULT_CONFIG, [f"data.{k}={str(v).lower()}" for k, v in keys.items()])
+    assert isinstance(cfg.data, ReaderOptions)
+    from_config = _rows_of(0, 1, day, cfg.data)
+    assert from_config == _rows_of(0, 1, day, ReaderOptions(**keys))
+    assert from_config != _rows_of(0, 1, day, ReaderOptions(**{**keys, "shuffle": False}))
 
 
 def test_uneven_files_give_equal_counts_on_two_ranks(source, tmp_path):

@@ -221,11 +221,11 @@ def _train_steps(rank: int, world_size: int, cfg, table, full_state: dict, dedup
     from pipeline.ranker import RankingModel
 
     spec = cfg.features
-    tower = build_model(cfg.model.name, cfg.model.typed_options(), spec.input_shape())
+    tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
     model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=dedup)
     sharded = shard_model(model, cfg, env_of_current_group())
     sharded.dmp.load_state_dict(full_state)  # DMP re-initialises EBC tables: both paths start from these
-    convert = BatchConverter(spec, dedup=dedup)
+    convert = BatchConverter(spec, sequence_feed=model.sequence_feed)  # the model owns the dedup switch
     rows = cfg.data.batch_size_per_rank
     losses, ratios = [], []
     for step in range(num_steps):
@@ -245,7 +245,7 @@ def _full_state(cfg) -> dict[str, torch.Tensor]:
     from pipeline.ranker import RankingModel
 
     torch.manual_seed(0)
-    tower = build_model(cfg.model.name, cfg.model.typed_options(), cfg.features.input_shape())
+    tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("cpu"))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data.days import discover_days
-from pipeline.data.reader import row_groups
+from pipeline.data.split import row_groups
 from pipeline.data.synth import generate_logs, oracle_auc
 from pipeline.data.validate import check_schema
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from pipeline.config import ModelConfig
 from pipeline.data.days import discover_days
 from pipeline.distributed.env import env_of_current_group
-from pipeline.train.trainer import Trainer
+from pipeline.train.trainer import RunPlan, Trainer
 
 from dist import run_distributed
 
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.dist
 def _train_two_days(rank, world_size, cfg):
     trainer = Trainer(cfg, env_of_current_group())
     days = discover_days(cfg.data.root)
-    stats = [trainer.train_day(d) for d in days[:2]]
-    metrics = trainer.evaluate(days[2])
+    result = trainer.run(RunPlan(train_days=days[:2], eval_days=[days[2]]))
+    stats, metrics = result.trained, result.metrics[str(days[2].day)]
     dense = {k: v.detach().clone() for k, v in trainer.model.module.tower.state_dict().items()}
     return {"losses": [l for s in stats for l in s.losses], "dense": dense, "metrics": metrics}
 
@@ -47,7 +48,7 @@ def _train_few_steps(rank, world_size, cfg):
 
 @pytest.mark.parametrize("name", sorted(__import__("models").MODELS))
 def test_every_registered_model_trains_on_two_ranks(small_cfg, name):
-    small_cfg.model.name, small_cfg.model.options = name, {}
+    small_cfg.model = ModelConfig(name, {})
     small_cfg.train.max_steps_per_day = 4
     small_cfg.train.eval_max_batches = 2
     small_cfg.embeddings.dedup = name == "hyformer"  # the dedup path end to end, on the paper's model

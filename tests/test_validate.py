@@ -72,3 +72,19 @@ def test_id_max_bounds_every_integer_id_column():
     verdict = validate_rows(_table(), _spec(), max_list_len=3)
     # over all rows, bad ones included (a: 12 is out of range); string ids (s) are hashed, so no bound
     assert verdict.id_max == {"a": 12, "h": 4, "hc": 2}
+
+
+def test_float_labels_and_dictionary_encoded_integer_ids():
+    """Float labels are labels (0.0/1.0; anything else is a bad row), and integer ids keep their range checks
+    when dictionary-encoded: the converter takes them as rows, like plain integers."""
+    table = _table().slice(0, 1)
+    n = 4
+    table = pa.table({**{c: pa.concat_arrays([table.column(c).chunk(0)] * n) for c in table.column_names},
+                      "y": pa.array([1.0, 0.0, 0.5, float("nan")]),
+                      "a": pa.array([1, 2, 3, -1]).dictionary_encode()})
+    check_schema(_spec(), table.schema, "f.parquet")
+    assert validate_rows(table, _spec(), max_list_len=10).reasons().tolist() == \
+        ["", "", "label_not_binary", "label_not_binary"]
+    table = table.set_column(table.schema.get_field_index("y"), "y", pa.array([1.0] * n))
+    verdict = validate_rows(table, _spec(), max_list_len=10)
+    assert verdict.reasons().tolist() == ["", "", "", "negative_id"] and verdict.id_max["a"] == 3

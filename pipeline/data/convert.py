@@ -1,11 +1,13 @@
 """Arrow table -> Batch, vectorised: KJT lengths/values come straight from Arrow list offsets and values.
 
-    convert = BatchConverter(spec)
+    convert = BatchConverter(spec, sequence_feed=model.sequence_feed)   # default: the plain lookup's feed
     batch = convert(table, source="day=2026-11-01/part-00000.parquet", first_row=0)
 
-No per-row Python. Bad values raise ValueError naming the source, the column and the first bad row (row numbers
-count from `first_row`, so a message points into the file); the reader's validation stage is what drops and
-quarantines bad rows before they get here.
+No per-row Python. A column of a type its kind refuses raises the ValueError validation raises for it
+(pipeline/data/schema.py). Bad values raise ValueError naming the source, the column and the first bad row (row
+numbers count from `first_row`, so a message points into the file); the reader's validation stage is what drops
+and quarantines bad rows before they get here. Sequences leave through the model's `sequence_feed`
+(embeddings.dedup.SequenceFeed): as they are, or as distinct ids plus a DedupIndex when the model deduplicates.
 """
 
 from __future__ import annotations
@@ -19,40 +21,45 @@ import pyarrow.compute as pc
 import torch
 from torchrec import KeyedJaggedTensor
 
-from embeddings.dedup import dedup_sequences
+from embeddings.dedup import SequenceFeed
 from pipeline.data.batch import Batch
 from pipeline.data.features import DenseFeature, FeatureSpec, OOVPolicy, SequenceFeature
+from pipeline.data.schema import (GROUP, LABEL, ORACLE, SEQUENCE, SPARSE, ColumnKind, check_type, dense_kind, is_list,
+                                  is_string_id)
 
 
 class BatchConverter:
     """Turns Arrow tables holding the spec's columns into Batches."""
 
-    def __init__(self, spec: FeatureSpec, *, dedup: bool = False):
+    def __init__(self, spec: FeatureSpec, *, sequence_feed: SequenceFeed | None = None):
+        """`sequence_feed`: the model's (RankingModel.sequence_feed); None: the plain lookup's, for batches that
+        no deduplicating model reads."""
         self.spec = spec
-        self.dedup = dedup  # embeddings.dedup: sequences as distinct ids per table + an inverse index
         self.layout = spec.embedding_layout()
+        self.sequence_feed = self.layout.sequence_feed(dedup=False) if sequence_feed is None else sequence_feed
+        if self.sequence_feed.table_of != self.layout.ec_table_of:
+            raise ValueError(f"the sequence feed reads {self.sequence_feed.table_of}, but this feature spec's "
+                             f"sequence lookups are {self.layout.ec_table_of}: the model was built from another spec")
         self._num_rows = {t.name: t.num_embeddings for t in spec.tables}
 
     def __call__(self, table: pa.Table, *, source: str = "<table>", first_row: int = 0,
                  id_max: Mapping[str, int] | None = None) -> Batch:
         """`id_max`: per integer id column, a bound such that every id of `table` is in [0, id_max] (the reader's
-        validation proves it: pipeline.data.validate.RowVerdict.id_max); such columns skip the range pass over their ids."""
+        validation proves it: pipeline.data.validate.RowVerdict.id_max); such columns skip the range pass over
+        their ids."""
         ctx = _Ctx(source, first_row)
         id_max = id_max or {}
         jagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for f in self.spec.sparse:
             jagged[f.name] = ids_column(table.column(f.name), self._num_rows[f.table], f.oov, ctx.at(f.name),
-                                        known_max=id_max.get(f.name))
+                                        kind=SPARSE, known_max=id_max.get(f.name))
         for seq in self.spec.sequences:
             jagged.update(self._sequence(table, seq, ctx, id_max))
-        sequence, sequence_index = _kjt(self.layout.ec_features, jagged), None
-        if self.dedup and self.layout.ec_features:
-            deduped = dedup_sequences(sequence, self.layout.ec_table_of)
-            sequence, sequence_index = deduped.unique, deduped.index
+        sequence = self.sequence_feed(_kjt(self.layout.ec_features, jagged))
         return Batch(
             pooled=_kjt(self.layout.ebc_features, jagged),
-            sequence=sequence,
-            sequence_index=sequence_index,
+            sequence=sequence.kjt,
+            sequence_index=sequence.index,
             dense=self._dense(table, ctx),
             labels=labels_column(table.column(self.spec.label), ctx.at(self.spec.label)),
             group_ids=self._groups(table, ctx),
@@ -66,7 +73,7 @@ class BatchConverter:
         for column in seq.columns:
             col_ctx = ctx.at(column)
             lengths, values = ids_column(table.column(column), self._num_rows[seq.table_of(column)],
-                                         seq.oov_of(column), col_ctx, known_max=id_max.get(column))
+                                         seq.oov_of(column), col_ctx, kind=SEQUENCE, known_max=id_max.get(column))
             if ids_lengths is None:
                 ids_lengths = lengths
             elif not np.array_equal(lengths, ids_lengths):
@@ -84,17 +91,13 @@ class BatchConverter:
     def _groups(self, table: pa.Table, ctx: "_Ctx") -> torch.Tensor:
         if self.spec.group is None:
             return torch.zeros(table.num_rows, dtype=torch.int64)
-        arr = _combine(table.column(self.spec.group))
-        where = ctx.at(self.spec.group)
-        _no_nulls(arr, where)
-        return torch.from_numpy(_as_int64(arr, where).copy())
-
+        arr = _checked(table.column(self.spec.group), GROUP, ctx.at(self.spec.group))
+        return torch.from_numpy(_as_int64(arr).copy())
 
     def _oracle(self, table: pa.Table, ctx: "_Ctx") -> torch.Tensor | None:
         if self.spec.oracle is None:
             return None
-        arr = _combine(table.column(self.spec.oracle))
-        _no_nulls(arr, ctx.at(self.spec.oracle))
+        arr = _checked(table.column(self.spec.oracle), ORACLE, ctx.at(self.spec.oracle))
         return torch.from_numpy(arr.to_numpy(zero_copy_only=False).astype(np.float32))
 
 
@@ -118,9 +121,21 @@ def _combine(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
-def _no_nulls(arr: pa.Array, ctx: _Ctx) -> None:
+def _checked(col: pa.ChunkedArray | pa.Array, kind: ColumnKind, ctx: _Ctx) -> pa.Array:
+    """The column as one Array, once its type is one `kind` accepts and it holds no null row."""
+    arr = _combine(col)
+    check_type(kind, arr.type, source=ctx.source, column=ctx.column)
     if arr.null_count:
         raise ctx.error(int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), "is null")
+    return arr
+
+
+def _list_offsets(arr: pa.Array) -> np.ndarray:
+    """(B+1,) offsets of each row's values in `arr.flatten()` (a fixed-size list stores none)."""
+    if pa.types.is_fixed_size_list(arr.type):
+        return np.arange(len(arr) + 1, dtype=np.int64) * arr.type.list_size
+    offsets = arr.offsets.to_numpy()  # of a slice: they start where the slice does, flatten() at 0
+    return offsets - offsets[0]
 
 
 def stable_hash(strings: pa.Array) -> np.ndarray:
@@ -131,47 +146,38 @@ def stable_hash(strings: pa.Array) -> np.ndarray:
     return np.asarray(digests, dtype=np.int64)[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
-def _as_int64(values: pa.Array, ctx: _Ctx) -> np.ndarray:
-    t = values.type
-    if pa.types.is_dictionary(t):
-        values, t = values.dictionary_decode(), t.value_type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return stable_hash(values)
-    if pa.types.is_integer(t):
+def _as_int64(values: pa.Array) -> np.ndarray:
+    """Ids of an id-typed array (schema.is_id): integers as they are, strings hashed."""
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if pa.types.is_integer(values.type):
         return values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    raise ValueError(f"{ctx.source}: column {ctx.column!r} must hold integer or string ids, got {t}")
+    return stable_hash(values)
 
 
 def ids_column(col: pa.ChunkedArray | pa.Array, num_embeddings: int, oov: OOVPolicy, ctx: _Ctx, *,
-               known_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               kind: ColumnKind, known_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(lengths (B,), values (N,)) int64 ids of a scalar or list id column, mapped into [0, num_embeddings).
 
-    `known_max`: the ids are known to lie in [0, known_max] (validated); if that is inside the table, they are
-    returned as they are without another pass over them.
+    `kind`: SPARSE or SEQUENCE (pipeline/data/schema.py). `known_max`: the ids are known to lie in
+    [0, known_max] (validated); if that is inside the table, they are returned as they are without another pass.
     """
-    arr = _combine(col)
-    _no_nulls(arr, ctx)
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        offsets = arr.offsets.to_numpy()
+    arr = _checked(col, kind, ctx)
+    if is_list(arr.type):
+        offsets = _list_offsets(arr)
         lengths = np.diff(offsets).astype(np.int64)
         flat = arr.flatten()  # respects slice offsets, unlike .values
         if flat.null_count:
             event = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ctx.error(int(np.searchsorted(offsets, event + offsets[0], side="right") - 1), "holds a null id")
-        values = _as_int64(flat, ctx)
+            raise ctx.error(int(np.searchsorted(offsets, event, side="right") - 1), "holds a null id")
+        values = _as_int64(flat)
     else:
         lengths = np.ones(len(arr), dtype=np.int64)
-        values = _as_int64(arr, ctx)
-    hashed = _is_stringy(arr.type)
+        values = _as_int64(arr)
+    hashed = is_string_id(arr.type)
     if known_max is not None and not hashed and known_max < num_embeddings:
         return lengths, values
     return lengths, map_ids(values, lengths, num_embeddings, oov, ctx, hashed=hashed)
-
-
-def _is_stringy(t: pa.DataType) -> bool:
-    t = t.value_type if (pa.types.is_list(t) or pa.types.is_large_list(t)) else t
-    t = t.value_type if pa.types.is_dictionary(t) else t
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def map_ids(values: np.ndarray, lengths: np.ndarray, num_embeddings: int, oov: OOVPolicy, ctx: _Ctx,
@@ -224,22 +230,15 @@ def truncate_recent(lengths: np.ndarray, values: np.ndarray, max_len: int,
 
 def dense_column(col: pa.ChunkedArray | pa.Array, f: DenseFeature, ctx: _Ctx) -> np.ndarray:
     """(B, size) float32, normalised; NaN/Inf and wrong list sizes are errors, never zeroed."""
-    arr = _combine(col)
-    _no_nulls(arr, ctx)
-    t = arr.type
-    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
-        lengths = np.diff(arr.offsets.to_numpy()) if not pa.types.is_fixed_size_list(t) else None
-        size = t.list_size if lengths is None else f.size
-        if size != f.size or (lengths is not None and (lengths != f.size).any()):
-            row = 0 if lengths is None else int(np.flatnonzero(lengths != f.size)[0])
-            raise ctx.error(row, f"must hold {f.size} floats per row (dense size), got {size if lengths is None else lengths[row]}")
+    arr = _checked(col, dense_kind(f), ctx)
+    if is_list(arr.type):
+        lengths = np.diff(_list_offsets(arr))
+        if (lengths != f.size).any():
+            row = int(np.flatnonzero(lengths != f.size)[0])
+            raise ctx.error(row, f"must hold {f.size} floats per row (dense size), got {lengths[row]}")
         values = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, f.size)
-    elif pa.types.is_floating(t) or pa.types.is_integer(t):
-        if f.size != 1:
-            raise ValueError(f"{ctx.source}: column {ctx.column!r} is a scalar but the spec says size = {f.size}")
-        values = arr.to_numpy(zero_copy_only=False).reshape(-1, 1)
     else:
-        raise ValueError(f"{ctx.source}: column {ctx.column!r} must be float or a list of floats, got {t}")
+        values = arr.to_numpy(zero_copy_only=False).reshape(-1, 1)
     values = values.astype(np.float32)
     bad = ~np.isfinite(values)
     if bad.any():
@@ -254,10 +253,8 @@ def dense_column(col: pa.ChunkedArray | pa.Array, f: DenseFeature, ctx: _Ctx) ->
 
 
 def labels_column(col: pa.ChunkedArray | pa.Array, ctx: _Ctx) -> torch.Tensor:
-    arr = _combine(col)
-    _no_nulls(arr, ctx)
-    if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type) or pa.types.is_floating(arr.type)):
-        raise ValueError(f"{ctx.source}: label column {ctx.column!r} must be 0/1 integers or bools, got {arr.type}")
+    """(B,) float32 labels; any value but 0 and 1 (NaN included) is an error."""
+    arr = _checked(col, LABEL, ctx)
     y = arr.to_numpy(zero_copy_only=False).astype(np.float32)
     bad = (y != 0) & (y != 1)
     if bad.any():

@@ -3,7 +3,7 @@
 Columns keep their names; the spec says what each one is:
 
     [features]
-    label = "click"                 # 0/1 integer or bool column
+    label = "click"                 # 0/1 integer, bool or float column (pipeline/data/schema.py: types per kind)
     group = "query_id"              # optional: query-level AUC groups
     [[features.tables]]             # embedding tables; several features may share one
     name = "item"  num_embeddings = 100000  dim = 16

@@ -1,28 +1,27 @@
 """One day of Parquet logs read as Batches on one rank: split across ranks, validated, converted, resumable.
 
-    reader = DayReader(day, spec, batch_size=512, rank=0, world_size=2, seed=cfg.seed,
-                       options=ReaderOptions.from_config(cfg.data), quarantine_dir=out_dir / "quarantine")
+    reader = DayReader(day, spec, batch_size=512, rank=0, world_size=2, seed=cfg.seed, options=cfg.data,
+                       sequence_feed=model.sequence_feed, quarantine_dir=out_dir / "quarantine")
     for batch in reader: ...                      # pipeline.data.batch.Batch, decoded ahead by loader threads
     state = reader.state_dict()                   # resume: a new reader of the same day, load_state_dict(state)
 
-Days (`day` above) come from pipeline/data/days.py.
+Days (`day` above) come from pipeline/data/days.py; `options` is a ReaderOptions (pipeline/data/options.py), which
+the run config's DataConfig is; `sequence_feed` is the model's (embeddings.dedup.SequenceFeed: the plain lookup's
+when None), so batches carry sequences the way the model's lookup reads them.
 
-Split: a day's row groups are dealt to ranks greedily by row count, largest first, each to the rank with the
-fewest rows so far (ties to the lower rank): deterministic from the Parquet footers alone, so every rank computes
-the same split with no communication. With `shuffle`, each rank visits its row groups in an order seeded by
+Split (pipeline/data/split.py): the day's row groups are dealt to ranks by row count from the footers alone, and
+every rank yields the same number N of batches (capped by max_batches), keeping `error_budget` of its rows in
+reserve for rows that validation drops. With `shuffle`, each rank visits its row groups in an order seeded by
 (seed, day, rank) and permutes rows within buffers of `shuffle_buffer_rows` (seeded by the buffer's index too).
 Loader threads (`num_workers`) decode, validate and convert row groups in parallel; results are consumed in
 plan order, so the batches do not depend on the number of workers.
 
-Equal batch counts: every rank yields exactly
-    N = min over ranks r of (rows_r - ceil(error_budget * rows_r)) // batch_size
-batches (footer row counts; capped by max_batches), so no rank waits in a collective for one that has run out.
-Each rank keeps `error_budget` of its rows in reserve for rows that validation drops. Rows beyond N batches are
-not trained this epoch (`rows_dropped`). If a rank's share holds more bad rows than its reserve it cannot fill
-N batches; that, a bad-row count over the day's budget, or a corrupt file, is a failure, and failures are agreed
-on: before each batch the ranks all_reduce one status flag (a gloo group; no collective in a world of one or
-without a process group), so every rank raises together instead of one hanging. After the last batch the ranks
-sum their per-reason counts with one all_reduce and all raise if the day's bad fraction exceeds the budget.
+Rows beyond N batches are not trained this epoch (`rows_dropped`). If a rank's share holds more bad rows than
+its reserve it cannot fill N batches; that, a bad-row count over the day's budget, or a corrupt file, is a
+failure, and failures are agreed on: before each batch the ranks all_reduce one status flag (a gloo group; no
+collective in a world of one or without a process group), so every rank raises together instead of one hanging.
+After the last batch the ranks sum their per-reason counts with one all_reduce and all raise if the day's bad
+fraction exceeds the budget.
 
 Validation (pipeline/data/validate.py) runs on each row group before conversion: bad rows are dropped, counted per
 reason and written to `<quarantine_dir>/<partition folder>/<file>.rg<k>.parquet` with their reason and source
@@ -44,11 +43,10 @@ import logging
 import math
 import queue
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -56,109 +54,16 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from embeddings.dedup import SequenceFeed
 from pipeline.data.batch import Batch
 from pipeline.data.convert import BatchConverter
 from pipeline.data.days import DayPartition
 from pipeline.data.features import FeatureSpec
-from pipeline.data.validate import REASONS, DayValidation, check_schema, validate_rows, write_quarantine
+from pipeline.data.options import ReaderOptions
+from pipeline.data.split import RowGroupRef, batches_per_rank, read_footers, split_row_groups
+from pipeline.data.validate import REASONS, DayValidation, validate_rows, write_quarantine
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------------------
-# Row groups and the split across ranks
-
-
-@dataclass(frozen=True)
-class RowGroupRef:
-    file: Path
-    index: int
-    num_rows: int
-
-
-@dataclass
-class DayFooters:
-    """Every readable row group of a day, and the files skipped as corrupt (on_corrupt_file = "skip")."""
-
-    refs: list[RowGroupRef]
-    corrupt_files: list[str] = field(default_factory=list)
-
-
-def read_footers(day: DayPartition, spec: FeatureSpec | None = None, *,
-                 on_corrupt_file: Literal["fail", "skip"] = "fail") -> DayFooters:
-    """Row groups of the day in file then row-group order; each file's schema is checked against `spec`."""
-    files = day.files
-    if not files:
-        raise FileNotFoundError(f"{day.path} holds no .parquet files")
-    out = DayFooters([])
-    for file in files:
-        try:
-            pf = pq.ParquetFile(file)
-        except (pa.ArrowException, OSError) as e:
-            if on_corrupt_file == "fail":
-                raise ValueError(f"{file}: cannot read the Parquet footer: {e} "
-                                 "(data.on_corrupt_file = 'skip' skips such files)") from e
-            log.warning("skipping corrupt file %s: cannot read the Parquet footer: %s", file, e)
-            out.corrupt_files.append(str(file))
-            continue
-        if spec is not None:
-            check_schema(spec, pf.schema_arrow, str(file))
-        meta = pf.metadata
-        out.refs += [RowGroupRef(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
-    return out
-
-
-def row_groups(day: DayPartition) -> list[RowGroupRef]:
-    """Every row group of the day, in file then row-group order."""
-    return read_footers(day).refs
-
-
-def split_row_groups(refs: list[RowGroupRef], world_size: int) -> list[list[RowGroupRef]]:
-    """Deal row groups to ranks, balanced by rows (see the module docstring); each rank's list in file order."""
-    order = sorted(range(len(refs)), key=lambda i: (-refs[i].num_rows, i))
-    loads = [0] * world_size
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    for i in order:
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owned[rank].append(i)
-        loads[rank] += refs[i].num_rows
-    return [[refs[i] for i in sorted(idx)] for idx in owned]
-
-
-def batches_per_rank(rows_per_rank: list[int], batch_size: int, error_budget: float) -> int:
-    """N of the equal-count policy: every rank can fill N batches while its bad rows stay within the reserve."""
-    return min((rows - math.ceil(error_budget * rows)) // batch_size for rows in rows_per_rank)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reader
-
-
-@dataclass
-class ReaderOptions:
-    """Reader knobs (the `data.*` keys of the run config, see DataConfig)."""
-
-    shuffle: bool = False
-    shuffle_buffer_rows: int = 8192
-    error_budget: float = 0.01
-    max_list_len: int = 100_000
-    on_corrupt_file: Literal["fail", "skip"] = "fail"
-    num_workers: int = 1
-    prefetch_batches: int = 4
-    pin_memory: bool | None = None  # None: pin when CUDA is available
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.error_budget < 1.0:
-            raise ValueError(f"error_budget must be in [0, 1), got {self.error_budget}")
-        for name in ("shuffle_buffer_rows", "max_list_len", "num_workers", "prefetch_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-    @classmethod
-    def from_config(cls, data: Any) -> "ReaderOptions":
-        """From a pipeline.config.DataConfig."""
-        return cls(**{f: getattr(data, f) for f in ("shuffle", "shuffle_buffer_rows", "error_budget",
-                                                    "max_list_len", "on_corrupt_file", "num_workers",
-                                                    "prefetch_batches")})
 
 
 @dataclass
@@ -198,7 +103,9 @@ class DayReader:
 
     def __init__(self, day: DayPartition, spec: FeatureSpec, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, max_batches: int = 0, seed: int = 0, options: ReaderOptions | None = None,
-                 quarantine_dir: str | Path | None = None, dedup: bool = False):
+                 quarantine_dir: str | Path | None = None, sequence_feed: SequenceFeed | None = None):
+        """`options`: cfg.data (a DataConfig is a ReaderOptions); `sequence_feed`: the model's
+        (RankingModel.sequence_feed), None for the plain lookup's."""
         self.day, self.spec, self.batch_size = day, spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.options = opts = options or ReaderOptions()
@@ -214,7 +121,7 @@ class DayReader:
         self.rows_dropped = sum(rows) - self.num_batches * batch_size * world_size
         self.block_rows = batch_size * math.ceil(opts.shuffle_buffer_rows / batch_size) if opts.shuffle else batch_size
         self.quarantine = Path(quarantine_dir) / day.path.name if quarantine_dir else None
-        self.convert = BatchConverter(spec, dedup=dedup)  # dedup must match the model's (embeddings.dedup)
+        self.convert = BatchConverter(spec, sequence_feed=sequence_feed)
         self.columns = spec.columns()
         self.pin = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
         self.validation = DayValidation(str(day.day), quarantine=str(self.quarantine or ""))

@@ -6,9 +6,10 @@
     verdict.id_max                                            # {"user_id": 49983, ...}: bounds for the converter
     write_quarantine(qdir / "part-0.rg3.parquet", table.filter(~verdict.good_B), ...)
 
-`check_schema`: a missing or wrongly typed column fails naming the file and the column, before any row is
-decoded. `validate_rows`: a bad row is dropped, never fixed; the reader (pipeline/data/reader.py) counts bad rows per
-reason (REASONS), writes them to the quarantine and stops the run when a day's bad fraction exceeds the budget.
+`check_schema`: a missing column, or one of a type its kind refuses (pipeline/data/schema.py, which the converter
+shares), fails naming the file and the column, before any row is decoded. `validate_rows`: a bad row is dropped,
+never fixed; the reader (pipeline/data/reader.py) counts bad rows per reason (REASONS), writes them to the
+quarantine and stops the run when a day's bad fraction exceeds the budget.
 """
 
 from __future__ import annotations
@@ -22,53 +23,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.features import FeatureSpec
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
-def _is_id(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
-def _is_float(t: pa.DataType) -> bool:
-    return pa.types.is_floating(t) or pa.types.is_integer(t)
-
-
-def expected_types(spec: FeatureSpec) -> dict[str, tuple[str, callable]]:
-    """column -> (description, predicate on its Arrow type)."""
-    want: dict[str, tuple[str, callable]] = {
-        spec.label: ("0/1 integer or bool", lambda t: pa.types.is_integer(t) or pa.types.is_boolean(t)),
-    }
-    if spec.group:
-        want[spec.group] = ("integer or string id", _is_id)
-    if spec.oracle:
-        want[spec.oracle] = ("float", pa.types.is_floating)
-    for f in spec.sparse:
-        want[f.name] = ("integer/string id or a list of them", lambda t: _is_id(t) or (_is_list(t) and _is_id(t.value_type)))
-    for f in spec.dense:
-        if f.size == 1:
-            want[f.name] = ("float", _is_float)
-        else:
-            want[f.name] = (f"list of {f.size} floats", lambda t: _is_list(t) and _is_float(t.value_type))
-    for s in spec.sequences:
-        for c in s.columns:
-            want[c] = ("list<int64>", lambda t: _is_list(t) and pa.types.is_integer(t.value_type))
-    return want
+from pipeline.data.schema import check_type, column_kinds, is_list
+from pipeline.files import write_atomic
 
 
 def check_schema(spec: FeatureSpec, schema: pa.Schema, source: str) -> None:
-    """Raise ValueError naming `source` and the column if a declared column is missing or of the wrong type."""
-    for column, (description, ok) in expected_types(spec).items():
+    """Raise ValueError naming `source` and the column if a declared column is missing or of a type its kind
+    refuses (pipeline/data/schema.py: the same types the converter refuses)."""
+    for column, kind in column_kinds(spec).items():
         idx = schema.get_field_index(column)
         if idx < 0:
             raise ValueError(f"{source}: missing column {column!r} declared in the feature spec")
-        t = schema.field(idx).type
-        if not ok(t):
-            raise ValueError(f"{source}: column {column!r} has type {t}, the feature spec needs {description}")
+        check_type(kind, schema.field(idx).type, source=source, column=column)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,10 +147,6 @@ def _nulls(arr: pa.Array) -> np.ndarray:
     return arr.is_null().to_numpy(zero_copy_only=False)
 
 
-def _is_list_type(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
 def _list_lengths(arr: pa.Array) -> np.ndarray:
     """(B,) int64 list lengths, 0 for null lists (which are marked separately)."""
     return pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -210,16 +172,18 @@ def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, 
                column: str) -> np.ndarray | None:
     """Mark bad ids of a scalar or list column; returns the list lengths (None for a scalar column)."""
     m.mark(_nulls(arr), "null", column)
-    is_list = _is_list_type(arr.type)
+    listed = is_list(arr.type)
     lengths = None
-    if is_list:
+    if listed:
         lengths = _list_lengths(arr)  # computed once: the caller reuses it for the side-info length check
         m.mark(lengths > max_list_len, "list_too_long", column)
         values = pc.list_flatten(arr)
     else:
         values = arr
-    if pa.types.is_dictionary(values.type) or not pa.types.is_integer(values.type):
-        if is_list and values.null_count:  # string ids: hashed, so only nulls can be wrong
+    if pa.types.is_dictionary(values.type) and pa.types.is_integer(values.type.value_type):
+        values = values.dictionary_decode()  # integer ids the converter takes as rows: range-check them too
+    if not pa.types.is_integer(values.type):
+        if listed and values.null_count:  # string ids: hashed, so only nulls can be wrong
             m.mark_rows(_element_rows(arr, _nulls(values)), "null", column)
         return lengths
     low, high = pc.min_max(values).values()  # one pass over the values, the only one on clean data
@@ -233,7 +197,7 @@ def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, 
     if oov == "error":
         checks.append((ids >= num_embeddings, "id_out_of_range"))
     for bad, reason in checks:
-        if is_list:
+        if listed:
             m.mark_rows(_element_rows(arr, bad), reason, column)
         else:
             m.mark(bad, reason, column)
@@ -242,7 +206,7 @@ def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, 
 
 def _check_dense(arr: pa.Array, size: int, m: _Marker, column: str) -> None:
     m.mark(_nulls(arr), "null", column)
-    if _is_list_type(arr.type):
+    if is_list(arr.type):
         m.mark(_list_lengths(arr) != size, "dense_wrong_size", column)
         values = pc.list_flatten(arr)
         if not pa.types.is_floating(values.type):
@@ -269,11 +233,7 @@ def write_quarantine(path: Path, bad_rows: pa.Table, verdict_bad: RowVerdict, *,
     table = table.append_column("_column", pa.array(verdict_bad.column_B.tolist(), pa.string()))
     table = table.append_column("_source_file", pa.array([source_file] * bad_rows.num_rows, pa.string()))
     table = table.append_column("_source_row", pa.array(source_rows, pa.int64()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 @dataclass

@@ -3,10 +3,14 @@ any DDP module takes the hook (`hyrank bench overlap` times it on a tower alone)
 
     state = StaleAllReduce(compression="bf16")
     ddp.register_comm_hook(state, stale_allreduce_hook)   # under DMP: HookedDataParallelWrapper(state) (dmp.py)
+    dense = DenseSync(dense_optimizer, named_params, hook=state, mode="async")   # dense_sync.py: the call order
     ...
     loss.backward()                                       # launches allreduce(g_k), hands back g_{k-1}
-    if state.ready: dense_optimizer.step()                # W_k = W_{k-1} - lr * g_{k-1}
-    state.flush(dense_optimizer)                          # at a boundary: apply g_last, nothing in flight
+    dense.after_backward()                                # W_k = W_{k-1} - lr * g_{k-1} if state.ready
+    dense.flush()                                         # at a boundary: apply g_last, nothing in flight
+
+This module is the mechanism; DenseSync (pipeline/distributed/dense_sync.py) is the only caller that knows the
+order of its calls (staleness, shift/restore weights, begin/end update, flush).
 
 Why one step stale: the allreduce of step k's dense gradients runs while step k+1 computes, so communication
 leaves no bubble. Sparse tables are outside DDP (fused optimizers update them inside backward), so they stay
@@ -30,11 +34,11 @@ stable step size of a momentum optimizer far more than plain SGD's. On a quadrat
 Adam uses (beta1 = 0.9) is stable for lr*h < 38 with fresh gradients but only for lr*h < 1 with one-step-stale ones
 (SGD: 2 vs 1), so a tower that trains near that edge (Adam at the edge of stability) loses quality when its
 gradients go stale. Each launched reduction keeps the weights its gradient was computed at (one copy of the dense
-parameters in flight), so the correction needs no help from the trainer and also holds at a flush.
+parameters in flight), so the correction needs no help from the caller and also holds at a flush.
 
 Weight prediction (`prediction` = s > 0, as SpecTrain/PipeMare do for pipeline-parallel delay): a step whose
 gradient will be applied one dense step late runs its forward and backward at W + s * (the last dense update), a
-guess of the weights that gradient will be applied to; the trainer calls `shift_weights()` before the forward and
+guess of the weights that gradient will be applied to; DenseSync calls `shift_weights()` before the forward and
 `restore_weights()` after the backward, and `begin_update()` / `end_update()` around each dense step. On the
 quadratic above, s = 1 raises the stale limit from lr*h < 1 to < 2.7; unlike the compensation it needs no Hessian
 guess. Both can be on: the compensation then corrects what the prediction missed. Memory: compensation keeps one
@@ -44,7 +48,7 @@ the weights before a step).
 A checkpoint does not flush: that would change the training trajectory. `state_dict()` waits for the reductions
 in flight and returns them, by parameter name, as the pending gradients the next step will apply;
 `load_state_dict()` puts them back, so a run resumed from a mid-day checkpoint takes exactly the steps the
-uninterrupted run takes (tests/test_checkpoint.py). Names come from `bind(named_parameters)`.
+uninterrupted run takes (tests/test_checkpoint.py). Names come from `bind(named_parameters)` (DenseSync binds).
 """
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations as real objects.
@@ -107,7 +111,7 @@ class StaleAllReduce:
     process_group: dist.ProcessGroup | None = None
     # 1: hand back last step's gradient (async). 0: wait and hand back this step's, through the same per-parameter
     # bookkeeping: it must equal plain DDP, which is how the bookkeeping is tested on real models. May change
-    # between steps (the trainer's train.allreduce_sync_steps: 0, then 1); going back to 0 needs a flush() first.
+    # between steps (DenseSync's sync_steps: 0, then 1); going back to 0 needs a flush() first.
     staleness: int = 1
     compensation: float = 0.0  # lambda0 of the delay compensation; 0: the plain stale rule
     prediction: float = 0.0  # s of the weight prediction; 0: off
@@ -145,7 +149,7 @@ class StaleAllReduce:
     def in_flight(self) -> bool:
         return bool(self._launched or self._previous or self._stale)
 
-    # -- weight prediction (the trainer calls these around each step; no-ops when prediction = 0) -----------------
+    # -- weight prediction (DenseSync calls these around each step; no-ops when prediction = 0) -----------------
 
     @torch.no_grad()
     def shift_weights(self) -> None:
@@ -248,29 +252,21 @@ class StaleAllReduce:
                 stale[i] = g
         return stale
 
-    def flush(self, dense_optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Write the gradients still in flight into `.grad` and, given an optimizer, take that one dense step.
-
-        Returns whether there was anything to apply; with no optimizer the caller steps (the Trainer, which
-        also clips and advances its LR schedule). The parameters written are the bound ones (`bind`), else the
-        optimizer's; a bound parameter with nothing pending gets a zero gradient, never a leftover one.
-        """
+    def flush(self) -> bool:
+        """Write the gradients still in flight into `.grad` of the bound parameters (`bind`); returns whether there
+        was anything to apply, and the caller takes that one dense step (DenseSync, which also clips and advances
+        the LR schedule). A bound parameter with nothing pending gets a zero gradient, never a leftover one."""
         self.settle()
         if not self._stale:
             return False
-        if self._named:
-            params = list(self._named.values())
-        elif dense_optimizer is not None:
-            params = [p for group in dense_optimizer.param_groups for p in group["params"]]
-        else:
-            raise RuntimeError("flush() without an optimizer needs bind(named_parameters) first")
+        if not self._named:
+            raise RuntimeError("flush() needs bind(named_parameters) first")
+        params = list(self._named.values())
         for p, stale in zip(params, self._take(params)):
             if stale is not None:
                 p.grad = stale.clone() if p.grad is None else p.grad.copy_(stale)
             elif p.grad is not None:
                 p.grad.zero_()
-        if dense_optimizer is not None:
-            dense_optimizer.step()
         self._stale.clear()
         self._stale_at.clear()
         self.steps = 0

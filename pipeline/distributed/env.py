@@ -2,13 +2,22 @@
 
 Outside torchrun a run is a world of one: a gloo group on a free local port, so the same code path (DMP, the
 planner, collectives in metrics) runs in a plain `python` process and in tests.
+
+Under torchrun a rank dies with its launcher: torchelastic starts ranks in sessions of their own, so a SIGKILL of
+the launcher's process group (a killed job, a lost pod) would leave them training and writing checkpoints into
+the run directory. A daemon thread notices the launcher is gone (this process is re-parented) within a second
+and kills this rank.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
+import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +43,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+log = logging.getLogger(__name__)
+
+
+def die_with_launcher(poll_s: float = 0.5) -> None:
+    """Kill this process once its parent (torchrun's agent) is gone; a no-op outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        log.error("the launcher (PID %d) is gone: this rank stops too", launcher)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
-    """Join (or create) the default process group and pick this rank's device."""
+    """Join (or create) the default process group and pick this rank's device; under torchrun, tie this rank's
+    life to its launcher's (die_with_launcher)."""
+    die_with_launcher()
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"

@@ -1,1 +1,1 @@
-"""The training run: the trainer (the only day loop), checkpoints of its Stateful parts, LR schedule, metrics."""
+"""The training run: the trainer (the only day loop), checkpoints of its Stateful parts, the LR schedule."""

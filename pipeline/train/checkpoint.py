@@ -1,115 +1,104 @@
-"""DCP checkpoints of a training run: everything needed to continue exactly where it stopped.
+"""DCP checkpoints of Stateful parts: everything a run needs to continue exactly where it stopped.
 
-    ckpt = Checkpointer(cfg, env)
-    ckpt.save(trainer, reader=reader)        # collective; reader: the day in progress (None at a day's end)
-    path = ckpt.latest()                     # the newest complete checkpoint, or None
-    resume = ckpt.load(trainer, path)        # collective; resume.days_done, resume.day, resume.reader_state
+    ckpt = Checkpointer(root, env, keep=3, tensors={"model": dmp, "optim": opt, "hook": dense_sync},
+                        meta={"run": identity, "progress": progress, "schedule": schedule},
+                        per_rank={"reader": cursor, "rng": rng}, info={"plan": plan})
+    ckpt.save(step)                 # collective
+    path = ckpt.latest()            # the newest complete checkpoint, or None
+    ckpt.load(path)                 # collective: every part's load_state_dict, in the order given
 
-One checkpoint is a folder `<checkpoint.dir>/step-000000123/`:
-  DCP shards   "model": sharded tables (ShardedTensors) and the dense tower; "optim": the fused sparse optimizer
-               state and the dense AdamW state, by parameter name; "hook": the async allreduce's pending gradients
-               (pipeline/distributed/comm_hooks.py) with the delay compensation's and weight prediction's
-               state, so a resumed async run applies exactly what the saved one would have. DCP reshards on
-               load: a checkpoint taken on N ranks loads on M ranks.
-  meta.json    global step, finished days, the day in progress with every rank's reader cursor, LR scheduler,
-               every rank's RNG state, world size, sharding plan and the resolved config.
-All ranks write into `step-...tmp`; rank 0 writes meta.json last and renames the folder, so a crash leaves the
-previous checkpoint or the new one, never half of one. `latest` names the newest; `keep` bounds how many stay.
-On several hosts `checkpoint.dir` must be storage every host sees.
+A part is any object with `state_dict()` / `load_state_dict(state)` (torch's Stateful), as in torchtitan's
+CheckpointManager; the checkpointer knows nothing of what it saves. Three kinds:
+  tensors    saved with torch.distributed.checkpoint (DCP), which reshards on load: a checkpoint taken on N ranks
+             loads on M. A part may define `load_template(saved_keys) -> dict | None` to say what to load when the
+             checkpoint holds a different subset of its state (None: skip it); else its state_dict() is the
+             template, and anything the checkpoint lacks is left out, kept as it is, and named in a warning.
+  meta       plain data, in meta.json; restored first, so a part can refuse an incompatible checkpoint before DCP
+             meets mismatched shapes.
+  per_rank   plain data of each rank, gathered into meta.json; restored only on the same world size. A part with
+             `same_world_only = True` refuses another world size when its saved state is not None (a reader
+             cursor splits a day by world size); others are then left as they are (RNG state).
+One checkpoint is a folder `<root>/step-000000123/`: DCP shards plus meta.json. All ranks write into `step-...tmp`;
+rank 0 writes meta.json last and renames the folder, so a crash leaves the previous checkpoint or the new one,
+never half of one. `latest` names the newest; `keep` bounds how many stay. On several hosts `root` must be storage
+every host sees.
 
-Loading follows ../shared/docs/torchrec-on-cpu.md section 4: `optimizer.init_state()` before `dcp.load`, or the
-dense optimizer state is silently not restored.
+Trust: DCP unpickles its `.metadata`, so a checkpoint is code, not data. meta.json (plain JSON) records the sha256
+of every other file, verified before DCP opens any of them: a damaged checkpoint is named with the reason in one
+line, and `load_latest` falls back to the newest one that verifies and loads. `latest` is followed only to a
+`step-N` folder inside `root`, and a folder outside `root` is refused unless the caller says it trusts it.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
-from pipeline.config import RunConfig, to_dict
-from pipeline.distributed.comm_hooks import StaleAllReduce
 from pipeline.distributed.env import DistEnv
-
-if TYPE_CHECKING:
-    from pipeline.data.reader import DayReader
-    from pipeline.train.trainer import Trainer
+from pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parts by name (1 held the trainer's fields at the top level of meta.json)
 
 
-@dataclass
-class Resume:
-    """Where a loaded checkpoint says the run stands."""
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names it and says why in one line."""
 
-    path: Path
-    global_step: int
-    days_done: list[str] = field(default_factory=list)
-    day: str | None = None  # a day stopped part-way (mid-day checkpoint), or None
-    reader_state: dict[str, Any] | None = None  # this rank's cursor in `day`
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Checkpointer:
-    def __init__(self, cfg: RunConfig, env: DistEnv):
-        self.cfg, self.env = cfg, env
-        self.root = Path(cfg.checkpoint.dir or Path(cfg.out_dir) / "checkpoints")
+    def __init__(self, root: str | Path, env: DistEnv, *, keep: int, tensors: dict[str, Stateful],
+                 meta: dict[str, Stateful] | None = None, per_rank: dict[str, Stateful] | None = None,
+                 info: dict[str, Any] | None = None):
+        self.root, self.env, self.keep = Path(root), env, keep
+        self.tensors, self.meta, self.per_rank = tensors, meta or {}, per_rank or {}
+        self.info = info or {}  # written into meta.json for people and tools, never loaded
 
     # -- save ----------------------------------------------------------------------------------------------------
 
-    def save(self, trainer: Trainer, *, reader: DayReader | None = None) -> Path:
-        """Write a checkpoint of `trainer` (and of `reader`'s position in the day in progress) on every rank."""
+    def save(self, step: int) -> Path:
+        """Write every part as of training step `step` (collective)."""
         env, start = self.env, time.perf_counter()
-        final = self.root / f"step-{trainer.global_step:09d}"
+        final = self.root / f"step-{step:09d}"
         tmp = final.with_name(final.name + ".tmp")
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(trainer.checkpoint_state(), checkpoint_id=str(tmp))
-        mine = {"reader": reader.state_dict() if reader is not None else None,
-                "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-        ranks = _gather(mine, env)
+        dcp.save({name: part.state_dict() for name, part in self.tensors.items()}, checkpoint_id=str(tmp))
+        ranks = _gather({name: part.state_dict() for name, part in self.per_rank.items()}, env)
         if env.is_main:
-            meta = {
-                "format": FORMAT_VERSION,
-                "global_step": trainer.global_step,
-                "days_done": list(trainer.days_done),
-                "day": reader.day.day.isoformat() if reader is not None else None,
-                "world_size": env.world_size,
-                "allreduce": self.cfg.train.allreduce,
-                "scheduler": trainer.scheduler.state_dict(),
-                "lr_window": trainer.lr_window,
-                "ranks": ranks,
-                "plan": trainer.sharded.plan_dict,
-                "config": to_dict(self.cfg),
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            _write_atomic(tmp / META, json.dumps(meta, indent=1, default=str) + "\n")
+            meta = {"format": FORMAT_VERSION, "step": step, "world_size": env.world_size,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "parts": {name: part.state_dict() for name, part in self.meta.items()},
+                    "ranks": ranks, "files": _hash_files(tmp), **self.info}
+            write_atomic(tmp / META, json.dumps(meta, indent=1, default=str) + "\n")
             _replace_dir(tmp, final)
-            _write_atomic(self.root / "latest", final.name + "\n")
+            write_atomic(self.root / "latest", final.name + "\n")
             self._prune()
-            log.info("checkpoint %s (step %d%s) in %.2f s", final, trainer.global_step,
-                     f", mid-day {meta['day']}" if meta["day"] else "", time.perf_counter() - start)
+            log.info("checkpoint %s in %.2f s", final, time.perf_counter() - start)
         _barrier()
         return final
 
     def _prune(self) -> None:
-        complete = self.complete()
-        for old in complete[:-self.cfg.checkpoint.keep]:
+        for old in self.complete()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     # -- find ----------------------------------------------------------------------------------------------------
@@ -125,106 +114,186 @@ class Checkpointer:
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
         if pointer.is_file():
-            named = self.root / pointer.read_text().strip()
-            if (named / META).is_file():
-                return named
+            name = pointer.read_text().strip()
+            if not re.fullmatch(r"step-\d+", name):  # never a path: `../x` or `/x` would leave the root
+                log.warning("%s names %r, not a step-N folder of %s: ignored", pointer, name, self.root)
+            elif (self.root / name / META).is_file():
+                return self.root / name
         complete = self.complete()  # the pointer is missing or stale (a crash between rename and pointer)
         return complete[-1] if complete else None
 
+    def inside(self, path: str | Path) -> bool:
+        """Whether `path` is a checkpoint folder of this checkpointer's root (not a link or `..` out of it)."""
+        path = Path(path).resolve()
+        return path.parent == self.root.resolve() and re.fullmatch(r"step-\d+", path.name) is not None
+
     # -- load ----------------------------------------------------------------------------------------------------
 
-    def load(self, trainer: Trainer, path: str | Path) -> Resume:
-        """Restore `trainer` from the checkpoint at `path` (collective) and say where to continue."""
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """Restore the newest checkpoint that verifies and loads (collective), saying which ones it skipped and
+        why; None if there is none at all. Every part is restored whole, so a failed attempt leaves nothing
+        behind."""
+        candidates = self.complete()
+        first = self.latest()
+        if first is not None:  # the pointer's choice first (it may differ from the newest by time on a re-save)
+            candidates = [p for p in candidates if p != first] + [first]
+        failures = []
+        for path in reversed(candidates):
+            try:
+                meta = self.load(path)
+            except CheckpointError as e:
+                failures.append(str(e))
+                if self.env.is_main:
+                    log.warning("%s; trying the previous checkpoint", e)
+                continue
+            if failures and self.env.is_main:
+                log.warning("resumed from %s, not the newest: %d newer checkpoint(s) could not be loaded", path,
+                            len(failures))
+            return path, meta
+        if failures:
+            raise CheckpointError(f"no checkpoint under {self.root} can be loaded:\n  " + "\n  ".join(failures))
+        return None
+
+    def load(self, path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+        """Restore every part from the checkpoint at `path` (collective); returns its meta.json.
+
+        `path` must be a checkpoint of this root unless `trust` (loading runs the pickle code DCP finds there).
+        Raises CheckpointError naming the checkpoint when it is incomplete, damaged or of another format.
+        """
         path = Path(path)
-        meta_path = path / META
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint: no {META} (an interrupted save leaves "
-                                    f"a .tmp folder; pick another with `latest`)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')}, this code reads {FORMAT_VERSION}")
-        _check_same_model(meta["config"], json.loads(json.dumps(to_dict(self.cfg), default=str)), meta_path)
-        same_world = meta["world_size"] == self.env.world_size
-        if meta["day"] is not None and not same_world:
-            raise ValueError(f"{path} was taken in the middle of day {meta['day']} on {meta['world_size']} ranks; "
-                             f"its reader cursors cannot continue on {self.env.world_size} ranks (the day's row groups "
-                             "are split by world size). Resume from a day-end checkpoint, or on the same world size.")
+        meta = _agree(lambda: _verified_meta(path, trusted=trust or self.inside(path), root=self.root), self.env)
         start = time.perf_counter()
-        trainer.optimizer.init_state()  # without it the dense optimizer state is silently not restored
-        state = trainer.checkpoint_state()
-        if meta["allreduce"] == "sync":
-            state.pop("hook", None)  # a sync run has nothing pending
-        elif "hook" not in state:  # saved async, resumed sync: the pending gradient is applied now, once
-            state["hook"] = StaleAllReduce.pending_template(trainer.dense_named_parameters())
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        fresh = _set_aside_unsaved_optimizer_state(state, saved)
-        unsaved_hook = [k for k in state.get("hook", {}) if not _has_prefix(saved, f"hook.{k}")]
-        for key in unsaved_hook:  # compensation / prediction turned on after this checkpoint: start fresh
-            state["hook"].pop(key)
-        dcp.load(state, checkpoint_id=str(path))
-        for param, entries in fresh.items():  # back in, as initialised: the optimizer wants every entry
-            state["optim"]["state"][param].update(entries)
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optim"])
-        trainer.scheduler.load_state_dict(meta["scheduler"])
-        window = meta.get("lr_window")
-        trainer.lr_window = tuple(window) if window else None
-        trainer.apply_lr_schedule()  # before the pending gradient: a sync trainer applies it right away
-        if "hook" in state:
-            trainer.load_pending_gradients(state["hook"])
-        trainer.global_step = int(meta["global_step"])
-        trainer.days_done = list(meta["days_done"])
-        mine = meta["ranks"][self.env.rank] if same_world else None
-        if mine is not None:
-            torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(mine["rng"])), dtype=torch.uint8))
-        if self.env.is_main and fresh:
-            names = [f"{p}.{n}" for p, entries in fresh.items() for n in entries]
-            log.warning("%d optimizer state entries are not in %s and start fresh: the sharding plan on %d ranks "
-                        "optimizes those tables differently from the one on %d (e.g. data-parallel + dense "
-                        "optimizer vs fused): %s", len(names), path, self.env.world_size, meta["world_size"],
-                        ", ".join(names[:6]))
-        if self.env.is_main and unsaved_hook:
-            log.warning("%s has no delay-compensation / weight-prediction state (%s): the pending gradient counts "
-                        "as computed at the loaded weights, the mean squares start fresh and the first step is not "
-                        "predicted", path, ", ".join(unsaved_hook))
+        for name, part in self.meta.items():
+            try:
+                part.load_state_dict(meta["parts"][name])
+            except ValueError as e:  # name the checkpoint: the part knows only its own state
+                raise ValueError(f"{path}: {e}") from e
+        try:
+            self._load_tensors(path)
+        except (Exception, CheckpointException) as e:  # DCP raises on every rank together (its CheckpointException,
+            # a BaseException, gathers the ranks' failures)
+            raise CheckpointError(f"{path} cannot be loaded: {_one_line(e)}") from e
+        self._load_per_rank(meta, path)
         if self.env.is_main:
-            log.info("resumed from %s: step %d, days done %s%s (%.2f s)", path, trainer.global_step,
-                     trainer.days_done or "none", f", day {meta['day']} part-way" if meta["day"] else "",
-                     time.perf_counter() - start)
-        return Resume(path=path, global_step=trainer.global_step, days_done=trainer.days_done, day=meta["day"],
-                      reader_state=mine["reader"] if mine is not None else None)
+            log.info("resumed from %s (%.2f s)", path, time.perf_counter() - start)
+        return meta
+
+    def _load_tensors(self, path: Path) -> None:
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        state, unsaved = {}, []
+        for name, part in self.tensors.items():
+            mine = {k[len(name) + 1:] for k in saved if k.startswith(name + ".")}
+            if hasattr(part, "load_template"):
+                template = part.load_template(mine)
+            else:
+                template, missing = _drop_unsaved(part.state_dict(), mine)
+                unsaved += [f"{name}.{k}" for k in missing]
+            if template is not None:
+                state[name] = template
+        dcp.load(state, checkpoint_id=str(path))
+        for name, part in self.tensors.items():
+            if name in state:
+                part.load_state_dict(state[name])
+        if unsaved and self.env.is_main:
+            log.warning("%d state entries are not in %s and start fresh (e.g. a table the plan on %d ranks "
+                        "optimizes otherwise): %s", len(unsaved), path, self.env.world_size, ", ".join(unsaved[:6]))
+
+    def _load_per_rank(self, meta: dict[str, Any], path: Path) -> None:
+        if meta["world_size"] == self.env.world_size:
+            for name, part in self.per_rank.items():
+                part.load_state_dict(meta["ranks"][self.env.rank][name])
+            return
+        for name, part in self.per_rank.items():
+            if getattr(part, "same_world_only", False) and any(r[name] is not None for r in meta["ranks"]):
+                raise ValueError(f"{path}: its {name} state was saved on {meta['world_size']} ranks and cannot "
+                                 f"continue on {self.env.world_size} (resume from a day-end checkpoint, or on the "
+                                 "same world size)")
 
 
-def _set_aside_unsaved_optimizer_state(state: dict, saved: dict) -> dict[str, dict[str, Any]]:
-    """Take out the optimizer-state entries the checkpoint (`saved`: its DCP metadata) does not have and return
-    them, by parameter.
-
-    That happens when another plan puts a table under another optimizer (a small table is data-parallel and
-    AdamW-updated on N ranks, fused on 1 rank). Anything else missing stays in, so DCP fails loudly on it.
-    """
-    aside: dict[str, dict[str, Any]] = {}
-    for param, entries in state["optim"].get("state", {}).items():
-        for name in list(entries):
-            if not _has_prefix(saved, f"optim.state.{param}.{name}"):
-                aside.setdefault(param, {})[name] = entries.pop(name)
-    return aside
-
-
-def _has_prefix(saved: dict, prefix: str) -> bool:
-    """DCP flattens nested dicts with dots: an entry is saved if its key or a key under it is."""
-    return any(k == prefix or k.startswith(prefix + ".") for k in saved)
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json, checked to be complete and of this code's format."""
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: no {META} (an interrupted save leaves "
+                              "a .tmp folder; pick another with `latest`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path} cannot be read: {_one_line(e)}") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: checkpoint format {meta.get('format')}, this code reads "
+                              f"{FORMAT_VERSION}")
+    return meta
 
 
-def _check_same_model(saved: dict, current: dict, where: Path) -> None:
-    """The checkpoint must hold the same tables and tower: say what differs instead of a DCP shape error."""
-    parts = {"model": lambda c: c.get("model"),
-             "features.tables": lambda c: {t["name"]: t for t in c.get("features", {}).get("tables", [])}}
-    for key, get in parts.items():
-        a, b = get(saved) or {}, get(current) or {}
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            raise ValueError(f"{where}: the checkpoint was trained with a different {key} ({', '.join(diff)} "
-                             f"differ); resume with the config it was saved with (its meta.json holds it)")
+def _verified_meta(path: Path, *, trusted: bool, root: Path) -> dict[str, Any]:
+    """meta.json (plain JSON, safe to read), after the folder was found trusted and every file it lists was found
+    with its recorded sha256 (and no unlisted file is there)."""
+    meta = read_meta(path)
+    if not trusted:
+        raise CheckpointError(f"{path} is not a checkpoint of this run ({root}): checkpoints are trusted input "
+                              "(DCP unpickles them); resume from it only if you trust who wrote it, with "
+                              "--trust-checkpoint")
+    recorded = meta.get("files", {})
+    present = {p.name for p in path.iterdir() if p.is_file() and p.name != META}
+    if set(recorded) != present:
+        missing, extra = sorted(set(recorded) - present), sorted(present - set(recorded))
+        raise CheckpointError(f"{path} is damaged: files missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, digest in sorted(recorded.items()):
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{path} is damaged: {name} does not match the sha256 recorded at save time")
+    return meta
+
+
+def _hash_files(folder: Path) -> dict[str, str]:
+    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != META}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _agree(check, env: DistEnv) -> Any:
+    """`check()` on rank 0 (each file is read once, not once per rank), its result or its CheckpointError on every
+    rank, so all ranks load the same checkpoint or fall back together."""
+    out: Any = None
+    if env is None or env.is_main:
+        try:
+            out = ("ok", check())
+        except CheckpointError as e:
+            out = ("error", str(e))
+    if env is not None and env.world_size > 1 and dist.is_initialized():
+        box = [out]
+        dist.broadcast_object_list(box, src=0)
+        out = box[0]
+    if out[0] == "error":
+        raise CheckpointError(out[1])
+    return out[1]
+
+
+def _one_line(e: BaseException) -> str:
+    """The last non-empty line of an exception's message (DCP wraps the cause in a long traceback text)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+def _drop_unsaved(state: Any, saved: set[str], prefix: str = "") -> tuple[Any, list[str]]:
+    """`state` without the leaves the checkpoint lacks (DCP flattens nested dicts with dots), and those leaves."""
+    if not isinstance(state, dict):
+        return state, []
+    kept, missing = {}, []
+    for key, value in state.items():
+        full = f"{prefix}{key}"
+        if not any(s == full or s.startswith(full + ".") for s in saved):
+            missing.append(full)
+            continue
+        kept[key], more = _drop_unsaved(value, saved, full + ".")
+        missing += more
+    return kept, missing
 
 
 def _gather(obj: Any, env: DistEnv) -> list[Any]:
@@ -238,15 +307,6 @@ def _gather(obj: Any, env: DistEnv) -> list[Any]:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

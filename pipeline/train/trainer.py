@@ -1,25 +1,27 @@
-"""Trainer: read a day, train on it, evaluate another, across however many ranks the process group has.
+"""Trainer: the training run across however many ranks the process group has. It owns the only day loop.
 
     torchrun --nproc_per_node=2 -m pipeline.cli train --config jobs/configs/default.toml \
         --days 2026-11-01..2026-11-02 --eval-day 2026-11-03
 
     trainer = Trainer(cfg, env)
-    trainer.fit(days, eval_day)          # or: trainer.train_day(day); trainer.evaluate(day)
+    result = trainer.run(RunPlan(train_days=days, eval_days=[eval_day], resume="latest"))
+    trainer.close()
 
-One step: forward (bf16 autocast on CUDA if asked) -> BCE -> backward, during which fbgemm updates the
-sharded tables (fused optimizers) and DDP reduces the dense gradients -> clip -> dense optimizer step.
-With `train.allreduce = "async"` the dense step applies last step's gradient (pipeline/distributed/comm_hooks.py)
-and every boundary (end of a day, evaluation) flushes the gradient still in flight; a checkpoint keeps it pending
-instead (pipeline/train/checkpoint.py), so a resumed run takes the same steps.
+The trainer discovers nothing: the caller (pipeline/cli.py, a benchmark, the daily stream) says which days to train
+and evaluate and where to resume from. One step: forward (bf16 autocast on CUDA if asked) -> BCE -> backward, during
+which fbgemm updates the sharded tables (fused optimizers) and DDP reduces the dense gradients -> the dense step,
+whose reduction policy and call order belong to DenseSync (pipeline/distributed/dense_sync.py). With
+`train.allreduce = "async"` the dense step applies last step's gradient and every boundary (end of a day,
+evaluation) flushes the gradient still in flight; a checkpoint keeps it pending instead, so a resumed run takes the
+same steps. Checkpoints hold the trainer's Stateful parts (pipeline/train/checkpoint.py, pipeline/train/state.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,16 +31,37 @@ import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from models import build_model
-from pipeline.train.checkpoint import Checkpointer
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, save_resolved
 from pipeline.data.days import DayPartition
-from pipeline.data.reader import DayReader, ReaderOptions
+from pipeline.data.reader import DayReader
+from pipeline.distributed.dense_sync import DenseSync
 from pipeline.distributed.dmp import make_data_parallel_wrapper, shard_model
 from pipeline.distributed.env import DistEnv
-from pipeline.train.metrics import EvalMetrics, metrics_over_ranks
+from pipeline.distributed.signals import GracefulStop
+from pipeline.files import write_json
 from pipeline.ranker import RankingModel
+from pipeline.train.checkpoint import Checkpointer
+from pipeline.metrics import EvalMetrics, metrics_over_ranks
+from pipeline.train.run_lock import RunDirInUse, RunLock
+from pipeline.train.schedule import LRSchedule
+from pipeline.train.state import OptimizerState, Progress, ReaderCursor, RNGState, RunIdentity
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunPlan:
+    """What one `Trainer.run` does: train these days in order, then evaluate those, after resuming if asked.
+
+    `resume`: None (a fresh run), "latest" (the newest checkpoint under checkpoint.dir; an error if there is none),
+    "latest-if-any" (the same, or a fresh run: a torchelastic restart before the first checkpoint) or a path.
+    Days a checkpoint has finished are skipped; a day it stopped in continues from its reader cursor.
+    """
+
+    train_days: list[DayPartition]
+    eval_days: list[DayPartition] = field(default_factory=list)
+    resume: str | Path | None = None
+    trust_checkpoint: bool = False  # resume from a folder outside checkpoint.dir (checkpoints hold pickle code)
 
 
 @dataclass
@@ -48,6 +71,7 @@ class DayStats:
     rows: int  # across all ranks
     seconds: float
     losses: list[float] = field(default_factory=list)  # per step, averaged over ranks
+    step_seconds: list[float] = field(default_factory=list)  # this rank's wall time of each step
 
     @property
     def mean_loss(self) -> float:
@@ -58,89 +82,260 @@ class DayStats:
                 "mean_loss": self.mean_loss, "losses": self.losses}
 
 
-def lr_multiplier(step: int, *, warmup_steps: int = 0, min_ratio: float = 0.0,
-                  window: tuple[int, int] | None = None) -> float:
-    """Multiplier of train.lr at dense step `step`: a linear warm-up over the first `warmup_steps` steps, times,
-    with a `window` (first, last), a half cosine from 1 at `first` to `min_ratio` at `last` (held after it)."""
-    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    if window is not None:
-        first, last = window
-        x = min(1.0, max(0.0, (step - first) / max(last - first, 1)))
-        factor *= min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * x))
-    return factor
+@dataclass
+class RunResult:
+    trained: list[DayStats]
+    metrics: dict[str, EvalMetrics]  # by evaluation day
+    resumed_from: Path | None
+    checkpoint: Path | None  # the newest checkpoint after the run
+    stopped: str | None = None  # the signal that stopped the run early (SIGTERM, SIGINT), else None
+
+
+class RunStopped(Exception):
+    """SIGTERM / SIGINT stopped the run after a step; `checkpoint` is where it continues from."""
+
+    def __init__(self, signal_name: str, checkpoint: Path | None):
+        super().__init__(f"stopped by {signal_name}")
+        self.signal, self.checkpoint = signal_name, checkpoint
 
 
 class Trainer:
-    """Owns the sharded model, its optimizers and the step counter of one run."""
+    """Owns the sharded model, its optimizers, the dense step, the LR schedule and the checkpoints of one run."""
 
     def __init__(self, cfg: RunConfig, env: DistEnv, *, progress: bool = False):
-        self.cfg, self.env, self.progress = cfg, env, progress and env.is_main
+        self.cfg, self.env, self.show_progress = cfg, env, progress and env.is_main
         torch.manual_seed(cfg.seed)  # same dense init on every rank (DDP also broadcasts rank 0's)
         spec = cfg.features
-        tower = build_model(cfg.model.name, cfg.model.typed_options(), spec.input_shape())
+        tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
         model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup)
+        self.sequence_feed = model.sequence_feed  # readers shape sequences the way this model's lookup reads them
         t = cfg.train
-        wrapper, self.hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression,
-                                                        t.allreduce_delay_compensation, t.allreduce_weight_prediction)
+        wrapper, hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression,
+                                                   t.allreduce_delay_compensation, t.allreduce_weight_prediction)
         self.sharded = shard_model(model, cfg, env, data_parallel_wrapper=wrapper)
         self.model = self.sharded.dmp
         self.optimizer = self.sharded.optimizer  # fused sparse + dense, for checkpoints
-        self.dense_optimizer = self.sharded.dense_optimizer
-        # (first, last) dense step of the cosine curve (plan_lr); the scheduler counts dense steps
-        self.lr_window: tuple[int, int] | None = None
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.dense_optimizer, lambda step: self.lr_factor(step))
-        if self.hook is not None:
-            self.hook.bind(self.dense_named_parameters())
-        self.global_step = 0
-        self.days_done: list[str] = []  # training days finished (checkpointed with the run)
-        self.checkpointer = Checkpointer(cfg, env)
-        self.pipelined_modules = 0  # sharded modules TrainPipelineSparseDist pipelines (train.pipeline)
+        self.schedule = LRSchedule(self.sharded.dense_optimizer, t)
+        self.dense = DenseSync(self.sharded.dense_optimizer, self.dense_named_parameters(), hook=hook,
+                               mode=t.allreduce,
+                               sync_steps=t.allreduce_sync_steps, grad_clip_norm=t.grad_clip_norm,
+                               on_step=self.schedule.step)
+        self.progress = Progress()
+        self.cursor = ReaderCursor()
         self.out_dir = Path(cfg.out_dir)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint.dir or self.out_dir / "checkpoints", env, keep=cfg.checkpoint.keep,
+            tensors={"model": self.model, "optim": OptimizerState(self.optimizer), "hook": self.dense},
+            meta={"run": RunIdentity(cfg), "progress": self.progress, "schedule": self.schedule},
+            per_rank={"reader": self.cursor, "rng": RNGState()}, info={"plan": self.sharded.plan_dict})
+        self._stop: GracefulStop | None = None  # set while run() is in progress
+        self._earlier_losses: list[float] = []
+        self._losses: list[torch.Tensor] = []
+        self.pipelined_modules = 0  # sharded modules TrainPipelineSparseDist pipelines (train.pipeline)
         self._tb = _tensorboard(self.out_dir) if cfg.train.tensorboard and env.is_main else None
 
-    # -- training ------------------------------------------------------------------------------------------------
+    @property
+    def global_step(self) -> int:
+        return self.progress.global_step
 
-    def lr_factor(self, step: int) -> float:
-        t = self.cfg.train
-        return lr_multiplier(step, warmup_steps=t.warmup_steps, min_ratio=t.lr_min_ratio,
-                             window=self.lr_window if t.lr_schedule == "cosine" else None)
+    # -- the run -------------------------------------------------------------------------------------------------
 
-    def plan_lr(self, days: list[DayPartition], reader_state: dict | None = None) -> None:
-        """Fit the cosine curve to the steps these days will take (the first day from `reader_state` if given).
+    def run(self, plan: RunPlan) -> RunResult:
+        """Resume if asked, train `plan.train_days` in order (the only day loop), then evaluate `plan.eval_days`.
 
-        A curve still unfinished (a resumed run) is kept, so the resumed run takes the LRs the uninterrupted one
-        would have; once finished, the next call starts a new curve from the current step.
+        Holds the run directory's lock throughout (pipeline/train/run_lock.py). SIGTERM / SIGINT stop it after the
+        current step with a checkpoint (`RunResult.stopped`); a second signal stops the process at once.
         """
-        if self.cfg.train.lr_schedule == "constant" or (
-                self.lr_window is not None and self.scheduler.last_epoch < self.lr_window[1]):
-            return
-        steps = 0
-        for i, day in enumerate(days):
-            reader = self._reader(day, self.cfg.train.max_steps_per_day)
-            if i == 0 and reader_state is not None:
-                reader.load_state_dict(reader_state)
-            steps += reader.num_remaining
-        first = self.scheduler.last_epoch
-        self.lr_window = (first, first + steps)
-        self.apply_lr_schedule()
+        trained: list[DayStats] = []
+        metrics: dict[str, EvalMetrics] = {}
+        resumed_from = None
+        with self._run_lock(), GracefulStop() as self._stop:
+            try:
+                if self.env.is_main:
+                    save_resolved(self.cfg, self.out_dir)
+                resumed_from = self.resume(plan.resume, trust=plan.trust_checkpoint)
+                days = [d for d in plan.train_days if str(d.day) not in self.progress.days_done]
+                self.plan_lr(days)  # one curve over all the days (an unfinished one is kept)
+                for day in days:
+                    self._stop_if_asked()
+                    trained.append(self.train_day(day))
+                for day in plan.eval_days:
+                    self._stop_if_asked()
+                    metrics[str(day.day)] = self.evaluate(day)
+            except RunStopped as stop:
+                return RunResult(trained, metrics, resumed_from, stop.checkpoint, stopped=stop.signal)
+            finally:
+                self._stop = None
+        return RunResult(trained, metrics, resumed_from, self.checkpointer.latest())
 
-    def apply_lr_schedule(self) -> None:
-        """Set the dense LR of the next step from the schedule (after a new curve, or a checkpoint load: the
-        fused/keyed optimizer state does not carry param-group LRs back)."""
-        for group, base in zip(self.dense_optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.lr_factor(self.scheduler.last_epoch)
+    @contextlib.contextmanager
+    def _run_lock(self):
+        """Rank 0 holds the run directory's lock; every rank raises if it is taken (collective)."""
+        lock, refusal = RunLock(self.out_dir) if self.env.is_main else None, None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunDirInUse as e:
+                refusal = str(e)
+        if self.env.world_size > 1:
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal is not None:
+            raise RunDirInUse(refusal)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _stop_if_asked(self, reader: DayReader | None = None) -> None:
+        """After a step or between days: if any rank got SIGTERM/SIGINT, checkpoint where the run stands and
+        raise RunStopped (collective)."""
+        if self._stop is None or not self._stop.agreed():
+            return
+        pipelined = reader is not None and self.cfg.train.pipeline != "plain"
+        if pipelined:  # TrainPipelineSparseDist has read batches ahead: a cursor here would skip them
+            checkpoint = self.checkpointer.latest()
+            log.warning("%s during a day under train.pipeline = %r: no mid-day checkpoint (the pipeline reads "
+                        "ahead); a resume redoes the day from %s", self._stop.name, self.cfg.train.pipeline,
+                        checkpoint)
+        else:
+            latest = self.checkpointer.latest()
+            saved = latest is not None and latest.name == f"step-{self.global_step:09d}"
+            checkpoint = latest if saved else self._save()
+        if self.env.is_main:
+            write_json(self.out_dir / "stopped.json", {"signal": self._stop.name, "step": self.global_step,
+                                                        "checkpoint": str(checkpoint) if checkpoint else None,
+                                                        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            log.warning("stopped by %s at step %d; checkpoint %s", self._stop.name, self.global_step, checkpoint)
+        raise RunStopped(self._stop.name, checkpoint)
+
+    def _save(self) -> Path:
+        """A checkpoint now; in the middle of a day it also carries the day's losses so far (all ranks' mean)."""
+        if self.cursor.reader is not None:
+            self.progress.day_losses = self._day_losses()
+        return self.checkpointer.save(self.global_step)
+
+    def resume(self, where: str | Path | None, *, trust: bool = False) -> Path | None:
+        """Load the checkpoint `where` names (see RunPlan.resume); returns its path, or None for a fresh run.
+        `trust`: also a folder outside checkpoint.dir (loading a checkpoint runs pickle code found in it)."""
+        if where is None:
+            return None
+        if where in ("latest", "latest-if-any"):
+            found = self.checkpointer.load_latest()  # falls back past checkpoints that fail to load, saying so
+            if found is None:
+                if where == "latest":
+                    raise FileNotFoundError(f"--resume latest: no complete checkpoint under {self.checkpointer.root}")
+                return None
+            path = found[0]
+        else:
+            path = Path(where)
+            self.checkpointer.load(path, trust=trust)
+        p = self.progress
+        if self.env.is_main:
+            log.info("resumed from %s: step %d, days done %s%s", path, p.global_step, p.days_done or "none",
+                     f", day {p.day} part-way" if p.day else "")
+        return path
+
+    def plan_lr(self, days: list[DayPartition]) -> None:
+        """Fit the cosine LR curve to the steps these days will take (the day in progress from its cursor)."""
+        if self.schedule.needs_plan:
+            self.schedule.plan(sum(self._day_reader(d).num_remaining for d in days))
+
+    def _day_reader(self, day: DayPartition) -> DayReader:
+        """A training reader of `day`, at the cursor a loaded checkpoint holds for it."""
+        reader = self._reader(day, self.cfg.train.max_steps_per_day)
+        if self.progress.day == str(day.day) and self.cursor.loaded is not None:
+            reader.load_state_dict(self.cursor.loaded)
+        return reader
 
     def _reader(self, day: DayPartition, max_batches: int) -> DayReader:
         cfg = self.cfg
         return DayReader(day, cfg.features, batch_size=cfg.data.batch_size_per_rank, rank=self.env.rank,
                          world_size=self.env.world_size, max_batches=max_batches, seed=cfg.seed,
-                         options=ReaderOptions.from_config(cfg.data), dedup=cfg.embeddings.dedup,
+                         options=cfg.data, sequence_feed=self.sequence_feed,
                          quarantine_dir=cfg.data.quarantine_dir or self.out_dir / "quarantine")
 
-    def _autocast(self):
-        if self.env.device.type == "cuda" and self.cfg.train.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    # -- one day -------------------------------------------------------------------------------------------------
+
+    def train_day(self, day: DayPartition) -> DayStats:
+        """One pass over the day's rows (or `train.max_steps_per_day` steps), flushed at the end; a day a loaded
+        checkpoint stopped in continues from its cursor. Checkpoints every `checkpoint.every_steps` steps and at the
+        end of the day, as configured."""
+        reader = self._day_reader(day)
+        resumed = self.progress.day == str(day.day) and self.cursor.loaded is not None
+        self._earlier_losses = list(self.progress.day_losses) if resumed else []  # before a mid-day checkpoint
+        self.cursor.loaded = None
+        self.schedule.plan(reader.num_remaining)  # no-op inside a curve planned over several days
+        every = self.cfg.checkpoint.every_steps
+        rows_per_step = self.cfg.data.batch_size_per_rank * self.env.world_size
+        num_steps = reader.num_remaining
+        self.progress.day, self.cursor.reader = str(day.day), reader
+        self.model.train()
+        start = time.perf_counter()
+        self._losses: list[torch.Tensor] = []
+        losses, step_seconds = self._losses, []
+        bar = _progress(num_steps * rows_per_step, f"train {day.day}", "row", self.show_progress)
+        for step, (loss, seconds) in enumerate(self._steps(reader)):
+            losses.append(loss)
+            step_seconds.append(seconds)
+            if bar is not None:
+                bar.update(rows_per_step)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % self.cfg.train.log_every_steps == 0:
+                self._log_train(day, step, num_steps, losses, start)
+            if reader.num_remaining > 0:
+                if every and self.global_step % every == 0:
+                    self._save()
+                self._stop_if_asked(reader)
+        if bar is not None:
+            bar.close()
+        self.dense.flush()
+        mean_losses = self._day_losses()
+        self.progress.days_done.append(str(day.day))
+        self.progress.day, self.progress.day_losses, self.cursor.reader = None, [], None
+        stats = DayStats(str(day.day), len(mean_losses), len(mean_losses) * rows_per_step,
+                         time.perf_counter() - start, mean_losses, step_seconds)
+        if self.env.is_main:
+            write_json(self.out_dir / "train" / f"day-{day.day}.json", stats.to_dict())
+            log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s", stats.day, stats.steps,
+                     stats.rows, stats.mean_loss, len(losses) * rows_per_step / max(stats.seconds, 1e-9))
+        if self.cfg.checkpoint.at_day_end:
+            self._save()
+        return stats
+
+    def _day_losses(self) -> list[float]:
+        """The day's per-step losses so far, averaged over ranks, including those before a mid-day resume."""
+        return self._earlier_losses + (_mean_over_ranks(torch.stack(self._losses)) if self._losses else [])
+
+    def _steps(self, reader: DayReader) -> Iterator[tuple[torch.Tensor, float]]:
+        """Yield each step's loss and wall time: plain loop, or TorchRec's TrainPipelineSparseDist (train.pipeline,
+        whose step also copies the next batch)."""
+        if self.cfg.train.pipeline == "plain":
+            for batch in reader:
+                start = time.perf_counter()
+                loss = self.train_step(batch.to(self.env.device, non_blocking=True))
+                yield loss, time.perf_counter() - start
+            return
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        # A pipeline per day: it rewrites the sharded modules' inputs on attach, and detach() restores the
+        # plain forward that evaluation and checkpoints expect.
+        pipe = TrainPipelineSparseDist(self.model, _PipelineStep(self), self.env.device)
+        batches = iter(reader)
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    out = pipe.progress(batches)
+                except StopIteration:
+                    return
+                self.pipelined_modules = len(getattr(pipe, "_pipelined_modules", []))
+                yield out.loss, time.perf_counter() - start
+        finally:
+            pipe.detach()
 
     def train_step(self, batch) -> torch.Tensor:
         """One step on one batch (already on the device); returns the detached loss."""
@@ -151,162 +346,41 @@ class Trainer:
             self.optimizer.zero_grad()
             loss.backward()  # sparse tables are updated in here (fused optimizers)
         finally:  # the real weights back even if the step fails
-            if self.hook is not None:
-                self.hook.restore_weights()
+            self.dense.restore_weights()
         self._after_backward()
         return loss.detach()
 
     def _before_forward(self) -> None:
-        """Before a step's forward (plain loop or TrainPipelineSparseDist): the async hook reduces synchronously
-        for the model's first `train.allreduce_sync_steps` steps, then one step stale; and under a weight
-        prediction the weights move to the predicted ones (no-op unless configured)."""
-        if self.hook is not None:
-            if self.cfg.train.allreduce == "async":  # (not the tests' "hook_sync", which stays at 0)
-                staleness = int(self.global_step >= self.cfg.train.allreduce_sync_steps)
-                if staleness == 0 and self.hook.in_flight:  # a resumed run whose allreduce_sync_steps was raised
-                    self.flush()
-                self.hook.staleness = staleness
-            self.hook.shift_weights()
+        self.dense.before_forward(self.global_step)
 
     def _after_backward(self) -> None:
-        """After a step's backward (plain loop or TrainPipelineSparseDist): the real weights back under an async
-        prediction (a no-op if already restored), the dense step (async: none on the first step after a flush),
-        the step count."""
-        if self.hook is not None:
-            self.hook.restore_weights()
-        if self.hook is None or self.hook.ready:
-            self._dense_step()
-        self.global_step += 1
+        self.dense.after_backward()
+        self.progress.global_step += 1
 
-    def _dense_step(self) -> None:
-        if self.cfg.train.grad_clip_norm > 0:
-            params = [p for g in self.dense_optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip_norm)
-        if self.hook is not None:
-            self.hook.begin_update()
-        self.dense_optimizer.step()
-        if self.hook is not None:
-            self.hook.end_update()
-        self.scheduler.step()
-
-    def flush(self) -> None:
-        """Boundary: apply any dense gradient still in flight (async allreduce), so none is lost or doubled."""
-        if self.hook is not None and self.hook.flush(None):
-            self._step_on_pending()
-
-    def _step_on_pending(self) -> None:
-        """One dense step on the pending gradient just written into the DDP part. The dense optimizer also steps
-        data-parallel tables (their gradients are reduced at once, outside the hook); those get no second step."""
-        bound = {id(p) for _, p in self.dense_named_parameters()}
-        for group in self.dense_optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in bound:
-                    p.grad = None
-        self._dense_step()
-
-    def train_day(self, day: DayPartition, reader_state: dict | None = None) -> DayStats:
-        """One pass over the day's rows (or `train.max_steps_per_day` steps), flushed at the end.
-
-        `reader_state` continues a day stopped part-way (a mid-day checkpoint). Checkpoints are written every
-        `checkpoint.every_steps` steps and at the end of the day, as configured.
-        """
-        self.plan_lr([day], reader_state)  # no-op inside a curve planned over several days (or unfinished)
-        reader = self._reader(day, self.cfg.train.max_steps_per_day)
-        if reader_state is not None:
-            reader.load_state_dict(reader_state)
-        every = self.cfg.checkpoint.every_steps
-        rows_per_step = self.cfg.data.batch_size_per_rank * self.env.world_size
-        self.model.train()
-        start = time.perf_counter()
-        losses = []
-        num_steps = reader.num_remaining
-        bar = _progress(num_steps * rows_per_step, f"train {day.day}", "row", self.progress)
-        for step, loss in enumerate(self._steps(reader)):
-            losses.append(loss)
-            if bar is not None:
-                bar.update(rows_per_step)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (step + 1) % self.cfg.train.log_every_steps == 0:
-                self._log_train(day, step, num_steps, losses, start)
-            if every and self.global_step % every == 0 and reader.num_remaining > 0:
-                self.checkpointer.save(self, reader=reader)
-        self.flush()
-        self.days_done.append(str(day.day))
-        if bar is not None:
-            bar.close()
-        mean_losses = _mean_over_ranks(torch.stack(losses)) if losses else []
-        stats = DayStats(str(day.day), len(losses), len(losses) * rows_per_step, time.perf_counter() - start,
-                         mean_losses)
-        if self.env.is_main:
-            self._write_json(self.out_dir / "train" / f"day-{day.day}.json", stats.to_dict())
-        if self.cfg.checkpoint.at_day_end:
-            self.checkpointer.save(self)
-        return stats
-
-    # -- checkpoints (pipeline/train/checkpoint.py) --------------------------------------------------------------------
+    def _autocast(self):
+        if self.env.device.type == "cuda" and self.cfg.train.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def dense_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The DDP part's parameters by name: what the async hook reduces (DMP's own split: every parameter that
-        is not in a sharded module)."""
+        """The DDP part's parameters by name: what DDP reduces (DMP's own split: every parameter that is not in a
+        sharded module)."""
         inner = self.model.module
         sharded = set(DistributedModelParallel._sharded_parameter_names(inner))
         return [(n, p) for n, p in inner.named_parameters() if n not in sharded]
-
-    def checkpoint_state(self) -> dict:
-        """What DCP saves and loads: sharded model, fused + dense optimizer state, pending async gradients."""
-        state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
-        if self.hook is not None:
-            state["hook"] = self.hook.state_dict()
-        return state
-
-    def load_pending_gradients(self, state: dict) -> None:
-        """Pending async gradients from a checkpoint: held for the next step, or (sync run) applied now, once."""
-        if self.hook is not None:
-            self.hook.load_state_dict(state)
-            return
-        if not bool(state["has_pending"].any()):
-            return
-        named = dict(self.dense_named_parameters())
-        for flag, name in zip(state["has_pending"].tolist(), sorted(named)):
-            named[name].grad = state["pending"][name].clone() if flag else torch.zeros_like(named[name])
-        self._step_on_pending()
-
-    def _steps(self, reader: DayReader):
-        """Yield each step's loss: plain loop, or TorchRec's TrainPipelineSparseDist (train.pipeline)."""
-        if self.cfg.train.pipeline == "plain":
-            for batch in reader:
-                yield self.train_step(batch.to(self.env.device, non_blocking=True))
-            return
-        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-        # A pipeline per day: it rewrites the sharded modules' inputs on attach, and detach() restores the
-        # plain forward that evaluation and checkpoints expect.
-        pipe = TrainPipelineSparseDist(self.model, _PipelineStep(self), self.env.device)
-        batches = iter(reader)
-        try:
-            while True:
-                try:
-                    out = pipe.progress(batches)
-                except StopIteration:
-                    return
-                self.pipelined_modules = len(getattr(pipe, "_pipelined_modules", []))
-                yield out.loss
-        finally:
-            pipe.detach()
 
     def _log_train(self, day, step, num_steps, losses, start) -> None:
         if not self.env.is_main:
             return
         recent = torch.stack(losses[-self.cfg.train.log_every_steps:]).mean().item()
         rows_s = (step + 1) * self.cfg.data.batch_size_per_rank * self.env.world_size / (time.perf_counter() - start)
-        if not self.progress:
+        if not self.show_progress:
             log.info("%s step %d/%d loss %.4f (rank 0, last %d steps) %.0f rows/s", day.day, step + 1, num_steps,
                      recent, self.cfg.train.log_every_steps, rows_s)
         if self._tb is not None:
             self._tb.add_scalar("train/loss", recent, self.global_step)
             self._tb.add_scalar("train/rows_per_s", rows_s, self.global_step)
-            self._tb.add_scalar("train/lr", self.dense_optimizer.param_groups[0]["lr"], self.global_step)
+            self._tb.add_scalar("train/lr", self.schedule.optimizer.param_groups[0]["lr"], self.global_step)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
 
@@ -314,13 +388,13 @@ class Trainer:
     def evaluate(self, day: DayPartition) -> EvalMetrics:
         """Exact metrics over the whole day (or `train.eval_max_batches`), identical on every rank.
 
-        See pipeline.train.metrics.metrics_over_ranks for where the predictions go and what that costs.
+        See pipeline.metrics.metrics_over_ranks for where the predictions go and what that costs.
         """
-        self.flush()
+        self.dense.flush()
         reader = self._reader(day, self.cfg.train.eval_max_batches)
         self.model.eval()
         parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "groups": [], "oracle": []}
-        bar = _progress(len(reader), f"eval {day.day}", "batch", self.progress)
+        bar = _progress(len(reader), f"eval {day.day}", "batch", self.show_progress)
         for batch in reader:
             with self._autocast():
                 _, out = self.model(batch.to(self.env.device, non_blocking=True))
@@ -339,41 +413,26 @@ class Trainer:
         metrics = metrics_over_ranks(torch.cat(parts["logits"]), torch.cat(parts["labels"]),
                                      torch.cat(parts["groups"]), torch.cat(parts["oracle"]) if parts["oracle"] else None)
         if self.env.is_main:
-            self._write_json(self.out_dir / "metrics" / f"eval-{day.day}.json", metrics.to_dict())
+            write_json(self.out_dir / "metrics" / f"eval-{day.day}.json", metrics.to_dict())
             if self._tb is not None:
                 for name, value in metrics.to_dict().items():
                     if isinstance(value, float):
                         self._tb.add_scalar(f"eval/{name}", value, self.global_step)
         return metrics
 
-    def fit(self, days: list[DayPartition], eval_day: DayPartition | None = None) -> list[DayStats]:
-        """Train on each day in order; evaluate on `eval_day` at the end if given."""
-        self.plan_lr(days)  # one curve over all the days
-        history = [self.train_day(d) for d in days]
-        if eval_day is not None:
-            self.evaluate(eval_day)
-        return history
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
-    @staticmethod
-    def _write_json(path: Path, obj) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        tmp.replace(path)
-
 
 class _PipelineStep:
-    """What TrainPipelineSparseDist calls as its optimizer: the trainer's own step after backward."""
+    """What TrainPipelineSparseDist calls as its optimizer: the trainer's own step around forward and backward."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Called before the forward: also where the async hook is set up for the step (Trainer._before_forward)."""
+        """Called before the forward: also where the dense step's policy is set for the step."""
         self.trainer.optimizer.zero_grad()
         self.trainer._before_forward()
 

@@ -1,0 +1,98 @@
+"""Which Arrow types each kind of column accepts: the one definition that validation and conversion share.
+
+    kinds = column_kinds(spec)                     # column -> ColumnKind, for every column the spec reads
+    kinds["click"].accepts(pa.float64())           # True: 0.0/1.0 labels are labels
+    check_type(kinds["click"], arr.type, source="part-0.parquet", column="click")   # ValueError if refused
+
+pipeline/data/validate.py refuses a file whose column types are not accepted (check_schema, before any row is
+decoded); pipeline/data/convert.py refuses the same types with the same message, so a table that passes the
+schema check always converts, and one that fails it never half-converts. Values (0/1 labels, finite floats, id
+ranges, list lengths) are checked row by row in those modules, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+
+from pipeline.data.features import DenseFeature, FeatureSpec
+
+
+def is_list(t: pa.DataType) -> bool:
+    """A list, large list or fixed-size list (the list types every list column may use)."""
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _decoded(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def is_id(t: pa.DataType) -> bool:
+    """An integer or string id, plain or dictionary-encoded (strings are hashed)."""
+    t = _decoded(t)
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def is_string_id(t: pa.DataType) -> bool:
+    """Ids that are hashed into a table (strings), as opposed to integers taken as row numbers."""
+    t = _decoded(t.value_type if is_list(t) else t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def is_number(t: pa.DataType) -> bool:
+    """A float or an integer (a dense value; bools and decimals are not numbers here)."""
+    return pa.types.is_floating(t) or pa.types.is_integer(t)
+
+
+@dataclass(frozen=True)
+class ColumnKind:
+    """A role a column plays in the feature spec, and the Arrow types that can hold it."""
+
+    name: str
+    description: str  # what the column must hold, as error messages say it
+    accepts: Callable[[pa.DataType], bool]
+
+
+LABEL = ColumnKind("label", "0/1 integers, bools or floats",
+                   lambda t: pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_floating(t))
+GROUP = ColumnKind("group", "integer or string ids", is_id)
+SPARSE = ColumnKind("sparse", "integer or string ids, or lists of them",
+                    lambda t: is_id(t) or (is_list(t) and is_id(t.value_type)))
+SEQUENCE = ColumnKind("sequence", "list<int64> ids (or ids in another integer list type)",
+                      lambda t: is_list(t) and pa.types.is_integer(t.value_type))
+DENSE = ColumnKind("dense", "one float or integer per row", is_number)
+ORACLE = ColumnKind("oracle", "floats", pa.types.is_floating)
+
+
+def dense_list(size: int) -> ColumnKind:
+    """A dense feature of `size` > 1 values: a list of numbers (a fixed-size list must have that size)."""
+    return ColumnKind("dense list", f"lists of {size} floats or integers",
+                      lambda t: is_list(t) and is_number(t.value_type)
+                      and (not pa.types.is_fixed_size_list(t) or t.list_size == size))
+
+
+def dense_kind(f: DenseFeature) -> ColumnKind:
+    """A scalar column for a feature of size 1, a list column for a wider one."""
+    return DENSE if f.size == 1 else dense_list(f.size)
+
+
+def column_kinds(spec: FeatureSpec) -> dict[str, ColumnKind]:
+    """Every column the spec reads -> its kind."""
+    kinds = {spec.label: LABEL}
+    if spec.group:
+        kinds[spec.group] = GROUP
+    if spec.oracle:
+        kinds[spec.oracle] = ORACLE
+    kinds |= {f.name: SPARSE for f in spec.sparse}
+    kinds |= {f.name: dense_kind(f) for f in spec.dense}
+    kinds |= {c: SEQUENCE for s in spec.sequences for c in s.columns}
+    return kinds
+
+
+def check_type(kind: ColumnKind, t: pa.DataType, *, source: str, column: str) -> None:
+    """Raise ValueError naming `source`, the column and its type if `kind` does not accept `t`."""
+    if not kind.accepts(t):
+        raise ValueError(f"{source}: column {column!r} has type {t}, but the feature spec reads it as a "
+                         f"{kind.name} column, which holds {kind.description}")

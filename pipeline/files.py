@@ -1,0 +1,34 @@
+"""Files a crash must never leave half-written: write beside the target, fsync, rename over it.
+
+    write_atomic(path, "text")                                   # str or bytes
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))   # any writer that takes a path
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], Any]) -> Path:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if callable(data):
+        data(tmp)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+    with open(tmp, "rb+") as f:  # also what a writer callback wrote must be on disk before the rename
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """`obj` as indented JSON, atomically."""
+    return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
