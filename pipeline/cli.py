@@ -164,16 +164,13 @@ def _train(args) -> int:
     import torch.distributed as dist
 
     from pipeline.config import load_config
-    from pipeline.data.days import DayRange, discover_days, find_day
+    from pipeline.data.days import find_day
     from pipeline.distributed.env import init_distributed
     from pipeline.train.trainer import RunPlan, Trainer
 
     cfg = load_config(args.config, args.overrides)
     d = cfg.data
-    days = discover_days(d.root, DayRange.parse(args.days), partition_key=d.partition_key,
-                         require_success=d.require_success)
-    if not days:
-        raise FileNotFoundError(f"no complete day in {args.days} under {d.root}")
+    days = _training_days(d, args.days)
     eval_days = [find_day(d.root, dt.date.fromisoformat(args.eval_day), partition_key=d.partition_key,
                           require_success=d.require_success)] if args.eval_day else []
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # resumes from its own checkpoints
@@ -187,6 +184,19 @@ def _train(args) -> int:
         _print_result(result, cfg.out_dir)
     dist.destroy_process_group()
     return 0
+
+
+def _training_days(d, days: str) -> list:
+    """The days of `--days` to train on, `d` being cfg.data. Before any training, one warning names every day of
+    the range that is missing or incomplete and why (pipeline.data.days.discover_days): a range with holes is
+    not trained across the gap without a word. None left to train on is an error."""
+    from pipeline.data.days import DayRange, discover_days
+
+    found = discover_days(d.root, DayRange.parse(days), partition_key=d.partition_key,
+                          require_success=d.require_success)
+    if not found:
+        raise FileNotFoundError(f"no complete day in {days} under {d.root}")
+    return found
 
 
 def _print_result(result, out_dir: str) -> None:

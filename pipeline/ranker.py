@@ -51,7 +51,11 @@ class RankingModel(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, RankingOutput]:
         embedded = self.sparse(batch.pooled, batch.sequence, batch.sequence_index)
         logits = self.tower(self.tokens(embedded, batch.dense)).logits
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        if batch.weights is None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        else:  # filler rows weigh 0, and a real row weighs 1/B as in a full batch (not 1/num_real)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, weight=batch.weights,
+                                                                  reduction="sum") / batch.labels.shape[0]
         return loss, RankingOutput(logits=logits.detach(), labels=batch.labels, group_ids=batch.group_ids,
                                    loss=loss.detach())
 

@@ -1,7 +1,5 @@
 """One-step-stale AllReduce hook: exact against a single-process simulation of the update rule."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn

@@ -97,6 +97,11 @@ def test_string_ids_hash_stably():
     (dict(v=pa.array([[1.0, 2.0], [3.0], [5.0, 6.0]])), r"column 'v', row 1: must hold 2 floats"),
     (dict(hc=pa.array([[0, 1, 2, 3, 4], [1, 1], []])), r"column 'hc', row 1: has 2 events but 'h' has 1"),
     (dict(h=pa.array([[10, None], [20], []])), r"column 'h', row 0: holds a null id"),
+    # a null value inside a dense list is named as such, not as the NaN it would become
+    (dict(v=pa.array([[1, 2], [3, 4], [5, None]])), r"column 'v', row 2: holds a null value"),
+    # a valid index to a null dictionary entry is a null (Arrow's null_count says 0): an error, not a crash
+    (dict(q=pa.DictionaryArray.from_arrays(pa.array([0, 1, 0], pa.int32()), pa.array(["g", None]))),
+     r"column 'q', row 1: is null"),
 ])
 def test_bad_values_are_errors_not_zeros(cols, message):
     with pytest.raises(ValueError, match=message):

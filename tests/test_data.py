@@ -2,14 +2,13 @@
 
 import datetime as dt
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
 from pipeline.data.days import DayRange, discover_days, find_day
 from pipeline.data.reader import DayReader
-from pipeline.data.split import batches_per_rank, row_groups, split_row_groups
+from pipeline.data.split import row_groups, split_rows
 
 from conftest import DEFAULT_CONFIG
 
@@ -37,8 +36,8 @@ def test_incomplete_days_are_skipped_unless_asked(tmp_path):
         discover_days(tmp_path / "missing")
 
 
-def test_uneven_row_groups_give_equal_batch_counts(synth_root, tmp_path):
-    # three files of very different sizes
+def test_rows_are_split_in_equal_contiguous_ranges(synth_root, tmp_path):
+    # three files of very different sizes: 4500 rows, 2250 a rank, the cut inside part-0's third row group
     src = pq.read_table(discover_days(synth_root)[0].path)
     day = tmp_path / "day=2026-11-01"
     day.mkdir()
@@ -47,17 +46,25 @@ def test_uneven_row_groups_give_equal_batch_counts(synth_root, tmp_path):
     (day / "_SUCCESS").touch()
     partition = discover_days(tmp_path)[0]
     refs = row_groups(partition)
-    shares = split_row_groups(refs, 2)
-    key = lambda r: (str(r.file), r.index)  # noqa: E731
-    assert sorted((r for share in shares for r in share), key=key) == sorted(refs, key=key)
-    rows = [sum(r.num_rows for r in s) for s in shares]
-    assert abs(rows[0] - rows[1]) <= max(r.num_rows for r in refs)
+    for world in (1, 2, 3, 7):
+        shares = split_rows(refs, world)
+        sizes = [sum(r.num_rows for r in s) for s in shares]
+        assert sum(sizes) == 4500 and max(sizes) - min(sizes) <= 1
+        # together the ranges cover each row group exactly once, in order
+        covered = {}
+        for share in shares:
+            for r in share:
+                covered.setdefault((str(r.file), r.index), []).append((r.start, r.stop))
+        for ref in refs:
+            spans = sorted(covered[(str(ref.file), ref.index)])
+            assert spans[0][0] == 0 and spans[-1][1] == ref.num_rows
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    first, second = split_rows(refs, 2)
+    assert (first[-1].file.name, first[-1].index, first[-1].start, first[-1].stop) == ("part-0.parquet", 2, 0, 250)
+    assert (second[0].start, second[0].stop) == (250, 500)
     spec = load_config(DEFAULT_CONFIG).features
     readers = [DayReader(partition, spec, batch_size=200, rank=r, world_size=2) for r in range(2)]
-    counts = [sum(1 for _ in rd) for rd in readers]
-    # each rank keeps error_budget (1%) of its rows in reserve for rows that validation may drop
-    assert counts[0] == counts[1] == len(readers[0]) == batches_per_rank(rows, 200, 0.01) == (min(rows) - 22) // 200
-    assert readers[0].rows_dropped == 4500 - counts[0] * 200 * 2
+    assert len(readers[0]) == len(readers[1]) == -(-2250 // 200)
 
 
 def test_corrupt_file_is_reported_with_its_path(tmp_path):

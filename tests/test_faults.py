@@ -78,7 +78,7 @@ def test_a_second_start_on_a_held_run_directory_is_refused(synth_root, tmp_path)
         assert proc.returncode != 0
         assert f"is in use by PID {os.getpid()}" in proc.stdout + proc.stderr
         assert held.path.read_text()  # the refused start did not touch the holder's record
-    assert not (tmp_path / "checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # and wrote nothing into the run
 
 
 def test_killing_the_launchers_group_kills_every_rank_and_frees_the_run(synth_root, tmp_path):

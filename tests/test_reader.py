@@ -47,10 +47,17 @@ def even_day(root, source):
                             (source.slice(2000, 600), 300), (source.slice(2600, 400), 200)])
 
 
-def _rows_of(rank, world_size, day, options, seed=0):
-    reader = DayReader(day, SPEC, batch_size=100, rank=rank, world_size=world_size, seed=seed, options=options)
-    ids = [b.group_ids.tolist() for b in reader]
-    return len(reader), ids
+def real_ids(batch) -> list[int]:
+    """The row ids of a batch's real rows (filler rows, weight 0, repeat a real one)."""
+    ids = batch.group_ids if batch.weights is None else batch.group_ids[batch.weights > 0]
+    return ids.tolist()
+
+
+def _rows_of(rank, world_size, day, options, seed=0, batch_size=100):
+    reader = DayReader(day, SPEC, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, options=options)
+    batches = list(reader)
+    assert all(b.batch_size == batch_size for b in batches)  # every rank's step gets a full batch
+    return len(batches), [real_ids(b) for b in batches]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -77,13 +84,32 @@ def test_the_data_config_is_what_the_reader_takes(source, tmp_path):
     assert from_config != _rows_of(0, 1, day, ReaderOptions(**{**keys, "shuffle": False}))
 
 
-def test_uneven_files_give_equal_counts_on_two_ranks(source, tmp_path):
+def test_uneven_files_give_equal_counts_on_two_ranks_and_every_row_once(source, tmp_path):
+    """2970 rows: 1485 a rank, 15 batches of 100 each, the last one holding 85 real rows and 15 of filler."""
     day = write_day(tmp_path, [(source.slice(0, 2500), 1000), (source.slice(2500, 300), 300),
                                (source.slice(2800, 170), 170)])
     (n0, ids0), (n1, ids1) = run_distributed(_rows_of, day, ReaderOptions())
-    assert n0 == n1 == len(ids0) == len(ids1) > 0
-    rows = [r for batch in ids0 + ids1 for r in batch]
-    assert len(rows) == len(set(rows))
+    assert n0 == n1 == 15
+    assert sorted(r for batch in ids0 + ids1 for r in batch) == list(range(2970))
+    assert [len(b) for b in ids0] == [100] * 14 + [85]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fewer_row_groups_than_ranks_still_trains_every_row(source, tmp_path, world_size):
+    """One file of one row group (the 5000-rows-a-day case of issue 14 that trained 0 steps on 2 ranks): rows are
+    split by range, so every rank trains its share; counted per rank against the file."""
+    day = write_day(tmp_path, [(source.slice(0, 1000), 1000)])
+    results = run_distributed(_rows_of, day, ReaderOptions(), 0, 64, world_size=world_size)
+    assert len({n for n, _ in results}) == 1 and results[0][0] == -(-(-(-1000 // world_size)) // 64)
+    per_rank = [sum(len(b) for b in ids) for _, ids in results]
+    assert sorted(per_rank) == sorted(1000 * (r + 1) // world_size - 1000 * r // world_size for r in range(world_size))
+    assert sorted(r for _, ids in results for b in ids for r in b) == list(range(1000))
+
+
+def test_a_day_with_no_row_is_an_error_not_done(source, tmp_path):
+    day = write_day(tmp_path, [(source.slice(0, 0), 100)])
+    with pytest.raises(ValueError, match="no valid row"):
+        _rows_of(0, 1, day, ReaderOptions())
 
 
 def _batch_tensors(b) -> list[torch.Tensor]:
@@ -102,7 +128,7 @@ def test_resume_reproduces_the_remaining_batches_bit_for_bit(source, tmp_path, s
 
     def reader(workers=1):
         o = ReaderOptions(**{**opts.__dict__, "num_workers": workers})
-        return DayReader(day, SPEC, batch_size=100, rank=1, world_size=2, seed=3, options=o)
+        return DayReader(day, SPEC, batch_size=100, rank=0, world_size=2, seed=3, options=o)  # the bad rows' rank
 
     full = reader()
     expected = [_batch_tensors(b) for b in full]
@@ -165,9 +191,8 @@ def test_every_reason_is_dropped_counted_and_quarantined(source, tmp_path):
     day = write_day(tmp_path / "data", [(table, 20)])
     opts = ReaderOptions(error_budget=0.9, max_list_len=500)
     reader = DayReader(day, SPEC, batch_size=2, options=opts, quarantine_dir=tmp_path / "q")
-    seen = [r for b in reader for r in b.group_ids.tolist()]
-    assert not set(seen) & set(want)  # the converter only saw good rows
-    assert len(reader) == (20 - 18) // 2  # 10% reserve of 20 rows
+    seen = [r for b in reader for r in real_ids(b)]
+    assert sorted(seen) == sorted(set(range(20)) - set(want))  # the converter saw every good row, and only those
     counts = {}
     for reason in want.values():
         counts[reason] = counts.get(reason, 0) + 1
@@ -202,17 +227,19 @@ def _errors(rank, world_size, day, opts):
     return None
 
 
-def test_a_rank_short_of_valid_rows_stops_every_rank(source, tmp_path):
-    # 150 bad rows (5% of the day: within budget) all in rank 0's share (the 1000-row group), more than its reserve
+def test_a_rank_short_of_valid_rows_fills_up_and_every_valid_row_is_read_once(source, tmp_path):
+    """150 bad rows (5% of the day: within budget) all in rank 0's share: rank 0 runs out of rows a batch and a
+    half before rank 1, and fills its last batches with weight-0 rows instead of the day dropping rank 1's rest."""
     bad = source.slice(0, 1000)
     label = bad.column("click").to_numpy().copy()
     label[:150] = 5
     bad = bad.set_column(bad.schema.get_field_index("click"), "click", pa.array(label, pa.int8()))
     day = write_day(tmp_path, [(bad, 1000), (source.slice(1000, 1000), 500), (source.slice(2000, 600), 300),
                                (source.slice(2600, 400), 200)])
-    e0, e1 = run_distributed(_errors, day, ReaderOptions(error_budget=0.05))
-    assert "rank 0 ran out of valid rows" in e0 and "'label_not_binary': 150" in e0
-    assert e1.startswith("day 2026-11-01: stopped because rank(s) [0] failed")
+    (n0, ids0), (n1, ids1) = run_distributed(_rows_of, day, ReaderOptions(error_budget=0.05))
+    assert n0 == n1 == 15
+    assert [len(b) for b in ids0] == [100] * 13 + [50, 0]
+    assert sorted(r for b in ids0 + ids1 for r in b) == list(range(150, 3000))
 
 
 def test_budget_stop_is_raised_on_every_rank(source, tmp_path):
@@ -230,10 +257,12 @@ def test_corrupt_files_fail_or_are_skipped_and_counted(source, tmp_path):
     (day.path / "part-2.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match=r"part-2.parquet: cannot read the Parquet footer"):
         DayReader(day, SPEC, batch_size=100)
-    reader = DayReader(day, SPEC, batch_size=100, options=ReaderOptions(on_corrupt_file="skip"))
-    assert len(list(reader)) == len(reader) == 19
+    with pytest.raises(ValueError, match=r"part-2.parquet.*data.max_corrupt_files"):  # its rows are unknown
+        DayReader(day, SPEC, batch_size=100, options=ReaderOptions(on_corrupt_file="skip"))
+    reader = DayReader(day, SPEC, batch_size=100, options=ReaderOptions(on_corrupt_file="skip", max_corrupt_files=1))
+    assert len(list(reader)) == len(reader) == 20
     assert reader.corrupt_files == [str(day.path / "part-2.parquet")]
-    assert reader.validation.bad == {"corrupt_file": 1}
+    assert "rows unknown" in reader.unknown_rows and reader.validation.bad == {}
 
 
 def test_undecodable_row_group_fails_or_counts_its_rows(source, tmp_path):
@@ -247,7 +276,7 @@ def test_undecodable_row_group_fails_or_counts_its_rows(source, tmp_path):
     with pytest.raises(ValueError, match=r"part-0.parquet: row group 0 is unreadable"):
         list(DayReader(day, SPEC, batch_size=100))
     reader = DayReader(day, SPEC, batch_size=100, options=ReaderOptions(on_corrupt_file="skip", error_budget=0.6))
-    assert len(list(reader)) == 4  # (1000 - 600 reserve) // 100, all from row group 1
+    assert len(list(reader)) == 5  # the 500 rows of row group 1
     assert reader.validation.bad == {"corrupt_row_group": 500}
 
 

@@ -1,13 +1,18 @@
 """Walking skeleton on 2 gloo ranks: DMP-sharded tables + DDP tower train, the loss falls, replicas agree."""
 
+import dataclasses
+
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipeline.config import ModelConfig
 from pipeline.data.days import discover_days
+from pipeline.data.synth import generate_logs
 from pipeline.distributed.env import env_of_current_group
 from pipeline.train.trainer import RunPlan, Trainer
 
+from conftest import small_synth
 from dist import run_distributed
 
 pytestmark = pytest.mark.dist
@@ -19,7 +24,8 @@ def _train_two_days(rank, world_size, cfg):
     result = trainer.run(RunPlan(train_days=days[:2], eval_days=[days[2]]))
     stats, metrics = result.trained, result.metrics[str(days[2].day)]
     dense = {k: v.detach().clone() for k, v in trainer.model.module.tower.state_dict().items()}
-    return {"losses": [l for s in stats for l in s.losses], "dense": dense, "metrics": metrics}
+    return {"losses": [l for s in stats for l in s.losses], "dense": dense, "metrics": metrics,
+            "rows": [s.rows for s in stats]}
 
 
 @pytest.mark.parametrize("allreduce", ["sync", "async"])
@@ -27,7 +33,8 @@ def test_skeleton_trains_on_two_ranks(small_cfg, allreduce):
     small_cfg.train.allreduce = allreduce
     r0, r1 = run_distributed(_train_two_days, small_cfg, timeout_s=300)
     losses = r0["losses"]
-    assert len(losses) == 2 * (6000 // (2 * 128))
+    assert len(losses) == 2 * -(-3000 // 128)  # 3000 rows a rank; the last batch 56 rows and 72 of filler
+    assert r0["rows"] == [6000, 6000]  # every row of both days
     assert r0["losses"] == r1["losses"]  # all-reduced per step
     head, tail = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert tail < head - 0.05, f"loss did not fall: first {head:.4f}, last {tail:.4f}"
@@ -35,7 +42,7 @@ def test_skeleton_trains_on_two_ranks(small_cfg, allreduce):
         torch.testing.assert_close(w, r1["dense"][name], rtol=0, atol=0, msg=f"replicas differ at {name}")
     m = r0["metrics"]
     assert m == r1["metrics"]
-    assert m.num_rows == (6000 // 256) * 256
+    assert m.num_rows == 6000  # the whole evaluation day
     assert 0.55 < m.auc <= m.oracle_auc
 
 
@@ -79,3 +86,22 @@ def test_train_pipeline_sparse_dist_matches_the_plain_loop(small_cfg, allreduce)
     assert piped == piped1
     assert piped[0] == plain[0]  # same losses step by step
     assert piped[1] == plain[1]  # and the same model after the day (evaluation runs unpipelined)
+
+
+def _train_and_evaluate_one_day(rank, world_size, cfg):
+    days = discover_days(cfg.data.root)
+    result = Trainer(cfg, env_of_current_group()).run(RunPlan(train_days=days[:1], eval_days=days[:1]))
+    stats = result.trained[0]
+    return stats.steps, stats.rows, result.metrics[str(days[0].day)].num_rows
+
+
+def test_a_day_of_one_row_group_trains_and_evaluates_every_row_on_two_ranks(tmp_path, small_cfg):
+    """Issue 14's 5000-rows-a-day case: one row group, two ranks. Whole row groups dealt to ranks left one rank
+    without rows and the day trained 0 steps and was recorded as done."""
+    root = tmp_path / "one_group"
+    generate_logs(small_synth(num_days=1, rows_per_day=5000, rows_per_chunk=5000, chunks_per_file=1), root)
+    [day] = discover_days(root)
+    assert sum(pq.ParquetFile(f).metadata.num_row_groups for f in day.files) == 1
+    cfg = dataclasses.replace(small_cfg, data=dataclasses.replace(small_cfg.data, root=str(root)))
+    (steps, rows, evaluated), _ = run_distributed(_train_and_evaluate_one_day, cfg, timeout_s=300)
+    assert steps == -(-2500 // 128) and rows == 5000 and evaluated == 5000

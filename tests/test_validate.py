@@ -1,6 +1,5 @@
 """validate_rows: each reason on a hand-made table, first reason wins, the fast path, budget errors."""
 
-import numpy as np
 import pyarrow as pa
 import pytest
 

@@ -31,10 +31,18 @@ class Batch(Pipelineable):
     group_ids: torch.Tensor  # (B,) int64 query-level AUC group; zeros when the spec has no group column
     oracle_p: torch.Tensor | None = None  # (B,) true click probability, only for synthetic data
     sequence_index: DedupIndex | None = None  # set when the sequences are deduplicated
+    # (B,) float32: 1 for real rows, 0 for the filler rows that keep every rank's batch full (pipeline/data/reader.py);
+    # None when every row is real
+    weights: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def num_real(self) -> int:
+        """Rows that are data, not filler."""
+        return self.batch_size if self.weights is None else int(self.weights.sum().item())
 
     @property
     def dedup_ratio(self) -> float | None:
@@ -51,12 +59,13 @@ class Batch(Pipelineable):
             oracle_p=None if self.oracle_p is None else self.oracle_p.to(device=device, non_blocking=non_blocking),
             sequence_index=None if self.sequence_index is None
             else self.sequence_index.to(device=device, non_blocking=non_blocking),
+            weights=None if self.weights is None else self.weights.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.pooled.record_stream(stream)
         self.sequence.record_stream(stream)
-        for t in (self.dense, self.labels, self.group_ids, self.oracle_p, self.sequence_index):
+        for t in (self.dense, self.labels, self.group_ids, self.oracle_p, self.sequence_index, self.weights):
             if t is not None:
                 t.record_stream(stream)
 
@@ -69,4 +78,5 @@ class Batch(Pipelineable):
             group_ids=self.group_ids.pin_memory(),
             oracle_p=None if self.oracle_p is None else self.oracle_p.pin_memory(),
             sequence_index=None if self.sequence_index is None else self.sequence_index.pin_memory(),
+            weights=None if self.weights is None else self.weights.pin_memory(),
         )

@@ -5,8 +5,9 @@
 
 No per-row Python. A column of a type its kind refuses raises the ValueError validation raises for it
 (pipeline/data/schema.py). Bad values raise ValueError naming the source, the column and the first bad row (row
-numbers count from `first_row`, so a message points into the file); the reader's validation stage is what drops
-and quarantines bad rows before they get here. Sequences leave through the model's `sequence_feed`
+numbers count from `first_row`, so a message points into the file); the reader's validation stage
+(pipeline/data/validate.py) refuses every value raised on here, and drops and quarantines those rows before they
+get here (tests/test_bad_input.py holds the two to that). Sequences leave through the model's `sequence_feed`
 (embeddings.dedup.SequenceFeed): as they are, or as distinct ids plus a DedupIndex when the model deduplicates.
 """
 
@@ -25,7 +26,7 @@ from embeddings.dedup import SequenceFeed
 from pipeline.data.batch import Batch
 from pipeline.data.features import DenseFeature, FeatureSpec, OOVPolicy, SequenceFeature
 from pipeline.data.schema import (GROUP, LABEL, ORACLE, SEQUENCE, SPARSE, ColumnKind, check_type, dense_kind, is_list,
-                                  is_string_id)
+                                  is_string_id, nulls)
 
 
 class BatchConverter:
@@ -125,8 +126,9 @@ def _checked(col: pa.ChunkedArray | pa.Array, kind: ColumnKind, ctx: _Ctx) -> pa
     """The column as one Array, once its type is one `kind` accepts and it holds no null row."""
     arr = _combine(col)
     check_type(kind, arr.type, source=ctx.source, column=ctx.column)
-    if arr.null_count:
-        raise ctx.error(int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]), "is null")
+    null = nulls(arr)  # a null dictionary entry too: it would not hash
+    if null.any():
+        raise ctx.error(int(np.flatnonzero(null)[0]), "is null")
     return arr
 
 
@@ -167,8 +169,9 @@ def ids_column(col: pa.ChunkedArray | pa.Array, num_embeddings: int, oov: OOVPol
         offsets = _list_offsets(arr)
         lengths = np.diff(offsets).astype(np.int64)
         flat = arr.flatten()  # respects slice offsets, unlike .values
-        if flat.null_count:
-            event = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0])
+        null = nulls(flat)
+        if null.any():
+            event = int(np.flatnonzero(null)[0])
             raise ctx.error(int(np.searchsorted(offsets, event, side="right") - 1), "holds a null id")
         values = _as_int64(flat)
     else:
@@ -236,10 +239,15 @@ def dense_column(col: pa.ChunkedArray | pa.Array, f: DenseFeature, ctx: _Ctx) ->
         if (lengths != f.size).any():
             row = int(np.flatnonzero(lengths != f.size)[0])
             raise ctx.error(row, f"must hold {f.size} floats per row (dense size), got {lengths[row]}")
-        values = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, f.size)
+        flat = arr.flatten()
+        null = nulls(flat)
+        if null.any():  # named here: to_numpy would make it a NaN, and the message a wrong one
+            raise ctx.error(int(np.flatnonzero(null)[0]) // f.size, "holds a null value")
+        values = flat.to_numpy(zero_copy_only=False).reshape(-1, f.size)
     else:
         values = arr.to_numpy(zero_copy_only=False).reshape(-1, 1)
-    values = values.astype(np.float32)
+    with np.errstate(over="ignore"):  # a float64 beyond float32 becomes Inf, refused just below
+        values = values.astype(np.float32)
     bad = ~np.isfinite(values)
     if bad.any():
         raise ctx.error(int(np.flatnonzero(bad.any(axis=1))[0]), "holds NaN or Inf")

@@ -1,11 +1,14 @@
 """Day partitions of a log root: which days exist, which are complete, and waiting for the next one.
 
     scan = scan_days(root, DayRange.parse("2026-11-01..2026-11-03"))    # found + skipped (and why)
-    days = discover_days(root, DayRange.parse("2026-11-01..2026-11-03"))
+    gaps = missing_days(DayRange.parse("2026-11-01..2026-11-03"), scan)  # days of the range not there whole, and why
+    days = discover_days(root, DayRange.parse("2026-11-01..2026-11-03"))   # found; logs what was skipped or missing
     day = find_day(root, dt.date(2026, 11, 4))
 
 Layout: `<root>/<partition_key>=YYYY-MM-DD/*.parquet` (hive style); a day is complete when `_SUCCESS` exists in
-its folder. `scan_days` lists the files with pyarrow.dataset and reports every partition folder it skipped.
+its folder. `scan_days` lists the files with pyarrow.dataset and reports every partition folder it skipped;
+`missing_days` turns that into the calendar days of a range that will not be read whole (no folder, no `_SUCCESS`,
+no .parquet file), so a range with holes is not trained across the gap without a word.
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ class DayRange:
     def __contains__(self, day: dt.date) -> bool:
         return self.first <= day <= self.last
 
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}..{self.last}"
+
+    def dates(self) -> list[dt.date]:
+        """Every calendar day of the range, oldest first (a bounded range: one to train on, not a polling window)."""
+        return [self.first + dt.timedelta(days=i) for i in range((self.last - self.first).days + 1)]
+
 
 @dataclass(frozen=True)
 class DayPartition:
@@ -68,6 +78,7 @@ class SkippedDay:
 
     path: Path
     reason: str
+    day: dt.date | None = None  # the day it would have been; None when the folder name is not a date
 
 
 @dataclass
@@ -76,6 +87,7 @@ class DayScan:
 
     found: list[DayPartition]
     skipped: list[SkippedDay]
+    empty: list[DayPartition] = field(default_factory=list)  # found, but holding no .parquet file
 
     def summary(self) -> str:
         lines = [f"found {len(self.found)} day(s): " + ", ".join(
@@ -91,7 +103,7 @@ def scan_days(root: str | Path, days: DayRange | None = None, *, partition_key: 
     if not root.is_dir():
         raise FileNotFoundError(f"data root not found: {root}")
     files_by_value = _parquet_files_by_partition(root, partition_key)
-    found, skipped = [], []
+    found, skipped, empty = [], [], []
     prefix = f"{partition_key}="
     for path in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)):
         value = path.name[len(prefix):]
@@ -107,12 +119,12 @@ def scan_days(root: str | Path, days: DayRange | None = None, *, partition_key: 
             continue
         complete = (path / SUCCESS).exists()
         if require_success and not complete:
-            skipped.append(SkippedDay(path, f"no {SUCCESS} marker: the day is not complete"))
+            skipped.append(SkippedDay(path, f"no {SUCCESS} marker: the day is not complete", day))
             continue
-        if not files_by_value.get(value):  # kept, not skipped: a "complete" empty day is an upstream bug
-            log.warning("%s is marked complete but holds no .parquet files", path)
         found.append(DayPartition(day, path, complete))
-    return DayScan(found, skipped)
+        if not files_by_value.get(value):  # kept, not skipped: a "complete" empty day is an upstream bug
+            empty.append(found[-1])
+    return DayScan(found, skipped, empty)
 
 
 def _parquet_files_by_partition(root: Path, partition_key: str) -> dict[str, list[str]]:
@@ -138,9 +150,45 @@ def discover_days(root: str | Path, days: DayRange | None = None, *, partition_k
     """
     scan = scan_days(root, days, partition_key=partition_key, require_success=require_success)
     for s in scan.skipped:
-        log.warning("skipped %s: %s", s.path, s.reason)
+        if days is None or s.day is None:  # a dated folder is a day of the range: named with the gaps below
+            log.warning("skipped %s: %s", s.path, s.reason)
+    if days is None:
+        for d in scan.empty:
+            log.warning("%s is marked complete but holds no .parquet files", d.path)
+    elif gaps := missing_days(days, scan, partition_key=partition_key):
+        log.warning("%d of the %d day(s) of %s under %s are missing or incomplete: %s", len(gaps), len(days.dates()),
+                    days, root, "; ".join(f"{g.day}: {g.reason}" for g in gaps))
     log.info("%s", scan.summary().splitlines()[0])
     return scan.found
+
+
+@dataclass(frozen=True)
+class MissingDay:
+    """A calendar day of a range that will not be read whole, and why."""
+
+    day: dt.date
+    reason: str
+
+
+def missing_days(days: DayRange, scan: DayScan, *, partition_key: str = "day") -> list[MissingDay]:
+    """Every day of `days` (a bounded range) that `scan` did not find complete with data, oldest first: no
+    partition folder, no `_SUCCESS` marker (skipped, or read as it is when `require_success` is off) or no .parquet
+    files."""
+    found = {d.day: d for d in scan.found}
+    skipped = {s.day: s.reason for s in scan.skipped if s.day is not None}
+    empty = {d.day for d in scan.empty}
+    out = []
+    for day in days.dates():
+        if day in skipped:
+            reasons = [skipped[day]]
+        elif day not in found:
+            reasons = [f"no folder {partition_key}={day}"]
+        else:
+            reasons = [] if found[day].complete else [f"no {SUCCESS} marker: read as it is (require_success is off)"]
+            reasons += ["no .parquet files in its folder"] if day in empty else []
+        if reasons:
+            out.append(MissingDay(day, "; ".join(reasons)))
+    return out
 
 
 def find_day(root: str | Path, day: dt.date, *, partition_key: str = "day",

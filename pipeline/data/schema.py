@@ -7,7 +7,8 @@
 pipeline/data/validate.py refuses a file whose column types are not accepted (check_schema, before any row is
 decoded); pipeline/data/convert.py refuses the same types with the same message, so a table that passes the
 schema check always converts, and one that fails it never half-converts. Values (0/1 labels, finite floats, id
-ranges, list lengths) are checked row by row in those modules, not here.
+ranges, list lengths) are checked row by row in those modules, not here; what counts as a null value (`nulls`) is
+defined here, for both.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.data.features import DenseFeature, FeatureSpec
@@ -23,6 +25,16 @@ from pipeline.data.features import DenseFeature, FeatureSpec
 def is_list(t: pa.DataType) -> bool:
     """A list, large list or fixed-size list (the list types every list column may use)."""
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def nulls(arr: pa.Array) -> np.ndarray:
+    """(len(arr),) bool: the null values of `arr`, counting a valid index to a null entry of a dictionary as null.
+
+    Arrow's `null_count` of a dictionary array counts only null indices, so a null string behind a valid index
+    would pass a null_count check and then fail to hash (or decode as garbage) in the converter."""
+    if arr.null_count or (pa.types.is_dictionary(arr.type) and arr.dictionary.null_count):
+        return arr.is_null().to_numpy(zero_copy_only=False)  # is_null() of a dictionary array follows the values
+    return np.zeros(len(arr), dtype=bool)
 
 
 def _decoded(t: pa.DataType) -> pa.DataType:

@@ -1,6 +1,7 @@
 """Validation of logs against the feature spec: schema per file, vectorised checks per row, the error budget.
 
     check_schema(spec, pf.schema_arrow, str(path))            # when a file is opened: fails at once
+    check_same_types(spec, pf.schema_arrow, str(path), first_schema, first_path)   # the day's files agree
     verdict = validate_rows(table, spec, max_list_len=100_000)
     good = table.filter(verdict.good_B); verdict.counts()     # {"null": 3, "negative_id": 1}
     verdict.id_max                                            # {"user_id": 49983, ...}: bounds for the converter
@@ -8,8 +9,10 @@
 
 `check_schema`: a missing column, or one of a type its kind refuses (pipeline/data/schema.py, which the converter
 shares), fails naming the file and the column, before any row is decoded. `validate_rows`: a bad row is dropped,
-never fixed; the reader (pipeline/data/reader.py) counts bad rows per reason (REASONS), writes them to the
-quarantine and stops the run when a day's bad fraction exceeds the budget.
+never fixed. It refuses every value pipeline/data/convert.py raises on, so a bad value never stops a run from
+inside the converter (where the row number is a position in a batch, not in the file); the reader
+(pipeline/data/reader.py) counts bad rows per reason (REASONS), writes them to the quarantine and stops the run
+when a day's bad fraction exceeds the budget.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.features import FeatureSpec
-from pipeline.data.schema import check_type, column_kinds, is_list
+from pipeline.data.features import DenseFeature, FeatureSpec
+from pipeline.data.schema import check_type, column_kinds, is_list, nulls
 from pipeline.files import write_atomic
 
 
@@ -37,25 +40,46 @@ def check_schema(spec: FeatureSpec, schema: pa.Schema, source: str) -> None:
         check_type(kind, schema.field(idx).type, source=source, column=column)
 
 
+def check_same_types(spec: FeatureSpec, schema: pa.Schema, source: str, first_schema: pa.Schema,
+                     first_source: str) -> None:
+    """Raise ValueError naming both files, the column and both types if a column the spec reads has another type
+    or nullability in `schema` than in `first_schema` (another file of the same day): rows of several files are
+    put together in one batch, which Arrow refuses for schemas that differ."""
+    for column in spec.columns():
+        ours, theirs = schema.field(column), first_schema.field(column)
+        if ours.type != theirs.type or ours.nullable != theirs.nullable:
+            raise ValueError(f"{source}: column {column!r} is {_type_of(ours)}, but {first_source} has it as "
+                             f"{_type_of(theirs)}: every file of a day must give the feature spec's columns the "
+                             "same type")
+
+
+def _type_of(f: pa.Field) -> str:
+    return f"{f.type}" if f.nullable else f"{f.type} not null"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Row validation
 #
 # Every check is a vectorised mask over the rows of an Arrow table (pyarrow.compute / numpy, no per-row Python).
-# A row that fails several checks is reported under the first one in REASONS order, so counts add up to the
-# number of bad rows. Clean data takes the fast path: a list column whose min/max and null count are fine is
-# never compared element by element.
+# A row that fails several checks is reported under the first one that fails (columns in the order label, group,
+# oracle, sparse, dense, sequences), so counts add up to the number of bad rows. Clean data takes the fast path: a
+# list column whose min/max and null count are fine is never compared element by element.
+#
+# REASONS is append-only: DayValidation.as_vector() is summed across ranks and saved in reader cursors in this order.
 
 REASONS = (
-    "null",                  # null label, id, list, id inside a list, dense value, group or oracle
+    "null",                  # null label, id, list, id inside a list, dense value (in a list too), group or oracle
     "label_not_binary",      # label other than 0 or 1
-    "not_finite",            # NaN or Inf in a dense value
+    "not_finite",            # NaN or Inf in a dense value or the oracle, or a value float32 cannot hold
     "dense_wrong_size",      # a dense list whose length is not the feature's size
     "negative_id",           # an integer id below 0 (string ids are hashed, never negative)
-    "id_out_of_range",       # an id >= the table size under oov = "error"
+    "id_out_of_range",       # an id >= the table size under oov = "error"; any policy: an unsigned id above int64
     "list_too_long",         # a list longer than the hard cap `max_list_len` (not the truncation max_len)
     "side_length_mismatch",  # a sequence side-info list whose length differs from its id list
     "corrupt_row_group",     # a row group that could not be decoded (reader, on_corrupt_file = "skip")
+    "norm_out_of_domain",    # a dense value its norm cannot take: below 0 under norm = "log1p"
 )
+_INT64_MAX = np.iinfo(np.int64).max  # the converter takes ids as int64: an unsigned id above this would wrap
 _CODE = {r: i + 1 for i, r in enumerate(REASONS)}  # 0 means good
 
 
@@ -113,13 +137,16 @@ def validate_rows(table: pa.Table, spec: FeatureSpec, *, max_list_len: int) -> R
     m = _Marker(table.num_rows)
     tables = spec.table_by_name
     _check_label(_col(table, spec.label), m, spec.label)
-    for column in (spec.group, spec.oracle):
-        if column:
-            m.mark(_nulls(_col(table, column)), "null", column)
+    if spec.group:
+        m.mark(nulls(_col(table, spec.group)), "null", spec.group)
+    if spec.oracle:  # the converter takes any float; a NaN oracle would poison the oracle AUC instead
+        oracle = _col(table, spec.oracle)
+        m.mark(nulls(oracle), "null", spec.oracle)
+        m.mark(~np.isfinite(_as_float32(oracle)), "not_finite", spec.oracle)
     for f in spec.sparse:
         _check_ids(_col(table, f.name), tables[f.table].num_embeddings, f.oov, max_list_len, m, f.name)
     for f in spec.dense:
-        _check_dense(_col(table, f.name), f.size, m, f.name)
+        _check_dense(_col(table, f.name), f, m)
     for s in spec.sequences:
         ids_len = None
         for column in s.columns:
@@ -141,10 +168,11 @@ def _col(table: pa.Table, name: str) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
-def _nulls(arr: pa.Array) -> np.ndarray:
-    if not arr.null_count:
-        return np.zeros(len(arr), dtype=bool)
-    return arr.is_null().to_numpy(zero_copy_only=False)
+def _as_float32(arr: pa.Array) -> np.ndarray:
+    """Numbers as the converter takes them (float32, nulls as 0: they are marked separately), so a float64 that
+    float32 cannot hold shows as Inf here, as it would there."""
+    with np.errstate(over="ignore"):  # the overflow is what the caller looks for, not news
+        return pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 
 def _list_lengths(arr: pa.Array) -> np.ndarray:
@@ -161,7 +189,7 @@ def _element_rows(arr: pa.Array, bad_elements: np.ndarray) -> np.ndarray:
 
 
 def _check_label(arr: pa.Array, m: _Marker, column: str) -> None:
-    m.mark(_nulls(arr), "null", column)
+    m.mark(nulls(arr), "null", column)
     if pa.types.is_boolean(arr.type):
         return
     y = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
@@ -171,7 +199,7 @@ def _check_label(arr: pa.Array, m: _Marker, column: str) -> None:
 def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, m: _Marker,
                column: str) -> np.ndarray | None:
     """Mark bad ids of a scalar or list column; returns the list lengths (None for a scalar column)."""
-    m.mark(_nulls(arr), "null", column)
+    m.mark(nulls(arr), "null", column)
     listed = is_list(arr.type)
     lengths = None
     if listed:
@@ -183,19 +211,19 @@ def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, 
     if pa.types.is_dictionary(values.type) and pa.types.is_integer(values.type.value_type):
         values = values.dictionary_decode()  # integer ids the converter takes as rows: range-check them too
     if not pa.types.is_integer(values.type):
-        if listed and values.null_count:  # string ids: hashed, so only nulls can be wrong
-            m.mark_rows(_element_rows(arr, _nulls(values)), "null", column)
+        if listed:  # string ids: hashed, so only nulls can be wrong (a null dictionary entry too)
+            m.mark_rows(_element_rows(arr, nulls(values)), "null", column)
         return lengths
+    # under oov = "hash" any id is taken modulo the table size, except one int64 cannot hold (an unsigned id)
+    limit = num_embeddings if oov == "error" else _INT64_MAX + 1
     low, high = pc.min_max(values).values()  # one pass over the values, the only one on clean data
     if high.as_py() is not None:
         m.id_max[column] = high.as_py()
     if not values.null_count and (low.as_py() is None or low.as_py() >= 0) and \
-            (oov == "hash" or high.as_py() is None or high.as_py() < num_embeddings):
+            (high.as_py() is None or high.as_py() < limit):
         return lengths  # the fast path: nothing to flag element by element
     ids = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
-    checks = [(_nulls(values), "null"), (ids < 0, "negative_id")]
-    if oov == "error":
-        checks.append((ids >= num_embeddings, "id_out_of_range"))
+    checks = [(nulls(values), "null"), (ids < 0, "negative_id"), (ids >= limit, "id_out_of_range")]
     for bad, reason in checks:
         if listed:
             m.mark_rows(_element_rows(arr, bad), reason, column)
@@ -204,18 +232,26 @@ def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, 
     return lengths
 
 
-def _check_dense(arr: pa.Array, size: int, m: _Marker, column: str) -> None:
-    m.mark(_nulls(arr), "null", column)
-    if is_list(arr.type):
-        m.mark(_list_lengths(arr) != size, "dense_wrong_size", column)
+def _check_dense(arr: pa.Array, f: DenseFeature, m: _Marker) -> None:
+    """Null rows and values, wrong list sizes, values the converter's float32 cannot hold (NaN, Inf, beyond
+    float32's range) and values outside the norm's domain."""
+    column = f.name
+    m.mark(nulls(arr), "null", column)
+    listed = is_list(arr.type)
+    values = arr
+    if listed:
+        m.mark(_list_lengths(arr) != f.size, "dense_wrong_size", column)
         values = pc.list_flatten(arr)
-        if not pa.types.is_floating(values.type):
-            return
-        bad = ~pc.fill_null(pc.is_finite(values), False).to_numpy(zero_copy_only=False)
-        m.mark_rows(_element_rows(arr, bad), "not_finite", column)
-        return
-    if pa.types.is_floating(arr.type):
-        m.mark(~pc.fill_null(pc.is_finite(arr), True).to_numpy(zero_copy_only=False), "not_finite", column)
+        m.mark_rows(_element_rows(arr, nulls(values)), "null", column)  # integer lists too: NaN once converted
+    x = _as_float32(values)
+    checks = [(~np.isfinite(x), "not_finite")]
+    if f.norm == "log1p":
+        checks.append((x < 0, "norm_out_of_domain"))  # the converter refuses them rather than log1p a negative
+    for bad, reason in checks:
+        if listed:
+            m.mark_rows(_element_rows(arr, bad), reason, column)
+        else:
+            m.mark(bad, reason, column)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -117,8 +117,7 @@ class Trainer:
         self.optimizer = self.sharded.optimizer  # fused sparse + dense, for checkpoints
         self.schedule = LRSchedule(self.sharded.dense_optimizer, t)
         self.dense = DenseSync(self.sharded.dense_optimizer, self.dense_named_parameters(), hook=hook,
-                               mode=t.allreduce,
-                               sync_steps=t.allreduce_sync_steps, grad_clip_norm=t.grad_clip_norm,
+                               mode=t.allreduce, sync_steps=t.allreduce_sync_steps, grad_clip_norm=t.grad_clip_norm,
                                on_step=self.schedule.step)
         self.progress = Progress()
         self.cursor = ReaderCursor()
@@ -132,11 +131,20 @@ class Trainer:
         self._earlier_losses: list[float] = []
         self._losses: list[torch.Tensor] = []
         self.pipelined_modules = 0  # sharded modules TrainPipelineSparseDist pipelines (train.pipeline)
-        self._tb = _tensorboard(self.out_dir) if cfg.train.tensorboard and env.is_main else None
+        self._tb_writer = None  # made on first use: a run refused by the run lock writes nothing
 
     @property
     def global_step(self) -> int:
         return self.progress.global_step
+
+    @property
+    def _tb(self):
+        """The TensorBoard writer of rank 0 (train.tensorboard), else None."""
+        if self._tb_writer is None and self.cfg.train.tensorboard and self.env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb_writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        return self._tb_writer
 
     # -- the run -------------------------------------------------------------------------------------------------
 
@@ -270,7 +278,7 @@ class Trainer:
         self.schedule.plan(reader.num_remaining)  # no-op inside a curve planned over several days
         every = self.cfg.checkpoint.every_steps
         rows_per_step = self.cfg.data.batch_size_per_rank * self.env.world_size
-        num_steps = reader.num_remaining
+        num_steps, rows_before = reader.num_remaining, reader.rows_done
         self.progress.day, self.cursor.reader = str(day.day), reader
         self.model.train()
         start = time.perf_counter()
@@ -294,14 +302,14 @@ class Trainer:
             bar.close()
         self.dense.flush()
         mean_losses = self._day_losses()
+        rows, session_rows = _sum_over_ranks([reader.rows_done, reader.rows_done - rows_before])
         self.progress.days_done.append(str(day.day))
         self.progress.day, self.progress.day_losses, self.cursor.reader = None, [], None
-        stats = DayStats(str(day.day), len(mean_losses), len(mean_losses) * rows_per_step,
-                         time.perf_counter() - start, mean_losses, step_seconds)
+        stats = DayStats(str(day.day), len(mean_losses), rows, time.perf_counter() - start, mean_losses, step_seconds)
         if self.env.is_main:
             write_json(self.out_dir / "train" / f"day-{day.day}.json", stats.to_dict())
             log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s", stats.day, stats.steps,
-                     stats.rows, stats.mean_loss, len(losses) * rows_per_step / max(stats.seconds, 1e-9))
+                     stats.rows, stats.mean_loss, session_rows / max(stats.seconds, 1e-9))
         if self.cfg.checkpoint.at_day_end:
             self._save()
         return stats
@@ -398,11 +406,13 @@ class Trainer:
         for batch in reader:
             with self._autocast():
                 _, out = self.model(batch.to(self.env.device, non_blocking=True))
-            parts["logits"].append(out.logits.float())
-            parts["labels"].append(out.labels)
-            parts["groups"].append(out.group_ids)
+            real = torch.ones(batch.batch_size, dtype=torch.bool) if batch.weights is None else batch.weights > 0
+            on_device = real.to(out.labels.device)  # filler rows (weight 0) are not data: not in the metrics
+            parts["logits"].append(out.logits.float()[on_device])
+            parts["labels"].append(out.labels[on_device])
+            parts["groups"].append(out.group_ids[on_device])
             if batch.oracle_p is not None:
-                parts["oracle"].append(batch.oracle_p)
+                parts["oracle"].append(batch.oracle_p[real])
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -421,8 +431,8 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        if self._tb_writer is not None:
+            self._tb_writer.close()
 
 
 class _PipelineStep:
@@ -440,18 +450,18 @@ class _PipelineStep:
         self.trainer._after_backward()
 
 
-def _tensorboard(out_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-
 def _progress(total: int, desc: str, unit: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
+
+
+def _sum_over_ranks(values: list[int]) -> list[int]:
+    total = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def _mean_over_ranks(values: torch.Tensor) -> list[float]:

@@ -1,0 +1,78 @@
+"""A range of days with holes is not trained across the gap without a word: missing_days names every day of the
+range that is missing or incomplete, and `hyrank train` says so before training."""
+
+import datetime as dt
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cli
+from pipeline.config import load_config
+from pipeline.data.days import DayRange, MissingDay, discover_days, missing_days, scan_days
+
+from conftest import DEFAULT_CONFIG
+
+RANGE = "2026-11-01..2026-11-05"
+
+
+def _logs(root, *, success=("01", "02", "05"), files=("01", "02", "04", "05"), folders=("01", "02", "04", "05")):
+    """Days of 2026-11: 03 has no folder, 04 no _SUCCESS (by default)."""
+    for d in folders:
+        path = root / f"day=2026-11-{d}"
+        path.mkdir(parents=True)
+        if d in files:
+            pq.write_table(pa.table({"x": [1]}), path / "part-0.parquet")
+        if d in success:
+            (path / "_SUCCESS").touch()
+    return root
+
+
+def test_missing_days_names_each_hole_and_why(tmp_path):
+    root = _logs(tmp_path, success=("01", "02", "05", "06"), files=("01", "04", "05", "06"),
+                 folders=("01", "02", "04", "05", "06"))
+    days = DayRange.parse(RANGE)
+    assert [d.day for d in days.dates()] == [1, 2, 3, 4, 5] and str(days) == RANGE
+    scan = scan_days(root, days)
+    assert missing_days(days, scan) == [
+        MissingDay(dt.date(2026, 11, 2), "no .parquet files in its folder"),
+        MissingDay(dt.date(2026, 11, 3), "no folder day=2026-11-03"),
+        MissingDay(dt.date(2026, 11, 4), "no _SUCCESS marker: the day is not complete"),
+    ]
+    lenient = scan_days(root, days, require_success=False)
+    assert missing_days(days, lenient)[2] == \
+        MissingDay(dt.date(2026, 11, 4), "no _SUCCESS marker: read as it is (require_success is off)")
+    assert missing_days(DayRange.parse("2026-11-05..2026-11-06"), scan_days(root)) == []
+
+
+def test_discover_days_warns_once_naming_the_holes(tmp_path, caplog):
+    root = _logs(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.days"):
+        found = discover_days(root, DayRange.parse(RANGE))
+    assert [d.day.day for d in found] == [1, 2, 5]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"2 of the 5 day(s) of {RANGE} under {root} are missing or incomplete: 2026-11-03: no folder day=2026-11-03; "
+        "2026-11-04: no _SUCCESS marker: the day is not complete"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.days"):
+        discover_days(root, DayRange.parse("2026-11-01..2026-11-02"))
+    assert not caplog.records  # no hole, no word
+
+
+def test_hyrank_train_names_the_holes_before_training(tmp_path, caplog):
+    root = _logs(tmp_path / "logs")
+    cfg = load_config(DEFAULT_CONFIG, [f'data.root="{root}"'])
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.days"):
+        days = cli._training_days(cfg.data, RANGE)  # what _train trains on
+    assert [d.day.day for d in days] == [1, 2, 5]
+    assert "2026-11-03: no folder day=2026-11-03; 2026-11-04: no _SUCCESS marker" in caplog.text
+    caplog.clear()
+    # the command itself, where no day is left: one error line after the warning, before any process group
+    rc = cli.main(["train", "--config", str(DEFAULT_CONFIG), "--days", "2026-11-03..2026-11-04",
+                   "--set", f'data.root="{root}"'])
+    assert rc == 2
+    assert "2 of the 2 day(s) of 2026-11-03..2026-11-04" in caplog.text
+    assert f"no complete day in 2026-11-03..2026-11-04 under {root}" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no complete day"):
+        cli._training_days(cfg.data, "2026-11-03")
