@@ -16,8 +16,11 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
+
+from pipeline.logs import setup_logging
+
+from pipeline.submit import add_job_verbs
 
 EPILOG = """\
 A typical day-one session:
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _setup_logging(args)
+    setup_logging(verbose=args.verbose)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
@@ -56,17 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(title="verbs", metavar="<verb>")
     _add_gen_logs(verbs)
     _add_train(verbs)
+    _add_stream(verbs)
+    _add_export(verbs)
+    _add_serving(verbs)
     _add_models(verbs)
+    _add_report(verbs)
     _add_bench(verbs)
+    add_job_verbs(verbs, _verb)  # submit, status, logs (pipeline/submit.py; imports torchx only when they run)
     return parser
 
 
-def _verb(verbs, name: str, handler, **kwargs) -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written (their examples keep their lines), options with their defaults (when they have one:
+    no "(default: None)" noise)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _verb(verbs, name: str, handler) -> argparse.ArgumentParser:
     """The parser of a verb run by `handler`: its docstring's first line is the one-line help, all of it the
-    description (so the text that teaches a verb sits beside the code that runs it); defaults are shown."""
+    description, examples included (so the text that teaches a verb sits beside the code that runs it)."""
     doc = inspect.cleandoc(handler.__doc__)
-    kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-    p = verbs.add_parser(name, help=doc.splitlines()[0].rstrip("."), description=doc, **kwargs)
+    p = verbs.add_parser(name, help=doc.splitlines()[0].rstrip("."), description=doc, formatter_class=_HelpFormatter)
     p.set_defaults(func=handler)
     return p
 
@@ -125,22 +142,21 @@ def _gen_logs(args) -> int:
 # -- train ---------------------------------------------------------------------------------------------------------
 
 
-def _add_train(verbs) -> None:
-    p = _verb(
-        verbs, "train", _train,
-        epilog="Example:\n  hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 "
-        "--eval-day 2026-11-04 --nproc-per-node 2 --set train.lr=0.002\n"
-        "  hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-05 --nproc-per-node 2 "
-        "--resume latest   # after a stop",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What every verb that runs training takes: the config, overrides, local ranks, quiet."""
     p.add_argument("--config", required=True, type=Path, help="run config (TOML), e.g. jobs/configs/default.toml")
-    p.add_argument("--days", required=True, help="training days: YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
-    p.add_argument("--eval-day", help="evaluation day YYYY-MM-DD (default: none)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
     p.add_argument("--nproc-per-node", type=int, default=0,
                    help="launch N local ranks with torchrun (default: run in this process / the current torchrun job)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train(verbs) -> None:
+    p = _verb(verbs, "train", _train)
+    _add_run_arguments(p)
+    p.add_argument("--days", required=True, help="training days: YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
+    p.add_argument("--eval-day", help="evaluation day YYYY-MM-DD (default: none)")
     p.add_argument("--resume", metavar="latest|PATH",
                    help="continue from a checkpoint: 'latest' under checkpoint.dir, or a step-N folder. Finished "
                    "days are skipped and a day stopped part-way continues from its reader cursor. A torchelastic "
@@ -149,7 +165,6 @@ def _add_train(verbs) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow --resume PATH outside checkpoint.dir: a checkpoint is code (DCP unpickles it), so "
                    "only for checkpoints whose writer you trust")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _train(args) -> int:
@@ -158,6 +173,12 @@ def _train(args) -> int:
     Trains the configured model on --days and reports exact metrics (AUC, query-level AUC, logloss, calibration)
     on --eval-day. Runs on every rank of a torchrun job; with --nproc-per-node N it launches that job itself on
     this machine.
+
+    Examples:
+      hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 \\
+          --nproc-per-node 2 --set train.lr=0.002
+      hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-05 --nproc-per-node 2 \\
+          --resume latest      # after a stop
     """
     if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node)
@@ -166,6 +187,7 @@ def _train(args) -> int:
     from pipeline.config import load_config
     from pipeline.data.days import find_day
     from pipeline.distributed.env import init_distributed
+    from pipeline.train.resume import check_resumable
     from pipeline.train.trainer import RunPlan, Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -176,6 +198,7 @@ def _train(args) -> int:
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # resumes from its own checkpoints
     plan = RunPlan(days, eval_days, resume=args.resume or ("latest-if-any" if restarted else None),
                    trust_checkpoint=args.trust_checkpoint)
+    check_resumable(cfg, plan.resume)  # before any collective: a checkpoint of another model, with its diff
     env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
     trainer = Trainer(cfg, env, progress=not args.quiet)
     result = trainer.run(plan)
@@ -201,8 +224,7 @@ def _training_days(d, days: str) -> list:
 
 def _print_result(result, out_dir: str) -> None:
     for s in result.trained:
-        print(f"train {s.day}: {s.steps} steps, {s.rows} rows, mean loss {s.mean_loss:.4f}, "
-              f"{s.rows / max(s.seconds, 1e-9):,.0f} rows/s")
+        print(f"train {s.day}: {s.steps} steps, {s.rows} rows, mean loss {s.mean_loss:.4f}, {s.rows_per_s:,.0f} rows/s")
     for day, m in result.metrics.items():
         oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m.oracle_auc is not None else ""
         print(f"eval {day}: AUC {m.auc:.4f}{oracle}, query-AUC {m.query_auc:.4f} over {m.num_queries} queries, "
@@ -213,6 +235,124 @@ def _print_result(result, out_dir: str) -> None:
         print(f"checkpoint: {result.checkpoint}")
     if result.stopped:
         print(f"stopped by {result.stopped}: continue with the same command and --resume latest")
+
+
+# -- stream --------------------------------------------------------------------------------------------------------
+
+
+def _add_stream(verbs) -> None:
+    p = _verb(verbs, "stream", _stream)
+    _add_run_arguments(p)
+    p.add_argument("--from", dest="first", type=dt.date.fromisoformat,
+                   help="first day of a fresh run, YYYY-MM-DD (default: the earliest complete day)")
+    p.add_argument("--until", type=dt.date.fromisoformat, help="last day to train, YYYY-MM-DD (default: none)")
+    p.add_argument("--follow", action="store_true", help="wait for days that are not complete yet (bounded back-off)")
+    p.add_argument("--skip-gaps", action="store_true",
+                   help="skip a missing or incomplete day once a later day is complete (logged in history.jsonl)")
+    p.add_argument("--poll-s", type=float, default=5.0, help="first wait between looks at the data root")
+    p.add_argument("--max-poll-s", type=float, default=60.0, help="longest wait between looks")
+    p.add_argument("--export-to", type=Path, help="publish each day's model to this root (hyrank export's "
+                   "parity gate, and a quality gate against the published one)")
+    p.add_argument("--quality-margin", type=float, default=0.01,
+                   help="with --export-to: do not publish a model whose held-out AUC is more than this below the "
+                   "published one's on the same rows")
+    p.add_argument("--warm-start", choices=["dense", "tables", "matching"],
+                   help="the run's latest checkpoint is of another model (a table added or resized, the tower "
+                   "changed): start this model from its dense weights, its tables, or every tensor whose name and "
+                   "shape match, instead of refusing (optimizer state starts fresh)")
+
+
+def _stream(args) -> int:
+    """Retrain day after day: evaluate each complete day with the current model, then train on it.
+
+    Progressive validation: each day's metrics are those of the model before it saw the day. Warm-starts from the
+    run's latest checkpoint, so the same command continues after any stop or crash and trains every row once
+    (ledger/ records which rows each rank trained). After each day: report/days.csv and days.png, status.json.
+
+    Examples:
+      hyrank stream --config jobs/configs/default.toml --nproc-per-node 2
+      hyrank stream --config jobs/configs/default.toml --nproc-per-node 2 --follow    # and keep following
+      hyrank stream --config ... --from 2026-11-01 --until 2026-11-30 --skip-gaps
+
+    Outputs under out_dir: report/days.csv + days.png, status.json, history.jsonl (every start, every skipped
+    day), ledger/, checkpoints/, metrics/progressive-<day>.json.
+    """
+    if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node)
+    import torch.distributed as dist
+
+    from pipeline.config import load_config
+    from pipeline.distributed.env import init_distributed
+    from pipeline.stream import StreamOptions, stream
+
+    cfg = load_config(args.config, args.overrides)
+    options = StreamOptions(first=args.first, until=args.until, follow=args.follow, skip_gaps=args.skip_gaps,
+                            poll_s=args.poll_s, max_poll_s=args.max_poll_s, warm_start=args.warm_start,
+                            export_to=args.export_to, quality_margin=args.quality_margin)
+    env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
+    result = stream(cfg, env, options, progress=not args.quiet)
+    if env.is_main:
+        for day, m in result.progressive.items():
+            oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m is not None and m.oracle_auc is not None else ""
+            print(f"{day}: progressive AUC {m.auc:.4f}{oracle}, logloss {m.logloss:.4f}" if m is not None
+                  else f"{day}: no progressive metric (the first day of a fresh run has no model yet)")
+        _print_result(result, cfg.out_dir)
+        print(f"report: {Path(cfg.out_dir) / 'report' / 'days.csv'} and days.png; status: "
+              f"{Path(cfg.out_dir) / 'status.json'}")
+    dist.destroy_process_group()
+    return 0
+
+
+# -- export --------------------------------------------------------------------------------------------------------
+
+
+def _add_export(verbs) -> None:
+    p = _verb(verbs, "export", _export)
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a checkpoint folder (step-N) written on any number of ranks; checkpoints are trusted input")
+    p.add_argument("--out", required=True, type=Path, help="publish root: versions/<version>/ and `latest`")
+    p.add_argument("--tables", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="table precision: fp16, or int8 row-wise (a scale and bias per row), each gated against "
+                   "the fp32 model on the held-out rows (pipeline/serving/export.py QUANTIZATION_BOUNDS)")
+    p.add_argument("--holdout", type=int, default=2048, help="held-out rows the parity gate scores both ways")
+
+
+def _export(args) -> int:
+    """Export a checkpoint to a serving artifact, check it scores like the model, publish it atomically.
+
+    One process, no GPU or process group needed: the checkpoint's tables are gathered whole, the model is traced
+    with torch.export (model.pt2, with manifest.json: model, feature spec and its Arrow types, days trained, the
+    stack's versions, git commit, sha256 of every file), loaded back as a server loads it, and held-out rows are
+    scored through it and through the eager model. Beyond the tolerance (fp32: 1e-5 on logits) nothing is
+    published; else the version folder is renamed into place and `latest` repointed.
+
+    Examples:
+      hyrank export --checkpoint runs/default/checkpoints/step-000002344 --out exports/default
+      hyrank export --checkpoint "runs/default/checkpoints/$(cat runs/default/checkpoints/latest)" --out exports/default
+    """
+    from pipeline.serving.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout)
+    p = result.parity
+    print(f"published {result.path} ({args.out / 'latest'} -> {result.version})")
+    print(f"parity on {p['rows']} held-out rows of {p['day']}: max |logit diff| {p['max_abs_logit_diff']:.3g} "
+          f"(tolerance {p['tolerance']:g}), AUC model {p['auc_model']:.4f} artifact {p['auc_artifact']:.4f}")
+    if "auc_fp32" in p:
+        print(f"{p['tables']} tables against fp32: max |logit diff| {p['max_abs_logit_diff_vs_fp32']:.3g}, AUC "
+              f"{p['auc_fp32']:.4f} -> {p['auc_artifact']:.4f} (bounds {p['bound']})")
+    return 0
+
+
+# -- serve, predict ------------------------------------------------------------------------------------------------
+
+
+def _add_serving(verbs) -> None:
+    """`hyrank serve` and `hyrank predict`, whose options and handlers are in pipeline/serving/commands.py (light to
+    import: FastAPI and torchrec load when the verb runs)."""
+    from pipeline.serving import commands
+
+    for name, (add_arguments, handler) in commands.VERBS.items():
+        add_arguments(_verb(verbs, name, handler))
 
 
 # -- models --------------------------------------------------------------------------------------------------------
@@ -252,6 +392,31 @@ def _models(args) -> int:
     return 0
 
 
+# -- report --------------------------------------------------------------------------------------------------------
+
+
+def _add_report(verbs) -> None:
+    p = _verb(verbs, "report", _report)
+    p.add_argument("run", type=Path, help="the run directory (the out_dir of hyrank train / hyrank stream)")
+
+
+def _report(args) -> int:
+    """The day-by-day report of a run: <run>/report/days.csv and days.png, and the table printed.
+
+    Rebuilt from the run's own files, so it can be rerun at any time: <run>/train/day-*.json (rows, steps,
+    rows/s, rows validation dropped) and <run>/metrics/progressive-*.json (the model's AUC, query AUC, logloss
+    and calibration on each day before it trained on it). The PNG plots progressive AUC (with the oracle AUC of
+    synthetic data), logloss and train rows/s per day; an empty cell or a gap is a value no file holds.
+    """
+    from pipeline.report import write_report
+
+    report = write_report(args.run)
+    print(f"table: {report.csv_path}")
+    print(f"plot:  {report.png_path}")
+    print(report.table())
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------------------------------
 
 # name -> (module under bench/, one-line help); each module has add_arguments(parser) and run(args) -> int
@@ -261,6 +426,8 @@ BENCHES = {
                                  "torch only"),
     "dedup": ("bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
     "reader": ("bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
+    "serve": ("bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, p50/p99, "
+                             "errors, served rows/s against the program called in-process"),
 }
 
 
@@ -326,39 +493,6 @@ def _report_stop(signal_name: str, since: float) -> int:
         return 0
     logging.getLogger("hyrank").error("stopped by %s before the ranks could checkpoint", signal_name)
     return 1
-
-
-def _setup_logging(args) -> None:
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None else ""
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("hyrank", "pipeline", "embeddings", "models", "jobs"):
-        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    if not args.verbose:
-        silence_known_noise()
-
-
-# Known-harmless messages from TorchRec / torch on this stack (../shared/docs/torchrec-on-cpu.md, pitfall 17).
-_NOISE = ("Sharding spec not found", "is_fx_tracing will return true", "topology was constructed directly")
-
-
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_NOISE) and "is_fx_tracing" not in record.getMessage()
-
-
-def silence_known_noise() -> None:
-    """Drop the stack's harmless warnings so that a user sees hyrank's own messages."""
-    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropNoise())
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
-    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
-    warnings.filterwarnings("ignore", message=".*NumPy array is not writable.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="torchrec")
 
 
 if __name__ == "__main__":

@@ -166,10 +166,15 @@ class CheckpointConfig:
     at_day_end: bool = True  # after each training day (its gradients flushed)
     every_steps: int = 0  # also every N steps inside a day (0: off); resumes mid-day from the reader cursor
     keep: int = 3  # newest complete checkpoints kept; older ones are deleted after a successful save
+    # also keep the K day-end checkpoints that scored best on the next day (progressive validation, hyrank stream)
+    keep_best: int = 0
+    best_metric: Literal["auc", "query_auc", "logloss", "ne"] = "auc"  # higher is better for AUCs, lower for losses
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0 (0 means off), got {self.every_steps}")
+        if self.keep_best < 0:
+            raise ValueError(f"keep_best must be >= 0 (0 means off), got {self.keep_best}")
         _check_positive("keep", self.keep)
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -32,3 +33,12 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], Any]) ->
 def write_json(path: str | Path, obj: Any) -> Path:
     """`obj` as indented JSON, atomically."""
     return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def sha256(path: str | Path) -> str:
+    """The file's SHA-256, hex (read in 4 MiB chunks: checkpoints and artifacts can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

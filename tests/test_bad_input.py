@@ -225,6 +225,7 @@ def test_string_ids_are_reported_once_per_column_per_day(source, tmp_path, caplo
     day = _write_day(tmp_path, [source.slice(0, 500), source.slice(500)])
     with caplog.at_level(logging.WARNING, logger="pipeline.data.split"):
         read_footers(day, DEFAULT_SPEC)
+        read_footers(day, DEFAULT_SPEC)  # evaluation reads the day's footers again: no second line
     warnings = [r.getMessage() for r in caplog.records if "hashed" in r.getMessage()]
     assert warnings == [f"{day.path / 'part-0.parquet'}: column 'user_city' holds strings (string): they are hashed "
                         "into the 512 rows of table 'city' (distinct strings may share a row; oov = 'hash' does not "

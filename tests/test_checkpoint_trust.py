@@ -65,9 +65,9 @@ def test_a_shard_that_fails_in_dcp_is_named_in_one_line(trained):
     newest = ck.latest()
     shard = _truncate_a_shard(newest)
     meta = json.loads((newest / "meta.json").read_text())
-    from pipeline.train.checkpoint import _sha256
+    from pipeline.files import sha256
 
-    meta["files"][shard.name] = _sha256(shard)
+    meta["files"][shard.name] = sha256(shard)
     (newest / "meta.json").write_text(json.dumps(meta))
     [(status, message)] = run_distributed(_resume, cfg, str(newest), world_size=1, timeout_s=300)
     assert status == "error" and message.startswith(f"{newest} cannot be loaded: ") and "\n" not in message

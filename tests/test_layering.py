@@ -22,10 +22,14 @@ FORBIDDEN = {
     "pipeline/data": ("pipeline.train", "pipeline.distributed", "pipeline.cli", "pipeline.serving", "jobs", "bench"),
     "pipeline/distributed": ("pipeline.train", "pipeline.data", "pipeline.cli", "pipeline.serving", "jobs", "bench"),
     "pipeline/train": ("pipeline.cli", "pipeline.serving", "jobs", "bench"),
+    # a serving process loads artifacts and scores requests without the training code or the training world
+    "pipeline/serving": ("pipeline.train", "pipeline.distributed", "pipeline.stream", "pipeline.cli", "jobs", "bench"),
     "pipeline": ("bench", "jobs"),
 }
 # the one front door may name what is above the pipeline: `hyrank bench` dispatches to bench/
-ALLOWED = {"pipeline/cli.py": ("bench",)}
+ALLOWED = {"pipeline/cli.py": ("bench",),
+           # export runs beside training (it reads checkpoints), never in a serving process
+           "pipeline/serving/export.py": ("pipeline.train",)}
 MAX_LINES = 500
 _MODULE_NAME = re.compile(r"^(%s)(\.\w+)+$" % "|".join(PACKAGES))
 

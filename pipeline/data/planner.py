@@ -62,6 +62,7 @@ class _Planned:
     cursor: Cursor
     counts_seen: list[int]  # validation counts of every unit the plan has read so far
     real: bool = True  # False: a batch of filler rows only (this rank's valid rows have run out)
+    rows: np.ndarray | None = None  # (num_real, 2) (unit, raw row) of the batch's real rows, in batch order
 
 
 class Producer:
@@ -130,7 +131,7 @@ class Producer:
             while sum(p[1].num_rows for p in pieces) < r.block_rows and self._pull(units, pieces):
                 pass
             start = (pieces[0][0], int(pieces[0][2][0])) if pieces else (self.next_unit, 0)
-            table, num_rows, units_id_max = self._cut(pieces, r.block_rows)
+            table, num_rows, units_id_max, sources = self._cut(pieces, r.block_rows)
             if num_rows == 0:
                 break
             if self.template is None:  # one valid row, to fill batches once this rank's rows run out
@@ -154,7 +155,10 @@ class Producer:
                 last = k + 1 == num_in_block
                 cursor = Cursor(block + 1, *end, 0, emitted, rows_real, counts_end) if last else \
                     Cursor(block, *start, k + 1, emitted, rows_real, self._counts_before(start[0]))
-                yield _Planned(self.pool.submit(self._convert, table, perm, k, id_max), cursor, list(self.counts))
+                picked = slice(k * r.batch_size, (k + 1) * r.batch_size)
+                rows = sources[picked] if perm is None else sources[perm[picked]]
+                yield _Planned(self.pool.submit(self._convert, table, perm, k, id_max), cursor, list(self.counts),
+                               rows=rows)
             block, skip = block + 1, 0
         # this rank's valid rows have run out: filler batches for as long as another rank still has rows
         template = self.pool.submit(self._template)
@@ -198,22 +202,24 @@ class Producer:
         return list(self.unit_counts[unit]) if unit in self.unit_counts else list(self.counts)
 
     @staticmethod
-    def _cut(pieces: list, num_rows: int) -> tuple[pa.Table | None, int, list[dict[str, int]]]:
-        """Take up to `num_rows` rows off the front of `pieces` as one table; also the id_max of their units."""
-        taken, have, id_maxes = [], 0, []
+    def _cut(pieces: list, num_rows: int) -> tuple[pa.Table | None, int, list[dict[str, int]], np.ndarray]:
+        """Take up to `num_rows` rows off the front of `pieces` as one table; also the id_max of their units and
+        where each row comes from ((unit, raw row) pairs, for the ledger)."""
+        taken, have, id_maxes, sources = [], 0, [], []
         while pieces and have < num_rows:
             u, table, raw, id_max = pieces[0]
             n = min(table.num_rows, num_rows - have)
             taken.append(table.slice(0, n))
             id_maxes.append(id_max)
+            sources.append(np.stack([np.full(n, u, dtype=np.int64), raw[:n]], axis=1))
             if n == table.num_rows:
                 pieces.pop(0)
             else:
                 pieces[0] = (u, table.slice(n), raw[n:], id_max)
             have += n
         if not taken:
-            return None, 0, id_maxes
-        return (taken[0] if len(taken) == 1 else pa.concat_tables(taken)), have, id_maxes
+            return None, 0, id_maxes, np.zeros((0, 2), np.int64)
+        return (taken[0] if len(taken) == 1 else pa.concat_tables(taken)), have, id_maxes, np.concatenate(sources)
 
     def _check_budget(self) -> None:
         """This rank alone has more bad rows than the budget allows for the whole day: stop now."""

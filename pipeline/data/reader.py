@@ -98,6 +98,7 @@ class DayReader:
         self.validation = DayValidation(str(day.day), quarantine=str(self.quarantine or ""))
         self._group = _status_group(world_size)
         self._cursor = Cursor()
+        self._consumed: list[np.ndarray] = []  # (unit, raw row) of the real rows yielded since pop_consumed()
 
     def _order(self, share: list[RowRange]) -> list[RowRange]:
         if not self.options.shuffle:
@@ -107,6 +108,21 @@ class DayReader:
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def pop_consumed(self) -> list[tuple[str, int, int, int]]:
+        """The real rows yielded since the last call, as (file, row group, start, stop) ranges: the ledger's input."""
+        if not self._consumed:
+            return []
+        rows = np.concatenate(self._consumed)
+        self._consumed = []
+        rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+        # a new range wherever the unit changes or the raw rows stop being consecutive
+        breaks = np.flatnonzero((np.diff(rows[:, 0]) != 0) | (np.diff(rows[:, 1]) != 1)) + 1
+        out = []
+        for part in np.split(rows, breaks):
+            ref = self.mine[int(part[0, 0])]
+            out.append((str(ref.file), ref.index, int(part[0, 1]), int(part[-1, 1]) + 1))
+        return out
 
     @property
     def rows_done(self) -> int:
@@ -140,6 +156,8 @@ class DayReader:
                 first = False
                 batch, planned = item
                 self._cursor, seen = planned.cursor, planned.counts_seen
+                if planned.rows is not None:
+                    self._consumed.append(planned.rows)
                 yield batch
             else:  # the max_batches cap, or exactly the most batches the day can take
                 bad_seen = sum(seen[1:])

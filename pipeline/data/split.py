@@ -130,12 +130,18 @@ def read_footers(day: DayPartition, spec: FeatureSpec | None = None, *,
     return out
 
 
+_WARNED_STRING_IDS: set[tuple[str, str]] = set()  # (partition folder, column): said once per day and process
+
+
 def _warn_string_ids(spec: FeatureSpec, schema: pa.Schema, source: str) -> None:
-    """Say that a sparse column of strings is hashed: ids that were meant as integers would be, silently."""
+    """Say that a sparse column of strings is hashed: ids that were meant as integers would be, silently. Once per
+    day and column in a process (training and evaluation read the same day's footers again)."""
     tables = spec.table_by_name
     for f in spec.sparse:
         t = schema.field(f.name).type
-        if is_string_id(t):
+        key = (str(Path(source).parent), f.name)
+        if is_string_id(t) and key not in _WARNED_STRING_IDS:
+            _WARNED_STRING_IDS.add(key)
             log.warning("%s: column %r holds strings (%s): they are hashed into the %d rows of table %r "
                         "(distinct strings may share a row; oov = %r does not apply)", source, f.name, t,
                         tables[f.table].num_embeddings, f.table, f.oov)

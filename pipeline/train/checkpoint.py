@@ -31,7 +31,6 @@ line, and `load_latest` falls back to the newest one that verifies and loads. `l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -45,7 +44,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pipeline.distributed.env import DistEnv
-from pipeline.files import write_atomic
+from pipeline.files import sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ class Checkpointer:
         self.root, self.env, self.keep = Path(root), env, keep
         self.tensors, self.meta, self.per_rank = tensors, meta or {}, per_rank or {}
         self.info = info or {}  # written into meta.json for people and tools, never loaded
+        self.protected: set[str] = set()  # checkpoint names pruning keeps whatever their age (best by a metric)
 
     # -- save ----------------------------------------------------------------------------------------------------
 
@@ -99,7 +99,8 @@ class Checkpointer:
 
     def _prune(self) -> None:
         for old in self.complete()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in self.protected:
+                shutil.rmtree(old, ignore_errors=True)
 
     # -- find ----------------------------------------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class Checkpointer:
         Raises CheckpointError naming the checkpoint when it is incomplete, damaged or of another format.
         """
         path = Path(path)
-        meta = _agree(lambda: _verified_meta(path, trusted=trust or self.inside(path), root=self.root), self.env)
+        meta = _agree(lambda: verified_meta(path, trusted=trust or self.inside(path), root=self.root), self.env)
         start = time.perf_counter()
         for name, part in self.meta.items():
             try:
@@ -210,6 +211,26 @@ class Checkpointer:
                                  "same world size)")
 
 
+    def load_model_subset(self, path: str | Path, wanted) -> list[str]:
+        """Load into the "model" part only the tensors `wanted(name, is_sharded)` accepts that the checkpoint holds
+        with the same shape (a warm start of another model from a trusted checkpoint of this run); returns their
+        names. Collective."""
+        path = Path(path)
+        _agree(lambda: verified_meta(path, trusted=True, root=self.root), self.env)
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        model = self.tensors["model"]
+        template = {}
+        for name, value in model.state_dict().items():
+            held = saved.get(f"model.{name}")
+            if held is None or not hasattr(held, "size") or tuple(held.size) != tuple(value.size()):
+                continue
+            if wanted(name, hasattr(value, "local_shards")):
+                template[name] = value
+        dcp.load({"model": template}, checkpoint_id=str(path))
+        model.load_state_dict(template, strict=False)
+        return sorted(template)
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """A checkpoint's meta.json, checked to be complete and of this code's format."""
     meta_path = path / META
@@ -226,7 +247,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _verified_meta(path: Path, *, trusted: bool, root: Path) -> dict[str, Any]:
+def verified_meta(path: Path, *, trusted: bool, root: Path) -> dict[str, Any]:
     """meta.json (plain JSON, safe to read), after the folder was found trusted and every file it lists was found
     with its recorded sha256 (and no unlisted file is there)."""
     meta = read_meta(path)
@@ -240,21 +261,13 @@ def _verified_meta(path: Path, *, trusted: bool, root: Path) -> dict[str, Any]:
         missing, extra = sorted(set(recorded) - present), sorted(present - set(recorded))
         raise CheckpointError(f"{path} is damaged: files missing {missing[:3]}, unexpected {extra[:3]}")
     for name, digest in sorted(recorded.items()):
-        if _sha256(path / name) != digest:
+        if sha256(path / name) != digest:
             raise CheckpointError(f"{path} is damaged: {name} does not match the sha256 recorded at save time")
     return meta
 
 
 def _hash_files(folder: Path) -> dict[str, str]:
-    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != META}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != META}
 
 
 def _agree(check, env: DistEnv) -> Any:

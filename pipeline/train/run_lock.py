@@ -1,6 +1,6 @@
 """One writer per run directory: a second `hyrank train` (or a stray rank) on the same run is refused.
 
-    with RunLock(out_dir):      # rank 0 of the job; the others learn the outcome from it (Trainer.run)
+    with hold_run_dir(out_dir, env):     # every rank: rank 0 holds the lock, all raise if it is taken
         ...
 
 An exclusive `flock` on `<run dir>/.lock`, which holds the holder's host, PID, command and start time. The kernel
@@ -11,6 +11,7 @@ locks, which the server arbitrates across hosts.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -19,6 +20,10 @@ import os
 import socket
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
+
+from pipeline.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +84,25 @@ def _describe(holder: dict) -> str:
         return "another process"
     return (f"PID {holder.get('pid')} on {holder.get('host')} since {holder.get('started_at')} "
             f"({holder.get('command', '')[:120]})")
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: str | Path, env: DistEnv):
+    """Rank 0 holds the run directory's lock; every rank raises RunDirInUse if it is taken (collective)."""
+    lock, refusal = RunLock(run_dir) if env.is_main else None, None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunDirInUse as e:
+            refusal = str(e)
+    if env.world_size > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise RunDirInUse(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

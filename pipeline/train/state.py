@@ -6,6 +6,7 @@ besides the model, and how each refuses or adapts a checkpoint that does not fit
     Progress()                             meta: global step, finished days, the day in progress
     ReaderCursor()                         per rank: the reader's cursor in the day in progress
     RNGState()                             per rank: torch's CPU generator
+    Ledger(out_dir / "ledger", rank)       per rank: which rows this rank trained, segment files beside the run
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import base64
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.config import RunConfig, to_dict
+from pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,8 @@ class OptimizerState:
 
 
 class RunIdentity:
-    """The resolved config of the run; a checkpoint of other tables or another tower is refused, naming what
-    differs, before DCP meets mismatched shapes."""
+    """The resolved config of the run; a checkpoint of other tables or another tower is refused with a readable
+    diff (normally before any collective: see pipeline.train.trainer.check_resumable)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -79,35 +82,57 @@ class RunIdentity:
         check_same_model(state["config"], json.loads(json.dumps(to_dict(self.cfg), default=str)))
 
 
+def model_diff(saved: dict, current: dict) -> list[str]:
+    """What differs between two resolved configs in what the weights depend on: tables added, removed or resized,
+    the tower or its options. One readable line each; empty if the weights fit."""
+    lines = []
+    old = {t["name"]: t for t in saved.get("features", {}).get("tables", [])}
+    new = {t["name"]: t for t in current.get("features", {}).get("tables", [])}
+    lines += [f"table {name!r} added ({new[name]['num_embeddings']} x {new[name]['dim']})" for name in new
+              if name not in old]
+    lines += [f"table {name!r} removed" for name in old if name not in new]
+    for name in sorted(set(old) & set(new)):
+        for key in ("num_embeddings", "dim"):
+            if old[name].get(key) != new[name].get(key):
+                lines.append(f"table {name!r} resized: {key} {old[name].get(key)} -> {new[name].get(key)}")
+    m_old, m_new = saved.get("model", {}), current.get("model", {})
+    if m_old.get("name") != m_new.get("name"):
+        lines.append(f"model.name {m_old.get('name')!r} -> {m_new.get('name')!r}")
+    else:
+        o_old, o_new = m_old.get("options", {}), m_new.get("options", {})
+        lines += [f"model.options.{k}: {o_old.get(k, '(default)')} -> {o_new.get(k, '(default)')}"
+                  for k in sorted(set(o_old) | set(o_new)) if o_old.get(k) != o_new.get(k)]
+    return lines
+
+
 def check_same_model(saved: dict, current: dict) -> None:
     """The checkpoint must hold the same tables and tower: say what differs instead of a DCP shape error."""
-    parts = {"model": lambda c: c.get("model"),
-             "features.tables": lambda c: {t["name"]: t for t in c.get("features", {}).get("tables", [])}}
-    for key, get in parts.items():
-        a, b = get(saved) or {}, get(current) or {}
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            raise ValueError(f"the checkpoint was trained with a different {key} ({', '.join(diff)} differ); "
-                             "resume with the config it was saved with (its meta.json holds it)")
+    diff = model_diff(saved, current)
+    if diff:
+        raise ValueError("the checkpoint was trained with another model: " + "; ".join(diff) + ". Resume with the "
+                         "config it was saved with (its meta.json holds it), or start a new run from its weights "
+                         "with --warm-start dense|tables|matching")
 
 
 @dataclass
 class Progress:
     """Where the run stands: training steps taken, days finished, the day in progress (a mid-day checkpoint) and
-    its per-step losses so far (so the day's record after a resume holds the whole day)."""
+    its per-step losses so far (so the day's record after a resume holds the whole day), and how each day-end
+    checkpoint scored on the next day (progressive validation; checkpoint.keep_best keeps the best)."""
 
     global_step: int = 0
     days_done: list[str] = field(default_factory=list)
     day: str | None = None
     day_losses: list[float] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "days_done": list(self.days_done), "day": self.day,
-                "day_losses": list(self.day_losses)}
+                "day_losses": list(self.day_losses), "scores": dict(self.scores)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_step, self.days_done, self.day = int(state["global_step"]), list(state["days_done"]), state["day"]
-        self.day_losses = list(state["day_losses"])
+        self.day_losses, self.scores = list(state["day_losses"]), dict(state.get("scores", {}))
 
 
 class ReaderCursor:
@@ -135,3 +160,51 @@ class RNGState:
 
     def load_state_dict(self, state: str) -> None:
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
+
+
+class Ledger:
+    """Which rows this rank trained: (day, file, row group, start, stop, step) lines, in segment files under
+    `<out_dir>/ledger/rank-R/`, one written with each checkpoint.
+
+    A segment is written (atomically) when the checkpoint is saved, and the checkpoint lists this rank's segments,
+    so the segments a checkpoint lists are exactly the rows its weights have seen. A segment written for a
+    checkpoint that never completed (a crash in between) is an orphan: the next resume deletes it. The pipelined
+    loop (train.pipeline = "sparse_dist") reads batches ahead, so there a row's step may be early by the pipeline's
+    depth; which rows a day trained is exact either way.
+    """
+
+    def __init__(self, root: str | Path, rank: int):
+        self.dir = Path(root) / f"rank-{rank}"
+        self.segments: list[str] = []
+        self._pending: list[tuple[str, str, int, int, int, int]] = []
+
+    def add(self, day: str, step: int, ranges: list[tuple[str, int, int, int]]) -> None:
+        self._pending += [(day, file, group, start, stop, step) for file, group, start, stop in ranges]
+
+    def state_dict(self) -> list[str]:
+        """Writes the rows since the last checkpoint as a segment; returns the segments so far."""
+        if self._pending:
+            first, last = self._pending[0][-1], self._pending[-1][-1]
+            name = f"seg-{first:09d}-{last:09d}.jsonl"
+            lines = "".join(json.dumps(dict(zip(("day", "file", "row_group", "start", "stop", "step"), entry))) + "\n"
+                            for entry in self._pending)
+            write_atomic(self.dir / name, lines)
+            self.segments.append(name)
+            self._pending = []
+        return list(self.segments)
+
+    def load_state_dict(self, segments: list[str]) -> None:
+        self.segments, self._pending = list(segments), []
+        if self.dir.is_dir():
+            for orphan in set(p.name for p in self.dir.glob("seg-*.jsonl")) - set(self.segments):
+                (self.dir / orphan).unlink()
+
+
+def read_ledger(out_dir: str | Path, segments_by_rank: list[list[str]]) -> list[dict[str, Any]]:
+    """The ledger lines of the segments a checkpoint lists (meta.json: ranks[r]["ledger"]), with their rank."""
+    lines = []
+    for rank, segments in enumerate(segments_by_rank):
+        for name in segments:
+            with open(Path(out_dir) / "ledger" / f"rank-{rank}" / name) as f:
+                lines += [dict(json.loads(line), rank=rank) for line in f]
+    return lines

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +41,13 @@ from pipeline.distributed.signals import GracefulStop
 from pipeline.files import write_json
 from pipeline.ranker import RankingModel
 from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.evaluate import best_checkpoints, score_day
 from pipeline.metrics import EvalMetrics, metrics_over_ranks
-from pipeline.train.run_lock import RunDirInUse, RunLock
+from pipeline.train.resume import WarmStart, checkpoint_diff, checkpoint_to_resume
+from pipeline.train.resume import warm_start as resume_warm
+from pipeline.train.run_lock import hold_run_dir
 from pipeline.train.schedule import LRSchedule
-from pipeline.train.state import OptimizerState, Progress, ReaderCursor, RNGState, RunIdentity
+from pipeline.train.state import Ledger, OptimizerState, Progress, ReaderCursor, RNGState, RunIdentity
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +56,20 @@ log = logging.getLogger(__name__)
 class RunPlan:
     """What one `Trainer.run` does: train these days in order, then evaluate those, after resuming if asked.
 
+    `train_days`: a list, or any iterable (the daily stream passes one that waits for each day to complete).
+    `progressive`: evaluate each training day before training on it (progressive validation: the metric the model
+    serving that day would have had); the first day of a fresh run has no model to evaluate, and says so.
     `resume`: None (a fresh run), "latest" (the newest checkpoint under checkpoint.dir; an error if there is none),
     "latest-if-any" (the same, or a fresh run: a torchelastic restart before the first checkpoint) or a path.
     Days a checkpoint has finished are skipped; a day it stopped in continues from its reader cursor.
     """
 
-    train_days: list[DayPartition]
+    train_days: Iterable[DayPartition]
     eval_days: list[DayPartition] = field(default_factory=list)
     resume: str | Path | None = None
     trust_checkpoint: bool = False  # resume from a folder outside checkpoint.dir (checkpoints hold pickle code)
+    progressive: bool = False
+    warm_start: WarmStart | None = None  # a checkpoint of another model: carry these weights (train/resume.py)
 
 
 @dataclass
@@ -72,6 +80,8 @@ class DayStats:
     seconds: float
     losses: list[float] = field(default_factory=list)  # per step, averaged over ranks
     step_seconds: list[float] = field(default_factory=list)  # this rank's wall time of each step
+    bad_rows: dict[str, int] = field(default_factory=dict)  # rows validation dropped (and quarantined), by reason
+    rows_per_s: float = 0.0  # of this session (a resumed day: since the resume)
 
     @property
     def mean_loss(self) -> float:
@@ -79,7 +89,8 @@ class DayStats:
 
     def to_dict(self) -> dict:
         return {"day": self.day, "steps": self.steps, "rows": self.rows, "seconds": round(self.seconds, 3),
-                "mean_loss": self.mean_loss, "losses": self.losses}
+                "rows_per_s": round(self.rows_per_s, 1), "mean_loss": self.mean_loss, "bad_rows": self.bad_rows,
+                "losses": self.losses}
 
 
 @dataclass
@@ -89,6 +100,7 @@ class RunResult:
     resumed_from: Path | None
     checkpoint: Path | None  # the newest checkpoint after the run
     stopped: str | None = None  # the signal that stopped the run early (SIGTERM, SIGINT), else None
+    progressive: dict[str, EvalMetrics | None] = field(default_factory=dict)  # by day; None: no model yet
 
 
 class RunStopped(Exception):
@@ -122,11 +134,13 @@ class Trainer:
         self.progress = Progress()
         self.cursor = ReaderCursor()
         self.out_dir = Path(cfg.out_dir)
+        self.ledger = Ledger(self.out_dir / "ledger", env.rank)
         self.checkpointer = Checkpointer(
             cfg.checkpoint.dir or self.out_dir / "checkpoints", env, keep=cfg.checkpoint.keep,
             tensors={"model": self.model, "optim": OptimizerState(self.optimizer), "hook": self.dense},
             meta={"run": RunIdentity(cfg), "progress": self.progress, "schedule": self.schedule},
-            per_rank={"reader": self.cursor, "rng": RNGState()}, info={"plan": self.sharded.plan_dict})
+            per_rank={"reader": self.cursor, "rng": RNGState(), "ledger": self.ledger},
+            info={"plan": self.sharded.plan_dict})
         self._stop: GracefulStop | None = None  # set while run() is in progress
         self._earlier_losses: list[float] = []
         self._losses: list[torch.Tensor] = []
@@ -136,6 +150,11 @@ class Trainer:
     @property
     def global_step(self) -> int:
         return self.progress.global_step
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether this rank got SIGTERM/SIGINT during run() (the others may not have: agreeing is collective)."""
+        return self._stop is not None and self._stop.requested
 
     @property
     def _tb(self):
@@ -154,48 +173,33 @@ class Trainer:
         Holds the run directory's lock throughout (pipeline/train/run_lock.py). SIGTERM / SIGINT stop it after the
         current step with a checkpoint (`RunResult.stopped`); a second signal stops the process at once.
         """
-        trained: list[DayStats] = []
-        metrics: dict[str, EvalMetrics] = {}
-        resumed_from = None
-        with self._run_lock(), GracefulStop() as self._stop:
+        result = RunResult([], {}, None, None)
+        with hold_run_dir(self.out_dir, self.env), GracefulStop() as self._stop:
             try:
                 if self.env.is_main:
                     save_resolved(self.cfg, self.out_dir)
-                resumed_from = self.resume(plan.resume, trust=plan.trust_checkpoint)
-                days = [d for d in plan.train_days if str(d.day) not in self.progress.days_done]
-                self.plan_lr(days)  # one curve over all the days (an unfinished one is kept)
-                for day in days:
+                result.resumed_from = self.resume(plan.resume, trust=plan.trust_checkpoint,
+                                                  warm_start=plan.warm_start)
+                if isinstance(plan.train_days, list):  # one LR curve over all the days (an unfinished one is kept)
+                    self.plan_lr([d for d in plan.train_days if str(d.day) not in self.progress.days_done])
+                for day in plan.train_days:
+                    if str(day.day) in self.progress.days_done:
+                        continue
                     self._stop_if_asked()
-                    trained.append(self.train_day(day))
+                    if plan.progressive and self.progress.day != str(day.day):  # (a resumed day was, before)
+                        result.progressive[str(day.day)] = self.evaluate_progressive(day)
+                    result.trained.append(self.train_day(day))
                 for day in plan.eval_days:
                     self._stop_if_asked()
-                    metrics[str(day.day)] = self.evaluate(day)
+                    result.metrics[str(day.day)] = self.evaluate(day)
+                self._stop_if_asked()  # a signal during the last day's wait (the stream) or evaluation
             except RunStopped as stop:
-                return RunResult(trained, metrics, resumed_from, stop.checkpoint, stopped=stop.signal)
+                result.checkpoint, result.stopped = stop.checkpoint, stop.signal
+                return result
             finally:
                 self._stop = None
-        return RunResult(trained, metrics, resumed_from, self.checkpointer.latest())
-
-    @contextlib.contextmanager
-    def _run_lock(self):
-        """Rank 0 holds the run directory's lock; every rank raises if it is taken (collective)."""
-        lock, refusal = RunLock(self.out_dir) if self.env.is_main else None, None
-        if lock is not None:
-            try:
-                lock.acquire()
-            except RunDirInUse as e:
-                refusal = str(e)
-        if self.env.world_size > 1:
-            box = [refusal]
-            dist.broadcast_object_list(box, src=0)
-            refusal = box[0]
-        if refusal is not None:
-            raise RunDirInUse(refusal)
-        try:
-            yield
-        finally:
-            if lock is not None:
-                lock.release()
+        result.checkpoint = self.checkpointer.latest()
+        return result
 
     def _stop_if_asked(self, reader: DayReader | None = None) -> None:
         """After a step or between days: if any rank got SIGTERM/SIGINT, checkpoint where the run stands and
@@ -225,11 +229,19 @@ class Trainer:
             self.progress.day_losses = self._day_losses()
         return self.checkpointer.save(self.global_step)
 
-    def resume(self, where: str | Path | None, *, trust: bool = False) -> Path | None:
+    def resume(self, where: str | Path | None, *, trust: bool = False,
+               warm_start: WarmStart | None = None) -> Path | None:
         """Load the checkpoint `where` names (see RunPlan.resume); returns its path, or None for a fresh run.
-        `trust`: also a folder outside checkpoint.dir (loading a checkpoint runs pickle code found in it)."""
+        `trust`: also a folder outside checkpoint.dir (loading a checkpoint runs pickle code found in it).
+        `warm_start`: if that checkpoint is of another model, carry these weights (pipeline/train/resume.py)."""
         if where is None:
             return None
+        target = checkpoint_to_resume(self.cfg, where) if warm_start else None
+        if target is not None and (trust or self.checkpointer.inside(target)) and checkpoint_diff(self.cfg, target):
+            resume_warm(self, target, warm_start)
+            # the run's newest checkpoint is now of this model (same step: it replaces the one started from), so
+            # later resumes need no warm start
+            return self._save()
         if where in ("latest", "latest-if-any"):
             found = self.checkpointer.load_latest()  # falls back past checkpoints that fail to load, saying so
             if found is None:
@@ -241,6 +253,8 @@ class Trainer:
             path = Path(where)
             self.checkpointer.load(path, trust=trust)
         p = self.progress
+        c = self.cfg.checkpoint
+        self.checkpointer.protected = best_checkpoints(p.scores, c.keep_best, c.best_metric) if c.keep_best else set()
         if self.env.is_main:
             log.info("resumed from %s: step %d, days done %s%s", path, p.global_step, p.days_done or "none",
                      f", day {p.day} part-way" if p.day else "")
@@ -288,6 +302,7 @@ class Trainer:
         for step, (loss, seconds) in enumerate(self._steps(reader)):
             losses.append(loss)
             step_seconds.append(seconds)
+            self.ledger.add(str(day.day), self.global_step, reader.pop_consumed())
             if bar is not None:
                 bar.update(rows_per_step)
                 if step % 10 == 0:
@@ -305,11 +320,13 @@ class Trainer:
         rows, session_rows = _sum_over_ranks([reader.rows_done, reader.rows_done - rows_before])
         self.progress.days_done.append(str(day.day))
         self.progress.day, self.progress.day_losses, self.cursor.reader = None, [], None
-        stats = DayStats(str(day.day), len(mean_losses), rows, time.perf_counter() - start, mean_losses, step_seconds)
+        seconds = time.perf_counter() - start
+        stats = DayStats(str(day.day), len(mean_losses), rows, seconds, mean_losses, step_seconds,
+                         bad_rows=dict(reader.validation.bad), rows_per_s=session_rows / max(seconds, 1e-9))
         if self.env.is_main:
             write_json(self.out_dir / "train" / f"day-{day.day}.json", stats.to_dict())
             log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s", stats.day, stats.steps,
-                     stats.rows, stats.mean_loss, session_rows / max(stats.seconds, 1e-9))
+                     stats.rows, stats.mean_loss, stats.rows_per_s)
         if self.cfg.checkpoint.at_day_end:
             self._save()
         return stats
@@ -392,42 +409,43 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
 
+    def evaluate_progressive(self, day: DayPartition) -> EvalMetrics | None:
+        """The current model's metrics on `day` before it trains on it (`metrics/progressive-<day>.json`); None on
+        the first day of a fresh run, which has no model to evaluate (no metric is invented)."""
+        if self.global_step == 0:
+            metrics, note = None, "no model yet: the first day of a fresh run is trained, not evaluated"
+        else:
+            metrics, note = self.evaluate(day, kind="progressive"), f"the model of step {self.global_step}"
+            latest, c = self.checkpointer.latest(), self.cfg.checkpoint
+            if c.keep_best and latest is not None and latest.name == f"step-{self.global_step:09d}":
+                self.progress.scores[latest.name] = getattr(metrics, c.best_metric)  # how the checkpoint did
+                self.checkpointer.protected = best_checkpoints(self.progress.scores, c.keep_best, c.best_metric)
+        if self.env.is_main:
+            write_json(self.out_dir / "metrics" / f"progressive-{day.day}.json",
+                       {"day": str(day.day), "model_step": self.global_step, "note": note,
+                        "metrics": metrics.to_dict() if metrics is not None else None})
+        return metrics
+
     @torch.no_grad()
-    def evaluate(self, day: DayPartition) -> EvalMetrics:
+    def evaluate(self, day: DayPartition, *, kind: str = "eval") -> EvalMetrics:
         """Exact metrics over the whole day (or `train.eval_max_batches`), identical on every rank.
 
         See pipeline.metrics.metrics_over_ranks for where the predictions go and what that costs.
         """
         self.dense.flush()
         reader = self._reader(day, self.cfg.train.eval_max_batches)
-        self.model.eval()
-        parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "groups": [], "oracle": []}
-        bar = _progress(len(reader), f"eval {day.day}", "batch", self.show_progress)
-        for batch in reader:
-            with self._autocast():
-                _, out = self.model(batch.to(self.env.device, non_blocking=True))
-            real = torch.ones(batch.batch_size, dtype=torch.bool) if batch.weights is None else batch.weights > 0
-            on_device = real.to(out.labels.device)  # filler rows (weight 0) are not data: not in the metrics
-            parts["logits"].append(out.logits.float()[on_device])
-            parts["labels"].append(out.labels[on_device])
-            parts["groups"].append(out.group_ids[on_device])
-            if batch.oracle_p is not None:
-                parts["oracle"].append(batch.oracle_p[real])
-            if bar is not None:
-                bar.update(1)
+        bar = _progress(len(reader), f"{kind} {day.day}", "batch", self.show_progress)
+        s = score_day(self.model, reader, device=self.env.device, autocast=self._autocast, bar=bar)
         if bar is not None:
             bar.close()
-        self.model.train()
-        if not parts["labels"]:
-            raise ValueError(f"evaluation day {day.day} gave no batch (fewer rows than ranks x batch size?)")
-        metrics = metrics_over_ranks(torch.cat(parts["logits"]), torch.cat(parts["labels"]),
-                                     torch.cat(parts["groups"]), torch.cat(parts["oracle"]) if parts["oracle"] else None)
+        metrics = metrics_over_ranks(s.logits, s.labels, s.groups, s.oracle)
         if self.env.is_main:
-            write_json(self.out_dir / "metrics" / f"eval-{day.day}.json", metrics.to_dict())
+            if kind == "eval":
+                write_json(self.out_dir / "metrics" / f"eval-{day.day}.json", metrics.to_dict())
             if self._tb is not None:
                 for name, value in metrics.to_dict().items():
                     if isinstance(value, float):
-                        self._tb.add_scalar(f"eval/{name}", value, self.global_step)
+                        self._tb.add_scalar(f"{kind}/{name}", value, self.global_step)
         return metrics
 
     def close(self) -> None:

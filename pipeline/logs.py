@@ -1,0 +1,47 @@
+"""Logging of hyrank's processes: one format with the rank, hyrank's own messages at INFO, the stack's known
+harmless noise dropped.
+
+    setup_logging(verbose=False)     # once, at the start of a command (pipeline/cli.py)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def setup_logging(*, verbose: bool) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None else ""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("hyrank", "pipeline", "embeddings", "models", "jobs"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        silence_known_noise()
+
+
+# Known-harmless messages from TorchRec / torch on this stack (../shared/docs/torchrec-on-cpu.md, pitfall 17).
+_NOISE = ("Sharding spec not found", "is_fx_tracing will return true", "topology was constructed directly",
+          "Trying to non-strict torch.export KJT")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NOISE) and "is_fx_tracing" not in record.getMessage()
+
+
+def silence_known_noise() -> None:
+    """Drop the stack's harmless warnings so that a user sees hyrank's own messages."""
+    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+    warnings.filterwarnings("ignore", message=".*NumPy array is not writable.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchrec")
+
+

@@ -1,0 +1,172 @@
+"""A published model: what a serving process loads, without hyrank's training code or the training world.
+
+    artifact = Artifact.load("exports/default")          # the version `latest` names (or a version folder itself)
+    probs = artifact.score_rows([{"user_id": 3, ...}])   # raw rows in the feature-spec format -> P(click)
+    probs = artifact.score_table(table)                  # the same from an Arrow table (batch scoring)
+
+An artifact folder (`<root>/versions/<version>/`, written by pipeline/serving/export.py) holds:
+  model.pt2      a torch.export program: model inputs (the converter's tensors) -> logits, dynamic batch size
+  manifest.json  model name and options, the feature spec and the Arrow types of its columns, days trained,
+                 metrics, the stack's versions, the git commit, the parity check it passed, sha256 of every file
+
+Requests go through the training path: raw rows -> the Arrow types training read -> validate_rows (the same
+checks, and the same reasons, as the training reader's) -> BatchConverter (id hashing and OOV policy, dense
+normalisation, sequence truncation and order) -> the exported program. Nothing is re-implemented for serving, so
+there is no training/serving skew to drift in. Loading verifies every file's sha256 before torch.export reads it.
+
+Imports torch, torchrec (the program holds torchrec's ops) and pipeline.data, never pipeline.train
+(tests/test_layering.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import from_dict
+from pipeline.data.convert import BatchConverter
+from pipeline.data.features import FeatureSpec
+from pipeline.data.validate import REASONS, validate_rows
+from pipeline.files import sha256
+
+MANIFEST = "manifest.json"
+PROGRAM = "model.pt2"
+FORMAT_VERSION = 1
+
+
+class BadRows(ValueError):
+    """Rows a model cannot score; `problems` names each row, field and reason."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems[:20]) + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else ""))
+        self.problems = problems
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+    program: torch.nn.Module
+    spec: FeatureSpec
+    schema: pa.Schema  # of the spec's columns, as training read them
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def __post_init__(self) -> None:
+        self._not_features = {c for c in (self.spec.label, self.spec.group, self.spec.oracle) if c}
+        # the columns a request row carries: the spec's columns but the label, the query id and the oracle
+        self.features = [c for c in self.spec.columns() if c not in self._not_features]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Artifact:
+        """The artifact at `path`: a version folder, or a publish root whose `latest` names one."""
+        path = resolve(path)
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path / MANIFEST}: artifact format {manifest.get('format')}, this code reads "
+                             f"{FORMAT_VERSION}")
+        for name, digest in manifest["files"].items():
+            if sha256(path / name) != digest:
+                raise ValueError(f"{path / name} does not match the sha256 in its manifest: the artifact is damaged")
+        spec = from_dict(FeatureSpec, manifest["features"], source=str(path / MANIFEST), where="features")
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest["arrow_schema"])))
+        program = torch.export.load(str(path / PROGRAM)).module()
+        return cls(path, manifest, program, spec, schema)
+
+    # -- scoring -------------------------------------------------------------------------------------------------
+
+    def score_rows(self, rows: list[dict[str, Any]], *, max_rows: int = 0) -> np.ndarray:
+        """P(click) of each raw row (a dict of feature -> value); BadRows names every bad field of every row."""
+        return self.score_table(self.table_of(rows, max_rows=max_rows))
+
+    def table_of(self, rows: list[dict[str, Any]], *, max_rows: int = 0) -> pa.Table:
+        """Raw request rows as an Arrow table of the training types; BadRows if a row is not a row of the spec."""
+        if not isinstance(rows, list) or not rows:
+            raise BadRows(["rows: expected a non-empty list of objects"])
+        if max_rows and len(rows) > max_rows:
+            raise BadRows([f"rows: {len(rows)} rows, more than the {max_rows} one request may hold"])
+        problems = []
+        known = set(self.features)
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                problems.append(f"row {i}: expected an object of feature -> value, got {type(row).__name__}")
+                continue
+            problems += [f"row {i}: unknown field {k!r}" for k in row if k not in known]
+            problems += [f"row {i}: missing field {k!r}" for k in self.features if k not in row]
+        if problems:
+            raise BadRows(problems)
+        columns = {}
+        for name in self.features:
+            values = [row[name] for row in rows]
+            try:
+                columns[name] = pa.array(values, type=self.schema.field(name).type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+                problems += _row_type_errors(values, name, self.schema.field(name).type)
+        if problems:
+            raise BadRows(problems)
+        for name in self._not_features:  # not data at serving time: neutral values the converter accepts
+            columns[name] = pa.array(np.zeros(len(rows)), type=self.schema.field(name).type)
+        return pa.table(columns)
+
+    def score_table(self, table: pa.Table) -> np.ndarray:
+        """P(click) of every row of `table` (the spec's feature columns); BadRows names the rows validation
+        refuses, with the reason, as the training reader would have counted them."""
+        logits = self.logits(table)
+        return torch.sigmoid(logits).numpy()
+
+    @torch.no_grad()
+    def logits(self, table: pa.Table) -> torch.Tensor:
+        for name in self._not_features:
+            if name not in table.column_names:
+                table = table.append_column(name, pa.array(np.zeros(table.num_rows),
+                                                           type=self.schema.field(name).type))
+        verdict = validate_rows(table, self.spec, max_list_len=self.manifest["max_list_len"])
+        if verdict.num_bad:
+            bad = np.flatnonzero(~verdict.good_B)
+            raise BadRows([f"row {int(r)}: field {verdict.column_B[r]!r}: {REASONS[verdict.reason_code_B[r] - 1]}"
+                           for r in bad])
+        if table.num_rows == 1:  # torch.export specialises sizes 0 and 1 away from a dynamic batch size: a lone row
+            return self.logits(pa.concat_tables([table, table]))[:1]  # is scored beside a copy (rows are independent)
+        converter = BatchConverter(self.spec)
+        return self.program(*model_inputs(converter(table, source="request"))).float()
+
+
+def model_inputs(batch) -> tuple[torch.Tensor, ...]:
+    """The exported program's inputs, from a Batch: pooled ids and lengths, sequence ids and lengths, dense."""
+    return (batch.pooled.values(), batch.pooled.lengths(), batch.sequence.values(), batch.sequence.lengths(),
+            batch.dense)
+
+
+def resolve(path: str | Path) -> Path:
+    """A version folder, or the one a publish root's `latest` names (never a path out of the root)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    pointer = path / "latest"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"{path}: neither an artifact (no {MANIFEST}) nor a publish root (no latest)")
+    name = pointer.read_text().strip()
+    if not re.fullmatch(r"[\w.-]+", name) or not (path / "versions" / name / MANIFEST).is_file():
+        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a published version under {path}")
+    return path / "versions" / name
+
+
+def _row_type_errors(values: list, name: str, type_: pa.DataType) -> list[str]:
+    """The rows whose value of column `name` does not convert to its training type."""
+    problems = []
+    for i, value in enumerate(values):
+        try:
+            pa.array([value], type=type_)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            problems.append(f"row {i}: field {name!r}: {value!r} is not a {type_}")
+    return problems

@@ -1,0 +1,291 @@
+"""Export a checkpoint to serving: one self-contained, verified artifact, published atomically.
+
+    hyrank export --checkpoint runs/default/checkpoints/step-000002344 --out exports/default
+    result = export_checkpoint(checkpoint, out_dir)     # -> ExportResult(path, version, parity)
+
+Steps, in one process with no process group: the checkpoint's files are checked against their sha256; its
+resolved config rebuilds the model unsharded and DCP loads the weights into it (DCP reshards: a checkpoint written
+by any number of ranks loads whole tables here); `torch.export` traces model inputs -> logits with a dynamic batch
+size; the artifact (pipeline/serving/artifact.py) is written into a temporary version folder and *loaded back the
+way a server loads it*; held-out rows are scored through that loaded artifact (raw rows -> validation -> the
+training converter -> program) and by the eager model, and the largest logit difference must be within the
+parity tolerance (1e-5 for fp32 tables). Only then is the version folder renamed into place and `latest`
+repointed; a failed gate leaves nothing published.
+
+Serving stacks: `model.pt2` is a `torch.export` ExportedProgram (torch.export.load in any Python process with
+torch, torchrec and fbgemm installed: the FastAPI server of this package, or a Python TorchServe-like stack). An
+AOTInductor-compiled package for a C++ runtime (`model.aoti.pt2`, loadable in Python with
+torch._inductor.aoti_load_package) is the same program put through `torch._inductor.aoti_compile_and_package`:
+`--aoti` builds it under the same parity gate (about a minute and a half for a small model on CPU, so not by
+default; fp32 tables only: AOTI trips on fbgemm's bounds check of quantized tables with torchrec 1.8). Tables too big for one host are out of scope: such a
+model would be exported as per-shard table files beside a dense program, with the lookup served by a sharded
+embedding service (the checkpoint's sharding plan names the shards).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch._inductor
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec import EmbeddingCollection, KeyedJaggedTensor
+from torchrec.inference.modules import quantize_embeddings
+from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
+
+from embeddings.versions import installed_versions
+from models import build_model
+from pipeline.config import RunConfig, from_dict, to_dict
+from pipeline.data.convert import BatchConverter
+from pipeline.data.days import DayPartition, discover_days
+from pipeline.data.validate import validate_rows
+from pipeline.files import sha256, write_atomic, write_json
+from pipeline.metrics import auc
+from pipeline.ranker import RankingModel
+from pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, Artifact, model_inputs
+from pipeline.train.checkpoint import verified_meta
+
+log = logging.getLogger(__name__)
+
+Tables = Literal["fp32", "fp16", "int8"]
+AOTI_PROGRAM = "model.aoti.pt2"
+PARITY_TOLERANCE = 1e-5  # the program against the eager model with the same tables: the same arithmetic
+# what quantized tables may cost against fp32 on the held-out rows (measured on the default model: fp16 moves
+# logits by ~4e-4 and the AUC by < 1e-4, int8 by ~3e-3 and ~2e-4)
+QUANTIZATION_BOUNDS = {"fp16": {"logit": 1e-2, "auc": 1e-3}, "int8": {"logit": 5e-2, "auc": 1e-3}}
+QUANTIZED = {"fp16": torch.float16, "int8": torch.qint8}
+
+
+class ParityError(ValueError):
+    """The exported program does not score like the trained model: nothing was published."""
+
+
+class QualityGateError(ValueError):
+    """The model scores worse than the published one on the same held-out rows: nothing was published."""
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the published version folder
+    version: str
+    parity: dict  # rows, max_abs_logit_diff, tolerance, auc of both
+
+
+class ScoringModule(nn.Module):
+    """Model inputs as plain tensors -> logits: the unsharded sparse arch, tokenizer and tower of a RankingModel.
+    Plain tensors in (not a KeyedJaggedTensor) so torch.export sees a fixed signature with one dynamic batch size."""
+
+    def __init__(self, model: RankingModel, pooled_keys: list[str], sequence_keys: list[str]):
+        super().__init__()
+        self.model, self.pooled_keys, self.sequence_keys = model, pooled_keys, sequence_keys
+
+    def forward(self, pooled_values: torch.Tensor, pooled_lengths: torch.Tensor, sequence_values: torch.Tensor,
+                sequence_lengths: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        pooled = KeyedJaggedTensor(keys=self.pooled_keys, values=pooled_values, lengths=pooled_lengths)
+        sequence = KeyedJaggedTensor(keys=self.sequence_keys, values=sequence_values, lengths=sequence_lengths)
+        embedded = self.model.sparse(pooled, sequence, None)
+        return self.model.tower(self.model.tokens(embedded, dense)).logits
+
+
+def load_model(checkpoint: Path) -> tuple[RunConfig, RankingModel, dict]:
+    """The checkpoint's model, unsharded on the CPU, in eval mode, with its config and meta.json (no process group:
+    DCP reads the shards of any world size into whole tensors)."""
+    meta = verified_meta(checkpoint, trusted=True, root=checkpoint.parent)
+    cfg = from_dict(RunConfig, meta["parts"]["run"]["config"], source=str(checkpoint / "meta.json"))
+    tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
+    model = RankingModel(cfg.features, tower, sparse_device=torch.device("cpu"))  # plain lookups: serving has no
+    state = {"model": model.state_dict()}                                      # dedup (the same tables, same loss)
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process, even inside a job (stream)
+    model.load_state_dict(state["model"])
+    return cfg, model.eval(), meta
+
+
+def holdout_rows(cfg: RunConfig, days_done: list[str], num_rows: int) -> tuple[pa.Table, DayPartition]:
+    """Valid rows the model has not trained on when the data has them: the first complete day after its last
+    one, else its last day (then the gate checks the program, not generalisation)."""
+    d = cfg.data
+    days = discover_days(d.root, partition_key=d.partition_key, require_success=d.require_success)
+    last = max(days_done) if days_done else None
+    later = [day for day in days if last is None or str(day.day) > last]
+    day = later[0] if later else next(day for day in days if str(day.day) == last)
+    parts, have = [], 0
+    for file in day.files:
+        table = pq.read_table(file, columns=cfg.features.columns())
+        good = validate_rows(table, cfg.features, max_list_len=d.max_list_len).good_B
+        parts.append(table.filter(pa.array(good)))
+        have += parts[-1].num_rows
+        if have >= num_rows:
+            break
+    return pa.concat_tables(parts).slice(0, num_rows), day
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables = "fp32", holdout: int = 2048,
+                      quality_margin: float | None = None, aoti: bool = False) -> ExportResult:
+    """Export, check parity and publish (see the module docstring); raises ParityError with nothing published.
+
+    `tables`: fp32, or fp16 / int8 (row-wise, a scale and bias per row, as fbgemm's and TorchRec's inference
+    kernels do) within QUANTIZATION_BOUNDS of the fp32 model on the held-out rows.
+    `quality_margin`: also refuse (QualityGateError) a model whose AUC on the held-out rows is more than this below
+    the AUC of the version `latest` names on the same rows. The held-out rows are the first complete day after the
+    model's last one when there is one (a progressive comparison); else its last day, which favours the new model.
+    `aoti`: also compile the program with AOTInductor (`model.aoti.pt2`, for a C++ runtime or
+    torch._inductor.aoti_load_package; fp32 tables only), under the same parity gate.
+    """
+    if aoti and tables != "fp32":  # AOTI trips on fbgemm's bounds_check_indices for quantized tables (torchrec 1.8)
+        raise ValueError(f"--aoti needs fp32 tables, not {tables}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    cfg, model, meta = load_model(checkpoint)
+    progress = meta["parts"]["progress"]
+    rows, day = holdout_rows(cfg, progress["days_done"], holdout)
+    labels = rows.column(cfg.features.label).to_numpy().astype(np.float64)
+    batch = BatchConverter(cfg.features)(rows, source=str(day.path))
+    inputs = model_inputs(batch)
+    scoring = ScoringModule(model, batch.pooled.keys(), batch.sequence.keys()).eval()
+    with torch.no_grad():
+        fp32 = scoring(*inputs).float()
+        if tables != "fp32":
+            quantize_embeddings(scoring, dtype=QUANTIZED[tables], inplace=True,
+                                additional_qconfig_spec_keys=[EmbeddingCollection],
+                                additional_mapping={EmbeddingCollection: QuantEmbeddingCollection})
+        eager = scoring(*inputs).float()
+    version = f"step-{progress['global_step']:09d}" + ("" if tables == "fp32" else f"-{tables}")
+    staging, program = _write_staging(out, version, scoring, inputs,
+                                      _manifest(cfg, meta, checkpoint, version, rows.schema, tables))
+    # the gate scores through the artifact as a server loads it: raw rows, validation, converter, program
+    served = Artifact.load(staging).logits(rows)
+    parity = {**_parity(eager, served, labels), **_quantization(fp32, served, labels, tables), "day": str(day.day)}
+    try:
+        _check_parity(parity, tables, f"{checkpoint} ({tables} tables)")
+        if quality_margin is not None and (out / "latest").is_file():
+            parity["auc_published"] = _check_quality(out, rows, labels, parity, version, day, quality_margin)
+        if aoti:
+            parity["aoti_max_abs_logit_diff"] = _compile_aoti(program, staging, inputs, eager, parity)
+    except (ParityError, QualityGateError):
+        shutil.rmtree(staging)
+        raise
+    manifest = json.loads((staging / MANIFEST).read_text())
+    write_json(staging / MANIFEST, {**manifest, "parity": parity})
+    final = _publish(out, staging, version)
+    log.info("published %s (max |logit diff| %.3g on %d rows)", final, parity["max_abs_logit_diff"], parity["rows"])
+    return ExportResult(final, version, parity)
+
+
+def _write_staging(out: Path, version: str, scoring: ScoringModule, inputs: tuple,
+                   manifest: dict) -> tuple[Path, torch.export.ExportedProgram]:
+    """torch.export the scoring module (one dynamic batch size) into a fresh staging folder with its manifest."""
+    rows_dim = torch.export.Dim("rows", min=1, max=1 << 20)
+    shapes = ({0: torch.export.Dim("pooled_ids", min=0)}, {0: len(scoring.pooled_keys) * rows_dim},
+              {0: torch.export.Dim("sequence_ids", min=0)}, {0: len(scoring.sequence_keys) * rows_dim},
+              {0: rows_dim})
+    program = torch.export.export(scoring, inputs, dynamic_shapes=shapes, strict=False)
+    program._example_inputs = None  # torch.export.save would ship the held-out rows (real data) with the model
+    staging = out / "versions" / f".{version}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.export.save(program, str(staging / PROGRAM))
+    write_json(staging / MANIFEST, {**manifest, "files": {PROGRAM: sha256(staging / PROGRAM)}})
+    return staging, program
+
+
+def _compile_aoti(program: torch.export.ExportedProgram, staging: Path, inputs: tuple, eager: torch.Tensor,
+                  parity: dict) -> float:
+    """AOTInductor package of the program beside it, scored on the held-out inputs; ParityError beyond tolerance."""
+    path = staging / AOTI_PROGRAM
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    with torch.no_grad():
+        compiled = torch._inductor.aoti_load_package(str(path))(*inputs).float()
+    diff = float((compiled - eager).abs().max())
+    if diff > PARITY_TOLERANCE:
+        raise ParityError(f"the AOTInductor program's logits differ from the model's by up to {diff:.3g} on "
+                          f"{parity['rows']} held-out rows (tolerance {PARITY_TOLERANCE:g}): nothing published")
+    manifest = json.loads((staging / MANIFEST).read_text())
+    manifest["files"][AOTI_PROGRAM] = sha256(path)
+    write_json(staging / MANIFEST, manifest)
+    return diff
+
+
+def _parity(eager: torch.Tensor, served: torch.Tensor, labels: np.ndarray) -> dict:
+    """The program, loaded as a server loads it, against the eager model it was traced from (same tables)."""
+    diff = float((eager - served).abs().max()) if eager.numel() else 0.0
+    return {"rows": int(eager.numel()), "max_abs_logit_diff": diff, "tolerance": PARITY_TOLERANCE,
+            "auc_model": auc(eager.numpy(), labels), "auc_artifact": auc(served.numpy(), labels)}
+
+
+def _quantization(fp32: torch.Tensor, served: torch.Tensor, labels: np.ndarray, tables: Tables) -> dict:
+    """What quantized tables cost against the fp32 model, on the same rows (nothing for fp32)."""
+    if tables == "fp32":
+        return {}
+    bound = QUANTIZATION_BOUNDS[tables]
+    return {"tables": tables, "auc_fp32": auc(fp32.numpy(), labels),
+            "max_abs_logit_diff_vs_fp32": float((fp32 - served).abs().max()), "bound": bound}
+
+
+def _check_parity(parity: dict, tables: Tables, what: str) -> None:
+    where = f"on {parity['rows']} held-out rows of {parity['day']}"
+    if parity["max_abs_logit_diff"] > parity["tolerance"]:
+        raise ParityError(f"{what}: the exported program's logits differ from the model's by up to "
+                          f"{parity['max_abs_logit_diff']:.3g} {where} (tolerance {parity['tolerance']:g}): "
+                          "nothing published")
+    if tables != "fp32":
+        bound, delta = parity["bound"], abs(parity["auc_artifact"] - parity["auc_fp32"])
+        if parity["max_abs_logit_diff_vs_fp32"] > bound["logit"] or delta > bound["auc"]:
+            raise ParityError(f"{what}: quantized tables move the logits by up to "
+                              f"{parity['max_abs_logit_diff_vs_fp32']:.3g} and the AUC by {delta:.4f} {where} "
+                              f"(bounds {bound['logit']:g} and {bound['auc']:g}): nothing published")
+
+
+def _check_quality(out: Path, rows: pa.Table, labels: np.ndarray, parity: dict, version: str, day: DayPartition,
+                   margin: float) -> float:
+    """The published version's AUC on the same rows; QualityGateError if the new model falls more than `margin`
+    below it."""
+    published = Artifact.load(out)
+    published_auc = auc(published.logits(rows).numpy(), labels)
+    if parity["auc_artifact"] < published_auc - margin:
+        raise QualityGateError(f"{version} not published: AUC {parity['auc_artifact']:.4f} on {parity['rows']} "
+                               f"held-out rows of {day.day}, more than {margin:g} below the published "
+                               f"{published.version}'s {published_auc:.4f} on the same rows")
+    return published_auc
+
+
+def _publish(out: Path, staging: Path, version: str) -> Path:
+    """Rename the checked version into place, then repoint `latest`: a reader sees the old version or the new."""
+    final = out / "versions" / version
+    if final.exists():  # the same step exported again: the new one replaces it
+        shutil.rmtree(final)
+    staging.rename(final)
+    write_atomic(out / "latest", version + "\n")
+    return final
+
+
+def _manifest(cfg: RunConfig, meta: dict, checkpoint: Path, version: str, schema: pa.Schema, tables: Tables) -> dict:
+    progress = meta["parts"]["progress"]
+    return {
+        "format": FORMAT_VERSION, "version": version,
+        "created_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "model": to_dict(cfg.model), "features": to_dict(cfg.features),
+        "arrow_schema": base64.b64encode(schema.serialize().to_pybytes()).decode(),
+        "max_list_len": cfg.data.max_list_len, "tables": tables,
+        "days_trained": progress["days_done"], "global_step": progress["global_step"],
+        "checkpoint": str(checkpoint), "versions": installed_versions(), "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,346 @@
+"""The scoring server: `hyrank serve`, FastAPI on uvicorn, scoring rows with a published artifact.
+
+    hyrank serve --artifact exports/default --port 8080          # a publish root (follows `latest`) or a version
+    curl -s localhost:8080/score -d '{"rows": [{"user_id": 3, "user_gender": 1, ...}]}'
+        -> {"probabilities": [0.0312], "version": "step-000002344"}
+
+    app = make_app(ServeOptions(artifact=Path("exports/default")))   # the ASGI app (tests, another ASGI server)
+    serve(options)                                                   # blocks; returns 0 after a drained SIGTERM
+
+Endpoints:
+  POST /score    {"rows": [{feature: value, ...}, ...]} -> 200 {"probabilities": [...], "version": "..."}.
+                 A row carries the artifact's features (Artifact.features: the spec's columns but the label, query
+                 id and oracle), in the JSON form of the training types (ids as numbers, string ids as strings,
+                 lists as arrays). Rows go through the training path (pipeline/serving/artifact.py), so a request
+                 is scored exactly as training read its logs. 400 {"error": "bad request", "problems": [...]} names
+                 each bad row and field ("row 3: field 'user_id': negative_id"): malformed JSON, not an object, a
+                 missing, unknown or ill-typed field, an over-long list, more than --max-request-rows rows. 503:
+                 no model loaded yet, or more rows queued than the server admits (Retry-After). 500: the model
+                 failed on rows validation passed (logged with its traceback).
+  GET /healthz   200 {"status": "alive"}: the process serves HTTP.
+  GET /readyz    200 {"status": "ready", "version": ...} once a model is loaded, else 503 {"status": "loading"}.
+  GET /metrics   Prometheus text: hyrank_requests_total{code}, hyrank_request_errors_total{reason},
+                 hyrank_request_duration_seconds (histogram), hyrank_batch_rows / hyrank_batch_requests
+                 (histograms), hyrank_rows_scored_total, hyrank_queued_rows, hyrank_model_loaded,
+                 hyrank_model_info{version} 1, hyrank_model_reloads_total{result}.
+
+Batching (pipeline/serving/batching.py): one asyncio queue feeding one model thread; concurrent requests are
+scored together, each gets its own slice back, and a bad request never fails the others of its batch.
+
+Loading and hot reload: the server listens at once and loads the model in a loader thread (/readyz says when it
+is ready; a publish root with no `latest` yet is waited for). Every --reload-poll-s seconds it reads `latest`;
+when it names another version (or the version folder was replaced by a re-export), the new artifact is loaded in
+the loader thread beside the one serving, which keeps scoring meanwhile; then one reference assignment swaps it
+in. The model thread reads that reference once per batch, so the swap falls between two batches: no request fails
+or waits for a load, and every response names the version that scored it. A version that fails to load (damaged
+files) is logged and counted and the old one keeps serving.
+
+Shutdown: SIGTERM (or SIGINT) closes the listening socket, lets every request already received finish (uvicorn's
+graceful shutdown, up to --drain-timeout-s; the batcher keeps scoring meanwhile), then stops the batcher and the
+model thread and exits 0.
+
+Never imports pipeline.train: a serving process holds the artifact and the data path only (tests/test_layering.py
+and tests/test_serve.py check it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from pipeline.serving.artifact import MANIFEST, Artifact, resolve
+from pipeline.serving.batching import MicroBatcher, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    artifact: Path  # a publish root (`latest` is followed) or one version folder
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_batch_rows: int = 512  # rows scored in one program call, at most (a larger request is scored alone)
+    max_wait_ms: float = 2.0  # how long the oldest request waits for others to join its batch
+    max_request_rows: int = 1024  # rows one request may hold
+    reload_poll_s: float = 5.0  # how often `latest` is read (0: load once, never reload)
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
+
+    def __post_init__(self) -> None:
+        self.artifact = Path(self.artifact)
+        for name in ("max_batch_rows", "max_request_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms", "reload_poll_s", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# -- the model being served ----------------------------------------------------------------------------------------
+
+
+class ModelSlot:
+    """The artifact being served, and the loading of the next one beside it (in the loader thread)."""
+
+    def __init__(self, source: Path, metrics: Metrics):
+        self.source, self.metrics = source, metrics
+        self.artifact: Artifact | None = None  # read once per batch by the model thread; replaced, never mutated
+        self._loaded: tuple | None = None  # (version folder, manifest mtime) of the artifact serving
+        self._failed: tuple | None = None  # ... of the last one that failed to load: not retried until it changes
+        self._waiting_logged = False
+
+    def refresh(self) -> bool:
+        """Load the version `latest` names if it is not the one serving; True if a new one was swapped in."""
+        try:
+            path = resolve(self.source)
+            key = (path, (path / MANIFEST).stat().st_mtime_ns)
+        except FileNotFoundError as e:  # nothing published yet, or a re-export is replacing the folder right now
+            if self.artifact is None and not self._waiting_logged:
+                log.warning("no model to serve yet (%s); waiting for one to be published", e)
+                self._waiting_logged = True
+            return False
+        if key in (self._loaded, self._failed):
+            return False
+        start = time.perf_counter()
+        try:
+            artifact = Artifact.load(path)
+        except Exception:  # noqa: BLE001 - damaged or half-written: keep serving what serves
+            self._failed = key
+            self.metrics.reloads["failed"] += 1
+            log.exception("could not load %s; still serving %s", path,
+                          self.artifact.version if self.artifact else "nothing")
+            return False
+        previous = self.artifact
+        self.artifact, self._loaded = artifact, key  # the swap: the next batch scores with the new version
+        self.metrics.reloads["ok"] += 1
+        log.info("serving %s from %s (loaded in %.1f s; was %s)", artifact.version, path,
+                 time.perf_counter() - start, previous.version if previous else "nothing")
+        return True
+
+
+async def _follow(slot: ModelSlot, poll_s: float, loader: ThreadPoolExecutor) -> None:
+    """Load the first model, then follow `latest` every poll_s seconds (until one is loaded when poll_s is 0)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await loop.run_in_executor(loader, slot.refresh)
+        if poll_s == 0 and slot.artifact is not None:
+            return
+        await asyncio.sleep(poll_s or 1.0)
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds, self.counts, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b:g}"}} {n}' for b, n in zip(self.bounds, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
+                      f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """Counters of the server, updated in the event loop (reloads in the loader thread), read as Prometheus text."""
+
+    def __init__(self):
+        self.requests: dict[int, int] = {}
+        self.errors: dict[str, int] = {}
+        self.rows_scored = 0
+        self.latency = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self.batch_rows = Histogram(tuple(float(2 ** i) for i in range(13)))
+        self.batch_requests = Histogram(tuple(float(2 ** i) for i in range(9)))
+        self.reloads = {"ok": 0, "failed": 0}
+
+    def request(self, code: int, seconds: float, rows: int) -> None:
+        self.requests[code] = self.requests.get(code, 0) + 1
+        reason = {400: "bad_request", 500: "internal", 503: "unavailable"}.get(code)
+        if reason:
+            self.errors[reason] = self.errors.get(reason, 0) + 1
+        else:
+            self.rows_scored += rows
+        self.latency.observe(seconds)
+
+    def batch(self, requests: int, rows: int) -> None:
+        self.batch_requests.observe(requests)
+        self.batch_rows.observe(rows)
+
+    def render(self, artifact: Artifact | None, queued_rows: int) -> str:
+        families = [
+            ("hyrank_requests_total", "counter", "scoring requests answered, by HTTP status",
+             [f'hyrank_requests_total{{code="{c}"}} {n}' for c, n in sorted(self.requests.items())]),
+            ("hyrank_request_errors_total", "counter", "scoring requests that failed, by reason",
+             [f'hyrank_request_errors_total{{reason="{r}"}} {self.errors.get(r, 0)}'
+              for r in ("bad_request", "internal", "unavailable")]),
+            ("hyrank_request_duration_seconds", "histogram", "time from request to response, seconds",
+             self.latency.lines("hyrank_request_duration_seconds")),
+            ("hyrank_batch_rows", "histogram", "rows per model call", self.batch_rows.lines("hyrank_batch_rows")),
+            ("hyrank_batch_requests", "histogram", "requests per model call",
+             self.batch_requests.lines("hyrank_batch_requests")),
+            ("hyrank_rows_scored_total", "counter", "rows scored", [f"hyrank_rows_scored_total {self.rows_scored}"]),
+            ("hyrank_queued_rows", "gauge", "rows waiting for the model thread", [f"hyrank_queued_rows {queued_rows}"]),
+            ("hyrank_model_loaded", "gauge", "1 once a model serves",
+             [f"hyrank_model_loaded {int(artifact is not None)}"]),
+            ("hyrank_model_info", "gauge", "the model version serving",
+             [f'hyrank_model_info{{version="{artifact.version}"}} 1'] if artifact else []),
+            ("hyrank_model_reloads_total", "counter", "model versions loaded, or that failed to load",
+             [f'hyrank_model_reloads_total{{result="{r}"}} {n}' for r, n in self.reloads.items()]),
+        ]
+        out = []
+        for name, kind, help_text, samples in families:
+            out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
+        return "\n".join(out) + "\n"
+
+
+# -- the app -------------------------------------------------------------------------------------------------------
+
+
+def make_app(options: ServeOptions) -> FastAPI:
+    """The ASGI app: endpoints, batcher, loader; its lifespan starts and stops them (see the module docstring)."""
+    metrics = Metrics()
+    slot = ModelSlot(options.artifact, metrics)
+    batcher = MicroBatcher(lambda: slot.artifact, max_batch_rows=options.max_batch_rows,
+                           max_wait_ms=options.max_wait_ms, on_batch=metrics.batch)
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hyrank-loader")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        follower = asyncio.get_running_loop().create_task(_follow(slot, options.reload_poll_s, loader))
+        try:
+            yield
+        finally:  # uvicorn has drained the requests in flight by now
+            follower.cancel()
+            await batcher.close()
+            loader.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="hyrank scoring", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.slot, app.state.metrics = slot, metrics
+
+    @app.post("/score")
+    async def score(request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        response, rows = await _score(request)
+        metrics.request(response.status_code, time.perf_counter() - start, rows)
+        return response
+
+    async def _score(request: Request) -> tuple[JSONResponse, int]:
+        body = await request.body()
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _bad([f"body: not JSON ({e})"]), 0
+        problems = request_problems(payload, options.max_request_rows)
+        if problems:
+            return _bad(problems), 0
+        if slot.artifact is None:
+            return _unavailable("no model is loaded yet"), 0
+        try:
+            outcome = await batcher.submit(payload["rows"])
+        except Overloaded as e:
+            return _unavailable(f"overloaded: {e}"), 0
+        if outcome.problems:
+            return _bad(outcome.problems), 0
+        if outcome.unavailable:
+            return _unavailable(outcome.error), 0
+        if outcome.error:
+            return JSONResponse({"error": outcome.error}, status_code=500), 0
+        return JSONResponse({"probabilities": outcome.probabilities, "version": outcome.version}), \
+            len(outcome.probabilities)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        artifact = slot.artifact
+        if artifact is None:
+            return JSONResponse({"status": "loading", "artifact": str(options.artifact)}, status_code=503)
+        return JSONResponse({"status": "ready", "version": artifact.version, "features": artifact.features})
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(slot.artifact, batcher.queued_rows),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def request_problems(payload: Any, max_rows: int) -> list[str]:
+    """What is wrong with a request body's shape (not with its rows: the batcher checks those against the model)."""
+    if not isinstance(payload, dict):
+        return [f'body: expected a JSON object {{"rows": [...]}}, got {_json_type(payload)}']
+    problems = [f"body: unknown field {k!r} (a request is {{\"rows\": [...]}})" for k in payload if k != "rows"]
+    rows = payload.get("rows")
+    if "rows" not in payload:
+        problems.append("body: missing field 'rows'")
+    elif not isinstance(rows, list) or not rows:
+        problems.append(f"rows: expected a non-empty array of objects, got {_json_type(rows)}")
+    elif len(rows) > max_rows:
+        problems.append(f"rows: {len(rows)} rows, more than the {max_rows} one request may hold")
+    return problems
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list) and not value:
+        return "an empty array"
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _bad(problems: list[str]) -> JSONResponse:
+    return JSONResponse({"error": "bad request", "problems": problems}, status_code=400)
+
+
+def _unavailable(why: str) -> JSONResponse:
+    return JSONResponse({"error": why}, status_code=503, headers={"Retry-After": "1"})
+
+
+# -- the process ---------------------------------------------------------------------------------------------------
+
+
+def serve(options: ServeOptions) -> int:
+    """Serve until SIGTERM or SIGINT, then drain and return 0 (see the module docstring)."""
+    import uvicorn
+
+    if not options.artifact.exists():
+        raise FileNotFoundError(f"--artifact {options.artifact}: no such folder (a publish root of `hyrank "
+                                "export --out`, or one of its versions/<version> folders)")
+    config = uvicorn.Config(make_app(options), host=options.host, port=options.port, http="h11", loop="asyncio",
+                            lifespan="on", log_config=None, access_log=False,
+                            timeout_graceful_shutdown=options.drain_timeout_s)
+    server = uvicorn.Server(config)
+    stops: list[int] = []
+    # While it runs, uvicorn catches these signals itself (graceful shutdown), and afterwards raises the caught
+    # signal again with the handler it found: with these, a drained shutdown ends the process with 0, not SIGTERM.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stops.append(signum))
+    log.info("serving %s on http://%s:%d (batches of up to %d rows, %g ms wait; reload every %g s)",
+             options.artifact, options.host, options.port, options.max_batch_rows, options.max_wait_ms,
+             options.reload_poll_s)
+    server.run()
+    if stops:
+        log.info("stopped by %s after draining the requests in flight", signal.Signals(stops[0]).name)
+    return 0

@@ -1,0 +1,135 @@
+"""Export to serving: a 2-rank checkpoint exports to an artifact that scores, in a process that never imports the
+training code, exactly what the trainer's evaluation scored; the parity gate refuses a corrupted program and
+publishes nothing; bad request rows are named."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.days import discover_days
+from pipeline.data.synth import generate_logs
+from pipeline.distributed.env import env_of_current_group
+from pipeline.serving.artifact import Artifact, BadRows
+from pipeline.serving.export import ParityError, export_checkpoint
+
+from conftest import DEFAULT_CONFIG, ROOT, small_synth
+from dist import run_distributed
+
+pytestmark = pytest.mark.dist
+
+SMALL = ["data.batch_size_per_rank=64", "model.options.hidden=[32]", "features.sequences.0.max_len=32",
+         "features.sequences.1.max_len=8", "features.sequences.2.max_len=8", "train.tensorboard=false"]
+
+
+def _train_and_score(rank, world_size, cfg):
+    """Day 1 trained on this many ranks; each rank's logits of day 2 (the trainer's own evaluation path)."""
+    from pipeline.train.evaluate import score_day
+    from pipeline.train.trainer import RunPlan, Trainer
+
+    days = discover_days(cfg.data.root)
+    trainer = Trainer(cfg, env_of_current_group())
+    result = trainer.run(RunPlan(train_days=days[:1]))
+    reader = trainer._reader(days[1], 0)
+    scores = score_day(trainer.model, reader, device=torch.device("cpu"), autocast=trainer._autocast)
+    return str(result.checkpoint), scores.logits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained on 2 ranks, its checkpoint, and the trainer's logits of day 2 in file order."""
+    tmp = tmp_path_factory.mktemp("export")
+    generate_logs(small_synth(num_days=2, rows_per_day=2000), tmp / "data")
+    cfg = load_config(DEFAULT_CONFIG, [f'data.root="{tmp / "data"}"', f'out_dir="{tmp / "run"}"', *SMALL])
+    (checkpoint, logits0), (_, logits1) = run_distributed(_train_and_score, cfg, timeout_s=300)
+    # each rank scored its contiguous half of the day, in file order (pipeline/data/split.py)
+    return tmp, cfg, checkpoint, torch.cat([logits0, logits1])
+
+
+def test_a_two_rank_checkpoint_exports_and_scores_like_the_trainer_without_the_training_code(trained):
+    tmp, cfg, checkpoint, trainer_logits = trained
+    result = export_checkpoint(checkpoint, tmp / "exports")
+    assert result.parity["max_abs_logit_diff"] <= 1e-5 and result.parity["rows"] == 2000
+    assert (tmp / "exports" / "latest").read_text().strip() == result.version
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["days_trained"] == ["2026-11-01"] and manifest["model"]["name"] == cfg.model.name
+    assert set(manifest["files"]) == {"model.pt2"} and manifest["versions"]["torch"]
+    day = discover_days(cfg.data.root)[1]
+    code = (
+        "import sys, json, numpy as np, pyarrow.parquet as pq\n"
+        "from pipeline.serving.artifact import Artifact\n"
+        f"artifact = Artifact.load({str(tmp / 'exports')!r})\n"
+        f"table = pq.read_table({str(day.files[0])!r})\n"
+        "logits = artifact.logits(table.select(artifact.features)).numpy()\n"
+        "np.save(sys.argv[1], logits)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('pipeline.'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp / "served.npy")], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not [m for m in loaded if m.startswith(("pipeline.train", "pipeline.distributed", "pipeline.stream"))]
+    served = np.load(tmp / "served.npy")
+    assert pq.ParquetFile(day.files[0]).metadata.num_rows == len(served) == len(trainer_logits)
+    np.testing.assert_allclose(served, trainer_logits.numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_corrupted_program_fails_the_parity_gate_and_nothing_is_published(trained, monkeypatch):
+    tmp, _, checkpoint, _ = trained
+    save = torch.export.save
+
+    def save_with_a_flipped_weight(program, path, **kw):
+        weight = next(v for k, v in program.state_dict.items() if "tower" in k and k.endswith("weight"))
+        weight.data.neg_()  # one tower weight matrix with its sign flipped: a silently wrong model
+        save(program, path, **kw)
+
+    monkeypatch.setattr(torch.export, "save", save_with_a_flipped_weight)
+    with pytest.raises(ParityError, match="nothing published"):
+        export_checkpoint(checkpoint, tmp / "bad_exports")
+    assert not (tmp / "bad_exports" / "latest").exists()
+    assert [p.name for p in (tmp / "bad_exports" / "versions").iterdir()] == []
+
+
+def test_bad_request_rows_are_named_by_row_and_field(trained):
+    tmp, cfg, checkpoint, _ = trained
+    export_checkpoint(checkpoint, tmp / "exports")
+    artifact = Artifact.load(tmp / "exports")
+    rows = pq.read_table(discover_days(cfg.data.root)[1].files[0]).select(artifact.features).slice(0, 4).to_pylist()
+    assert artifact.score_rows(rows).shape == (4,)
+    broken = [dict(r) for r in rows]
+    broken[1]["bogus"] = 1
+    del broken[2]["user_id"]
+    broken[3]["item_ctr_prior"] = "high"
+    with pytest.raises(BadRows) as e:
+        artifact.score_rows(broken)
+    assert e.value.problems == ["row 1: unknown field 'bogus'", "row 2: missing field 'user_id'"]
+    broken = [dict(r) for r in rows]
+    broken[3]["item_ctr_prior"] = "high"
+    broken[0]["long_item_ids"] = list(range(200_000))
+    with pytest.raises(BadRows) as e:
+        artifact.score_rows(broken)
+    assert any(p.startswith("row 3: field 'item_ctr_prior'") for p in e.value.problems), e.value.problems
+    broken[3]["item_ctr_prior"] = 0.5
+    with pytest.raises(BadRows, match="row 0: field 'long_item_ids': list_too_long"):
+        artifact.score_rows(broken)
+    with pytest.raises(BadRows, match="more than the 3 one request may hold"):
+        artifact.score_rows(rows, max_rows=3)
+
+
+@pytest.mark.parametrize("tables", ["fp16", "int8"])
+def test_quantized_tables_stay_within_their_stated_bound(trained, tables):
+    from pipeline.serving.export import QUANTIZATION_BOUNDS
+
+    tmp, cfg, checkpoint, trainer_logits = trained
+    result = export_checkpoint(checkpoint, tmp / f"exports_{tables}", tables=tables)
+    p, bound = result.parity, QUANTIZATION_BOUNDS[tables]
+    assert p["max_abs_logit_diff"] <= 1e-5  # the program is the quantized model it was traced from
+    assert 0 < p["max_abs_logit_diff_vs_fp32"] <= bound["logit"]  # and quantization did change something
+    assert abs(p["auc_artifact"] - p["auc_fp32"]) <= bound["auc"]
+    served = Artifact.load(tmp / f"exports_{tables}").logits(
+        pq.read_table(discover_days(cfg.data.root)[1].files[0]))
+    assert float((served - trainer_logits).abs().max()) <= bound["logit"]

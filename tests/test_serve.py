@@ -1,0 +1,289 @@
+"""The scoring server and batch prediction: what a client sees, against the artifact scoring the same rows.
+
+One tiny artifact per module (bench/serve.py make_artifact: synthetic logs, one day trained on one forked gloo
+rank, export). Servers run as real `hyrank serve` subprocesses on 127.0.0.1 (bench.serve.ServerProcess).
+"""
+
+import asyncio
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bench.serve import ServerProcess, drive, http_json, http_text, make_artifact, publish_copy, request_rows
+from conftest import ROOT
+from pipeline.cli import build_parser, main
+
+SERVING_MODULES = ("pipeline.serving.server", "pipeline.serving.batching", "pipeline.serving.predict",
+                   "pipeline.serving.commands")
+
+
+def test_the_serving_process_never_imports_training():
+    code = (f"import sys, {', '.join(SERVING_MODULES)}\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('pipeline.train'))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+
+
+def test_cli_defaults_are_the_server_defaults(tmp_path):
+    from pipeline.serving.server import ServeOptions
+
+    args = build_parser().parse_args(["serve", "--artifact", str(tmp_path), "--port", "1"])
+    d = ServeOptions(tmp_path)
+    assert (args.host, args.max_batch_rows, args.max_wait_ms, args.max_request_rows, args.reload_poll_s,
+            args.drain_timeout_s) == (d.host, d.max_batch_rows, d.max_wait_ms, d.max_request_rows, d.reload_poll_s,
+                                      d.drain_timeout_s)
+
+
+# -- with an artifact ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    return make_artifact(tmp_path_factory.mktemp("made"))
+
+
+@pytest.fixture(scope="module")
+def artifact(made):
+    from pipeline.serving.artifact import Artifact
+
+    return Artifact.load(made.root)
+
+
+@pytest.fixture(scope="module")
+def rows(made, artifact):
+    return request_rows(made.data, artifact.features, 120)
+
+
+@pytest.fixture(scope="module")
+def server(made, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with ServerProcess(made.root, log, "--reload-poll-s", "0", "--max-request-rows", "64") as s:
+        s.wait_ready()
+        yield s
+        assert s.stop() == 0, log.read_text()
+
+
+def _post(server, payload) -> tuple[int, dict]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return http_json(server.port, "POST", "/score", body)
+
+
+def _with(row: dict, **changes) -> dict:
+    out = {k: v for k, v in row.items() if changes.get(k, 0) is not None}
+    out.update({k: v for k, v in changes.items() if v is not None})
+    return out
+
+
+BAD_REQUESTS = {  # name -> (payload from the good rows, a text the 400's problems must hold)
+    "malformed_json": (lambda r: b'{"rows": [', "body: not JSON"),
+    "not_an_object": (lambda r: [r[0]], "body: expected a JSON object"),
+    "no_rows": (lambda r: {"row": r[:1]}, "body: missing field 'rows'"),
+    "unknown_top_level_field": (lambda r: {"rows": r[:1], "debug": True}, "body: unknown field 'debug'"),
+    "empty_rows": (lambda r: {"rows": []}, "rows: expected a non-empty array"),
+    "too_many_rows": (lambda r: {"rows": r[:65]}, "rows: 65 rows, more than the 64"),
+    "row_not_an_object": (lambda r: {"rows": [r[0], 7]}, "row 1: expected an object"),
+    "missing_field": (lambda r: {"rows": [r[0], _with(r[1], hour=None)]}, "row 1: missing field 'hour'"),
+    "unknown_field": (lambda r: {"rows": [_with(r[0], colour=3)]}, "row 0: unknown field 'colour'"),
+    "ill_typed": (lambda r: {"rows": [r[0], r[1], _with(r[2], user_id="three")]}, "row 2: field 'user_id'"),
+    "negative_id": (lambda r: {"rows": [r[0], _with(r[1], item_id=-5)]}, "row 1: field 'item_id': negative_id"),
+    "over_long_sequence": (lambda r: {"rows": [_with(r[0], long_item_ids=[1] * 200_000,
+                                                     long_item_cats=[1] * 200_000)]},
+                           "row 0: field 'long_item_ids': list_too_long"),
+    "nan_dense": (lambda r: {"rows": [_with(r[0], item_ctr_prior=float("nan"))]},
+                  "row 0: field 'item_ctr_prior': not_finite"),
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", sorted(BAD_REQUESTS))
+def test_a_bad_request_gets_a_400_naming_row_and_field_and_the_server_goes_on(server, rows, kind):
+    make, expected = BAD_REQUESTS[kind]
+    status, body = _post(server, make(rows))
+    assert status == 400, body
+    assert body["error"] == "bad request" and any(expected in p for p in body["problems"]), body
+    status, body = _post(server, {"rows": rows[:3]})
+    assert status == 200 and len(body["probabilities"]) == 3, body
+
+
+@pytest.mark.dist
+def test_the_server_scores_what_the_artifact_scores(server, artifact, rows):
+    """The same-logits link: concurrent requests of 1, 2, 7 and 50 rows (micro-batched together or not) get the
+    probabilities Artifact.score_rows gives the same rows."""
+    expected = artifact.score_rows(rows[:100])
+    spans = [(0, 1), (1, 3), (3, 10), (10, 60), (60, 61), (61, 100)]
+    answers = {}
+
+    def ask(span):
+        answers[span] = _post(server, {"rows": rows[span[0]:span[1]]})
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in spans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (lo, hi), (status, body) in answers.items():
+        assert status == 200, body
+        assert body["version"] == artifact.version
+        np.testing.assert_allclose(body["probabilities"], expected[lo:hi], rtol=0, atol=1e-6)
+
+
+@pytest.mark.dist
+def test_health_readiness_and_metrics(server, artifact, rows):
+    assert http_json(server.port, "GET", "/healthz") == (200, {"status": "alive"})
+    status, ready = http_json(server.port, "GET", "/readyz")
+    assert status == 200 and ready["version"] == artifact.version and ready["features"] == artifact.features
+    assert _post(server, {"rows": rows[:4]})[0] == 200
+    assert _post(server, b"not json")[0] == 400
+    text = http_text(server.port, "/metrics")
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['hyrank_requests_total{code="200"}'] >= 1 and samples['hyrank_requests_total{code="400"}'] >= 1
+    assert samples['hyrank_request_errors_total{reason="bad_request"}'] >= 1
+    assert samples["hyrank_request_duration_seconds_count"] >= 2
+    assert samples['hyrank_request_duration_seconds_bucket{le="+Inf"}'] == samples[
+        "hyrank_request_duration_seconds_count"]
+    assert samples["hyrank_batch_rows_count"] >= 1 and samples["hyrank_rows_scored_total"] >= 4
+    assert samples[f'hyrank_model_info{{version="{artifact.version}"}}'] == 1
+    assert samples["hyrank_model_loaded"] == 1
+    assert "# TYPE hyrank_request_duration_seconds histogram" in text
+
+
+@pytest.mark.dist
+def test_one_batch_scores_good_requests_and_refuses_bad_ones_alone(artifact, rows):
+    """Requests queued together become one batch (one model call); the bad one gets its own problems, the others
+    their slices, equal to scoring them alone."""
+    from pipeline.serving.batching import MicroBatcher
+
+    batches = []
+    requests = [rows[:5], [rows[5], _with(rows[6], user_id=-1)], rows[7:8], rows[8:20]]
+
+    async def go():
+        batcher = MicroBatcher(lambda: artifact, max_batch_rows=512, max_wait_ms=300,
+                               on_batch=lambda n, r: batches.append((n, r)))
+        await batcher.start()
+        outcomes = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        await batcher.close()
+        return outcomes
+
+    outcomes = asyncio.run(go())
+    assert batches == [(4, 20)]
+    assert outcomes[1].problems == ["row 1: field 'user_id': negative_id"] and outcomes[1].probabilities is None
+    for i in (0, 2, 3):
+        assert not outcomes[i].problems and outcomes[i].version == artifact.version
+        np.testing.assert_allclose(outcomes[i].probabilities, artifact.score_rows(requests[i] * 2)[:len(requests[i])],
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.dist
+def test_unready_until_published_then_a_hot_reload_under_load_fails_nothing(made, rows, tmp_path):
+    from pipeline.serving.artifact import resolve
+
+    root = tmp_path / "root"
+    root.mkdir()
+    bodies = [json.dumps({"rows": rows[i:i + 8]}).encode() for i in range(0, 64, 8)]
+    with ServerProcess(root, tmp_path / "server.log", "--reload-poll-s", "0.2") as server:
+        server.wait_ready(path="/healthz")
+        assert http_json(server.port, "GET", "/readyz")[0] == 503
+        assert http_json(server.port, "POST", "/score", bodies[0])[0] == 503
+        version = resolve(made.root)
+        shutil.copytree(version, root / "versions" / version.name)
+        (root / "latest").write_text(version.name + "\n")
+        server.wait_ready()
+        publisher = threading.Timer(1.0, publish_copy, args=(root, "v2"))
+        publisher.start()
+        records = drive(server.port, bodies, clients=4, seconds=1.0, until_version="v2", max_seconds=60)
+        publisher.join()
+        metrics = http_text(server.port, "/metrics")
+        assert server.stop() == 0
+    assert [r for r in records if r[2] != 200] == [], "requests failed during the reload"
+    versions = {r[3] for r in records}
+    assert versions == {version.name, "v2"}, versions
+    first_new_done = min(r[0] + r[1] for r in records if r[3] == "v2")
+    late_old = [r for r in records if r[0] > first_new_done and r[3] != "v2"]
+    assert not late_old, f"{len(late_old)} requests sent after the swap were scored by the old version"
+    assert 'hyrank_model_reloads_total{result="ok"} 2' in metrics and 'hyrank_model_info{version="v2"} 1' in metrics
+
+
+@pytest.mark.dist
+def test_sigterm_drains_the_requests_in_flight_and_exits_0(made, rows, tmp_path):
+    """Requests held in the batch queue (a 1.5 s batching wait) when SIGTERM arrives all get their answer."""
+    with ServerProcess(made.root, tmp_path / "server.log", "--max-wait-ms", "1500", "--max-batch-rows",
+                       "100000", "--reload-poll-s", "0") as server:
+        server.wait_ready()
+        answers = []
+        sent = time.monotonic()
+        threads = [threading.Thread(target=lambda i=i: answers.append(
+            (_post(server, {"rows": rows[i:i + 3]}), time.monotonic()))) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        server.process.terminate()
+        term = time.monotonic()
+        for t in threads:
+            t.join(30)
+        assert server.process.wait(30) == 0, (tmp_path / "server.log").read_text()
+    assert term - sent < 1.4 and len(answers) == 6
+    assert all(status == 200 and len(body["probabilities"]) == 3 for (status, body), _ in answers), answers
+    assert all(done > term for _, done in answers), "an answer came before the signal: nothing was in flight"
+    assert "stopped by SIGTERM" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.dist
+def test_predict_keeps_order_and_keys_scores_like_the_artifact_and_marks_bad_rows(made, artifact, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(made.data, data)
+    days = sorted(p for p in data.iterdir() if p.name.startswith("day="))
+    damaged = sorted(days[1].glob("*.parquet"))[0]
+    table = pq.read_table(damaged)
+    user_id = table.column("user_id").to_numpy().copy()
+    user_id[5] = -1
+    pq.write_table(table.set_column(table.schema.get_field_index("user_id"), "user_id", pa.array(user_id)), damaged)
+    out = tmp_path / "scores.parquet"
+    assert main(["predict", "--artifact", str(made.root), "--data", str(data), "--days", "2026-11-01..2026-11-02",
+                 "--out", str(out)]) == 0
+    assert "1 bad row(s) marked" in capsys.readouterr().out
+    scores = pq.read_table(out)
+    assert scores.column_names == ["query_id", "day", "file", "row", "probability", "problem"]
+    start = 0
+    for day in days:
+        for path in sorted(day.glob("*.parquet")):
+            source = pq.read_table(path)
+            n = source.num_rows
+            got = scores.slice(start, n)
+            start += n
+            name = str(path.relative_to(data))
+            assert got.column("file").to_pylist() == [name] * n
+            assert got.column("day").to_pylist() == [day.name.split("=")[1]] * n
+            assert got.column("row").to_pylist() == list(range(n))
+            assert got.column("query_id").to_pylist() == source.column("query_id").to_pylist()
+            good = np.ones(n, dtype=bool)
+            if path == damaged:
+                good[5] = False
+                assert got.column("problem")[5].as_py() == "field 'user_id': negative_id"
+                assert got.column("probability")[5].as_py() is None
+            assert got.column("problem").null_count == good.sum()
+            expected = artifact.score_table(source.select(artifact.features).filter(pa.array(good)))
+            probs = got.column("probability").to_numpy(zero_copy_only=False)[good]
+            np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-6)
+    assert start == scores.num_rows
+    assert dt.date.fromisoformat(scores.column("day")[0].as_py()) == dt.date(2026, 11, 1)
+
+
+@pytest.mark.dist
+def test_bench_serve_runs_end_to_end(made, capsys):
+    """`hyrank bench serve` on the module's artifact (copied: the reload publishes into the copy), tiny sizes."""
+    assert main(["bench", "serve", "--artifact", str(made.root), "--data", str(made.data), "--seconds", "1",
+                 "--clients", "2", "--rows", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "0 failed requests during the reload" in out and "served / program:" in out, out
+    assert "server exit code after SIGTERM: 0" in out, out
+    assert sorted(p.name for p in (made.root / "versions").iterdir()) == [(made.root / "latest").read_text().strip()]
