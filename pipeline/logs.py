@@ -1,7 +1,7 @@
 """Logging of hyrank's processes: one format with the rank, hyrank's own messages at INFO, the stack's known
 harmless noise dropped.
 
-    setup_logging(verbose=False)     # once, at the start of a command (pipeline/cli.py)
+    setup_logging(verbose=False)     # once, at the start of a command (pipeline/cli)
 """
 
 from __future__ import annotations

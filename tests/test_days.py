@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli
+from pipeline.cli import run as cli_run
 from pipeline.config import load_config
 from pipeline.data.days import DayRange, MissingDay, discover_days, missing_days, scan_days
 
@@ -64,7 +65,7 @@ def test_hyrank_train_names_the_holes_before_training(tmp_path, caplog):
     root = _logs(tmp_path / "logs")
     cfg = load_config(DEFAULT_CONFIG, [f'data.root="{root}"'])
     with caplog.at_level(logging.WARNING, logger="pipeline.data.days"):
-        days = cli._training_days(cfg.data, RANGE)  # what _train trains on
+        days = cli_run._training_days(cfg.data, RANGE)  # what _train trains on
     assert [d.day.day for d in days] == [1, 2, 5]
     assert "2026-11-03: no folder day=2026-11-03; 2026-11-04: no _SUCCESS marker" in caplog.text
     caplog.clear()
@@ -75,4 +76,4 @@ def test_hyrank_train_names_the_holes_before_training(tmp_path, caplog):
     assert "2 of the 2 day(s) of 2026-11-03..2026-11-04" in caplog.text
     assert f"no complete day in 2026-11-03..2026-11-04 under {root}" in caplog.text
     with pytest.raises(FileNotFoundError, match="no complete day"):
-        cli._training_days(cfg.data, "2026-11-03")
+        cli_run._training_days(cfg.data, "2026-11-03")

@@ -133,3 +133,15 @@ def test_quantized_tables_stay_within_their_stated_bound(trained, tables):
     served = Artifact.load(tmp / f"exports_{tables}").logits(
         pq.read_table(discover_days(cfg.data.root)[1].files[0]))
     assert float((served - trainer_logits).abs().max()) <= bound["logit"]
+
+
+@pytest.mark.heavy
+def test_an_aoti_package_passes_the_same_parity_gate(trained):
+    """Heavy (AOTInductor compiles for about a minute and a half on CPU); the fp32 export test above is its light
+    twin for the export, load-back and parity path."""
+    tmp, _, checkpoint, _ = trained
+    result = export_checkpoint(checkpoint, tmp / "exports_aoti", aoti=True)
+    assert result.parity["aoti_max_abs_logit_diff"] <= 1e-5
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.pt2", "model.aoti.pt2"}
+    Artifact.load(tmp / "exports_aoti")  # both files verified against their sha256

@@ -1,4 +1,4 @@
-"""torchx jobs (jobs/components.py through pipeline/submit.py): real local_cwd jobs of 2 nodes x 1 process and of
+"""torchx jobs (jobs/components.py through pipeline/cli/jobs.py): real local_cwd jobs of 2 nodes x 1 process and of
 1 node x 2 processes train the same loss curves; a rank killed mid-run is restarted by torchelastic and the run
 resumes; a failing rank fails the job within seconds with its error in `hyrank logs`; the kubernetes and slurm
 dryruns hold every field the command set; torchx's errors are one line; the shipped CronJob, crontab and
@@ -25,7 +25,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.synth import generate_logs
-from pipeline.submit import job_request, torchx_runner, wait_for
+from pipeline.cli.jobs import job_request, torchx_runner, wait_for
 
 from conftest import DEFAULT_CONFIG, ROOT, small_synth
 

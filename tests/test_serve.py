@@ -23,7 +23,7 @@ from conftest import ROOT
 from pipeline.cli import build_parser, main
 
 SERVING_MODULES = ("pipeline.serving.server", "pipeline.serving.batching", "pipeline.serving.predict",
-                   "pipeline.serving.commands")
+                   "pipeline.cli.serving")
 
 
 def test_the_serving_process_never_imports_training():

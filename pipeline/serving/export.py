@@ -161,8 +161,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
                                 additional_mapping={EmbeddingCollection: QuantEmbeddingCollection})
         eager = scoring(*inputs).float()
     version = f"step-{progress['global_step']:09d}" + ("" if tables == "fp32" else f"-{tables}")
-    staging, program = _write_staging(out, version, scoring, inputs,
-                                      _manifest(cfg, meta, checkpoint, version, rows.schema, tables))
+    staging = _write_staging(out, version, scoring, inputs, _manifest(cfg, meta, checkpoint, version, rows.schema,
+                                                                       tables), aoti=aoti)
     # the gate scores through the artifact as a server loads it: raw rows, validation, converter, program
     served = Artifact.load(staging).logits(rows)
     parity = {**_parity(eager, served, labels), **_quantization(fp32, served, labels, tables), "day": str(day.day)}
@@ -171,7 +171,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
         if quality_margin is not None and (out / "latest").is_file():
             parity["auc_published"] = _check_quality(out, rows, labels, parity, version, day, quality_margin)
         if aoti:
-            parity["aoti_max_abs_logit_diff"] = _compile_aoti(program, staging, inputs, eager, parity)
+            parity["aoti_max_abs_logit_diff"] = _check_aoti(staging, inputs, eager, parity)
     except (ParityError, QualityGateError):
         shutil.rmtree(staging)
         raise
@@ -182,37 +182,37 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
     return ExportResult(final, version, parity)
 
 
-def _write_staging(out: Path, version: str, scoring: ScoringModule, inputs: tuple,
-                   manifest: dict) -> tuple[Path, torch.export.ExportedProgram]:
-    """torch.export the scoring module (one dynamic batch size) into a fresh staging folder with its manifest."""
+def _write_staging(out: Path, version: str, scoring: ScoringModule, inputs: tuple, manifest: dict, *,
+                   aoti: bool) -> Path:
+    """torch.export the scoring module (one dynamic batch size) into a fresh staging folder with its manifest, and
+    with `aoti` its AOTInductor package."""
     rows_dim = torch.export.Dim("rows", min=1, max=1 << 20)
     shapes = ({0: torch.export.Dim("pooled_ids", min=0)}, {0: len(scoring.pooled_keys) * rows_dim},
               {0: torch.export.Dim("sequence_ids", min=0)}, {0: len(scoring.sequence_keys) * rows_dim},
               {0: rows_dim})
     program = torch.export.export(scoring, inputs, dynamic_shapes=shapes, strict=False)
-    program._example_inputs = None  # torch.export.save would ship the held-out rows (real data) with the model
     staging = out / "versions" / f".{version}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    files = [PROGRAM]
+    if aoti:  # (AOTInductor compiles from the example inputs, so before they are dropped)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(staging / AOTI_PROGRAM))
+        files.append(AOTI_PROGRAM)
+    program._example_inputs = None  # torch.export.save would ship the held-out rows (real data) with the model
     torch.export.save(program, str(staging / PROGRAM))
-    write_json(staging / MANIFEST, {**manifest, "files": {PROGRAM: sha256(staging / PROGRAM)}})
-    return staging, program
+    write_json(staging / MANIFEST, {**manifest, "files": {name: sha256(staging / name) for name in files}})
+    return staging
 
 
-def _compile_aoti(program: torch.export.ExportedProgram, staging: Path, inputs: tuple, eager: torch.Tensor,
-                  parity: dict) -> float:
-    """AOTInductor package of the program beside it, scored on the held-out inputs; ParityError beyond tolerance."""
+def _check_aoti(staging: Path, inputs: tuple, eager: torch.Tensor, parity: dict) -> float:
+    """The AOTInductor package scored on the held-out inputs; ParityError beyond tolerance."""
     path = staging / AOTI_PROGRAM
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     with torch.no_grad():
         compiled = torch._inductor.aoti_load_package(str(path))(*inputs).float()
     diff = float((compiled - eager).abs().max())
     if diff > PARITY_TOLERANCE:
         raise ParityError(f"the AOTInductor program's logits differ from the model's by up to {diff:.3g} on "
                           f"{parity['rows']} held-out rows (tolerance {PARITY_TOLERANCE:g}): nothing published")
-    manifest = json.loads((staging / MANIFEST).read_text())
-    manifest["files"][AOTI_PROGRAM] = sha256(path)
-    write_json(staging / MANIFEST, manifest)
     return diff
 
 

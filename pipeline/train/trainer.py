@@ -7,7 +7,7 @@
     result = trainer.run(RunPlan(train_days=days, eval_days=[eval_day], resume="latest"))
     trainer.close()
 
-The trainer discovers nothing: the caller (pipeline/cli.py, a benchmark, the daily stream) says which days to train
+The trainer discovers nothing: the caller (pipeline/cli/run.py, a benchmark, the daily stream) says which days to train
 and evaluate and where to resume from. One step: forward (bf16 autocast on CUDA if asked) -> BCE -> backward, during
 which fbgemm updates the sharded tables (fused optimizers) and DDP reduces the dense gradients -> the dense step,
 whose reduction policy and call order belong to DenseSync (pipeline/distributed/dense_sync.py). With

@@ -38,7 +38,7 @@ _CHECKOUT_SCHEDULERS = ("local_cwd", "slurm", "lsf")
 
 
 def add_job_verbs(verbs, verb) -> None:
-    """Register submit, status and logs; `verb(verbs, name, handler)` is pipeline/cli.py's parser maker."""
+    """Register submit, status and logs; `verb(verbs, name, handler)` is pipeline.cli.verb."""
     p = verb(verbs, "submit", submit_job)
     p.add_argument("--scheduler", required=True, help="torchx scheduler: local_cwd, kubernetes, slurm, ...")
     p.add_argument("--scheduler-args", metavar="KEY=VALUE,...",
@@ -217,7 +217,7 @@ def _component_name(component: str) -> tuple[str, str]:
 @contextlib.contextmanager
 def _torchx_errors(what: str):
     """torchx's user errors (unknown component, bad argument, missing run option, unknown resource or app) as one
-    ValueError line naming `what`: pipeline/cli.py's main prints it without a traceback."""
+    ValueError line naming `what`: pipeline.cli.main prints it without a traceback."""
     from torchx.specs.api import InvalidRunConfigException, MalformedAppHandleException, UnknownAppException
     from torchx.specs.finder import ComponentNotFoundException, ComponentValidationException
 

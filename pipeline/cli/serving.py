@@ -1,4 +1,4 @@
-"""The `hyrank serve` and `hyrank predict` verbs: their options and handlers (pipeline/cli.py registers VERBS).
+"""The `hyrank serve` and `hyrank predict` verbs: their options and handlers.
 
     hyrank serve --artifact exports/default --port 8080
     hyrank predict --artifact exports/default --data data/synth --days 2026-11-04 --out scores.parquet
@@ -97,3 +97,10 @@ def predict(args: argparse.Namespace) -> int:
 
 # verb -> (adds its options to a parser, runs it); the handler's docstring is the verb's help
 VERBS = {"serve": (add_serve_arguments, serve), "predict": (add_predict_arguments, predict)}
+
+
+def add_verbs(verbs) -> None:
+    from pipeline.cli import verb
+
+    for name, (add_arguments, handler) in VERBS.items():
+        add_arguments(verb(verbs, name, handler))

@@ -1,16 +1,10 @@
-"""`hyrank <verb>`: the command line of the hyrank training pipeline.
-
-    hyrank gen-logs --out data/synth --days 4       # 150k rows a day (--rows-per-day, --long-len)
-    hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 \
-        --nproc-per-node 2
-    hyrank <verb> --help
-"""
+"""The verbs that run training jobs: train, stream, export. Under torchrun (TORCHELASTIC_RUN_ID) they run as ranks;
+with --nproc-per-node N they launch that torchrun job themselves on this machine."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import inspect
 import json
 import logging
 import os
@@ -18,125 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.logs import setup_logging
-
-from pipeline.submit import add_job_verbs
-
-EPILOG = """\
-A typical day-one session:
-  hyrank gen-logs --out data/synth --days 4                       # synthetic click logs (the built-in data)
-  hyrank train --config jobs/configs/default.toml \\
-      --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 --nproc-per-node 2
-
-Configs are TOML files (jobs/configs/*.toml); change any value without editing a file with
---set section.key=value (e.g. --set train.lr=0.01 --set model.options.hidden=[128,64]).
-"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    setup_logging(verbose=args.verbose)
-    try:
-        return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        logging.getLogger("hyrank").error("%s", e)
-        return 2
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hyrank",
-        description="Train CTR ranking models on day-partitioned Parquet logs: TorchRec sharded embeddings, "
-        "HyFormer/HHFT/Hiformer towers, distributed training, daily retraining.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbs = parser.add_subparsers(title="verbs", metavar="<verb>")
-    _add_gen_logs(verbs)
-    _add_train(verbs)
-    _add_stream(verbs)
-    _add_export(verbs)
-    _add_serving(verbs)
-    _add_models(verbs)
-    _add_report(verbs)
-    _add_bench(verbs)
-    add_job_verbs(verbs, _verb)  # submit, status, logs (pipeline/submit.py; imports torchx only when they run)
-    return parser
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written (their examples keep their lines), options with their defaults (when they have one:
-    no "(default: None)" noise)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required or action.default in (None, False, []):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _verb(verbs, name: str, handler) -> argparse.ArgumentParser:
-    """The parser of a verb run by `handler`: its docstring's first line is the one-line help, all of it the
-    description, examples included (so the text that teaches a verb sits beside the code that runs it)."""
-    doc = inspect.cleandoc(handler.__doc__)
-    p = verbs.add_parser(name, help=doc.splitlines()[0].rstrip("."), description=doc, formatter_class=_HelpFormatter)
-    p.set_defaults(func=handler)
-    return p
-
-
-# -- gen-logs ------------------------------------------------------------------------------------------------------
-
-
-def _add_gen_logs(verbs) -> None:
-    from pipeline.data.synth import SynthConfig
-
-    d = SynthConfig()
-    p = _verb(verbs, "gen-logs", _gen_logs)
-    p.add_argument("--out", required=True, type=Path, help="dataset root to write under")
-    p.add_argument("--days", type=int, default=d.num_days, help="number of days")
-    p.add_argument("--rows-per-day", type=int, default=d.rows_per_day)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--start-day", type=dt.date.fromisoformat, default=d.start_day, help="first day, YYYY-MM-DD")
-    p.add_argument("--long-len", type=_int_range, default=f"{d.long_len_min}..{d.long_len_max}",
-                   help="long sequence length per row, MIN..MAX (paper scale: 1000..3000)")
-    p.add_argument("--short-len", type=int, default=d.short_len, help="length of the two short sequences")
-    p.add_argument("--partition-key", default=d.partition_key, help="folder key: <key>=YYYY-MM-DD")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
-                   help="days written in parallel processes (files are identical for any value)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _int_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("..")
-    try:
-        return int(lo), int(hi or lo)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected MIN..MAX, got {text!r}") from e
-
-
-def _gen_logs(args) -> int:
-    """Write synthetic click logs with known structure (the built-in default data).
-
-    Day-partitioned: <out>/day=YYYY-MM-DD/part-*.parquet plus _SUCCESS. The true click probability is stored as
-    `_oracle_p`, so every day's oracle AUC is known. Same seed, identical files.
-    """
-    from pipeline.data.synth import SynthConfig, generate_logs, oracle_auc
-
-    lo, hi = args.long_len
-    cfg = SynthConfig(rows_per_day=args.rows_per_day, num_days=args.days, start_day=args.start_day, seed=args.seed,
-                      long_len_min=lo, long_len_max=hi, short_len=args.short_len, partition_key=args.partition_key)
-    start = time.perf_counter()
-    days = generate_logs(cfg, args.out, workers=min(args.workers, cfg.num_days), progress=not args.quiet)
-    seconds = time.perf_counter() - start
-    rows = cfg.rows_per_day * cfg.num_days
-    for path in days:
-        print(f"{path}  oracle AUC {oracle_auc(path):.4f}")
-    print(f"wrote {rows} rows in {seconds:.1f} s ({rows / seconds:,.0f} rows/s)")
-    return 0
+from pipeline.cli import verb
 
 
 # -- train ---------------------------------------------------------------------------------------------------------
@@ -152,8 +28,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_train(verbs) -> None:
-    p = _verb(verbs, "train", _train)
+def add_train(verbs) -> None:
+    p = verb(verbs, "train", _train)
     _add_run_arguments(p)
     p.add_argument("--days", required=True, help="training days: YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
     p.add_argument("--eval-day", help="evaluation day YYYY-MM-DD (default: none)")
@@ -240,8 +116,8 @@ def _print_result(result, out_dir: str) -> None:
 # -- stream --------------------------------------------------------------------------------------------------------
 
 
-def _add_stream(verbs) -> None:
-    p = _verb(verbs, "stream", _stream)
+def add_stream(verbs) -> None:
+    p = verb(verbs, "stream", _stream)
     _add_run_arguments(p)
     p.add_argument("--from", dest="first", type=dt.date.fromisoformat,
                    help="first day of a fresh run, YYYY-MM-DD (default: the earliest complete day)")
@@ -306,8 +182,8 @@ def _stream(args) -> int:
 # -- export --------------------------------------------------------------------------------------------------------
 
 
-def _add_export(verbs) -> None:
-    p = _verb(verbs, "export", _export)
+def add_export(verbs) -> None:
+    p = verb(verbs, "export", _export)
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint folder (step-N) written on any number of ranks; checkpoints are trusted input")
     p.add_argument("--out", required=True, type=Path, help="publish root: versions/<version>/ and `latest`")
@@ -315,6 +191,9 @@ def _add_export(verbs) -> None:
                    help="table precision: fp16, or int8 row-wise (a scale and bias per row), each gated against "
                    "the fp32 model on the held-out rows (pipeline/serving/export.py QUANTIZATION_BOUNDS)")
     p.add_argument("--holdout", type=int, default=2048, help="held-out rows the parity gate scores both ways")
+    p.add_argument("--aoti", action="store_true",
+                   help="also an AOTInductor package (model.aoti.pt2) for a C++ runtime, under the same parity gate "
+                   "(fp32 tables; about a minute and a half of compiling for a small model on CPU)")
 
 
 def _export(args) -> int:
@@ -332,131 +211,17 @@ def _export(args) -> int:
     """
     from pipeline.serving.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout)
+    result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout, aoti=args.aoti)
     p = result.parity
     print(f"published {result.path} ({args.out / 'latest'} -> {result.version})")
     print(f"parity on {p['rows']} held-out rows of {p['day']}: max |logit diff| {p['max_abs_logit_diff']:.3g} "
           f"(tolerance {p['tolerance']:g}), AUC model {p['auc_model']:.4f} artifact {p['auc_artifact']:.4f}")
+    if "aoti_max_abs_logit_diff" in p:
+        print(f"AOTInductor package: max |logit diff| {p['aoti_max_abs_logit_diff']:.3g} on the same rows")
     if "auc_fp32" in p:
         print(f"{p['tables']} tables against fp32: max |logit diff| {p['max_abs_logit_diff_vs_fp32']:.3g}, AUC "
               f"{p['auc_fp32']:.4f} -> {p['auc_artifact']:.4f} (bounds {p['bound']})")
     return 0
-
-
-# -- serve, predict ------------------------------------------------------------------------------------------------
-
-
-def _add_serving(verbs) -> None:
-    """`hyrank serve` and `hyrank predict`, whose options and handlers are in pipeline/serving/commands.py (light to
-    import: FastAPI and torchrec load when the verb runs)."""
-    from pipeline.serving import commands
-
-    for name, (add_arguments, handler) in commands.VERBS.items():
-        add_arguments(_verb(verbs, name, handler))
-
-
-# -- models --------------------------------------------------------------------------------------------------------
-
-
-def _add_models(verbs) -> None:
-    p = _verb(verbs, "models", _models)
-    p.add_argument("--config", type=Path, default=Path("jobs/configs/default.toml"),
-                   help="run config whose feature spec sets the input shapes")
-    p.add_argument("--table", action="store_true", help="paper-shaped params/FLOPs table with the paper's figures")
-
-
-def _models(args) -> int:
-    """The registered towers: dense params and training FLOPs; --table for the paper-shaped comparison.
-
-    Lists the registered dense towers with their parameter count and training FLOPs per sample (forward +
-    backward, counted on the meta device) for the inputs of a run config. --table prints the paper-shaped
-    HyFormer / LONGER+RankMixer / unified comparison next to the HyFormer paper's Table 1.
-    """
-    from models import MODELS
-    from models.accounting import model_cost, paper_table
-
-    if args.table:
-        print(paper_table())
-        return 0
-    from pipeline.config import load_config
-
-    cfg = load_config(args.config)
-    shape = cfg.features.input_shape()
-    print(f"input shapes from {args.config}: blocks {shape.blocks}, dense {shape.dense_dim}, "
-          f"sequences { {k: (v.max_len, v.dim) for k, v in shape.sequences.items()} }")
-    print(f"{'model':<18}{'params':>12}{'train MFLOPs/sample':>22}")
-    for name in MODELS:
-        options = cfg.model.options if name == cfg.model.name else {}
-        cost = model_cost(name, options, shape)
-        print(f"{name:<18}{cost.params:>12,}{cost.train_flops_per_sample / 1e6:>22.2f}")
-    return 0
-
-
-# -- report --------------------------------------------------------------------------------------------------------
-
-
-def _add_report(verbs) -> None:
-    p = _verb(verbs, "report", _report)
-    p.add_argument("run", type=Path, help="the run directory (the out_dir of hyrank train / hyrank stream)")
-
-
-def _report(args) -> int:
-    """The day-by-day report of a run: <run>/report/days.csv and days.png, and the table printed.
-
-    Rebuilt from the run's own files, so it can be rerun at any time: <run>/train/day-*.json (rows, steps,
-    rows/s, rows validation dropped) and <run>/metrics/progressive-*.json (the model's AUC, query AUC, logloss
-    and calibration on each day before it trained on it). The PNG plots progressive AUC (with the oracle AUC of
-    synthetic data), logloss and train rows/s per day; an empty cell or a gap is a value no file holds.
-    """
-    from pipeline.report import write_report
-
-    report = write_report(args.run)
-    print(f"table: {report.csv_path}")
-    print(f"plot:  {report.png_path}")
-    print(report.table())
-    return 0
-
-
-# -- bench ---------------------------------------------------------------------------------------------------------
-
-# name -> (module under bench/, one-line help); each module has add_arguments(parser) and run(args) -> int
-BENCHES = {
-    "async": ("bench.async_bench", "sync vs one-step-stale allreduce: step time, hidden share, AUC parity"),
-    "overlap": ("bench.overlap", "the share of the dense allreduce the stale hook hides: a tower alone, CPU or GPU, "
-                                 "torch only"),
-    "dedup": ("bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
-    "reader": ("bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
-    "serve": ("bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, p50/p99, "
-                             "errors, served rows/s against the program called in-process"),
-}
-
-
-def _add_bench(verbs) -> None:
-    p = _verb(verbs, "bench", _bench_menu)
-    kinds = p.add_subparsers(title="benchmarks", metavar="<benchmark>")
-    for name, (module, help_text) in BENCHES.items():
-        sub = kinds.add_parser(name, help=help_text, description=help_text,
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.set_defaults(func=_run_bench, bench_module=module)
-        import importlib
-
-        importlib.import_module(module).add_arguments(sub)
-    p.set_defaults(print_help=p.print_help)
-
-
-def _bench_menu(args) -> int:
-    """Benchmarks that print ratios measured side by side in one run.
-
-    Absolute times on a shared machine are noise; ratios of neighbours are not.
-    """
-    args.print_help()
-    return 2
-
-
-def _run_bench(args) -> int:
-    import importlib
-
-    return importlib.import_module(args.bench_module).run(args)
 
 
 def _relaunch_with_torchrun(nproc: int) -> int:
@@ -482,6 +247,7 @@ def _relaunch_with_torchrun(nproc: int) -> int:
 
 def _report_stop(signal_name: str, since: float) -> int:
     """After the ranks were stopped by a signal: 0 if they checkpointed and recorded it, else 1."""
+    from pipeline.cli import build_parser
     from pipeline.config import load_config
 
     args = build_parser().parse_args(sys.argv[1:])
@@ -495,5 +261,3 @@ def _report_stop(signal_name: str, since: float) -> int:
     return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The tool verbs: gen-logs (synthetic logs), models (towers and their cost), report (a run's days), bench."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
+from pipeline.cli import verb
+
+
+# -- gen-logs ------------------------------------------------------------------------------------------------------
+
+
+def add_gen_logs(verbs) -> None:
+    from pipeline.data.synth import SynthConfig
+
+    d = SynthConfig()
+    p = verb(verbs, "gen-logs", _gen_logs)
+    p.add_argument("--out", required=True, type=Path, help="dataset root to write under")
+    p.add_argument("--days", type=int, default=d.num_days, help="number of days")
+    p.add_argument("--rows-per-day", type=int, default=d.rows_per_day)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--start-day", type=dt.date.fromisoformat, default=d.start_day, help="first day, YYYY-MM-DD")
+    p.add_argument("--long-len", type=_int_range, default=f"{d.long_len_min}..{d.long_len_max}",
+                   help="long sequence length per row, MIN..MAX (paper scale: 1000..3000)")
+    p.add_argument("--short-len", type=int, default=d.short_len, help="length of the two short sequences")
+    p.add_argument("--partition-key", default=d.partition_key, help="folder key: <key>=YYYY-MM-DD")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
+                   help="days written in parallel processes (files are identical for any value)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _int_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("..")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected MIN..MAX, got {text!r}") from e
+
+
+def _gen_logs(args) -> int:
+    """Write synthetic click logs with known structure (the built-in default data).
+
+    Day-partitioned: <out>/day=YYYY-MM-DD/part-*.parquet plus _SUCCESS. The true click probability is stored as
+    `_oracle_p`, so every day's oracle AUC is known. Same seed, identical files.
+    """
+    from pipeline.data.synth import SynthConfig, generate_logs, oracle_auc
+
+    lo, hi = args.long_len
+    cfg = SynthConfig(rows_per_day=args.rows_per_day, num_days=args.days, start_day=args.start_day, seed=args.seed,
+                      long_len_min=lo, long_len_max=hi, short_len=args.short_len, partition_key=args.partition_key)
+    start = time.perf_counter()
+    days = generate_logs(cfg, args.out, workers=min(args.workers, cfg.num_days), progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    rows = cfg.rows_per_day * cfg.num_days
+    for path in days:
+        print(f"{path}  oracle AUC {oracle_auc(path):.4f}")
+    print(f"wrote {rows} rows in {seconds:.1f} s ({rows / seconds:,.0f} rows/s)")
+    return 0
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+
+
+def add_models(verbs) -> None:
+    p = verb(verbs, "models", _models)
+    p.add_argument("--config", type=Path, default=Path("jobs/configs/default.toml"),
+                   help="run config whose feature spec sets the input shapes")
+    p.add_argument("--table", action="store_true", help="paper-shaped params/FLOPs table with the paper's figures")
+
+
+def _models(args) -> int:
+    """The registered towers: dense params and training FLOPs; --table for the paper-shaped comparison.
+
+    Lists the registered dense towers with their parameter count and training FLOPs per sample (forward +
+    backward, counted on the meta device) for the inputs of a run config. --table prints the paper-shaped
+    HyFormer / LONGER+RankMixer / unified comparison next to the HyFormer paper's Table 1.
+    """
+    from models import MODELS
+    from models.accounting import model_cost, paper_table
+
+    if args.table:
+        print(paper_table())
+        return 0
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    shape = cfg.features.input_shape()
+    print(f"input shapes from {args.config}: blocks {shape.blocks}, dense {shape.dense_dim}, "
+          f"sequences { {k: (v.max_len, v.dim) for k, v in shape.sequences.items()} }")
+    print(f"{'model':<18}{'params':>12}{'train MFLOPs/sample':>22}")
+    for name in MODELS:
+        options = cfg.model.options if name == cfg.model.name else {}
+        cost = model_cost(name, options, shape)
+        print(f"{name:<18}{cost.params:>12,}{cost.train_flops_per_sample / 1e6:>22.2f}")
+    return 0
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+
+
+def add_report(verbs) -> None:
+    p = verb(verbs, "report", _report)
+    p.add_argument("run", type=Path, help="the run directory (the out_dir of hyrank train / hyrank stream)")
+
+
+def _report(args) -> int:
+    """The day-by-day report of a run: <run>/report/days.csv and days.png, and the table printed.
+
+    Rebuilt from the run's own files, so it can be rerun at any time: <run>/train/day-*.json (rows, steps,
+    rows/s, rows validation dropped) and <run>/metrics/progressive-*.json (the model's AUC, query AUC, logloss
+    and calibration on each day before it trained on it). The PNG plots progressive AUC (with the oracle AUC of
+    synthetic data), logloss and train rows/s per day; an empty cell or a gap is a value no file holds.
+    """
+    from pipeline.report import write_report
+
+    report = write_report(args.run)
+    print(f"table: {report.csv_path}")
+    print(f"plot:  {report.png_path}")
+    print(report.table())
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------------------------------------------
+
+# name -> (module under bench/, one-line help); each module has add_arguments(parser) and run(args) -> int
+BENCHES = {
+    "async": ("bench.async_bench", "sync vs one-step-stale allreduce: step time, hidden share, AUC parity"),
+    "overlap": ("bench.overlap", "the share of the dense allreduce the stale hook hides: a tower alone, CPU or GPU, "
+                                 "torch only"),
+    "dedup": ("bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
+    "reader": ("bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
+    "serve": ("bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, p50/p99, "
+                             "errors, served rows/s against the program called in-process"),
+}
+
+
+def add_bench(verbs) -> None:
+    p = verb(verbs, "bench", _bench_menu)
+    kinds = p.add_subparsers(title="benchmarks", metavar="<benchmark>")
+    for name, (module, help_text) in BENCHES.items():
+        sub = kinds.add_parser(name, help=help_text, description=help_text,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.set_defaults(func=_run_bench, bench_module=module)
+        import importlib
+
+        importlib.import_module(module).add_arguments(sub)
+    p.set_defaults(print_help=p.print_help)
+
+
+def _bench_menu(args) -> int:
+    """Benchmarks that print ratios measured side by side in one run.
+
+    Absolute times on a shared machine are noise; ratios of neighbours are not.
+    """
+    args.print_help()
+    return 2
+
+
+def _run_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(args.bench_module).run(args)
+
+
