@@ -42,3 +42,36 @@ def small_cfg(synth_root, tmp_path):
                                         "data.batch_size_per_rank=128", "model.options.hidden=[64,32]",
                                         "features.sequences.0.max_len=64", "features.sequences.1.max_len=12",
                                         "features.sequences.2.max_len=12", "train.allreduce_sync_steps=0"])
+
+
+# A tiny tower and short sequences: a run of a few thousand rows takes seconds (stream, export, lifecycle tests)
+TINY = ["data.batch_size_per_rank=64", "model.options.hidden=[32]", "features.sequences.0.max_len=32",
+        "features.sequences.1.max_len=8", "features.sequences.2.max_len=8", "train.tensorboard=false"]
+
+
+def tiny_cfg(root, out_dir, *extra):
+    """The shipped default config on `root`, writing to `out_dir`, with TINY and `extra` overrides."""
+    return load_config(DEFAULT_CONFIG, [f'data.root="{root}"', f'out_dir="{out_dir}"', *TINY, *extra])
+
+
+def latest_checkpoint_tensors(out_dir) -> tuple[dict, dict]:
+    """Every tensor of a run's latest checkpoint by dotted name (DCP read offline, tables whole), and its meta.json."""
+    import json
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out_dir = Path(out_dir)
+    latest = out_dir / "checkpoints" / (out_dir / "checkpoints" / "latest").read_text().strip()
+    dcp_to_torch_save(latest, out_dir / "final.pt")
+    flat: dict = {}
+
+    def walk(value, prefix):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk(torch.load(out_dir / "final.pt", weights_only=False), "")
+    return flat, json.loads((latest / "meta.json").read_text())

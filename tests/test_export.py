@@ -11,21 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import load_config
 from pipeline.data.days import discover_days
 from pipeline.data.synth import generate_logs
 from pipeline.distributed.env import env_of_current_group
 from pipeline.serving.artifact import Artifact, BadRows
 from pipeline.serving.export import ParityError, export_checkpoint
 
-from conftest import DEFAULT_CONFIG, ROOT, small_synth
+from conftest import ROOT, small_synth, tiny_cfg
 from dist import run_distributed
 
 pytestmark = pytest.mark.dist
-
-SMALL = ["data.batch_size_per_rank=64", "model.options.hidden=[32]", "features.sequences.0.max_len=32",
-         "features.sequences.1.max_len=8", "features.sequences.2.max_len=8", "train.tensorboard=false"]
-
 
 def _train_and_score(rank, world_size, cfg):
     """Day 1 trained on this many ranks; each rank's logits of day 2 (the trainer's own evaluation path)."""
@@ -45,7 +40,7 @@ def trained(tmp_path_factory):
     """A model trained on 2 ranks, its checkpoint, and the trainer's logits of day 2 in file order."""
     tmp = tmp_path_factory.mktemp("export")
     generate_logs(small_synth(num_days=2, rows_per_day=2000), tmp / "data")
-    cfg = load_config(DEFAULT_CONFIG, [f'data.root="{tmp / "data"}"', f'out_dir="{tmp / "run"}"', *SMALL])
+    cfg = tiny_cfg(tmp / "data", tmp / "run")
     (checkpoint, logits0), (_, logits1) = run_distributed(_train_and_score, cfg, timeout_s=300)
     # each rank scored its contiguous half of the day, in file order (pipeline/data/split.py)
     return tmp, cfg, checkpoint, torch.cat([logits0, logits1])

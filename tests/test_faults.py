@@ -16,7 +16,7 @@ import torch
 
 from pipeline.train.run_lock import RunDirInUse, RunLock
 
-from conftest import DEFAULT_CONFIG
+from conftest import DEFAULT_CONFIG, latest_checkpoint_tensors
 
 pytestmark = pytest.mark.dist
 
@@ -105,22 +105,6 @@ def test_killing_the_launchers_group_kills_every_rank_and_frees_the_run(synth_ro
         pass
 
 
-def _final_state(out_dir: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    latest = out_dir / "checkpoints" / (out_dir / "checkpoints" / "latest").read_text().strip()
-    dcp_to_torch_save(latest, out_dir / "final.pt")
-    return torch.load(out_dir / "final.pt", weights_only=False)
-
-
-def _flatten(state, prefix=""):
-    if isinstance(state, dict):
-        for k, v in state.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    elif isinstance(state, torch.Tensor):
-        yield prefix, state
-
-
 def test_sigterm_checkpoints_exits_0_and_the_resumed_run_ends_where_an_uninterrupted_one_does(synth_root, tmp_path):
     small = ["--set", "data.batch_size_per_rank=32", "--set", "checkpoint.every_steps=0"]
     reference = subprocess.run(_cmd(synth_root, tmp_path / "ref", *small), capture_output=True, text=True,
@@ -141,7 +125,7 @@ def test_sigterm_checkpoints_exits_0_and_the_resumed_run_ends_where_an_uninterru
     resumed = subprocess.run(_cmd(synth_root, run, *small, "--resume", "latest"), capture_output=True, text=True,
                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    ref_state, state = dict(_flatten(_final_state(tmp_path / "ref"))), dict(_flatten(_final_state(run)))
+    (ref_state, _), (state, _) = latest_checkpoint_tensors(tmp_path / "ref"), latest_checkpoint_tensors(run)
     assert ref_state.keys() == state.keys()
     for key, value in ref_state.items():
         assert torch.equal(value, state[key]), f"{key} differs from the uninterrupted run"

@@ -25,15 +25,13 @@ from pipeline.distributed.env import env_of_current_group
 from pipeline.stream import StreamOptions, stream
 from pipeline.train.state import read_ledger
 
-from conftest import DEFAULT_CONFIG, small_synth
+from conftest import DEFAULT_CONFIG, TINY, latest_checkpoint_tensors, small_synth, tiny_cfg
 from dist import run_distributed
 
 pytestmark = pytest.mark.dist
 
 DAYS = [dt.date(2026, 11, d) for d in (1, 2, 3)]
-SMALL = ["data.batch_size_per_rank=64", "model.options.hidden=[32]", "features.sequences.0.max_len=32",
-         "features.sequences.1.max_len=8", "features.sequences.2.max_len=8", "train.tensorboard=false",
-         "train.allreduce_sync_steps=0"]
+SMALL = [*TINY, "train.allreduce_sync_steps=0"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +42,7 @@ def three_days(tmp_path_factory) -> Path:
 
 
 def _cfg(root, out_dir, *extra):
-    return load_config(DEFAULT_CONFIG, [f'data.root="{root}"', f'out_dir="{out_dir}"', *SMALL, *extra])
+    return tiny_cfg(root, out_dir, "train.allreduce_sync_steps=0", *extra)
 
 
 def _stream(rank, world_size, cfg, options):
@@ -163,23 +161,6 @@ def _valid_rows(root: Path) -> set[tuple[str, str, int, int]]:
     return rows
 
 
-def _final_state(out_dir: Path) -> tuple[dict, dict]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    latest = out_dir / "checkpoints" / (out_dir / "checkpoints" / "latest").read_text().strip()
-    dcp_to_torch_save(latest, out_dir / "final.pt")
-    state = torch.load(out_dir / "final.pt", weights_only=False)
-    return state, json.loads((latest / "meta.json").read_text())
-
-
-def _tensors(state, prefix=""):
-    if isinstance(state, dict):
-        for k, v in state.items():
-            yield from _tensors(v, f"{prefix}{k}.")
-    elif isinstance(state, torch.Tensor):
-        yield prefix, state
-
-
 def _kill_at_random(root, out_dir, kills: int, seed: int, within_s: float) -> list[str]:
     """Start the stream; once it is past start-up (its start is in history.jsonl), SIGKILL the whole job at a
     uniformly random moment of the next `within_s` seconds; `kills` times; then let it finish. Returns the last log
@@ -211,10 +192,9 @@ def _kill_at_random(root, out_dir, kills: int, seed: int, within_s: float) -> li
 
 
 def _check_exactly_once(root: Path, out_dir: Path, reference: Path) -> int:
-    state, meta = _final_state(out_dir)
-    ref_state, ref_meta = _final_state(reference)
+    tensors, meta = latest_checkpoint_tensors(out_dir)
+    ref_tensors, _ = latest_checkpoint_tensors(reference)
     assert meta["parts"]["progress"]["days_done"] == [str(d) for d in DAYS]
-    ref_tensors, tensors = dict(_tensors(ref_state)), dict(_tensors(state))
     assert ref_tensors.keys() == tensors.keys()
     for key, value in ref_tensors.items():
         assert torch.equal(value, tensors[key]), f"{key} differs from the uninterrupted run"

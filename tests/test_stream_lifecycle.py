@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from pipeline.config import ModelConfig, load_config
+from pipeline.config import ModelConfig
 from pipeline.data.days import discover_days
 from pipeline.data.synth import generate_logs
 from pipeline.distributed.env import env_of_current_group
@@ -17,24 +17,16 @@ from pipeline.train.resume import check_resumable
 from pipeline.train.state import model_diff
 from pipeline.train.trainer import RunPlan, Trainer
 
-from conftest import DEFAULT_CONFIG, small_synth
+from conftest import small_synth, tiny_cfg
 from dist import run_distributed
 
 pytestmark = pytest.mark.dist
-
-SMALL = ["data.batch_size_per_rank=64", "model.options.hidden=[32]", "features.sequences.0.max_len=32",
-         "features.sequences.1.max_len=8", "features.sequences.2.max_len=8", "train.tensorboard=false"]
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle") / "data"
     generate_logs(small_synth(num_days=3, rows_per_day=3000), root)
     return root
-
-
-def _cfg(root, out_dir, *extra):
-    return load_config(DEFAULT_CONFIG, [f'data.root="{root}"', f'out_dir="{out_dir}"', *SMALL, *extra])
 
 
 def _train_then_score(rank, world_size, cfg, resume):
@@ -48,7 +40,7 @@ def _train_then_score(rank, world_size, cfg, resume):
 @pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)])
 def test_a_day_end_checkpoint_continues_on_another_world_size_with_the_same_predictions(root, tmp_path, saved_on,
                                                                                          resumed_on):
-    cfg = _cfg(root, tmp_path / "run")
+    cfg = tiny_cfg(root, tmp_path / "run")
     (trained, before), *_ = run_distributed(_train_then_score, cfg, None, world_size=saved_on, timeout_s=300)
     (again, after), *_ = run_distributed(_train_then_score, cfg, "latest", world_size=resumed_on, timeout_s=300)
     assert trained == ["2026-11-01"] and again == []  # resumed: day 1 is done
@@ -65,7 +57,7 @@ def _stream(rank, world_size, cfg, options):
 
 
 def test_a_checkpoint_of_another_model_is_refused_with_its_diff_before_any_collective(root, tmp_path):
-    cfg = _cfg(root, tmp_path / "run")
+    cfg = tiny_cfg(root, tmp_path / "run")
     run_distributed(_stream, cfg, StreamOptions(until=discover_days(root)[0].day), timeout_s=300)
     changed = dataclasses.replace(cfg, model=ModelConfig("dlrm_mlp", {"hidden": [64]}),
                                   features=dataclasses.replace(cfg.features, tables=[
@@ -104,7 +96,7 @@ def _tables_and_tower(rank, world_size, cfg, options):
 
 
 def test_warm_start_carries_the_tables_into_a_changed_tower(root, tmp_path):
-    first = _cfg(root, tmp_path / "run")
+    first = tiny_cfg(root, tmp_path / "run")
     one_day = StreamOptions(until=discover_days(root)[0].day)
     (days, tables, _), _ = run_distributed(_tables_and_tower, first, one_day, timeout_s=300)
     wider = dataclasses.replace(first, model=ModelConfig("dlrm_mlp", {"hidden": [48]}))
@@ -117,7 +109,7 @@ def test_warm_start_carries_the_tables_into_a_changed_tower(root, tmp_path):
 
 
 def test_the_best_checkpoints_by_progressive_auc_outlive_the_newest_ones(root, tmp_path):
-    cfg = _cfg(root, tmp_path / "run", "checkpoint.keep=1", "checkpoint.keep_best=1")
+    cfg = tiny_cfg(root, tmp_path / "run", "checkpoint.keep=1", "checkpoint.keep_best=1")
     run_distributed(_stream, cfg, StreamOptions(), timeout_s=300)
     progressive = {d.day: json.loads((tmp_path / "run" / "metrics" / f"progressive-{d.day}.json").read_text())
                    for d in discover_days(root)}
@@ -131,7 +123,7 @@ def test_the_best_checkpoints_by_progressive_auc_outlive_the_newest_ones(root, t
 def test_stream_publishes_each_day_behind_the_quality_gate(root, tmp_path):
     """A margin of -1 demands an AUC 1.0 above the published model's: the first day's model is published (there is
     nothing to compare with), the later ones are refused, recorded, and the run goes on."""
-    cfg = _cfg(root, tmp_path / "run")
+    cfg = tiny_cfg(root, tmp_path / "run")
     options = StreamOptions(until=discover_days(root)[1].day, export_to=tmp_path / "exports", quality_margin=-1.0)
     trained, _ = run_distributed(_stream, cfg, options, timeout_s=300)
     assert trained == ["2026-11-01", "2026-11-02"]
