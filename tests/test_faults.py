@@ -101,8 +101,8 @@ def test_killing_the_launchers_group_kills_every_rank_and_frees_the_run(synth_ro
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    with RunLock(tmp_path):  # the dead holder's lock is free again
-        pass
+    with RunLock(tmp_path) as lock:  # the dead holder's lock is free again: this process takes it over
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
 
 
 def test_sigterm_checkpoints_exits_0_and_the_resumed_run_ends_where_an_uninterrupted_one_does(synth_root, tmp_path):
