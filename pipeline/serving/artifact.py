@@ -114,9 +114,7 @@ class Artifact:
                 problems += _row_type_errors(values, name, self.schema.field(name).type)
         if problems:
             raise BadRows(problems)
-        for name in self._not_features:  # not data at serving time: neutral values the converter accepts
-            columns[name] = pa.array(np.zeros(len(rows)), type=self.schema.field(name).type)
-        return pa.table(columns)
+        return self._with_neutral_columns(pa.table(columns))
 
     def score_table(self, table: pa.Table) -> np.ndarray:
         """P(click) of every row of `table` (the spec's feature columns); BadRows names the rows validation
@@ -124,17 +122,29 @@ class Artifact:
         logits = self.logits(table)
         return torch.sigmoid(logits).numpy()
 
-    @torch.no_grad()
-    def logits(self, table: pa.Table) -> torch.Tensor:
+    def _with_neutral_columns(self, table: pa.Table) -> pa.Table:
+        """`table` with the label, query id and oracle (not data at serving time) as zeros where absent: validation
+        and the converter read them."""
         for name in self._not_features:
             if name not in table.column_names:
                 table = table.append_column(name, pa.array(np.zeros(table.num_rows),
                                                            type=self.schema.field(name).type))
+        return table
+
+    def bad_rows(self, table: pa.Table) -> dict[int, str]:
+        """{row: "field 'x': reason"} for every row of `table` the training reader's validation refuses (the same
+        checks and reasons)."""
+        table = self._with_neutral_columns(table)
         verdict = validate_rows(table, self.spec, max_list_len=self.manifest["max_list_len"])
-        if verdict.num_bad:
-            bad = np.flatnonzero(~verdict.good_B)
-            raise BadRows([f"row {int(r)}: field {verdict.column_B[r]!r}: {REASONS[verdict.reason_code_B[r] - 1]}"
-                           for r in bad])
+        return {int(r): f"field {verdict.column_B[r]!r}: {REASONS[verdict.reason_code_B[r] - 1]}"
+                for r in np.flatnonzero(~verdict.good_B)}
+
+    @torch.no_grad()
+    def logits(self, table: pa.Table) -> torch.Tensor:
+        bad = self.bad_rows(table)
+        if bad:
+            raise BadRows([f"row {r}: {problem}" for r, problem in bad.items()])
+        table = self._with_neutral_columns(table)
         if table.num_rows == 1:  # torch.export specialises sizes 0 and 1 away from a dynamic batch size: a lone row
             return self.logits(pa.concat_tables([table, table]))[:1]  # is scored beside a copy (rows are independent)
         converter = BatchConverter(self.spec)

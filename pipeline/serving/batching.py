@@ -5,9 +5,6 @@
     outcome = await batcher.submit(rows)            # -> Outcome(probabilities, version) or Outcome(problems=[...])
     await batcher.close()                           # after the last request: stops the loop and the model thread
 
-    problems = bad_rows(artifact, table)            # {row: "field 'user_id': negative_id"}: what validation refuses
-    probs = score(artifact, table)                  # Artifact.score_table, also for a table of one row
-
 Requests wait in the queue; the batcher takes the oldest and keeps adding whole requests until the batch holds
 `max_batch_rows` rows or the oldest has waited `max_wait_ms`, then hands the batch to the model thread and, while
 that thread scores it, gathers the next one (so under load the wait costs nothing: batches fill while the model
@@ -35,7 +32,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.validate import REASONS, validate_rows
 from pipeline.serving.artifact import Artifact, BadRows
 
 log = logging.getLogger(__name__)
@@ -214,7 +210,7 @@ def check_requests(artifact: Artifact, requests: list[list[Any]]) -> tuple[list[
     if not converted:
         return problems, None, []
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    bad = bad_rows(artifact, table)
+    bad = artifact.bad_rows(table)
     if not bad:
         return problems, table, converted
     starts = np.cumsum([0] + [len(requests[i]) for i in converted])
@@ -226,17 +222,3 @@ def check_requests(artifact: Artifact, requests: list[list[Any]]) -> tuple[list[
     for k, i in enumerate(converted):
         keep[starts[k]:starts[k + 1]] = not problems[i]
     return problems, table.filter(pa.array(keep)) if good else None, good
-
-
-def bad_rows(artifact: Artifact, table: pa.Table) -> dict[int, str]:
-    """{row: "field 'x': reason"} for every row of `table` the training reader's validation refuses, with the
-    artifact's max_list_len (the checks and reasons Artifact.logits raises BadRows with; columns that are not
-    features, the label, query id and oracle, are filled with neutral values when absent, as there)."""
-    for name in (c for c in (artifact.spec.label, artifact.spec.group, artifact.spec.oracle) if c):
-        if name not in table.column_names:
-            table = table.append_column(name, pa.array(np.zeros(table.num_rows), type=artifact.schema.field(name).type))
-    verdict = validate_rows(table, artifact.spec, max_list_len=artifact.manifest["max_list_len"])
-    if not verdict.num_bad:
-        return {}
-    return {int(r): f"field {verdict.column_B[r]!r}: {REASONS[verdict.reason_code_B[r] - 1]}"
-            for r in np.flatnonzero(~verdict.good_B)}

@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 from pipeline.data.days import DayRange, discover_days
 from pipeline.files import write_atomic
 from pipeline.serving.artifact import Artifact
-from pipeline.serving.batching import bad_rows
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def _scored_batches(artifact: Artifact, path: Path, data_root: Path, day: str, k
     for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
         table = pa.Table.from_batches([batch])
         n = table.num_rows
-        problems = bad_rows(artifact, table.select(artifact.features))
+        problems = artifact.bad_rows(table.select(artifact.features))
         good = np.ones(n, dtype=bool)
         good[list(problems)] = False
         probs = np.zeros(n, dtype=np.float32)
