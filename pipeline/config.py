@@ -143,6 +143,15 @@ class TrainConfig:
     pipeline: Literal["plain", "sparse_dist"] = "plain"
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
     pg_timeout_s: int = 600
+    # Bounded data (hyrank train): passes over --days, each in a new order when data.shuffle is on (days and the
+    # rows within them); with --valid-days the validation span is evaluated after each pass, the best pass's
+    # checkpoint (checkpoint.best_metric) is kept and evaluates --eval-days, and `patience` passes without a
+    # better one stop the run (0: never stop early)
+    passes: int = 1
+    patience: int = 0
+    # consecutive days with fewer rows than this are trained as one unit (hyrank train): batches stay full when
+    # days are small (a day of 100 rows alone is one mostly-filler step). 0: 16 steps of every rank's batch
+    min_unit_rows: int = 0
 
     def __post_init__(self) -> None:
         _check_positive("lr", self.lr)
@@ -150,7 +159,9 @@ class TrainConfig:
         _check_positive("pg_timeout_s", self.pg_timeout_s)
         if not 0.0 <= self.lr_min_ratio <= 1.0:
             raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
-        for name in ("max_steps_per_day", "eval_max_batches", "warmup_steps", "grad_clip_norm", "allreduce_sync_steps"):
+        _check_positive("passes", self.passes)
+        for name in ("max_steps_per_day", "eval_max_batches", "warmup_steps", "grad_clip_norm", "allreduce_sync_steps",
+                     "patience", "min_unit_rows"):
             if not getattr(self, name) >= 0:  # `not >=` also rejects NaN
                 raise ValueError(f"{name} must be >= 0 (0 means no limit), got {getattr(self, name)}")
         for name in ("allreduce_delay_compensation", "allreduce_weight_prediction"):
@@ -197,6 +208,8 @@ class RunConfig:
         if self.checkpoint.every_steps and self.train.pipeline != "plain":
             raise ValueError("checkpoint.every_steps needs train.pipeline = 'plain': TrainPipelineSparseDist reads "
                              "batches ahead of the step, so a mid-day reader cursor would skip them")
+        if self.checkpoint.best_metric == "query_auc" and self.features.group is None:
+            raise ValueError("checkpoint.best_metric = 'query_auc' needs a group column (features.group)")
         for table in self.embeddings.sharding:
             if table not in tables:
                 raise ValueError(f"embeddings.sharding names unknown table {table!r} (tables: {sorted(tables)})")
@@ -211,17 +224,22 @@ def _check_positive(name: str, value: float) -> None:
 # Loading
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                unsets: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a TOML run config, apply `a.b=c` overrides, and return the validated RunConfig.
 
     A config may start with `extends = "other.toml"` (relative to itself): it is read over that one, tables
     merged key by key and everything else (values, arrays) replaced, so a variant states only what differs.
-    `model.options` is replaced whole: options belong to one model.
+    `model.options` is replaced whole: options belong to one model. An inherited key is removed with
+    `unset = ["features.group", "features.oracle"]` at the top of the extending file (TOML has no null), or
+    `--unset features.group` on the command line (the `unsets` here).
     """
     path = Path(path)
     raw = _read_toml(path, chain=())
     for item in overrides:
         apply_override(raw, item, source=str(path))
+    for dotted in unsets:
+        unset_key(raw, dotted, source="--unset")
     return from_dict(RunConfig, raw, source=str(path))
 
 
@@ -235,11 +253,33 @@ def _read_toml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     base = raw.pop("extends", None)
+    unset = raw.pop("unset", [])
+    if not isinstance(unset, list) or not all(isinstance(k, str) for k in unset):
+        raise ConfigError(f"{path}: `unset` must be a list of dotted keys, e.g. unset = [\"features.group\"]")
     if base is None:
+        if unset:
+            raise ConfigError(f"{path}: `unset` removes keys inherited through `extends`, and this file extends none")
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: `extends` must be a file name, got {base!r}")
-    return _merge(_read_toml(path.parent / base, chain + (path.resolve(),)), raw)
+    merged = _read_toml(path.parent / base, chain + (path.resolve(),))
+    for dotted in unset:
+        unset_key(merged, dotted, source=str(path))
+    return _merge(merged, raw)
+
+
+def unset_key(raw: dict[str, Any], dotted: str, *, source: str) -> None:
+    """Remove a dotted key (`features.group`) from a raw TOML dict: the field falls back to its default. A key
+    that is not there is an error (a typo would otherwise remove nothing without a word)."""
+    keys = dotted.strip().split(".")
+    node: Any = raw
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise _err(source, f"unset {dotted!r}: there is no {'.'.join(keys[:depth + 1])!r} to remove")
+        if depth == len(keys) - 1:
+            del node[key]
+        else:
+            node = node[key]
 
 
 _REPLACED_WHOLE = {"model.options"}

@@ -21,7 +21,7 @@ class EvalMetrics:
     num_rows: int
     ctr: float  # mean label
     auc: float
-    query_auc: float  # NaN when no query has both classes
+    query_auc: float | None  # None without a group column; NaN when no query has both classes
     num_queries: int  # queries with both classes, i.e. those averaged in query_auc
     logloss: float
     ne: float  # logloss / entropy of the day's CTR (1.0 = no better than predicting the base rate)
@@ -30,6 +30,15 @@ class EvalMetrics:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def summary(self) -> str:
+        """One line for people: `AUC 0.7345 (oracle AUC 0.8231), query-AUC 0.7012 over 812 queries, logloss ...`;
+        a metric that does not apply says so instead of printing a number."""
+        oracle = f" (oracle AUC {self.oracle_auc:.4f})" if self.oracle_auc is not None else ""
+        query = ("query-AUC n/a (no group column)" if self.query_auc is None
+                 else f"query-AUC {self.query_auc:.4f} over {self.num_queries} queries")
+        return (f"AUC {self.auc:.4f}{oracle}, {query}, logloss {self.logloss:.4f}, NE {self.ne:.4f}, "
+                f"calibration {self.calibration:.3f} ({self.num_rows:,} rows)")
 
 
 def grouped_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +71,10 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(values[0]) if len(values) else float("nan")
 
 
-def compute_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+def compute_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray | None,
                     oracle_p: np.ndarray | None = None) -> EvalMetrics:
-    """All metrics of one evaluation, from logits (not probabilities: logloss is computed stably)."""
+    """All metrics of one evaluation, from logits (not probabilities: logloss is computed stably). `groups`
+    None: the data has no group column, and query-level AUC is None rather than the AUC of one "query"."""
     logits = logits.astype(np.float64)
     labels = labels.astype(np.float64)
     # log(1 + e^-|x|) form of BCE, stable for large |logit|
@@ -72,13 +82,13 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     logloss = float(loss.mean())
     ctr = float(labels.mean())
     base = -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
-    q_auc, q_groups = grouped_auc(logits, labels, groups)
+    q_auc, q_groups = grouped_auc(logits, labels, groups) if groups is not None else (None, [])
     p = 1.0 / (1.0 + np.exp(-logits))
     return EvalMetrics(
         num_rows=len(labels),
         ctr=ctr,
         auc=auc(logits, labels),
-        query_auc=float(q_auc.mean()) if len(q_auc) else float("nan"),
+        query_auc=None if q_auc is None else float(q_auc.mean()) if len(q_auc) else float("nan"),
         num_queries=len(q_groups),
         logloss=logloss,
         ne=logloss / base,
@@ -87,7 +97,7 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     )
 
 
-def metrics_over_ranks(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+def metrics_over_ranks(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None,
                        oracle_p: torch.Tensor | None = None) -> EvalMetrics:
     """Exact metrics over every rank's rows, returned identically on every rank.
 
@@ -97,7 +107,7 @@ def metrics_over_ranks(logits: torch.Tensor, labels: torch.Tensor, groups: torch
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return compute_metrics(*(None if t is None else t.cpu().numpy() for t in (logits, labels, groups, oracle_p)))
-    gathered = [_gather_to_main(t) for t in (logits.float(), labels, groups)]
+    gathered = [None if t is None else _gather_to_main(t) for t in (logits.float(), labels, groups)]
     oracle = _gather_to_main(oracle_p) if oracle_p is not None else None
     box = [compute_metrics(*gathered, oracle) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)

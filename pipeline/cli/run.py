@@ -25,14 +25,29 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
     p.add_argument("--nproc-per-node", type=int, default=0,
                    help="launch N local ranks with torchrun (default: run in this process / the current torchrun job)")
+    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY",
+                   help="remove a key the config inherits through `extends`, e.g. --unset features.group (the "
+                   "field falls back to its default; in a file: unset = [\"features.group\"]) (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.overrides, args.unsets)
 
 
 def add_train(verbs) -> None:
     p = verb(verbs, "train", _train)
     _add_run_arguments(p)
     p.add_argument("--days", required=True, help="training days: YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
-    p.add_argument("--eval-day", help="evaluation day YYYY-MM-DD (default: none)")
+    p.add_argument("--eval-days", "--eval-day", dest="eval_days", action="append", default=[], metavar="A..B",
+                   help="evaluate on these days after training, as one set: exact AUC over all their rows, "
+                   "query-level AUC per group across the days (repeatable: one result per span)")
+    p.add_argument("--valid-days", metavar="A..B",
+                   help="validation span, evaluated after each pass (train.passes): the best pass by "
+                   "checkpoint.best_metric is kept and is the model --eval-days are scored with; train.patience "
+                   "passes without a better one stop the run")
     p.add_argument("--resume", metavar="latest|PATH",
                    help="continue from a checkpoint: 'latest' under checkpoint.dir, or a step-N folder. Finished "
                    "days are skipped and a day stopped part-way continues from its reader cursor. A torchelastic "
@@ -47,33 +62,38 @@ def _train(args) -> int:
     """Train on a range of days, evaluate on another.
 
     Trains the configured model on --days and reports exact metrics (AUC, query-level AUC, logloss, calibration)
-    on --eval-day. Runs on every rank of a torchrun job; with --nproc-per-node N it launches that job itself on
-    this machine.
+    on --eval-days. Bounded data (a data set of its own, not daily logs) takes several passes (train.passes) and
+    a validation span that picks the pass to keep (--valid-days, train.patience). Runs on every rank of a torchrun
+    job; with --nproc-per-node N it launches that job itself on this machine, after checking the feature spec
+    against the files (hyrank check's schema part).
 
     Examples:
-      hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 --eval-day 2026-11-04 \\
+      hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-03 --eval-days 2026-11-04 \\
           --nproc-per-node 2 --set train.lr=0.002
       hyrank train --config jobs/configs/default.toml --days 2026-11-01..2026-11-05 --nproc-per-node 2 \\
           --resume latest      # after a stop
+      hyrank train --config jobs/configs/movielens.toml --days 1997-09-20..1998-03-07 \\
+          --valid-days 1998-03-08..1998-03-31 --eval-days 1998-04-01..1998-04-22 --set train.passes=5
+
+    A run that stopped (SIGTERM, a crash) continues with the same command and --resume latest, mid-pass and
+    mid-day included.
     """
     if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc_per_node)
+        return _launch(args, [args.days, *args.eval_days, *([args.valid_days] if args.valid_days else [])])
     import torch.distributed as dist
 
-    from pipeline.config import load_config
-    from pipeline.data.days import find_day
     from pipeline.distributed.env import init_distributed
     from pipeline.train.resume import check_resumable
     from pipeline.train.trainer import RunPlan, Trainer
 
-    cfg = load_config(args.config, args.overrides)
-    d = cfg.data
-    days = _training_days(d, args.days)
-    eval_days = [find_day(d.root, dt.date.fromisoformat(args.eval_day), partition_key=d.partition_key,
-                          require_success=d.require_success)] if args.eval_day else []
+    cfg = _load(args)
+    days = _training_days(cfg.data, args.days)
+    eval_days = [_span(cfg.data, text, "--eval-days") for text in args.eval_days]
+    valid = _span(cfg.data, args.valid_days, "--valid-days") if args.valid_days else None
+    _check_on_every_rank(cfg, [*days, *[d for span in [*eval_days, valid] if span for d in span.days_of()]])
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # resumes from its own checkpoints
     plan = RunPlan(days, eval_days, resume=args.resume or ("latest-if-any" if restarted else None),
-                   trust_checkpoint=args.trust_checkpoint)
+                   trust_checkpoint=args.trust_checkpoint, valid_days=valid)
     check_resumable(cfg, plan.resume)  # before any collective: a checkpoint of another model, with its diff
     env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
     trainer = Trainer(cfg, env, progress=not args.quiet)
@@ -81,6 +101,11 @@ def _train(args) -> int:
     trainer.close()
     if env.is_main:
         _print_result(result, cfg.out_dir)
+        if result.valid:
+            from pipeline.pass_report import write_pass_report
+
+            report = write_pass_report(Path(cfg.out_dir))
+            print(f"validation curve: {report.csv_path} and {report.png_path}")
     dist.destroy_process_group()
     return 0
 
@@ -98,13 +123,34 @@ def _training_days(d, days: str) -> list:
     return found
 
 
+def _span(d, text: str, what: str):
+    """The days of `text` (YYYY-MM-DD or A..B) under cfg.data `d`, read as one set; missing days are named in a
+    warning, none at all is an error."""
+    from pipeline.data.days import DayRange, as_span, discover_days
+
+    found = discover_days(d.root, DayRange.parse(text), partition_key=d.partition_key,
+                          require_success=d.require_success)
+    if not found:
+        raise FileNotFoundError(f"{what} {text}: no complete day under {d.root}")
+    return as_span(found)
+
+
 def _print_result(result, out_dir: str) -> None:
+    passes = len({s.pass_index for s in result.trained}) > 1
     for s in result.trained:
-        print(f"train {s.day}: {s.steps} steps, {s.rows} rows, mean loss {s.mean_loss:.4f}, {s.rows_per_s:,.0f} rows/s")
+        where = f"pass {s.pass_index + 1} " if passes else ""
+        print(f"train {where}{s.day}: {s.steps} steps, {s.rows} rows, mean loss {s.mean_loss:.4f}, "
+              f"{s.rows_per_s:,.0f} rows/s")
+    for v in result.valid:
+        query = "n/a" if v["query_auc"] is None else f"{v['query_auc']:.4f}"
+        print(f"valid pass {v['pass'] + 1} ({v['days']}): AUC {v['auc']:.4f}, query-AUC {query}, "
+              f"logloss {v['logloss']:.4f}")
+    if result.early_stop:
+        print(result.early_stop)
+    if result.best is not None:
+        print(f"kept pass {result.best['pass'] + 1}: checkpoint {result.best['checkpoint']} (metrics/best.json)")
     for day, m in result.metrics.items():
-        oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m.oracle_auc is not None else ""
-        print(f"eval {day}: AUC {m.auc:.4f}{oracle}, query-AUC {m.query_auc:.4f} over {m.num_queries} queries, "
-              f"logloss {m.logloss:.4f}, NE {m.ne:.4f}, calibration {m.calibration:.3f}")
+        print(f"eval {day}: {m.summary()}")
     if result.metrics:
         print(f"outputs: {out_dir} (config.resolved.toml, train/, metrics/, tensorboard/, checkpoints/)")
     if result.checkpoint is not None:
@@ -154,14 +200,15 @@ def _stream(args) -> int:
     day), ledger/, checkpoints/, metrics/progressive-<day>.json.
     """
     if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc_per_node)
+        until = args.until or (args.first and dt.date.today())
+        return _launch(args, [f"{args.first}..{until}"] if args.first else [])
     import torch.distributed as dist
 
-    from pipeline.config import load_config
     from pipeline.distributed.env import init_distributed
     from pipeline.stream import StreamOptions, stream
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
+    _check_on_every_rank(cfg, _newest_day(cfg.data))
     options = StreamOptions(first=args.first, until=args.until, follow=args.follow, skip_gaps=args.skip_gaps,
                             poll_s=args.poll_s, max_poll_s=args.max_poll_s, warm_start=args.warm_start,
                             export_to=args.export_to, quality_margin=args.quality_margin)
@@ -169,14 +216,106 @@ def _stream(args) -> int:
     result = stream(cfg, env, options, progress=not args.quiet)
     if env.is_main:
         for day, m in result.progressive.items():
-            oracle = f" (oracle AUC {m.oracle_auc:.4f})" if m is not None and m.oracle_auc is not None else ""
-            print(f"{day}: progressive AUC {m.auc:.4f}{oracle}, logloss {m.logloss:.4f}" if m is not None
+            print(f"{day}: progressive {m.summary()}" if m is not None
                   else f"{day}: no progressive metric (the first day of a fresh run has no model yet)")
         _print_result(result, cfg.out_dir)
         print(f"report: {Path(cfg.out_dir) / 'report' / 'days.csv'} and days.png; status: "
               f"{Path(cfg.out_dir) / 'status.json'}")
     dist.destroy_process_group()
     return 0
+
+
+# -- evaluate ------------------------------------------------------------------------------------------------------
+
+
+def add_evaluate(verbs) -> None:
+    p = verb(verbs, "evaluate", _evaluate)
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (step-N), e.g. "
+                   "runs/default/checkpoints/step-000002344, or a file naming one: a run's checkpoints/latest, or "
+                   "the metrics/best.json of a run with --valid-days (its best pass)")
+    p.add_argument("--days", required=True, action="append", metavar="A..B",
+                   help="days to evaluate as one set (repeatable: one result per span)")
+    p.add_argument("--config", type=Path, help="run config to read the data with (default: the one the checkpoint "
+                   "was trained with, from its meta.json); its model must be the checkpoint's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.root=/logs/other (repeatable)")
+    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY",
+                   help="remove a config key, e.g. --unset features.group (repeatable)")
+    p.add_argument("--out", type=Path, help="also write the metrics here as JSON")
+    p.add_argument("--nproc-per-node", type=int, default=0, help="launch N local ranks with torchrun")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint outside the config's checkpoint.dir (DCP unpickles what it finds)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _evaluate(args) -> int:
+    """Evaluate a checkpoint on a span of days: exact metrics over all of its rows.
+
+    The same code as train's --eval-days (Trainer.evaluate): AUC over every row of the span, query-level AUC per
+    group across its days, logloss, NE, calibration, and the oracle AUC where the data has one. Metrics that do not
+    apply say so (no group column: query-AUC n/a). Reads nothing but the checkpoint and the days: it can run beside
+    the job that is training the same run.
+
+    Examples:
+      hyrank evaluate --checkpoint runs/default/checkpoints/latest --days 2026-11-04
+      hyrank evaluate --checkpoint runs/movielens/metrics/best.json --days 1998-04-01..1998-04-22 \\
+          --days 1998-03-08..1998-03-31 --out test-metrics.json
+    """
+    if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node)
+    import torch.distributed as dist
+
+    from pipeline.distributed.env import init_distributed
+    from pipeline.files import write_json
+    from pipeline.train.trainer import Trainer
+
+    args.checkpoint = _resolve_checkpoint(args.checkpoint)
+    cfg = _checkpoint_config(args)
+    cfg.train.tensorboard = False  # writes nothing into the run
+    spans = [_span(cfg.data, text, "--days") for text in args.days]
+    env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
+    trainer = Trainer(cfg, env, progress=not args.quiet)
+    trainer.checkpointer.load(args.checkpoint, trust=args.trust_checkpoint)
+    results = {span.label: trainer.evaluate(span, kind="evaluate") for span in spans}
+    trainer.close()
+    if env.is_main:
+        for label, m in results.items():
+            print(f"evaluate {label} with {args.checkpoint.name} (step {trainer.global_step}): {m.summary()}")
+        if args.out:
+            write_json(args.out, {"checkpoint": str(args.checkpoint), "step": trainer.global_step,
+                                  "metrics": {label: m.to_dict() for label, m in results.items()}})
+    dist.destroy_process_group()
+    return 0
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder as given, or the one a pointer file names: a run's `checkpoints/latest`, or the
+    `metrics/best.json` of a run with --valid-days."""
+    if not path.is_file():
+        return path
+    if path.suffix == ".json":
+        picked = json.loads(path.read_text()).get("checkpoint")
+        if not picked:
+            raise ValueError(f"{path} names no checkpoint (expected a run's metrics/best.json)")
+        return Path(picked)
+    return path.parent / path.read_text().strip()
+
+
+def _checkpoint_config(args):
+    """--config (with --set / --unset), or the config saved in the checkpoint's meta.json."""
+    from pipeline.config import RunConfig, apply_override, from_dict, unset_key
+
+    if args.config:
+        return _load(args)
+    meta = args.checkpoint / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found: not a complete checkpoint (give --config to read it anyway)")
+    raw = json.loads(meta.read_text())["parts"]["run"]["config"]
+    for item in args.overrides:
+        apply_override(raw, item, source=str(meta))
+    for key in args.unsets:
+        unset_key(raw, key, source="--unset")
+    return from_dict(RunConfig, raw, source=str(meta))
 
 
 # -- export --------------------------------------------------------------------------------------------------------
@@ -224,13 +363,56 @@ def _export(args) -> int:
     return 0
 
 
+def _launch(args, day_texts: list[str]) -> int:
+    """Before starting `--nproc-per-node` ranks: load the config and check the feature spec against the files of
+    these days (hyrank check's schema part, footers only: seconds), so a wrong column stops the job here, in one
+    line, before any rank builds a sharding plan. Then relaunch under torchrun; ranks put full tracebacks of their
+    errors in <out_dir>/logs/."""
+    from pipeline.data.check import require_schema
+    from pipeline.data.days import DayRange, scan_days
+
+    cfg = _load(args)
+    d = cfg.data
+    if day_texts:
+        days = [day for text in day_texts for day in scan_days(
+            d.root, DayRange.parse(text), partition_key=d.partition_key, require_success=d.require_success).found]
+    else:  # the stream from wherever its checkpoint stands: the newest day shows a spec that does not fit
+        days = _newest_day(d)
+    require_schema(cfg.features, days, options=d, world_size=args.nproc_per_node, log_warnings=False)
+    os.environ["HYRANK_LOG_DIR"] = str(Path(cfg.out_dir).resolve() / "logs")
+    return _relaunch_with_torchrun(args.nproc_per_node)
+
+
+def _newest_day(d) -> list:
+    """The newest complete day under cfg.data `d`, if any (a stream may start before its first day exists)."""
+    from pipeline.data.days import scan_days
+
+    if not Path(d.root).is_dir():
+        return []
+    return scan_days(d.root, partition_key=d.partition_key, require_success=d.require_success).found[-1:]
+
+
+def _check_on_every_rank(cfg, days: list) -> None:
+    """A rank of a job this process did not launch (torchrun or torchx by hand): check the spec against the
+    footers of its days before any collective. Every rank reads the same footers and raises the same error, so
+    none is left waiting in a collective; under `--nproc-per-node` the launcher has checked already (_launch)."""
+    if os.environ.get("HYRANK_LOG_DIR") or "RANK" not in os.environ:
+        return
+    from pipeline.data.check import require_schema
+
+    require_schema(cfg.features, days, options=cfg.data, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                   log_warnings=os.environ.get("RANK") == "0")
+
+
 def _relaunch_with_torchrun(nproc: int) -> int:
     """Re-run this very command under torchrun with `nproc` local ranks (single node).
 
     SIGTERM / SIGINT to this process: torchelastic forwards it to the ranks, which finish their step and checkpoint
     (Trainer.run); this process then exits 0 if they recorded the stop (`<out_dir>/stopped.json`), 1 if not.
+    A rank's error is printed once, as the rank reported it (exit code 2); see _report_failure.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     argv = [a for a in sys.argv[1:]]
@@ -238,11 +420,31 @@ def _relaunch_with_torchrun(nproc: int) -> int:
     del argv[i:i + (1 if "=" in argv[i] else 2)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = time.time()
+    # the agent's own report of a failed rank is the traceback-laden table this launcher replaces with one line
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
     except SignalException as e:
         return _report_stop(e.sigval.name, started)
+    except ChildFailedError as e:
+        return _report_failure(e)
     return 0
+
+
+def _report_failure(e) -> int:
+    """The ranks' errors, once: 2 with each distinct message the ranks reported (a user error: a bad column, a
+    bad config value; pipeline.cli.report_rank_error), else 1 naming the first rank that died and how."""
+    log = logging.getLogger("hyrank")
+    told = [f for f in e.failures.values() if isinstance(f.error_file_data, dict) and f.error_file_data.get("hyrank")]
+    if told:
+        for message in dict.fromkeys(f.message for f in told):
+            log.error("%s", message)
+        if logs := [f.error_file_data["log"] for f in told if f.error_file_data.get("log")]:
+            print(f"(the full traceback is in {logs[0]})", file=sys.stderr)
+        return 2
+    rank, failure = e.get_first_failure()
+    log.error("rank %d failed with exit code %d: %s (its output is above)", rank, failure.exitcode, failure.message)
+    return 1
 
 
 def _report_stop(signal_name: str, since: float) -> int:
@@ -251,7 +453,7 @@ def _report_stop(signal_name: str, since: float) -> int:
     from pipeline.config import load_config
 
     args = build_parser().parse_args(sys.argv[1:])
-    record = Path(load_config(args.config, args.overrides).out_dir) / "stopped.json"
+    record = Path(load_config(args.config, args.overrides, args.unsets).out_dir) / "stopped.json"
     if record.is_file() and record.stat().st_mtime >= since:
         stop = json.loads(record.read_text())
         print(f"stopped by {signal_name} at step {stop['step']}: checkpoint {stop['checkpoint']}; continue with "

@@ -71,6 +71,74 @@ class DayPartition:
     def files(self) -> list[Path]:
         return sorted(self.path.glob("*.parquet"))
 
+    @property
+    def label(self) -> str:
+        """How runs name what they read: the day, YYYY-MM-DD."""
+        return self.day.isoformat()
+
+    @property
+    def days(self) -> list[str]:
+        return [self.label]
+
+    def days_of(self) -> list["DayPartition"]:
+        """The partitions read: this one."""
+        return [self]
+
+
+@dataclass(frozen=True)
+class DaySpan:
+    """Consecutive days read as one set: their files in day order, split across ranks and batched as one day's are.
+
+    Evaluating a span gives exact metrics over all of its rows (`--eval-days A..B`); training many small days as
+    spans keeps batches full (`group_days`). It reads like a DayPartition: `day` (the first, which seeds the
+    shuffle), `label` ("A..B"), `path` (the first day's folder, for messages), `files`, `days`.
+    """
+
+    parts: tuple[DayPartition, ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("a span of days needs at least one day")
+
+    @property
+    def day(self) -> dt.date:
+        return self.parts[0].day
+
+    @property
+    def path(self) -> Path:
+        return self.parts[0].path
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.parts)
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for p in self.parts for f in p.files]
+
+    @property
+    def label(self) -> str:
+        first, last = self.parts[0].label, self.parts[-1].label
+        return first if len(self.parts) == 1 else f"{first}..{last}"
+
+    @property
+    def days(self) -> list[str]:
+        return [p.label for p in self.parts]
+
+    def days_of(self) -> list[DayPartition]:
+        """The partitions read, in order."""
+        return list(self.parts)
+
+
+Days = DayPartition | DaySpan  # what a reader reads and a trainer trains or evaluates as one unit
+
+
+def as_span(days: list[DayPartition]) -> Days:
+    """One day as itself, several as a DaySpan."""
+    if not days:
+        raise ValueError("no day to read")
+    return days[0] if len(days) == 1 else DaySpan(tuple(days))
+
 
 @dataclass(frozen=True)
 class SkippedDay:

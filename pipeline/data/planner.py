@@ -141,7 +141,7 @@ class Producer:
             id_max = _merge_id_max(units_id_max)  # holds for every batch of the block
             num_in_block = -(-num_rows // r.batch_size)  # the last one filled up if the rank's rows end in it
             if skip >= num_in_block:
-                raise ValueError(f"day {r.day.day}: a resumed cursor points past its block ({skip} of "
+                raise ValueError(f"day {r.day.label}: a resumed cursor points past its block ({skip} of "
                                  f"{num_in_block} batches): the day's files changed since the checkpoint")
             end = (pieces[0][0], int(pieces[0][2][0])) if pieces else (self.next_unit, 0)
             counts_end = self._counts_before(end[0])
@@ -224,7 +224,7 @@ class Producer:
     def _check_budget(self) -> None:
         """This rank alone has more bad rows than the budget allows for the whole day: stop now."""
         r = self.r
-        v = DayValidation.from_vector(str(r.day.day), self.counts, str(r.quarantine or ""))
+        v = DayValidation.from_vector(r.day.label, self.counts, str(r.quarantine or ""))
         if v.num_bad > r.options.error_budget * r.day_rows:
             v.rows = r.day_rows
             raise v.budget_error(r.options.error_budget)
@@ -249,10 +249,10 @@ class Producer:
         if not verdict.num_bad:
             return _Unit(table, np.arange(ref.start, ref.stop, dtype=np.int64), table.num_rows, {}, verdict.id_max)
         good = verdict.good_B
-        if r.quarantine is not None:  # one file per row range: a rank rewrites its own, never another's
+        if r.quarantine_root is not None:  # one file per row range: a rank rewrites its own, never another's
             bad_rows = np.flatnonzero(~good)
             suffix = "" if ref.whole else f".rows{ref.start}-{ref.stop}"
-            write_quarantine(r.quarantine / f"{ref.file.stem}.rg{ref.index}{suffix}.parquet", table.take(bad_rows),
+            write_quarantine(r.quarantine_root / ref.file.parent.name / f"{ref.file.stem}.rg{ref.index}{suffix}.parquet", table.take(bad_rows),
                              _subset(verdict, ~good), source_file=str(ref.file), source_rows=bad_rows + ref.start)
         return _Unit(table.filter(pa.array(good)), np.flatnonzero(good) + ref.start, table.num_rows,
                      verdict.counts(), verdict.id_max)
@@ -291,7 +291,7 @@ class Producer:
             good = np.flatnonzero(validate_rows(table, r.spec, max_list_len=r.options.max_list_len).good_B)
             if len(good):
                 return table.slice(int(good[0]), 1)
-        raise ValueError(f"day {r.day.day} ({r.day.path}) has no valid row in any file: nothing to train on")
+        raise ValueError(f"day {r.day.label} ({r.day.path}) has no valid row in any file: nothing to train on")
 
 
 def _merge_id_max(per_unit: list[dict[str, int]]) -> dict[str, int]:

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from embeddings.dedup import SequenceFeed
 from pipeline.data.batch import Batch
 from pipeline.data.convert import BatchConverter
-from pipeline.data.days import DayPartition
+from pipeline.data.days import Days
 from pipeline.data.features import FeatureSpec
 from pipeline.data.options import ReaderOptions
 from pipeline.data.planner import Cursor, Producer
@@ -68,7 +68,7 @@ class DayReader:
     """Batches of one day for one rank: every valid row once, the same number of batches on every rank. A
     Stateful (its state_dict is plain data)."""
 
-    def __init__(self, day: DayPartition, spec: FeatureSpec, *, batch_size: int, rank: int = 0,
+    def __init__(self, day: Days, spec: FeatureSpec, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, max_batches: int = 0, seed: int = 0, options: ReaderOptions | None = None,
                  quarantine_dir: str | Path | None = None, sequence_feed: SequenceFeed | None = None):
         """`options`: cfg.data (a DataConfig is a ReaderOptions); `sequence_feed`: the model's
@@ -91,11 +91,14 @@ class DayReader:
             self.num_batches = min(self.num_batches, max_batches)
         self.rows_unread = 0  # valid or not: rows a max_batches cap left unread on any rank (set at the day's end)
         self.block_rows = batch_size * math.ceil(opts.shuffle_buffer_rows / batch_size) if opts.shuffle else batch_size
-        self.quarantine = Path(quarantine_dir) / day.path.name if quarantine_dir else None
+        # bad rows go to <quarantine_dir>/<partition folder of their file>/ (a span's files are in several)
+        self.quarantine_root = Path(quarantine_dir) if quarantine_dir else None
+        self.quarantine = None if self.quarantine_root is None else \
+            self.quarantine_root / day.path.name if len(day.days) == 1 else self.quarantine_root
         self.convert = BatchConverter(spec, sequence_feed=sequence_feed)
         self.columns = spec.columns()
         self.pin = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
-        self.validation = DayValidation(str(day.day), quarantine=str(self.quarantine or ""))
+        self.validation = DayValidation(day.label, quarantine=str(self.quarantine or ""))
         self._group = _status_group(world_size)
         self._cursor = Cursor()
         self._consumed: list[np.ndarray] = []  # (unit, raw row) of the real rows yielded since pop_consumed()
@@ -137,7 +140,7 @@ class DayReader:
         """The remaining batches from the cursor on; a second pass over a finished reader yields nothing."""
         if self.num_remaining <= 0:
             if self.day_rows == 0:
-                raise ValueError(f"day {self.day.day} ({self.day.path}) has no valid row to read: its files hold no "
+                raise ValueError(f"day {self.day.label} ({self.day.path}) has no valid row to read: its files hold no "
                                  "rows; a day that trains 0 steps is an error, not done")
             return
         producer = Producer(self, self._cursor)
@@ -149,7 +152,7 @@ class DayReader:
                 failure = item if isinstance(item, BaseException) else None
                 if not self._agree(failure, real=failure is None and item[1].real):
                     if first:
-                        raise ValueError(f"day {self.day.day} ({self.day.path}) has no valid row to read: "
+                        raise ValueError(f"day {self.day.label} ({self.day.path}) has no valid row to read: "
                                          f"{self.day_rows} rows in its files, all bad or skipped; a day that "
                                          "trains 0 steps is an error, not done")
                     break
@@ -197,7 +200,7 @@ class DayReader:
                               [int(v) for v in state["counts_before"]])
 
     def _identity(self) -> dict[str, Any]:
-        return {"day": self.day.day.isoformat(), "rank": self.rank, "world_size": self.world_size,
+        return {"day": self.day.label, "rank": self.rank, "world_size": self.world_size,
                 "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.options.shuffle,
                 "block_rows": self.block_rows, "num_batches": self.num_batches, "num_units": len(self.mine)}
 
@@ -219,7 +222,7 @@ class DayReader:
         if failure is not None:
             raise failure
         failed = {r: m for r, m in enumerate(messages) if m is not None}
-        raise ValueError(f"day {self.day.day}: stopped because rank(s) {sorted(failed)} failed: "
+        raise ValueError(f"day {self.day.label}: stopped because rank(s) {sorted(failed)} failed: "
                          + "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
 
     def _finish_day(self, seen: list[int]) -> None:
@@ -228,10 +231,10 @@ class DayReader:
         if self._group is not False:
             dist.all_reduce(total, group=self._group)
         *counts, self.rows_unread = total.tolist()
-        self.validation = DayValidation.from_vector(str(self.day.day), counts, str(self.quarantine or ""))
+        self.validation = DayValidation.from_vector(self.day.label, counts, str(self.quarantine or ""))
         if self.rows_unread and self.rank == 0:
             log.warning("day %s: %d rows left unread: the day was cut at %d batches (train.max_steps_per_day / "
-                        "eval_max_batches)", self.day.day, self.rows_unread, self.max_batches)
+                        "eval_max_batches)", self.day.label, self.rows_unread, self.max_batches)
         v = self.validation
         if v.num_bad and self.rank == 0:
             log.warning("day %s: dropped %d bad rows of %d: %s (quarantine: %s)", v.day, v.num_bad, v.rows, v.bad,

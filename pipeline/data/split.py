@@ -2,6 +2,7 @@
 
     footers = read_footers(day, spec, on_corrupt_file="fail")     # DayFooters: refs + files skipped as corrupt
     shares = split_rows(footers.refs, world_size)                  # rank -> its RowRanges, in file order
+    units = group_days(days, min_rows=32 * 512 * 2)                # small consecutive days read as one DaySpan
 
 Split: the day's rows, in file then row-group order, are cut into `world_size` contiguous shares whose sizes differ
 by at most one row; a row group on a boundary is read by both ranks, each keeping its own rows of it. It is
@@ -20,7 +21,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.days import DayPartition
+from pipeline.data.days import DayPartition, Days, as_span
 from pipeline.data.features import FeatureSpec
 from pipeline.data.schema import is_string_id
 from pipeline.data.validate import check_same_types, check_schema
@@ -87,7 +88,7 @@ class DayFooters:
                 f"({', '.join(self.corrupt_files)})")
 
 
-def read_footers(day: DayPartition, spec: FeatureSpec | None = None, *,
+def read_footers(day: Days, spec: FeatureSpec | None = None, *,
                  on_corrupt_file: Literal["fail", "skip"] = "fail", max_corrupt_files: int = 0) -> DayFooters:
     """Row groups of the day in file then row-group order.
 
@@ -124,7 +125,7 @@ def read_footers(day: DayPartition, spec: FeatureSpec | None = None, *,
         out.refs += [RowRange.whole_group(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     if len(out.skipped) > max_corrupt_files:
         raise ValueError(
-            f"day {day.day}: {len(out.skipped)} file(s) skipped with an unreadable Parquet footer, so their rows are "
+            f"day {day.label}: {len(out.skipped)} file(s) skipped with an unreadable Parquet footer, so their rows are "
             f"unknown and the day counts as over its error budget: {', '.join(out.corrupt_files)} "
             f"(data.max_corrupt_files = {max_corrupt_files} allows up to that many such files a day)")
     return out
@@ -147,7 +148,35 @@ def _warn_string_ids(spec: FeatureSpec, schema: pa.Schema, source: str) -> None:
                         tables[f.table].num_embeddings, f.table, f.oov)
 
 
-def row_groups(day: DayPartition) -> list[RowRange]:
+def group_days(days: list[DayPartition], min_rows: int) -> list[Days]:
+    """Consecutive days merged, in order, into units of at least `min_rows` rows (from the footers); a day of that
+    many rows stays alone, and a short remainder joins the unit before it. Small days read one by one would each
+    end in a part-filled batch and pay a day's fixed costs (reader start, end-of-day collectives, a checkpoint):
+    read as one DaySpan their rows fill whole batches. A file whose footer is unreadable counts 0 rows here (the
+    reader reports it)."""
+    units: list[list[DayPartition]] = []
+    rows_in_last = 0
+    for day in days:
+        rows = sum(_footer_rows(f) for f in day.files)
+        if units and rows_in_last < min_rows:
+            units[-1].append(day)
+            rows_in_last += rows
+        else:
+            units.append([day])
+            rows_in_last = rows
+    if len(units) > 1 and rows_in_last < min_rows:  # a short tail joins the unit before it
+        units[-2].extend(units.pop())
+    return [as_span(u) for u in units]
+
+
+def _footer_rows(file: Path) -> int:
+    try:
+        return pq.ParquetFile(file).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return 0
+
+
+def row_groups(day: Days) -> list[RowRange]:
     """Every row group of the day, in file then row-group order."""
     return read_footers(day).refs
 

@@ -48,7 +48,7 @@ def score_day(model: torch.nn.Module, reader: DayReader, *, device: torch.device
     finally:
         model.train()
     if not parts["labels"]:
-        raise ValueError(f"evaluation day {reader.day.day} gave no batch")
+        raise ValueError(f"evaluation {reader.day.label} gave no batch")
     return Scores(torch.cat(parts["logits"]), torch.cat(parts["labels"]), torch.cat(parts["groups"]),
                   torch.cat(parts["oracle"]) if parts["oracle"] else None)
 

@@ -121,18 +121,22 @@ class Progress:
     checkpoint scored on the next day (progressive validation; checkpoint.keep_best keeps the best)."""
 
     global_step: int = 0
-    days_done: list[str] = field(default_factory=list)
-    day: str | None = None
+    days_done: list[str] = field(default_factory=list)  # of the pass in progress
+    day: str | None = None  # the day (or span label, "A..B") in progress
     day_losses: list[float] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
+    pass_index: int = 0  # the pass over the run's days in progress (train.passes)
+    valid: list[dict[str, Any]] = field(default_factory=list)  # per finished pass: its checkpoint and metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "days_done": list(self.days_done), "day": self.day,
-                "day_losses": list(self.day_losses), "scores": dict(self.scores)}
+                "day_losses": list(self.day_losses), "scores": dict(self.scores), "pass_index": self.pass_index,
+                "valid": [dict(v) for v in self.valid]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_step, self.days_done, self.day = int(state["global_step"]), list(state["days_done"]), state["day"]
         self.day_losses, self.scores = list(state["day_losses"]), dict(state.get("scores", {}))
+        self.pass_index, self.valid = int(state.get("pass_index", 0)), [dict(v) for v in state.get("valid", [])]
 
 
 class ReaderCursor:

@@ -21,19 +21,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from models import build_model
 from pipeline.config import RunConfig, save_resolved
-from pipeline.data.days import DayPartition
+from pipeline.data.days import Days
 from pipeline.data.reader import DayReader
+from pipeline.data.split import group_days
 from pipeline.distributed.dense_sync import DenseSync
 from pipeline.distributed.dmp import make_data_parallel_wrapper, shard_model
 from pipeline.distributed.env import DistEnv
@@ -41,7 +40,10 @@ from pipeline.distributed.signals import GracefulStop
 from pipeline.files import write_json
 from pipeline.ranker import RankingModel
 from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.plan import (DayStats, RunPlan, RunResult, RunStopped, best_record, pass_order,
+                                 passes_since_best, reader_seed)
 from pipeline.train.evaluate import best_checkpoints, score_day
+from pipeline.train.pipelined import pipelined_steps
 from pipeline.metrics import EvalMetrics, metrics_over_ranks
 from pipeline.train.resume import WarmStart, checkpoint_diff, checkpoint_to_resume
 from pipeline.train.resume import warm_start as resume_warm
@@ -50,65 +52,6 @@ from pipeline.train.schedule import LRSchedule
 from pipeline.train.state import Ledger, OptimizerState, Progress, ReaderCursor, RNGState, RunIdentity
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunPlan:
-    """What one `Trainer.run` does: train these days in order, then evaluate those, after resuming if asked.
-
-    `train_days`: a list, or any iterable (the daily stream passes one that waits for each day to complete).
-    `progressive`: evaluate each training day before training on it (progressive validation: the metric the model
-    serving that day would have had); the first day of a fresh run has no model to evaluate, and says so.
-    `resume`: None (a fresh run), "latest" (the newest checkpoint under checkpoint.dir; an error if there is none),
-    "latest-if-any" (the same, or a fresh run: a torchelastic restart before the first checkpoint) or a path.
-    Days a checkpoint has finished are skipped; a day it stopped in continues from its reader cursor.
-    """
-
-    train_days: Iterable[DayPartition]
-    eval_days: list[DayPartition] = field(default_factory=list)
-    resume: str | Path | None = None
-    trust_checkpoint: bool = False  # resume from a folder outside checkpoint.dir (checkpoints hold pickle code)
-    progressive: bool = False
-    warm_start: WarmStart | None = None  # a checkpoint of another model: carry these weights (train/resume.py)
-
-
-@dataclass
-class DayStats:
-    day: str
-    steps: int
-    rows: int  # across all ranks
-    seconds: float
-    losses: list[float] = field(default_factory=list)  # per step, averaged over ranks
-    step_seconds: list[float] = field(default_factory=list)  # this rank's wall time of each step
-    bad_rows: dict[str, int] = field(default_factory=dict)  # rows validation dropped (and quarantined), by reason
-    rows_per_s: float = 0.0  # of this session (a resumed day: since the resume)
-
-    @property
-    def mean_loss(self) -> float:
-        return float(np.mean(self.losses)) if self.losses else float("nan")
-
-    def to_dict(self) -> dict:
-        return {"day": self.day, "steps": self.steps, "rows": self.rows, "seconds": round(self.seconds, 3),
-                "rows_per_s": round(self.rows_per_s, 1), "mean_loss": self.mean_loss, "bad_rows": self.bad_rows,
-                "losses": self.losses}
-
-
-@dataclass
-class RunResult:
-    trained: list[DayStats]
-    metrics: dict[str, EvalMetrics]  # by evaluation day
-    resumed_from: Path | None
-    checkpoint: Path | None  # the newest checkpoint after the run
-    stopped: str | None = None  # the signal that stopped the run early (SIGTERM, SIGINT), else None
-    progressive: dict[str, EvalMetrics | None] = field(default_factory=dict)  # by day; None: no model yet
-
-
-class RunStopped(Exception):
-    """SIGTERM / SIGINT stopped the run after a step; `checkpoint` is where it continues from."""
-
-    def __init__(self, signal_name: str, checkpoint: Path | None):
-        super().__init__(f"stopped by {signal_name}")
-        self.signal, self.checkpoint = signal_name, checkpoint
 
 
 class Trainer:
@@ -168,7 +111,8 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------------------------
 
     def run(self, plan: RunPlan) -> RunResult:
-        """Resume if asked, train `plan.train_days` in order (the only day loop), then evaluate `plan.eval_days`.
+        """Resume if asked, train `plan.train_days` in order (the only day loop) for `train.passes` passes, choosing
+        the pass to keep on `plan.valid_days` if given, then evaluate `plan.eval_days`.
 
         Holds the run directory's lock throughout (pipeline/train/run_lock.py). SIGTERM / SIGINT stop it after the
         current step with a checkpoint (`RunResult.stopped`); a second signal stops the process at once.
@@ -180,18 +124,12 @@ class Trainer:
                     save_resolved(self.cfg, self.out_dir)
                 result.resumed_from = self.resume(plan.resume, trust=plan.trust_checkpoint,
                                                   warm_start=plan.warm_start)
-                if isinstance(plan.train_days, list):  # one LR curve over all the days (an unfinished one is kept)
-                    self.plan_lr([d for d in plan.train_days if str(d.day) not in self.progress.days_done])
-                for day in plan.train_days:
-                    if str(day.day) in self.progress.days_done:
-                        continue
+                self._train(plan, result)
+                if result.best is not None and result.best["step"] != self.global_step:
+                    self._load_best(result.best)
+                for unit in plan.eval_days:
                     self._stop_if_asked()
-                    if plan.progressive and self.progress.day != str(day.day):  # (a resumed day was, before)
-                        result.progressive[str(day.day)] = self.evaluate_progressive(day)
-                    result.trained.append(self.train_day(day))
-                for day in plan.eval_days:
-                    self._stop_if_asked()
-                    result.metrics[str(day.day)] = self.evaluate(day)
+                    result.metrics[unit.label] = self.evaluate(unit)
                 self._stop_if_asked()  # a signal during the last day's wait (the stream) or evaluation
             except RunStopped as stop:
                 result.checkpoint, result.stopped = stop.checkpoint, stop.signal
@@ -200,6 +138,86 @@ class Trainer:
                 self._stop = None
         result.checkpoint = self.checkpointer.latest()
         return result
+
+    def _train(self, plan: RunPlan, result: RunResult) -> None:
+        """The passes over the plan's training days (one, for an open-ended stream), each unit once per pass."""
+        t, p = self.cfg.train, self.progress
+        units = self._units(plan)
+        bounded = isinstance(units, list)
+        if not bounded and (t.passes > 1 or plan.valid_days is not None):
+            raise ValueError("train.passes > 1 and validation days need a bounded list of days (hyrank train)")
+        if bounded:
+            self.plan_lr(units)
+        while True:
+            order = pass_order(units, p.pass_index, seed=self.cfg.seed,
+                               shuffle=self.cfg.data.shuffle and t.passes > 1) if bounded else units
+            for unit in order:
+                if all(d in p.days_done for d in unit.days):
+                    continue
+                self._stop_if_asked()
+                if plan.progressive and p.day != unit.label:  # (a resumed day was, before)
+                    result.progressive[unit.label] = self.evaluate_progressive(unit)
+                result.trained.append(self.train_day(unit))
+            if plan.valid_days is not None:
+                result.valid, result.best = p.valid, self._validate_pass(plan.valid_days)
+                late = passes_since_best(p.valid, self.cfg.checkpoint.best_metric)
+                if t.patience and late >= t.patience and p.pass_index + 1 < t.passes:
+                    result.early_stop = (f"stopped after pass {p.pass_index + 1} of {t.passes}: {late} pass(es) "
+                                         f"without a better validation {self.cfg.checkpoint.best_metric} "
+                                         f"(train.patience = {t.patience})")
+                    if self.env.is_main:
+                        log.info("%s", result.early_stop)
+                    return
+            if p.pass_index + 1 >= t.passes:
+                return
+            p.pass_index, p.days_done = p.pass_index + 1, []
+
+    def _units(self, plan: RunPlan):
+        """The plan's training days as the units they are trained in: a list's small consecutive days merged into
+        spans of train.min_unit_rows rows (every pass has the same units); an open-ended iterable as it comes."""
+        if not isinstance(plan.train_days, list):
+            return plan.train_days
+        t = self.cfg.train
+        min_rows = t.min_unit_rows or 16 * self.cfg.data.batch_size_per_rank * self.env.world_size
+        units = group_days([d for unit in plan.train_days for d in unit.days_of()], min_rows)
+        part_way = self.progress.day
+        if part_way is not None and part_way not in {u.label for u in units} \
+                and any(d in part_way.split("..") for u in units for d in u.days):
+            raise ValueError(f"the checkpoint stopped part-way through {part_way}, which this run's days do not hold "
+                             f"as one unit ({', '.join(u.label for u in units)}): resume with the --days and "
+                             "train.min_unit_rows it was started with")
+        return units
+
+    def _validate_pass(self, valid: Days) -> dict:
+        """Score the pass just finished on the validation span (its checkpoint first, so the pass can be kept);
+        returns the best pass so far. A resumed run does not score a pass twice."""
+        p, c = self.progress, self.cfg.checkpoint
+        if not any(r["pass"] == p.pass_index for r in p.valid):
+            latest = self.checkpointer.latest()
+            if latest is None or latest.name != f"step-{self.global_step:09d}":
+                latest = self._save()
+            metrics = self.evaluate(valid, kind="valid")
+            record = {"pass": p.pass_index, "step": self.global_step, "checkpoint": latest.name,
+                      "days": valid.label, **metrics.to_dict()}
+            p.valid.append(record)
+            p.scores[latest.name] = record[c.best_metric]
+            if self.env.is_main:
+                write_json(self.out_dir / "metrics" / f"valid-pass-{p.pass_index + 1}.json", record)
+                log.info("pass %d: validation %s %s on %s", p.pass_index + 1, c.best_metric, record[c.best_metric],
+                         valid.label)
+        best = best_record(p.valid, c.best_metric)
+        self.checkpointer.protected = best_checkpoints(p.scores, max(1, c.keep_best), c.best_metric)
+        if self.env.is_main and best is not None:
+            write_json(self.out_dir / "metrics" / "best.json",
+                       {**best, "checkpoint": str(self.checkpointer.root / best["checkpoint"])})
+        return best
+
+    def _load_best(self, best: dict) -> None:
+        """The kept pass's weights, to evaluate with (its checkpoint is protected from rotation)."""
+        path = self.checkpointer.root / best["checkpoint"]
+        self.checkpointer.load(path)
+        if self.env.is_main:
+            log.info("evaluating with the best pass (pass %d, %s): %s", best["pass"] + 1, path.name, path)
 
     def _stop_if_asked(self, reader: DayReader | None = None) -> None:
         """After a step or between days: if any rank got SIGTERM/SIGINT, checkpoint where the run stands and
@@ -260,49 +278,57 @@ class Trainer:
                      f", day {p.day} part-way" if p.day else "")
         return path
 
-    def plan_lr(self, days: list[DayPartition]) -> None:
-        """Fit the cosine LR curve to the steps these days will take (the day in progress from its cursor)."""
-        if self.schedule.needs_plan:
-            self.schedule.plan(sum(self._day_reader(d).num_remaining for d in days))
+    def plan_lr(self, units: list[Days]) -> None:
+        """Fit the cosine LR curve to the steps the run's passes over these units will take (the pass in progress
+        from what it has left, the day in progress from its cursor)."""
+        if not self.schedule.needs_plan:
+            return
+        left = [u for u in units if not all(d in self.progress.days_done for d in u.days)]
+        steps = sum(self._day_reader(u).num_remaining for u in left)
+        later = self.cfg.train.passes - self.progress.pass_index - 1
+        if later > 0:
+            steps += later * sum(self._reader(u, self.cfg.train.max_steps_per_day).num_batches for u in units)
+        self.schedule.plan(steps)
 
-    def _day_reader(self, day: DayPartition) -> DayReader:
-        """A training reader of `day`, at the cursor a loaded checkpoint holds for it."""
+    def _day_reader(self, day: Days) -> DayReader:
+        """A training reader of `day` in the pass in progress, at the cursor a loaded checkpoint holds for it."""
         reader = self._reader(day, self.cfg.train.max_steps_per_day)
-        if self.progress.day == str(day.day) and self.cursor.loaded is not None:
+        if self.progress.day == day.label and self.cursor.loaded is not None:
             reader.load_state_dict(self.cursor.loaded)
         return reader
 
-    def _reader(self, day: DayPartition, max_batches: int) -> DayReader:
+    def _reader(self, day: Days, max_batches: int, *, training: bool = True) -> DayReader:
         cfg = self.cfg
+        seed = reader_seed(cfg.seed, self.progress.pass_index) if training else cfg.seed
         return DayReader(day, cfg.features, batch_size=cfg.data.batch_size_per_rank, rank=self.env.rank,
-                         world_size=self.env.world_size, max_batches=max_batches, seed=cfg.seed,
+                         world_size=self.env.world_size, max_batches=max_batches, seed=seed,
                          options=cfg.data, sequence_feed=self.sequence_feed,
                          quarantine_dir=cfg.data.quarantine_dir or self.out_dir / "quarantine")
 
     # -- one day -------------------------------------------------------------------------------------------------
 
-    def train_day(self, day: DayPartition) -> DayStats:
+    def train_day(self, day: Days) -> DayStats:
         """One pass over the day's rows (or `train.max_steps_per_day` steps), flushed at the end; a day a loaded
         checkpoint stopped in continues from its cursor. Checkpoints every `checkpoint.every_steps` steps and at the
         end of the day, as configured."""
         reader = self._day_reader(day)
-        resumed = self.progress.day == str(day.day) and self.cursor.loaded is not None
+        resumed = self.progress.day == day.label and self.cursor.loaded is not None
         self._earlier_losses = list(self.progress.day_losses) if resumed else []  # before a mid-day checkpoint
         self.cursor.loaded = None
         self.schedule.plan(reader.num_remaining)  # no-op inside a curve planned over several days
         every = self.cfg.checkpoint.every_steps
         rows_per_step = self.cfg.data.batch_size_per_rank * self.env.world_size
         num_steps, rows_before = reader.num_remaining, reader.rows_done
-        self.progress.day, self.cursor.reader = str(day.day), reader
+        self.progress.day, self.cursor.reader = day.label, reader
         self.model.train()
         start = time.perf_counter()
         self._losses: list[torch.Tensor] = []
         losses, step_seconds = self._losses, []
-        bar = _progress(num_steps * rows_per_step, f"train {day.day}", "row", self.show_progress)
+        bar = _progress(num_steps * rows_per_step, f"train {day.label}", "row", self.show_progress)
         for step, (loss, seconds) in enumerate(self._steps(reader)):
             losses.append(loss)
             step_seconds.append(seconds)
-            self.ledger.add(str(day.day), self.global_step, reader.pop_consumed())
+            self.ledger.add(day.label, self.global_step, reader.pop_consumed())
             if bar is not None:
                 bar.update(rows_per_step)
                 if step % 10 == 0:
@@ -318,13 +344,15 @@ class Trainer:
         self.dense.flush()
         mean_losses = self._day_losses()
         rows, session_rows = _sum_over_ranks([reader.rows_done, reader.rows_done - rows_before])
-        self.progress.days_done.append(str(day.day))
+        self.progress.days_done.extend(day.days)
         self.progress.day, self.progress.day_losses, self.cursor.reader = None, [], None
         seconds = time.perf_counter() - start
-        stats = DayStats(str(day.day), len(mean_losses), rows, seconds, mean_losses, step_seconds,
-                         bad_rows=dict(reader.validation.bad), rows_per_s=session_rows / max(seconds, 1e-9))
+        stats = DayStats(day.label, len(mean_losses), rows, seconds, mean_losses, step_seconds,
+                         bad_rows=dict(reader.validation.bad), rows_per_s=session_rows / max(seconds, 1e-9),
+                         pass_index=self.progress.pass_index)
         if self.env.is_main:
-            write_json(self.out_dir / "train" / f"day-{day.day}.json", stats.to_dict())
+            passes = f"pass-{self.progress.pass_index + 1}-" if self.cfg.train.passes > 1 else ""
+            write_json(self.out_dir / "train" / f"{passes}day-{day.label}.json", stats.to_dict())
             log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s", stats.day, stats.steps,
                      stats.rows, stats.mean_loss, stats.rows_per_s)
         if self.cfg.checkpoint.at_day_end:
@@ -344,23 +372,7 @@ class Trainer:
                 loss = self.train_step(batch.to(self.env.device, non_blocking=True))
                 yield loss, time.perf_counter() - start
             return
-        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-        # A pipeline per day: it rewrites the sharded modules' inputs on attach, and detach() restores the
-        # plain forward that evaluation and checkpoints expect.
-        pipe = TrainPipelineSparseDist(self.model, _PipelineStep(self), self.env.device)
-        batches = iter(reader)
-        try:
-            while True:
-                start = time.perf_counter()
-                try:
-                    out = pipe.progress(batches)
-                except StopIteration:
-                    return
-                self.pipelined_modules = len(getattr(pipe, "_pipelined_modules", []))
-                yield out.loss, time.perf_counter() - start
-        finally:
-            pipe.detach()
+        yield from pipelined_steps(self, reader)
 
     def train_step(self, batch) -> torch.Tensor:
         """One step on one batch (already on the device); returns the detached loss."""
@@ -400,7 +412,7 @@ class Trainer:
         recent = torch.stack(losses[-self.cfg.train.log_every_steps:]).mean().item()
         rows_s = (step + 1) * self.cfg.data.batch_size_per_rank * self.env.world_size / (time.perf_counter() - start)
         if not self.show_progress:
-            log.info("%s step %d/%d loss %.4f (rank 0, last %d steps) %.0f rows/s", day.day, step + 1, num_steps,
+            log.info("%s step %d/%d loss %.4f (rank 0, last %d steps) %.0f rows/s", day.label, step + 1, num_steps,
                      recent, self.cfg.train.log_every_steps, rows_s)
         if self._tb is not None:
             self._tb.add_scalar("train/loss", recent, self.global_step)
@@ -409,7 +421,7 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
 
-    def evaluate_progressive(self, day: DayPartition) -> EvalMetrics | None:
+    def evaluate_progressive(self, day: Days) -> EvalMetrics | None:
         """The current model's metrics on `day` before it trains on it (`metrics/progressive-<day>.json`); None on
         the first day of a fresh run, which has no model to evaluate (no metric is invented)."""
         if self.global_step == 0:
@@ -421,27 +433,29 @@ class Trainer:
                 self.progress.scores[latest.name] = getattr(metrics, c.best_metric)  # how the checkpoint did
                 self.checkpointer.protected = best_checkpoints(self.progress.scores, c.keep_best, c.best_metric)
         if self.env.is_main:
-            write_json(self.out_dir / "metrics" / f"progressive-{day.day}.json",
-                       {"day": str(day.day), "model_step": self.global_step, "note": note,
+            write_json(self.out_dir / "metrics" / f"progressive-{day.label}.json",
+                       {"day": day.label, "model_step": self.global_step, "note": note,
                         "metrics": metrics.to_dict() if metrics is not None else None})
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, day: DayPartition, *, kind: str = "eval") -> EvalMetrics:
-        """Exact metrics over the whole day (or `train.eval_max_batches`), identical on every rank.
+    def evaluate(self, day: Days, *, kind: str = "eval") -> EvalMetrics:
+        """Exact metrics over the whole day or span of days as one set (or `train.eval_max_batches`), identical on
+        every rank; query-level AUC groups by the group column's value across the span's days.
 
         See pipeline.metrics.metrics_over_ranks for where the predictions go and what that costs.
         """
         self.dense.flush()
-        reader = self._reader(day, self.cfg.train.eval_max_batches)
-        bar = _progress(len(reader), f"{kind} {day.day}", "batch", self.show_progress)
+        reader = self._reader(day, self.cfg.train.eval_max_batches, training=False)
+        bar = _progress(len(reader), f"{kind} {day.label}", "batch", self.show_progress)
         s = score_day(self.model, reader, device=self.env.device, autocast=self._autocast, bar=bar)
         if bar is not None:
             bar.close()
-        metrics = metrics_over_ranks(s.logits, s.labels, s.groups, s.oracle)
+        groups = s.groups if self.cfg.features.group is not None else None  # no group column: no query-AUC
+        metrics = metrics_over_ranks(s.logits, s.labels, groups, s.oracle)
         if self.env.is_main:
             if kind == "eval":
-                write_json(self.out_dir / "metrics" / f"eval-{day.day}.json", metrics.to_dict())
+                write_json(self.out_dir / "metrics" / f"eval-{day.label}.json", metrics.to_dict())
             if self._tb is not None:
                 for name, value in metrics.to_dict().items():
                     if isinstance(value, float):
@@ -451,21 +465,6 @@ class Trainer:
     def close(self) -> None:
         if self._tb_writer is not None:
             self._tb_writer.close()
-
-
-class _PipelineStep:
-    """What TrainPipelineSparseDist calls as its optimizer: the trainer's own step around forward and backward."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Called before the forward: also where the dense step's policy is set for the step."""
-        self.trainer.optimizer.zero_grad()
-        self.trainer._before_forward()
-
-    def step(self, closure=None) -> None:
-        self.trainer._after_backward()
 
 
 def _progress(total: int, desc: str, unit: str, enabled: bool):

@@ -1,0 +1,56 @@
+"""Training steps through TorchRec's TrainPipelineSparseDist (`train.pipeline = "sparse_dist"`).
+
+    for loss, seconds in pipelined_steps(trainer, reader): ...     # what Trainer._steps yields under the pipeline
+
+The pipeline's step also copies the next batch to the device and starts its embedding all-to-all while this
+batch computes (CUDA streams; on CPU it runs with identical losses but has nothing to overlap). It calls an
+"optimizer" around forward and backward: `_PipelineStep` routes that to the trainer's own step, so the dense
+step's policy (DenseSync) and the step counter are the same as in the plain loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from pipeline.data.reader import DayReader
+
+
+def pipelined_steps(trainer: Any, reader: DayReader) -> Iterator[tuple[torch.Tensor, float]]:
+    """Each step's loss and wall time over the reader's batches, through a pipeline made for this day. `trainer`:
+    the Trainer (pipeline/train/trainer.py, which imports this module) whose model, optimizer and step it drives."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    # A pipeline per day: it rewrites the sharded modules' inputs on attach, and detach() restores the
+    # plain forward that evaluation and checkpoints expect.
+    pipe = TrainPipelineSparseDist(trainer.model, _PipelineStep(trainer), trainer.env.device)
+    batches = iter(reader)
+    try:
+        while True:
+            start = time.perf_counter()
+            try:
+                out = pipe.progress(batches)
+            except StopIteration:
+                return
+            trainer.pipelined_modules = len(getattr(pipe, "_pipelined_modules", []))
+            yield out.loss, time.perf_counter() - start
+    finally:
+        pipe.detach()
+
+
+class _PipelineStep:
+    """What TrainPipelineSparseDist calls as its optimizer: the trainer's own step around forward and backward."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Called before the forward: also where the dense step's policy is set for the step."""
+        self.trainer.optimizer.zero_grad()
+        self.trainer._before_forward()
+
+    def step(self, closure=None) -> None:
+        self.trainer._after_backward()
