@@ -16,7 +16,11 @@ from pipeline.cli import main
      "--set", "model.options.hidden=[16]", "--set", "train.allreduce_sync_steps=2"],  # ~10 steps: most async
     ["bench", "overlap", "--config", "jobs/configs/hyformer.toml", "--batch-size", "16", "--steps", "2",
      "--warmup", "1", "--rounds", "1"],
-], ids=["dedup", "reader", "async_plain_2_seeds", "async_default", "overlap"])
+    ["bench", "model", "--models", "dlrm_mlp,hyformer", "--batch-size", "4", "--steps", "1"],
+    ["bench", "seqlen", "--models", "hyformer,transformer", "--lengths", "16,32", "--batch-size", "2", "--steps", "1"],
+    ["bench", "days", "--small-days", "6", "--rows-per-day", "60", "--set", "data.batch_size_per_rank=16",
+     "--set", "model.options.hidden=[16]", "--set", "features.sequences.0.max_len=16"],
+], ids=["dedup", "reader", "async_plain_2_seeds", "async_default", "overlap", "model", "seqlen", "days"])
 def test_bench_runs(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -25,5 +29,12 @@ def test_bench_runs(argv, capsys):
         assert "async (sync steps 2, prediction 1, compensation 0.5)" in out and "plain stale - sync" in out, out
     if "overlap" in argv:  # every mode ran, and each one's gradients were checked reduced (or not, for local)
         assert all(m in out for m in ("local (no", "sync (plain", "async (stale", "async, plain")), out
+    if "model" in argv:  # both towers against the same measured matmul peak
+        assert "GFLOP/s; default shapes" in out and "dlrm_mlp" in out and "hyformer" in out, out
+    if "seqlen" in argv:  # each length, then 2x width and 2x depth, per tower
+        table = out.split('{"bench"')[0]
+        assert table.count("2x width") == 2 and table.count("L=32 ") == 2, out
+    if "days" in argv:  # the same rows trained both ways, the small days in one unit
+        assert "small days / big day: training" in out and "6 small days" in out, out
     if "--seeds" in argv:
         assert "standard error" in out and "seed-to-seed" in out, out

@@ -143,6 +143,9 @@ BENCHES = {
                                  "torch only"),
     "dedup": ("bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
     "days": ("bench.days", "1,000 days of 100 rows against one day of 100,000: training and evaluation rows/s"),
+    "model": ("bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
+    "seqlen": ("bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over sequence "
+                               "length, width and depth"),
     "reader": ("bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
     "serve": ("bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, p50/p99, "
                              "errors, served rows/s against the program called in-process"),
