@@ -9,6 +9,8 @@ numbers count from `first_row`, so a message points into the file); the reader's
 (pipeline/data/validate.py) refuses every value raised on here, and drops and quarantines those rows before they
 get here (tests/test_bad_input.py holds the two to that). Sequences leave through the model's `sequence_feed`
 (embeddings.dedup.SequenceFeed): as they are, or as distinct ids plus a DedupIndex when the model deduplicates.
+Match features (pipeline.data.features.MatchFeature) are computed here, from the same truncated events the model
+sees, into their columns of Batch.dense (`match_stats`: one bincount over the events, no per-row Python).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from torchrec import KeyedJaggedTensor
 
 from embeddings.dedup import SequenceFeed
 from pipeline.data.batch import Batch
-from pipeline.data.features import DenseFeature, FeatureSpec, OOVPolicy, SequenceFeature
-from pipeline.data.schema import (GROUP, LABEL, ORACLE, SEQUENCE, SPARSE, ColumnKind, check_type, dense_kind, is_list,
-                                  is_string_id, nulls)
+from pipeline.data.features import DenseFeature, FeatureSpec, MatchFeature, OOVPolicy, SequenceFeature
+from pipeline.data.schema import LABEL, ColumnKind, check_type, column_kinds, dense_kind, is_list, is_string_id, nulls
 
 
 class BatchConverter:
@@ -42,6 +43,8 @@ class BatchConverter:
             raise ValueError(f"the sequence feed reads {self.sequence_feed.table_of}, but this feature spec's "
                              f"sequence lookups are {self.layout.ec_table_of}: the model was built from another spec")
         self._num_rows = {t.name: t.num_embeddings for t in spec.tables}
+        self._kinds = column_kinds(spec)  # a column read in two roles is checked once, for both (schema.py)
+        self._sequences = {s.name: s for s in spec.sequences}
 
     def __call__(self, table: pa.Table, *, source: str = "<table>", first_row: int = 0,
                  id_max: Mapping[str, int] | None = None) -> Batch:
@@ -49,57 +52,89 @@ class BatchConverter:
         validation proves it: pipeline.data.validate.RowVerdict.id_max); such columns skip the range pass over
         their ids."""
         ctx = _Ctx(source, first_row)
-        id_max = id_max or {}
+        ids = _IdColumns(table, self._kinds, ctx, id_max or {})
         jagged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for f in self.spec.sparse:
-            jagged[f.name] = ids_column(table.column(f.name), self._num_rows[f.table], f.oov, ctx.at(f.name),
-                                        kind=SPARSE, known_max=id_max.get(f.name))
+            jagged[f.name] = ids.rows(f.name, self._num_rows[f.table], f.oov)
         for seq in self.spec.sequences:
-            jagged.update(self._sequence(table, seq, ctx, id_max))
+            jagged.update(self._sequence(ids, seq))
         sequence = self.sequence_feed(_kjt(self.layout.ec_features, jagged))
         return Batch(
             pooled=_kjt(self.layout.ebc_features, jagged),
             sequence=sequence.kjt,
             sequence_index=sequence.index,
-            dense=self._dense(table, ctx),
+            dense=self._dense(table, ids, ctx),
             labels=labels_column(table.column(self.spec.label), ctx.at(self.spec.label)),
             group_ids=self._groups(table, ctx),
             oracle_p=self._oracle(table, ctx),
         )
 
-    def _sequence(self, table: pa.Table, seq: SequenceFeature, ctx: "_Ctx",
-                  id_max: Mapping[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _sequence(self, ids: "_IdColumns", seq: SequenceFeature) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out = {}
         ids_lengths = None
         for column in seq.columns:
-            col_ctx = ctx.at(column)
-            lengths, values = ids_column(table.column(column), self._num_rows[seq.table_of(column)],
-                                         seq.oov_of(column), col_ctx, kind=SEQUENCE, known_max=id_max.get(column))
+            lengths, values = ids.rows(column, self._num_rows[seq.table_of(column)], seq.oov_of(column))
             if ids_lengths is None:
                 ids_lengths = lengths
             elif not np.array_equal(lengths, ids_lengths):
                 row = int(np.flatnonzero(lengths != ids_lengths)[0])
-                raise col_ctx.error(row, f"has {lengths[row]} events but {seq.ids!r} has {ids_lengths[row]}")
+                raise ids.ctx.at(column).error(row, f"has {lengths[row]} events but {seq.ids!r} has "
+                                                    f"{ids_lengths[row]}")
             out[column] = truncate_recent(lengths, values, seq.max_len, seq.order)
         return out
 
-    def _dense(self, table: pa.Table, ctx: "_Ctx") -> torch.Tensor:
-        cols = [dense_column(table.column(f.name), f, ctx.at(f.name)) for f in self.spec.dense_order]
+    def _dense(self, table: pa.Table, ids: "_IdColumns", ctx: "_Ctx") -> torch.Tensor:
+        cols = [self._match(f, ids) if isinstance(f, MatchFeature)
+                else dense_column(table.column(f.name), f, ctx.at(f.name), kind=self._kinds[f.name])
+                for f in self.spec.dense_order]
         if not cols:
             return torch.zeros(table.num_rows, 0)
         return torch.from_numpy(np.concatenate(cols, axis=1))
 
+    def _match(self, f: MatchFeature, ids: "_IdColumns") -> np.ndarray:
+        """(B, len(f.stats)) float32: the candidate against the events the model sees of the sequence's column."""
+        seq = self._sequences[f.sequence]
+        event_lengths, event_values, _ = ids.raw(f.side or seq.ids)
+        candidate_lengths, candidate_values, _ = ids.raw(f.candidate)
+        window = min(seq.max_len, f.last_k) if f.last_k else seq.max_len
+        stats = match_stats(candidate_lengths, candidate_values, event_lengths, event_values, window=window,
+                            order=seq.order, stats=f.stats)
+        return normalise(stats, f.norm, f.mean, f.std)
+
     def _groups(self, table: pa.Table, ctx: "_Ctx") -> torch.Tensor:
         if self.spec.group is None:
             return torch.zeros(table.num_rows, dtype=torch.int64)
-        arr = _checked(table.column(self.spec.group), GROUP, ctx.at(self.spec.group))
+        arr = _checked(table.column(self.spec.group), self._kinds[self.spec.group], ctx.at(self.spec.group))
         return torch.from_numpy(_as_int64(arr).copy())
 
     def _oracle(self, table: pa.Table, ctx: "_Ctx") -> torch.Tensor | None:
         if self.spec.oracle is None:
             return None
-        arr = _checked(table.column(self.spec.oracle), ORACLE, ctx.at(self.spec.oracle))
+        arr = _checked(table.column(self.spec.oracle), self._kinds[self.spec.oracle], ctx.at(self.spec.oracle))
         return torch.from_numpy(arr.to_numpy(zero_copy_only=False).astype(np.float32))
+
+
+class _IdColumns:
+    """The id columns of one table, each decoded once (a column may feed a sparse feature, a sequence and match
+    features): its lengths and raw int64 ids, and those ids mapped into an embedding table."""
+
+    def __init__(self, table: pa.Table, kinds: Mapping[str, ColumnKind], ctx: "_Ctx", id_max: Mapping[str, int]):
+        self.table, self.kinds, self.ctx, self.id_max = table, kinds, ctx, id_max
+        self._raw: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+
+    def raw(self, column: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(lengths (B,), ids (N,), hashed): integers as they are, strings hashed (`raw_ids`)."""
+        if column not in self._raw:
+            self._raw[column] = raw_ids(self.table.column(column), self.kinds[column], self.ctx.at(column))
+        return self._raw[column]
+
+    def rows(self, column: str, num_embeddings: int, oov: OOVPolicy) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths, ids mapped into [0, num_embeddings)); ids validation bounded inside the table skip the pass."""
+        lengths, values, hashed = self.raw(column)
+        known_max = self.id_max.get(column)
+        if known_max is not None and not hashed and known_max < num_embeddings:
+            return lengths, values
+        return lengths, map_ids(values, lengths, num_embeddings, oov, self.ctx.at(column), hashed=hashed)
 
 
 class _Ctx:
@@ -157,13 +192,10 @@ def _as_int64(values: pa.Array) -> np.ndarray:
     return stable_hash(values)
 
 
-def ids_column(col: pa.ChunkedArray | pa.Array, num_embeddings: int, oov: OOVPolicy, ctx: _Ctx, *,
-               kind: ColumnKind, known_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths (B,), values (N,)) int64 ids of a scalar or list id column, mapped into [0, num_embeddings).
-
-    `kind`: SPARSE or SEQUENCE (pipeline/data/schema.py). `known_max`: the ids are known to lie in
-    [0, known_max] (validated); if that is inside the table, they are returned as they are without another pass.
-    """
+def raw_ids(col: pa.ChunkedArray | pa.Array, kind: ColumnKind, ctx: _Ctx) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(lengths (B,), values (N,), hashed) of a scalar or list id column: int64 ids before any table mapping
+    (integers as they are, strings by `stable_hash`; `hashed` says which). `kind`: the column's kind
+    (pipeline/data/schema.py); a null row or a null id in a list is an error."""
     arr = _checked(col, kind, ctx)
     if is_list(arr.type):
         offsets = _list_offsets(arr)
@@ -177,10 +209,7 @@ def ids_column(col: pa.ChunkedArray | pa.Array, num_embeddings: int, oov: OOVPol
     else:
         lengths = np.ones(len(arr), dtype=np.int64)
         values = _as_int64(arr)
-    hashed = is_string_id(arr.type)
-    if known_max is not None and not hashed and known_max < num_embeddings:
-        return lengths, values
-    return lengths, map_ids(values, lengths, num_embeddings, oov, ctx, hashed=hashed)
+    return lengths, values, is_string_id(arr.type)
 
 
 def map_ids(values: np.ndarray, lengths: np.ndarray, num_embeddings: int, oov: OOVPolicy, ctx: _Ctx,
@@ -231,9 +260,11 @@ def truncate_recent(lengths: np.ndarray, values: np.ndarray, max_len: int,
     return kept, values[index]
 
 
-def dense_column(col: pa.ChunkedArray | pa.Array, f: DenseFeature, ctx: _Ctx) -> np.ndarray:
-    """(B, size) float32, normalised; NaN/Inf and wrong list sizes are errors, never zeroed."""
-    arr = _checked(col, dense_kind(f), ctx)
+def dense_column(col: pa.ChunkedArray | pa.Array, f: DenseFeature, ctx: _Ctx,
+                 kind: ColumnKind | None = None) -> np.ndarray:
+    """(B, size) float32, normalised; NaN/Inf and wrong list sizes are errors, never zeroed. `kind`: the column's
+    kind when it plays another role too (schema.column_kinds); dense_kind(f) by default."""
+    arr = _checked(col, kind or dense_kind(f), ctx)
     if is_list(arr.type):
         lengths = np.diff(_list_offsets(arr))
         if (lengths != f.size).any():
@@ -251,13 +282,48 @@ def dense_column(col: pa.ChunkedArray | pa.Array, f: DenseFeature, ctx: _Ctx) ->
     bad = ~np.isfinite(values)
     if bad.any():
         raise ctx.error(int(np.flatnonzero(bad.any(axis=1))[0]), "holds NaN or Inf")
-    if f.norm == "log1p":
-        if (values < 0).any():
-            raise ctx.error(int(np.flatnonzero((values < 0).any(axis=1))[0]), "is negative but norm = 'log1p'")
-        values = np.log1p(values)
-    elif f.norm == "standard":
-        values = (values - f.mean) / f.std
+    if f.norm == "log1p" and (values < 0).any():
+        raise ctx.error(int(np.flatnonzero((values < 0).any(axis=1))[0]), "is negative but norm = 'log1p'")
+    return normalise(values, f.norm, f.mean, f.std)
+
+
+def normalise(values: np.ndarray, norm: str, mean: float, std: float) -> np.ndarray:
+    """A dense or match feature's norm: "none", "log1p" (of values >= 0) or "standard" ((x - mean) / std)."""
+    if norm == "log1p":
+        return np.log1p(values)
+    if norm == "standard":
+        return ((values - mean) / std).astype(np.float32, copy=False)
     return values
+
+
+def match_stats(candidate_lengths: np.ndarray, candidate_values: np.ndarray, event_lengths: np.ndarray,
+                event_values: np.ndarray, *, window: int, order: str, stats: list[str]) -> np.ndarray:
+    """(B, len(stats)) float32 target-match statistics (pipeline.data.features.MatchFeature) of B rows.
+
+    Each row holds a set of candidate values (`candidate_lengths` of `candidate_values`: one for a scalar column)
+    and a list of events (`event_lengths` of `event_values`, in `order`); only the row's `window` most recent events
+    count. `count`: events equal to a candidate value; `share`: count / events counted (0 with none); `any`: count > 0.
+    """
+    kept, events = truncate_recent(event_lengths, event_values, window, order)  # order within a row is irrelevant
+    rows = np.repeat(np.arange(len(kept)), kept)
+    if (candidate_lengths == 1).all():  # one candidate value a row: compare event by event
+        hit = events == np.repeat(candidate_values, kept)
+    else:
+        hit = _in_row_sets(rows, events, np.repeat(np.arange(len(kept)), candidate_lengths), candidate_values)
+    count = np.bincount(rows[hit], minlength=len(kept)).astype(np.float32)
+    columns = {"count": count, "share": count / np.maximum(kept, 1).astype(np.float32), "any": np.sign(count)}
+    return np.stack([columns[s] for s in stats], axis=1) if stats else np.zeros((len(kept), 0), np.float32)
+
+
+def _in_row_sets(event_rows: np.ndarray, event_values: np.ndarray, set_rows: np.ndarray,
+                 set_values: np.ndarray) -> np.ndarray:
+    """(N,) bool: whether each event's value is one of its row's set values. Values become dense codes (one sort),
+    so that (row, code) packs into one int64 key for np.isin."""
+    if not set_values.size or not event_values.size:
+        return np.zeros(event_values.shape, dtype=bool)
+    codes = np.unique(np.concatenate([set_values, event_values]), return_inverse=True)[1].reshape(-1)
+    keys = np.concatenate([set_rows, event_rows]) * (int(codes.max()) + 1) + codes
+    return np.isin(keys[set_values.size:], keys[:set_values.size])
 
 
 def labels_column(col: pa.ChunkedArray | pa.Array, ctx: _Ctx) -> torch.Tensor:

@@ -8,7 +8,8 @@ pipeline/data/validate.py refuses a file whose column types are not accepted (ch
 decoded); pipeline/data/convert.py refuses the same types with the same message, so a table that passes the
 schema check always converts, and one that fails it never half-converts. Values (0/1 labels, finite floats, id
 ranges, list lengths) are checked row by row in those modules, not here; what counts as a null value (`nulls`) is
-defined here, for both.
+defined here, for both. A column read in two roles (the group column that is also a sparse feature) takes the types
+both roles accept.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from pipeline.data import features
 from pipeline.data.features import DenseFeature, FeatureSpec
 
 
@@ -76,6 +78,7 @@ SEQUENCE = ColumnKind("sequence", "list<int64> ids (or ids in another integer li
                       lambda t: is_list(t) and pa.types.is_integer(t.value_type))
 DENSE = ColumnKind("dense", "one float or integer per row", is_number)
 ORACLE = ColumnKind("oracle", "floats", pa.types.is_floating)
+MATCH_CANDIDATE = ColumnKind("match candidate", SPARSE.description, SPARSE.accepts)
 
 
 def dense_list(size: int) -> ColumnKind:
@@ -91,16 +94,27 @@ def dense_kind(f: DenseFeature) -> ColumnKind:
 
 
 def column_kinds(spec: FeatureSpec) -> dict[str, ColumnKind]:
-    """Every column the spec reads -> its kind."""
-    kinds = {spec.label: LABEL}
-    if spec.group:
-        kinds[spec.group] = GROUP
-    if spec.oracle:
-        kinds[spec.oracle] = ORACLE
-    kinds |= {f.name: SPARSE for f in spec.sparse}
-    kinds |= {f.name: dense_kind(f) for f in spec.dense}
-    kinds |= {c: SEQUENCE for s in spec.sequences for c in s.columns}
+    """Every column the spec reads -> its kind; a column read in two roles (FeatureSpec.column_roles) takes the
+    types both accept."""
+    dense = spec.dense_by_name
+    by_role = {features.LABEL: LABEL, features.GROUP: GROUP, features.ORACLE: ORACLE, features.SPARSE: SPARSE,
+               features.SEQUENCE: SEQUENCE, features.CANDIDATE: MATCH_CANDIDATE}
+    kinds = {}
+    for column, roles in spec.column_roles().items():
+        found: dict[str, ColumnKind] = {}
+        for role in roles:
+            if role == features.CANDIDATE and features.SPARSE in roles:
+                continue  # a sparse feature's types are a candidate's
+            kind = dense_kind(dense[column]) if role == features.DENSE else by_role[role]
+            found.setdefault(kind.name, kind)  # the candidate of several match features counts once
+        kinds[column] = both(*found.values()) if len(found) > 1 else next(iter(found.values()))
     return kinds
+
+
+def both(*kinds: ColumnKind) -> ColumnKind:
+    """The kind of a column read in several roles: the types every one of them accepts."""
+    return ColumnKind(" and ".join(k.name for k in kinds), " and ".join(f"{k.description} ({k.name})" for k in kinds),
+                      lambda t: all(k.accepts(t) for k in kinds))
 
 
 def check_type(kind: ColumnKind, t: pa.DataType, *, source: str, column: str) -> None:

@@ -62,8 +62,8 @@ def _type_of(f: pa.Field) -> str:
 #
 # Every check is a vectorised mask over the rows of an Arrow table (pyarrow.compute / numpy, no per-row Python).
 # A row that fails several checks is reported under the first one that fails (columns in the order label, group,
-# oracle, sparse, dense, sequences), so counts add up to the number of bad rows. Clean data takes the fast path: a
-# list column whose min/max and null count are fine is never compared element by element.
+# oracle, sparse, dense, sequences, match candidates), so counts add up to the number of bad rows. Clean data takes
+# the fast path: a list column whose min/max and null count are fine is never compared element by element.
 #
 # REASONS is append-only: DayValidation.as_vector() is summed across ranks and saved in reader cursors in this order.
 
@@ -137,9 +137,9 @@ def validate_rows(table: pa.Table, spec: FeatureSpec, *, max_list_len: int) -> R
     m = _Marker(table.num_rows)
     tables = spec.table_by_name
     _check_label(_col(table, spec.label), m, spec.label)
-    if spec.group:
+    if spec.group is not None:
         m.mark(nulls(_col(table, spec.group)), "null", spec.group)
-    if spec.oracle:  # the converter takes any float; a NaN oracle would poison the oracle AUC instead
+    if spec.oracle is not None:  # the converter takes any float; a NaN oracle would poison the oracle AUC instead
         oracle = _col(table, spec.oracle)
         m.mark(nulls(oracle), "null", spec.oracle)
         m.mark(~np.isfinite(_as_float32(oracle)), "not_finite", spec.oracle)
@@ -157,6 +157,9 @@ def validate_rows(table: pa.Table, spec: FeatureSpec, *, max_list_len: int) -> R
                 ids_len = lengths
             else:
                 m.mark(lengths != ids_len, "side_length_mismatch", column)
+    sparse = {f.name for f in spec.sparse}
+    for column in dict.fromkeys(f.candidate for f in spec.match if f.candidate not in sparse):
+        _check_candidate(_col(table, column), max_list_len, m, column)
     return RowVerdict(m.code, m.column, m.id_max)
 
 
@@ -230,6 +233,15 @@ def _check_ids(arr: pa.Array, num_embeddings: int, oov: str, max_list_len: int, 
         else:
             m.mark(bad, reason, column)
     return lengths
+
+
+def _check_candidate(arr: pa.Array, max_list_len: int, m: _Marker, column: str) -> None:
+    """A match candidate that is no sparse feature: compared as it is, so any id will do, but not a null (in a list
+    too) and not a list over the cap."""
+    m.mark(nulls(arr), "null", column)
+    if is_list(arr.type):
+        m.mark(_list_lengths(arr) > max_list_len, "list_too_long", column)
+        m.mark_rows(_element_rows(arr, nulls(pc.list_flatten(arr))), "null", column)
 
 
 def _check_dense(arr: pa.Array, f: DenseFeature, m: _Marker) -> None:

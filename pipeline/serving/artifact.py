@@ -63,9 +63,10 @@ class Artifact:
         return self.manifest["version"]
 
     def __post_init__(self) -> None:
-        self._not_features = {c for c in (self.spec.label, self.spec.group, self.spec.oracle) if c}
-        # the columns a request row carries: the spec's columns but the label, the query id and the oracle
-        self.features = [c for c in self.spec.columns() if c not in self._not_features]
+        # the columns a request row carries: the spec's columns but the label, the query id and the oracle, unless
+        # one of those is also a feature (group = "user_id"): then the request carries it, and it is not zeroed
+        self.features = self.spec.input_columns()
+        self._not_features = set(self.spec.columns()) - set(self.features)
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:
