@@ -41,8 +41,13 @@ class EmbeddingLayout:
 
     tables: tuple[TableDef, ...]
     lookups: tuple[LookupDef, ...]
+    # initial table weights: 0 for TorchRec's uniform +-sqrt(1 / num_embeddings) (tiny for a large table, so the
+    # sparse learning rate has to make up for it), else uniform +-init_scale for every table whatever its size
+    init_scale: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.init_scale < float("inf"):
+            raise ValueError(f"init_scale must be >= 0 and finite (0: TorchRec's default), got {self.init_scale}")
         names = {t.name for t in self.tables}
         for lk in self.lookups:
             if lk.table not in names:
@@ -91,6 +96,7 @@ class EmbeddingLayout:
                 embedding_dim=t.dim,
                 feature_names=[lk.feature for lk in self.lookups if lk.table == t.name],
                 pooling=PoolingType.MEAN if self._pooling_of(t.name) == "mean" else PoolingType.SUM,
+                **self._init(),
             )
             for t in self.ebc_tables
         ]
@@ -125,9 +131,14 @@ class EmbeddingLayout:
                 embedding_dim=t.dim,
                 feature_names=[dedup_key(t.name)] if dedup
                 else [lk.feature for lk in self.lookups if lk.table == t.name],
+                **self._init(),
             )
             for t in self.ec_tables
         ]
+
+    def _init(self) -> dict:
+        """The table configs' init range: TorchRec's default unless init_scale is set."""
+        return {"weight_init_min": -self.init_scale, "weight_init_max": self.init_scale} if self.init_scale else {}
 
     def _pooling_of(self, table: str) -> str:
         # An EBC table has one pooling mode; features sharing a pooled table must agree.

@@ -74,6 +74,9 @@ class EmbeddingConfig:
     # Fused into backward by fbgemm. fbgemm refuses adam on CPU; use it on GPU only.
     optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     lr: float = 0.05
+    # new tables start uniform in +-init_scale; 0: TorchRec's +-sqrt(1 / num_embeddings), which shrinks with the
+    # table (a 100k-row table starts at +-0.003, and needs a large lr to move)
+    init_scale: float = 0.0
     eps: float = 1e-8
     weight_decay: float = 0.0
     sharding: dict[str, TableSharding] = field(default_factory=dict)  # table name -> constraints
@@ -84,6 +87,8 @@ class EmbeddingConfig:
 
     def __post_init__(self) -> None:
         _check_positive("lr", self.lr)
+        if not 0 <= self.init_scale < math.inf:
+            raise ValueError(f"init_scale must be >= 0 (0: TorchRec's default), got {self.init_scale}")
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,11 @@ class RankingModel(nn.Module):
     """Everything between a Batch and the loss; DMP shards `sparse`, DDP replicates the rest."""
 
     def __init__(self, spec: FeatureSpec, tower: nn.Module, *, sparse_device: torch.device | None = None,
-                 dedup: bool = False):
+                 dedup: bool = False, init_scale: float = 0.0):
         super().__init__()
-        # dedup (embeddings.dedup) is the sparse arch's switch; batches follow it through `sequence_feed`
-        self.sparse = SparseArch(spec.embedding_layout(), device=sparse_device, dedup=dedup)
+        # dedup (embeddings.dedup) is the sparse arch's switch; batches follow it through `sequence_feed`.
+        # init_scale (embeddings.init_scale) only sets how new tables start: a checkpoint's weights replace them
+        self.sparse = SparseArch(spec.embedding_layout(init_scale=init_scale), device=sparse_device, dedup=dedup)
         self.tokens = Tokenizer(spec)
         self.tower = tower
 

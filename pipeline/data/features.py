@@ -328,12 +328,12 @@ class FeatureSpec:
         in_blocks = {n for members in self.effective_blocks.values() for n in members}
         return [f for f in (*self.dense, *self.match) if f.name not in in_blocks]
 
-    def embedding_layout(self) -> EmbeddingLayout:
-        """Tables and lookups for embeddings.SparseArch."""
+    def embedding_layout(self, *, init_scale: float = 0.0) -> EmbeddingLayout:
+        """Tables and lookups for embeddings.SparseArch; `init_scale`: embeddings.init_scale of the run config."""
         tables = tuple(TableDef(t.name, t.num_embeddings, t.dim) for t in self.tables)
         lookups = [LookupDef(f.name, f.table, "pooled", f.pooling) for f in self.sparse]
         lookups += [LookupDef(c, s.table_of(c), "sequence") for s in self.sequences for c in s.columns]
-        return EmbeddingLayout(tables=tables, lookups=tuple(lookups))
+        return EmbeddingLayout(tables=tables, lookups=tuple(lookups), init_scale=init_scale)
 
     def input_shape(self) -> InputShape:
         """Widths of the tower's inputs (models.inputs.InputShape)."""

@@ -62,7 +62,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same dense init on every rank (DDP also broadcasts rank 0's)
         spec = cfg.features
         tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
-        model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup)
+        model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
+                             init_scale=cfg.embeddings.init_scale)
         self.sequence_feed = model.sequence_feed  # readers shape sequences the way this model's lookup reads them
         t = cfg.train
         wrapper, hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression,
