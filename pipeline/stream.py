@@ -54,6 +54,7 @@ class StreamOptions:
     warm_start: WarmStart | None = None  # the run's checkpoint is of another model: carry these weights
     export_to: Path | None = None  # publish each day's model there (pipeline/serving/export.py), gated
     quality_margin: float = 0.01  # not published if its held-out AUC falls more than this below the published one's
+    eval_days: tuple = ()  # days or spans (pipeline.data.days.Days) scored as sets once the stream stops
 
 
 def stream(cfg: RunConfig, env: DistEnv, options: StreamOptions, *, progress: bool = False) -> RunResult:
@@ -63,7 +64,7 @@ def stream(cfg: RunConfig, env: DistEnv, options: StreamOptions, *, progress: bo
     days = StreamDays(trainer, options)
     try:
         result = trainer.run(RunPlan(train_days=days, resume="latest-if-any", progressive=True,
-                                     warm_start=options.warm_start))
+                                     warm_start=options.warm_start, eval_days=list(options.eval_days)))
     except Exception as e:
         days.write_status("failed", error=f"{type(e).__name__}: {e}")
         raise

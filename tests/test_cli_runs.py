@@ -55,6 +55,13 @@ def test_evaluate_scores_a_span_like_train_eval_days(root, tmp_path):
     assert "query-AUC n/a (no group column)" in no_group.stdout
 
 
+def test_stream_evaluates_a_span_once_it_stops(root, tmp_path):
+    run = _hyrank("stream", "--config", str(DEFAULT_CONFIG), "--quiet", *_sets(root, tmp_path / "run"),
+                  "--until", "2026-11-01", "--eval-days", "2026-11-02..2026-11-03")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "eval 2026-11-02..2026-11-03: AUC" in run.stdout and "(2,400 rows)" in run.stdout, run.stdout
+
+
 def test_an_inherited_key_is_removed_with_unset(tmp_path):
     (tmp_path / "mine.toml").write_text(f'extends = "{DEFAULT_CONFIG}"\nunset = ["features.oracle"]\n'
                                         'name = "mine"\n')
@@ -66,6 +73,24 @@ def test_an_inherited_key_is_removed_with_unset(tmp_path):
     (tmp_path / "alone.toml").write_text('unset = ["features.oracle"]\n')
     with pytest.raises(ConfigError, match="extends none"):
         load_config(tmp_path / "alone.toml")
+
+
+def test_a_column_of_the_wrong_type_stops_the_launch_before_any_rank_starts(root, tmp_path):
+    bad = tmp_path / "bad" / "day=2026-11-01"
+    bad.mkdir(parents=True)
+    table = pq.read_table(root / "day=2026-11-01")
+    col = table.schema.get_field_index("item_ctr_prior")
+    table = table.set_column(col, "item_ctr_prior", table.column(col).cast(pa.string()))
+    pq.write_table(table, bad / "part-0.parquet")
+    (bad / "_SUCCESS").touch()
+    run = _hyrank("train", "--config", str(DEFAULT_CONFIG), "--quiet", *_sets(bad.parent, tmp_path / "run"),
+                  "--days", "2026-11-01", "--nproc-per-node", "2")
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [l for l in run.stderr.splitlines() if " ERROR " in l]
+    assert len(errors) == 1, run.stderr[-3000:]
+    assert str(bad / "part-0.parquet") in errors[0] and "item_ctr_prior" in errors[0], errors[0]
+    assert "string" in errors[0] and "float" in errors[0], errors[0]  # found and expected
+    assert "[rank" not in run.stderr and not (tmp_path / "run").exists()  # no rank ran, nothing was written
 
 
 def test_an_error_on_the_ranks_is_one_line_with_exit_code_2(root, tmp_path):

@@ -178,6 +178,9 @@ def add_stream(verbs) -> None:
     p.add_argument("--quality-margin", type=float, default=0.01,
                    help="with --export-to: do not publish a model whose held-out AUC is more than this below the "
                    "published one's on the same rows")
+    p.add_argument("--eval-days", dest="eval_days", action="append", default=[], metavar="A..B",
+                   help="once the stream stops (--until reached, or no --follow and no complete day left), evaluate "
+                   "the model on these days as one set (repeatable: one result per span)")
     p.add_argument("--warm-start", choices=["dense", "tables", "matching"],
                    help="the run's latest checkpoint is of another model (a table added or resized, the tower "
                    "changed): start this model from its dense weights, its tables, or every tensor whose name and "
@@ -195,13 +198,14 @@ def _stream(args) -> int:
       hyrank stream --config jobs/configs/default.toml --nproc-per-node 2
       hyrank stream --config jobs/configs/default.toml --nproc-per-node 2 --follow    # and keep following
       hyrank stream --config ... --from 2026-11-01 --until 2026-11-30 --skip-gaps
+      hyrank stream --config ... --until 2026-11-20 --eval-days 2026-11-21..2026-11-30   # then a held-out span
 
     Outputs under out_dir: report/days.csv + days.png, status.json, history.jsonl (every start, every skipped
     day), ledger/, checkpoints/, metrics/progressive-<day>.json.
     """
     if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
         until = args.until or (args.first and dt.date.today())
-        return _launch(args, [f"{args.first}..{until}"] if args.first else [])
+        return _launch(args, ([f"{args.first}..{until}"] if args.first else []) + args.eval_days)
     import torch.distributed as dist
 
     from pipeline.distributed.env import init_distributed
@@ -211,7 +215,8 @@ def _stream(args) -> int:
     _check_on_every_rank(cfg, _newest_day(cfg.data))
     options = StreamOptions(first=args.first, until=args.until, follow=args.follow, skip_gaps=args.skip_gaps,
                             poll_s=args.poll_s, max_poll_s=args.max_poll_s, warm_start=args.warm_start,
-                            export_to=args.export_to, quality_margin=args.quality_margin)
+                            export_to=args.export_to, quality_margin=args.quality_margin,
+                            eval_days=tuple(_span(cfg.data, text, "--eval-days") for text in args.eval_days))
     env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
     result = stream(cfg, env, options, progress=not args.quiet)
     if env.is_main:

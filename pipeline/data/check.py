@@ -86,9 +86,12 @@ class SchemaReport:
         return [p for p in self.problems if p.severity == "warning"]
 
     def raise_errors(self) -> None:
-        """One ValueError naming every error, one per line; nothing when there is none."""
+        """One ValueError naming every error (one line for one error, else one per line); nothing when there is
+        none."""
         if errors := self.errors:
-            raise ValueError(f"the feature spec does not match the logs ({len(errors)} problem(s); hyrank check "
+            if len(errors) == 1:
+                raise ValueError(f"the feature spec does not match the logs: {errors[0].message}")
+            raise ValueError(f"the feature spec does not match the logs ({len(errors)} problems; hyrank check "
                              "shows them with a profile of the values):\n  " + "\n  ".join(p.message for p in errors))
 
 
