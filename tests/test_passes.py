@@ -13,6 +13,7 @@ from pipeline.data.split import group_days
 from pipeline.data.synth import generate_logs
 from pipeline.distributed.env import env_of_current_group
 from pipeline.metrics import EvalMetrics, compute_metrics
+from pipeline.pass_report import write_pass_report
 from pipeline.train.evaluate import score_day
 from pipeline.train.plan import best_record, pass_order, passes_since_best
 from pipeline.train.state import read_ledger
@@ -67,6 +68,12 @@ def test_passes_are_validated_and_the_best_pass_evaluates(root, tmp_path):
     assert r0["step"] == best["step"]
     assert set(r0["metrics"]) == {"2026-11-03..2026-11-04"}
     assert r0["metrics"]["2026-11-03..2026-11-04"]["num_rows"] == 3000  # both days, every row
+    # the validation curve a person looks at: one row per pass, the kept one marked, and its PNG
+    report = write_pass_report(tmp_path / "run")
+    assert [r["pass"] for r in report.rows] == [1, 2, 3]
+    assert [r["kept"] for r in report.rows] == [r["pass"] == best["pass"] for r in r0["valid"]]
+    assert all(r["train_loss"] is not None and r["steps"] > 0 for r in report.rows)
+    assert report.png_path.stat().st_size > 10_000 and report.csv_path.read_text().startswith("pass,steps")
 
 
 def test_patience_stops_after_passes_without_a_better_validation(root, tmp_path, monkeypatch):
