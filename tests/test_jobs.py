@@ -35,7 +35,9 @@ DAYS = "2026-11-01..2026-11-02"
 TIMEOUT_S = 300
 SMALL = ["--set=data.batch_size_per_rank=64", "--set=model.options.hidden=[32]", "--set=train.tensorboard=false",
          "--set=features.sequences.0.max_len=32", "--set=features.sequences.1.max_len=8",
-         "--set=features.sequences.2.max_len=8"]
+         "--set=features.sequences.2.max_len=8",
+         "--set=train.min_unit_rows=1",  # each 2000-row day its own unit: the tests compare per-day loss curves
+         "--set=embeddings.lr=0.5", "--set=embeddings.init_scale=0"]  # conftest.FAST_SPARSE
 # One sharding plan for every topology. TorchRec's planner shards a table table_row_wise across hosts and
 # table_wise within one, and a sharded table is initialised shard by shard, so 2x1 and 1x2 would start from other
 # weights (measured: first-step losses 0.6578 vs 0.6561); pinned, the two runs are equal bit for bit.
