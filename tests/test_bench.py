@@ -20,7 +20,11 @@ from pipeline.cli import main
     ["bench", "seqlen", "--models", "hyformer,transformer", "--lengths", "16,32", "--batch-size", "2", "--steps", "1"],
     ["bench", "days", "--small-days", "6", "--rows-per-day", "60", "--set", "data.batch_size_per_rank=16",
      "--set", "model.options.hidden=[16]", "--set", "features.sequences.0.max_len=16"],
-], ids=["dedup", "reader", "async_plain_2_seeds", "async_default", "overlap", "model", "seqlen", "days"])
+    ["bench", "e2e", "--rows", "1500", "--set", "data.batch_size_per_rank=64", "--models", "hyformer", "--set", "features.sequences.0.max_len=16"],
+    ["bench", "torchrec", "--num-embeddings", "500", "--batch-size", "32", "--steps", "3", "--warmup", "1",
+     "--rounds", "1"],
+], ids=["dedup", "reader", "async_plain_2_seeds", "async_default", "overlap", "model", "seqlen", "days", "e2e",
+        "torchrec"])
 def test_bench_runs(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -36,5 +40,9 @@ def test_bench_runs(argv, capsys):
         assert table.count("2x width") == 2 and table.count("L=32 ") == 2, out
     if "days" in argv:  # the same rows trained both ways, the small days in one unit
         assert "small days / big day: training" in out and "6 small days" in out, out
+    if "e2e" in argv:  # the trainer and the reader alone over the same rows, and the input-wait share
+        assert "train/reader" in out and "input wait under 5%" in out and '"reader_rows": 1500' in out, out
+    if "torchrec" in argv:  # both sides, both settings
+        assert "in memory" in out and "from parquet" in out and '"torchrec from parquet"' in out, out
     if "--seeds" in argv:
         assert "standard error" in out and "seed-to-seed" in out, out

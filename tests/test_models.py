@@ -17,6 +17,7 @@ LENGTHS = {"long": [7, 0], "short": [5, 2]}  # row 1's long sequence is empty: a
 # Small variants worth running through the whole contract, beyond each model's defaults.
 VARIANTS = {
     **{name: {} for name in MODELS},
+    "dlrm_mlp/dot": {"interaction": "dot", "bottom": [4, 2]},
     "hyformer/transformer": {"seq_encoder": "transformer"},
     "hyformer/swiglu": {"seq_encoder": "swiglu"},
     "hyformer/merge": {"merge_sequences": True},

@@ -25,7 +25,7 @@ def _train_two_days(rank, world_size, cfg):
     stats, metrics = result.trained, result.metrics[str(days[2].day)]
     dense = {k: v.detach().clone() for k, v in trainer.model.module.tower.state_dict().items()}
     return {"losses": [l for s in stats for l in s.losses], "dense": dense, "metrics": metrics,
-            "rows": [s.rows for s in stats]}
+            "rows": [s.rows for s in stats], "wait": [(s.input_wait_s, s.seconds) for s in stats]}
 
 
 @pytest.mark.parametrize("allreduce", ["sync", "async"])
@@ -35,6 +35,7 @@ def test_skeleton_trains_on_two_ranks(small_cfg, allreduce):
     losses = r0["losses"]
     assert len(losses) == 2 * -(-3000 // 128)  # 3000 rows a rank; the last batch 56 rows and 72 of filler
     assert r0["rows"] == [6000, 6000]  # every row of both days
+    assert all(0 < wait < seconds for wait, seconds in r0["wait"] + r1["wait"])  # the first batch is always waited on
     assert r0["losses"] == r1["losses"]  # all-reduced per step
     head, tail = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert tail < head - 0.05, f"loss did not fall: first {head:.4f}, last {tail:.4f}"
@@ -105,3 +106,22 @@ def test_a_day_of_one_row_group_trains_and_evaluates_every_row_on_two_ranks(tmp_
     cfg = dataclasses.replace(small_cfg, data=dataclasses.replace(small_cfg.data, root=str(root)))
     (steps, rows, evaluated), _ = run_distributed(_train_and_evaluate_one_day, cfg, timeout_s=300)
     assert steps == -(-2500 // 128) and rows == 5000 and evaluated == 5000
+
+
+def test_input_clock_counts_only_the_wait_for_batches():
+    """The input-wait share of a day (DayStats.input_wait_s, `hyrank bench e2e`) is the time spent inside next():
+    a source that takes 30 ms a batch under a consumer that takes 10 ms a step is 3/4 input."""
+    import time
+
+    from pipeline.train.pipelined import InputClock
+
+    def slow_source():
+        for i in range(5):
+            time.sleep(0.03)
+            yield i
+
+    clock = InputClock(slow_source())
+    start = time.perf_counter()
+    assert [b for b in clock if time.sleep(0.01) is None] == [0, 1, 2, 3, 4]
+    total = time.perf_counter() - start
+    assert 0.15 <= clock.wait_s < total - 0.045, (clock.wait_s, total)

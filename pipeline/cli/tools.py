@@ -142,6 +142,9 @@ BENCHES = {
     "overlap": ("bench.overlap", "the share of the dense allreduce the stale hook hides: a tower alone, CPU or GPU, "
                                  "torch only"),
     "dedup": ("bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
+    "e2e": ("bench.e2e", "training rows/s from Parquet against the reader alone, and the trainer's input-wait share"),
+    "torchrec": ("bench.vs_torchrec", "hyrank's step against TorchRec's DLRM + TrainPipelineSparseDist on identical "
+                 "batches, in memory and from Parquet"),
     "days": ("bench.days", "1,000 days of 100 rows against one day of 100,000: training and evaluation rows/s"),
     "model": ("bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
     "seqlen": ("bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over sequence "

@@ -63,6 +63,12 @@ class DayStats:
     bad_rows: dict[str, int] = field(default_factory=dict)  # rows validation dropped (and quarantined), by reason
     rows_per_s: float = 0.0  # of this session (a resumed day: since the resume)
     pass_index: int = 0
+    input_wait_s: float = 0.0  # this rank's wall time waiting for batches (pipeline.train.pipelined.InputClock)
+
+    @property
+    def input_wait_share(self) -> float:
+        """The share of the day's wall time this rank waited on input."""
+        return self.input_wait_s / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def mean_loss(self) -> float:
@@ -71,7 +77,9 @@ class DayStats:
     def to_dict(self) -> dict:
         return {"day": self.day, "pass": self.pass_index, "steps": self.steps, "rows": self.rows,
                 "seconds": round(self.seconds, 3), "rows_per_s": round(self.rows_per_s, 1),
-                "mean_loss": self.mean_loss, "bad_rows": self.bad_rows, "losses": self.losses}
+                "mean_loss": self.mean_loss,
+                "input_wait_s": round(self.input_wait_s, 3), "input_wait_share": round(self.input_wait_share, 4),
+                "bad_rows": self.bad_rows, "losses": self.losses}
 
 
 @dataclass

@@ -43,7 +43,7 @@ from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.plan import (DayStats, RunPlan, RunResult, RunStopped, best_record, pass_order,
                                  passes_since_best, reader_seed)
 from pipeline.train.evaluate import best_checkpoints, score_day
-from pipeline.train.pipelined import pipelined_steps
+from pipeline.train.pipelined import InputClock, pipelined_steps
 from pipeline.metrics import EvalMetrics, metrics_over_ranks
 from pipeline.train.resume import WarmStart, checkpoint_diff, checkpoint_to_resume
 from pipeline.train.resume import warm_start as resume_warm
@@ -326,7 +326,8 @@ class Trainer:
         self._losses: list[torch.Tensor] = []
         losses, step_seconds = self._losses, []
         bar = _progress(num_steps * rows_per_step, f"train {day.label}", "row", self.show_progress)
-        for step, (loss, seconds) in enumerate(self._steps(reader)):
+        batches = InputClock(reader)
+        for step, (loss, seconds) in enumerate(self.steps(batches)):
             losses.append(loss)
             step_seconds.append(seconds)
             self.ledger.add(day.label, self.global_step, reader.pop_consumed())
@@ -350,12 +351,12 @@ class Trainer:
         seconds = time.perf_counter() - start
         stats = DayStats(day.label, len(mean_losses), rows, seconds, mean_losses, step_seconds,
                          bad_rows=dict(reader.validation.bad), rows_per_s=session_rows / max(seconds, 1e-9),
-                         pass_index=self.progress.pass_index)
+                         pass_index=self.progress.pass_index, input_wait_s=batches.wait_s)
         if self.env.is_main:
             passes = f"pass-{self.progress.pass_index + 1}-" if self.cfg.train.passes > 1 else ""
             write_json(self.out_dir / "train" / f"{passes}day-{day.label}.json", stats.to_dict())
-            log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s", stats.day, stats.steps,
-                     stats.rows, stats.mean_loss, stats.rows_per_s)
+            log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s, input wait %.1f%% (rank 0)",
+                     stats.day, stats.steps, stats.rows, stats.mean_loss, stats.rows_per_s, 100 * stats.input_wait_share)
         if self.cfg.checkpoint.at_day_end:
             self._save()
         return stats
@@ -364,16 +365,17 @@ class Trainer:
         """The day's per-step losses so far, averaged over ranks, including those before a mid-day resume."""
         return self._earlier_losses + (_mean_over_ranks(torch.stack(self._losses)) if self._losses else [])
 
-    def _steps(self, reader: DayReader) -> Iterator[tuple[torch.Tensor, float]]:
+    def steps(self, batches: InputClock) -> Iterator[tuple[torch.Tensor, float]]:
         """Yield each step's loss and wall time: plain loop, or TorchRec's TrainPipelineSparseDist (train.pipeline,
-        whose step also copies the next batch)."""
+        whose step also copies the next batch). The plain loop's step time excludes the wait for the batch, which
+        `batches.wait_s` counts; the pipeline's includes it."""
         if self.cfg.train.pipeline == "plain":
-            for batch in reader:
+            for batch in batches:
                 start = time.perf_counter()
                 loss = self.train_step(batch.to(self.env.device, non_blocking=True))
                 yield loss, time.perf_counter() - start
             return
-        yield from pipelined_steps(self, reader)
+        yield from pipelined_steps(self, batches)
 
     def train_step(self, batch) -> torch.Tensor:
         """One step on one batch (already on the device); returns the detached loss."""

@@ -1,0 +1,128 @@
+"""Benchmark: training rows/s from Parquet against the reader alone, and the share of time the trainer waits on input.
+
+    hyrank bench e2e                                  # HyFormer and DLRM-MLP, one generated 40k-row day, 2 gloo ranks
+    hyrank bench e2e --data data/synth --models hyformer --rounds 2 --set data.num_workers=2
+
+For each tower, side by side in one run (the towers take turns, `--rounds` times, and the best round is kept):
+  reader   DayReader alone on every rank over the day, exactly as training builds it (same split, options and the
+           tower's sequence feed), batches consumed as fast as they come: the input side's ceiling.
+  train    `Trainer.run` over the same day on the same ranks: reader, sharded embeddings, tower, dense step.
+Prints training rows/s, the reader's rows/s, their ratio, and the input-wait share: the wall time the trainer spent
+inside `next()` of its batches (pipeline.train.pipelined.InputClock: decode its loader threads had not finished,
+the reader's per-batch flags) over the day's wall time, on the rank that waited most (goal: under 5%). Checkpoints
+and evaluation are off, so the train line is the day loop itself. On a machine with fewer cores than ranks x
+(1 + loader threads), the loader threads and the tower's compute share cores: the wait then measures that too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="run config (default: jobs/configs/default.toml)")
+    p.add_argument("--models", default="hyformer,dlrm_mlp", help="comma-separated towers")
+    p.add_argument("--data", type=Path, default=None, help="root of day=... folders; its first day is read "
+                                                              "(default: generate one day into a temp dir)")
+    p.add_argument("--rows", type=int, default=40_000, help="rows of the generated day")
+    p.add_argument("--nproc", type=int, default=2, help="local gloo ranks")
+    p.add_argument("--rounds", type=int, default=1, help="turns of (reader, train) per tower; the best is kept")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, as for `hyrank train`")
+    p.add_argument("--json", type=Path, default=None, help="also write the record here")
+
+
+def _trainer(cfg):
+    from pipeline.distributed.env import env_of_current_group
+    from pipeline.train.trainer import Trainer
+
+    return Trainer(cfg, env_of_current_group())
+
+
+def _read_alone(rank: int, world_size: int, cfg) -> dict:
+    """One rank's pass of the day's reader as training builds it, batches dropped as they come."""
+    from pipeline.data.days import discover_days
+    from pipeline.data.reader import DayReader
+
+    trainer = _trainer(cfg)  # for the tower's sequence feed; built before the clock starts
+    day = discover_days(cfg.data.root)[0]
+    start = time.perf_counter()
+    reader = DayReader(day, cfg.features, batch_size=cfg.data.batch_size_per_rank, rank=rank, world_size=world_size,
+                       seed=cfg.seed, options=cfg.data, sequence_feed=trainer.sequence_feed)
+    rows = sum(b.num_real for b in reader)
+    seconds = time.perf_counter() - start
+    trainer.close()
+    return {"rows": rows, "seconds": seconds}
+
+
+def _train(rank: int, world_size: int, cfg) -> dict:
+    from pipeline.data.days import discover_days
+    from pipeline.train.trainer import RunPlan
+
+    trainer = _trainer(cfg)
+    day = discover_days(cfg.data.root)[0]
+    stats = trainer.run(RunPlan(train_days=[day])).trained[0]
+    trainer.close()
+    return {"rows": stats.rows, "seconds": stats.seconds, "steps": stats.steps, "input_wait_s": stats.input_wait_s}
+
+
+def measure(cfg, nproc: int) -> dict:
+    """One turn for one config: the reader alone, then training; rows/s over all ranks (the slowest rank's
+    time) and the input-wait share of the rank that waited most."""
+    from pipeline.distributed.launch import run_local
+
+    reads = run_local(_read_alone, cfg, world_size=nproc, timeout_s=3600)
+    trains = run_local(_train, cfg, world_size=nproc, timeout_s=3600)
+    read_rows = sum(r["rows"] for r in reads)
+    return {"reader_rows_per_s": read_rows / max(r["seconds"] for r in reads),
+            "train_rows_per_s": trains[0]["rows"] / max(t["seconds"] for t in trains),
+            "input_wait_share": max(t["input_wait_s"] / t["seconds"] for t in trains),
+            "rows": trains[0]["rows"], "reader_rows": read_rows, "steps": trains[0]["steps"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from pipeline.config import load_config
+    from pipeline.data.synth import SynthConfig, generate_logs
+
+    config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"
+    models = [m for m in args.models.split(",") if m]
+    with tempfile.TemporaryDirectory(prefix="hyrank-bench-e2e-") as tmp:
+        root = args.data
+        if root is None:
+            root = Path(tmp) / "data"
+            print(f"generating one day of {args.rows} rows ...", flush=True)
+            generate_logs(SynthConfig(rows_per_day=args.rows, num_days=1, rows_per_chunk=8192), root)
+        base = load_config(config, list(args.overrides)).model.name
+        # another tower than the config's starts from its own defaults: the config's options are the config tower's
+        cfgs = {m: load_config(config, [f'data.root="{root}"', f'out_dir="{Path(tmp) / m}"', "train.tensorboard=false",
+                                        "checkpoint.at_day_end=false", *args.overrides, f'model.name="{m}"',
+                                        *([] if m == base else ["model.options={}"])])
+                for m in models}
+        load_before = os.getloadavg()
+        best: dict[str, dict] = {}
+        for _ in range(args.rounds):
+            for m, cfg in cfgs.items():
+                r = measure(cfg, args.nproc)
+                print(f"  {m}: train {r['train_rows_per_s']:,.0f} rows/s, reader {r['reader_rows_per_s']:,.0f} "
+                      f"rows/s, input wait {100 * r['input_wait_share']:.1f}%", flush=True)
+                if m not in best or r["train_rows_per_s"] > best[m]["train_rows_per_s"]:
+                    best[m] = r
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    print(f"{'tower':<18}{'rows':>9}{'train rows/s':>14}{'reader rows/s':>15}{'train/reader':>14}{'input wait':>12}")
+    for m, r in best.items():
+        print(f"{m:<18}{r['rows']:>9,}{r['train_rows_per_s']:>14,.0f}{r['reader_rows_per_s']:>15,.0f}"
+              f"{r['train_rows_per_s'] / r['reader_rows_per_s']:>14.3f}{100 * r['input_wait_share']:>11.1f}%")
+    misses = [m for m, r in best.items() if r["input_wait_share"] >= 0.05]
+    print("input wait under 5% of the day's time: " + ("met" if not misses else f"missed by {', '.join(misses)}"))
+    record = {"bench": "e2e", "nproc": args.nproc, "rounds": args.rounds, "results": best,
+              "load_before": load_before[0]}
+    print(json.dumps(record))
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2))
+    return 0
