@@ -170,13 +170,15 @@ def read_run(out_dir: Path, eval_days: str) -> dict:
 
 
 def run_params(out_dir: Path) -> dict:
-    """Dense parameters (models.accounting, on meta) and embedding parameters of the run's resolved config."""
+    """Dense parameters and training FLOPs per row (models.accounting, on meta: every sequence full) and embedding
+    parameters of the run's resolved config."""
     from models.accounting import model_cost
     from pipeline.config import load_config
 
     cfg = load_config(out_dir / "config.resolved.toml")
-    dense = model_cost(cfg.model.name, cfg.model.options, cfg.features.input_shape()).params
-    return {"dense_params": dense, "embedding_params": sum(t.num_embeddings * t.dim for t in cfg.features.tables)}
+    cost = model_cost(cfg.model.name, cfg.model.options, cfg.features.input_shape())
+    return {"dense_params": cost.params, "train_flops_per_row": cost.train_flops_per_sample,
+            "embedding_params": sum(t.num_embeddings * t.dim for t in cfg.features.tables)}
 
 
 def run_paths(runs_dir: Path, key: dict) -> tuple[Path, Path]:
@@ -260,6 +262,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
             row[metric], row[f"{metric}_se"] = mean_se([r[metric] for r in ok])
         row["dense_params"] = ok[0]["dense_params"] if ok else None
         row["embedding_params"] = ok[0]["embedding_params"] if ok else None
+        row["train_flops_per_row"] = ok[0].get("train_flops_per_row") if ok else None
         row["chosen_pass"] = [r["chosen_pass"] for r in ok]
         rows.append(row)
     return rows
@@ -335,28 +338,61 @@ def _merged(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.files import write_json
+    runs = execute(args, plan_runs(args))
+    rows = aggregate(runs)
+    print(format_table(rows))
+    finish(args, runs, rows)
+    if args.markdown:
+        from pipeline.files import write_atomic
 
+        write_atomic(args.markdown, format_markdown(rows, runs, args))
+        print(f"markdown: {args.markdown}")
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+Plan = tuple[dict, list[str]]  # ({"model", "variant", "seed"}, the run's --set list)
+
+
+def plan_runs(args: argparse.Namespace) -> list[Plan]:
+    """Every (model, variant, seed) of the command line with its overrides, checked to load."""
     models = parse_models(args.models)
     variants = dict(parse_variant(v) for v in (args.variants or ["base"]))
     model_sets = parse_model_sets(args.model_sets, models)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    config_model = load_config(args.config, args.overrides, args.unsets).model.name
     plans = []
     for model in models:
         for variant, sets in variants.items():
-            for seed in range(args.seeds):
-                overrides = run_overrides(config_model, model, args.overrides, model_sets.get(model, []), sets, seed)
-                if seed == 0:  # a typo fails here, before hours of runs, naming the key
-                    try:
-                        load_config(args.config, overrides, args.unsets)
-                    except ValueError as e:
-                        raise ValueError(f"{model} / variant {variant}: {e}") from e
-                plans.append(({"model": model, "variant": variant, "seed": seed}, overrides))
-    runs_dir = args.runs_dir or (args.json.with_name(args.json.stem + "-runs") if args.json
-                                 else Path(tempfile.mkdtemp(prefix="hyrank-quality-")))
+            plans += plan_seeds(args, model, variant, [*model_sets.get(model, []), *sets])
+    return plans
+
+
+def plan_seeds(args: argparse.Namespace, model: str, variant: str, sets: list[str]) -> list[Plan]:
+    """Seeds 0..args.seeds-1 of one (model, variant); its settings are loaded once here, so a typo fails before hours
+    of runs, naming the key."""
+    from pipeline.config import load_config
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    config_model = load_config(args.config, [], args.unsets).model.name  # whose options the file's are
+    plans = []
+    for seed in range(args.seeds):
+        overrides = run_overrides(config_model, model, args.overrides, [], sets, seed)
+        if seed == 0:
+            try:
+                load_config(args.config, overrides, args.unsets)
+            except ValueError as e:
+                raise ValueError(f"{model} / variant {variant}: {e}") from e
+        plans.append(({"model": model, "variant": variant, "seed": seed}, overrides))
+    return plans
+
+
+def execute(args: argparse.Namespace, plans: list[Plan]) -> list[dict]:
+    """Run the planned runs one at a time (those --json records as done are not rerun); every run's record."""
+    from pipeline.files import write_json
+
+    if args.runs_dir is None:
+        args.runs_dir = (args.json.with_name(args.json.stem + "-runs") if args.json
+                         else Path(tempfile.mkdtemp(prefix="hyrank-quality-")))
+    runs_dir = args.runs_dir
     record = _load_record(args.json)
     done = {(r["model"], r["variant"], r["seed"]): r for r in record["runs"] if r["status"] == "ok"}
     record.update({"config": str(args.config), "days": args.days, "valid_days": args.valid_days,
@@ -385,17 +421,17 @@ def run(args: argparse.Namespace) -> int:
         runs.append(r)
         if args.json:  # after every run: a stopped table loses at most the run in progress
             write_json(args.json, {**record, "runs": _merged(record["runs"], runs), "table": aggregate(runs)})
-    rows = aggregate(runs)
-    print(format_table(rows))
+    return runs
+
+
+def finish(args: argparse.Namespace, runs: list[dict], rows: list[dict], **extra) -> None:
+    """Name the failed runs; write the record with the table (and `extra`) to --json."""
+    from pipeline.files import write_json
+
     for r in runs:
         if r["status"] != "ok":
             print(f"skipped {r['model']} / {r['variant']} / seed {r['seed']}: {r['error']}; log {r['log']}")
     if args.json:
-        write_json(args.json, {**record, "runs": _merged(record["runs"], runs), "table": rows})
+        record = _load_record(args.json)
+        write_json(args.json, {**record, "runs": _merged(record["runs"], runs), "table": rows, **extra})
         print(f"record: {args.json}")
-    if args.markdown:
-        from pipeline.files import write_atomic
-
-        write_atomic(args.markdown, format_markdown(rows, runs, args))
-        print(f"markdown: {args.markdown}")
-    return 0 if all(r["status"] == "ok" for r in runs) else 1

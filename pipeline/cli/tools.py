@@ -152,6 +152,7 @@ BENCHES = {
     "reader": ("bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
     "serve": ("bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, p50/p99, "
                              "errors, served rows/s against the program called in-process"),
+    "paper": ("bench.papers", "the papers' experiments (HyFormer Tables 1-2, HHFT, Hiformer, scaling): table + plot"),
     "quality": ("bench.quality", "model-quality table: real train runs per (model, variant, seed), AUC mean +- s.e."),
 }
 
