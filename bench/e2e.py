@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="turns of (reader, train) per tower; the best is kept")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, as for `hyrank train`")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="after the timed rounds, train each tower once more under torch.profiler on rank 0: "
+                        "DIR/<tower>.trace.json (chrome://tracing, Perfetto) and the top operators by self CPU time")
     p.add_argument("--json", type=Path, default=None, help="also write the record here")
 
 
@@ -60,15 +63,46 @@ def _read_alone(rank: int, world_size: int, cfg) -> dict:
     return {"rows": rows, "seconds": seconds}
 
 
-def _train(rank: int, world_size: int, cfg) -> dict:
+def _train(rank: int, world_size: int, cfg, profile: Path | None = None) -> dict:
+    import contextlib
+
+    import torch
+
     from pipeline.data.days import discover_days
     from pipeline.train.trainer import RunPlan
 
     trainer = _trainer(cfg)
     day = discover_days(cfg.data.root)[0]
-    stats = trainer.run(RunPlan(train_days=[day])).trained[0]
+    profiling = profile is not None and rank == 0
+    with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiling
+          else contextlib.nullcontext()) as prof:
+        stats = trainer.run(RunPlan(train_days=[day])).trained[0]
     trainer.close()
+    if profiling:
+        prof.export_chrome_trace(str(profile))
+        print(f"rank 0 profile of {cfg.model.name} ({stats.steps} steps, input wait "
+              f"{100 * stats.input_wait_share:.1f}%), trace {profile}; top operators by self CPU time:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     return {"rows": stats.rows, "seconds": stats.seconds, "steps": stats.steps, "input_wait_s": stats.input_wait_s}
+
+
+def _generate(root: Path, rows: int) -> Path:
+    from pipeline.data.synth import SynthConfig, generate_logs
+
+    print(f"generating one day of {rows} rows ...", flush=True)
+    generate_logs(SynthConfig(rows_per_day=rows, num_days=1, rows_per_chunk=8192), root)
+    return root
+
+
+def _config(config: Path, root: Path, tmp: Path, model: str, overrides: list[str]):
+    """The run config of one tower: another tower than the config's starts from its own defaults (the config's
+    options are the config tower's); no checkpoints, no TensorBoard."""
+    from pipeline.config import load_config
+
+    own = load_config(config).model.name
+    return load_config(config, [f'data.root="{root}"', f'out_dir="{tmp / model}"', "train.tensorboard=false",
+                                "checkpoint.at_day_end=false", *overrides, f'model.name="{model}"',
+                                *([] if model == own else ["model.options={}"])])
 
 
 def measure(cfg, nproc: int) -> dict:
@@ -87,23 +121,11 @@ def measure(cfg, nproc: int) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from pipeline.config import load_config
-    from pipeline.data.synth import SynthConfig, generate_logs
-
     config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"
     models = [m for m in args.models.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="hyrank-bench-e2e-") as tmp:
-        root = args.data
-        if root is None:
-            root = Path(tmp) / "data"
-            print(f"generating one day of {args.rows} rows ...", flush=True)
-            generate_logs(SynthConfig(rows_per_day=args.rows, num_days=1, rows_per_chunk=8192), root)
-        base = load_config(config, list(args.overrides)).model.name
-        # another tower than the config's starts from its own defaults: the config's options are the config tower's
-        cfgs = {m: load_config(config, [f'data.root="{root}"', f'out_dir="{Path(tmp) / m}"', "train.tensorboard=false",
-                                        "checkpoint.at_day_end=false", *args.overrides, f'model.name="{m}"',
-                                        *([] if m == base else ["model.options={}"])])
-                for m in models}
+        root = args.data or _generate(Path(tmp) / "data", args.rows)
+        cfgs = {m: _config(config, root, Path(tmp), m, args.overrides) for m in models}
         load_before = os.getloadavg()
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
@@ -113,6 +135,12 @@ def run(args: argparse.Namespace) -> int:
                       f"rows/s, input wait {100 * r['input_wait_share']:.1f}%", flush=True)
                 if m not in best or r["train_rows_per_s"] > best[m]["train_rows_per_s"]:
                     best[m] = r
+        if args.profile is not None:  # after the timed rounds: the profiler slows what it watches
+            from pipeline.distributed.launch import run_local
+
+            args.profile.mkdir(parents=True, exist_ok=True)
+            for m, cfg in cfgs.items():
+                run_local(_train, cfg, args.profile / f"{m}.trace.json", world_size=args.nproc, timeout_s=3600)
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     print(f"{'tower':<18}{'rows':>9}{'train rows/s':>14}{'reader rows/s':>15}{'train/reader':>14}{'input wait':>12}")
     for m, r in best.items():
