@@ -1,6 +1,6 @@
 """Training steps through TorchRec's TrainPipelineSparseDist (`train.pipeline = "sparse_dist"`).
 
-    for loss, seconds in pipelined_steps(trainer, InputClock(reader)): ...   # Trainer._steps under the pipeline
+    for loss, seconds in pipelined_steps(trainer, InputClock(reader)): ...   # Trainer.steps under the pipeline
 
 The pipeline's step also copies the next batch to the device and starts its embedding all-to-all while this
 batch computes (CUDA streams; on CPU it runs with identical losses but has nothing to overlap). It calls an
