@@ -2,8 +2,8 @@
 
     model = build_model("dcnv2", {"num_cross_layers": 3, "rank": 0, "hidden": [256, 128]}, shape)
 
-Input x0 = concat(every block, dense rest, masked mean of each sequence), width F.
-Cross layer: x_{l+1} = x0 * (W x_l + b) + x_l, with W full (F x F) or low-rank U V^T (rank r: DCN-Mix's "r").
+Input x0 = concat(every block, dense rest, masked mean of each sequence), width F, through the cross network
+(models/layers/cross.py: x_{l+1} = x0 * (W x_l + b) + x_l, W full or low-rank U V^T of rank r).
 Legend: B batch rows, F input width.
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from models.config import at_least, choices, widths
 from models.inputs import InputShape, TowerInput, TowerOutput
+from models.layers.cross import CrossNetwork
 from models.layers.mlp import mlp
 
 
@@ -33,16 +34,6 @@ class DCNv2Config:
         choices(self)
 
 
-class CrossLayerV2(nn.Module):
-    def __init__(self, width: int, rank: int = 0):
-        super().__init__()
-        self.w = nn.Linear(width, width) if not rank else nn.Sequential(nn.Linear(width, rank, bias=False),
-                                                                          nn.Linear(rank, width))
-
-    def forward(self, x0_BF: torch.Tensor, x_BF: torch.Tensor) -> torch.Tensor:
-        return x0_BF * self.w(x_BF) + x_BF
-
-
 class DCNv2(nn.Module):
     Config = DCNv2Config
 
@@ -51,7 +42,7 @@ class DCNv2(nn.Module):
         self.cfg = config
         width = shape.non_seq_dim + sum(s.dim for s in shape.sequences.values())
         self.block_names, self.seq_names = list(shape.blocks), list(shape.sequences)
-        self.cross = nn.ModuleList(CrossLayerV2(width, config.rank) for _ in range(config.num_cross_layers))
+        self.cross = CrossNetwork(width, config.num_cross_layers, config.rank)
         stacked = config.structure == "stacked"
         self.deep = mlp(width, config.hidden)
         deep_out = config.hidden[-1] if config.hidden else width
@@ -60,9 +51,7 @@ class DCNv2(nn.Module):
     def forward(self, x: TowerInput) -> TowerOutput:
         x0 = torch.cat([x.blocks[b] for b in self.block_names] + [x.dense]
                        + [x.sequences[s].mean_pool() for s in self.seq_names], dim=-1)
-        crossed = x0
-        for layer in self.cross:
-            crossed = layer(x0, crossed)
+        crossed = self.cross(x0)
         if self.cfg.structure == "stacked":
             return TowerOutput(logits=self.out(self.deep(crossed)).squeeze(-1))
         return TowerOutput(logits=self.out(torch.cat([crossed, self.deep(x0)], dim=-1)).squeeze(-1))
