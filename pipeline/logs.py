@@ -11,6 +11,9 @@ import os
 import warnings
 
 
+SHARED_INPUT_LOGGERS = ("pipeline.data.days", "pipeline.data.split")
+
+
 def setup_logging(*, verbose: bool) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None else ""
@@ -18,6 +21,11 @@ def setup_logging(*, verbose: bool) -> None:
                         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in ("hyrank", "pipeline", "embeddings", "models", "jobs"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    if rank not in (None, "0") and not verbose:
+        # what these describe is the data root every rank reads alike (missing days, hashed string columns):
+        # rank 0 says it once; another rank's own failure is an error, which still shows
+        for name in SHARED_INPUT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     if not verbose:
         silence_known_noise()
 

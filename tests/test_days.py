@@ -77,3 +77,24 @@ def test_hyrank_train_names_the_holes_before_training(tmp_path, caplog):
     assert f"no complete day in 2026-11-03..2026-11-04 under {root}" in caplog.text
     with pytest.raises(FileNotFoundError, match="no complete day"):
         cli_run._training_days(cfg.data, "2026-11-03")
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False), (None, True)])
+def test_only_rank_0_warns_about_the_shared_data_root(monkeypatch, rank, shown):
+    """Every rank discovers the same days: under torchrun the holes are named once, by rank 0 (a launch of 2
+    ranks printed each warning twice)."""
+    from pipeline.logs import SHARED_INPUT_LOGGERS, setup_logging
+
+    loggers = [logging.getLogger(n) for n in ("pipeline", *SHARED_INPUT_LOGGERS)]
+    levels = [lg.level for lg in loggers]
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    try:
+        setup_logging(verbose=False)
+        assert logging.getLogger("pipeline.data.days").isEnabledFor(logging.WARNING) is shown
+        assert logging.getLogger("pipeline.data.days").isEnabledFor(logging.ERROR)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
