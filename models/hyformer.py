@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.config import at_least, choices, divisible, widths
+from models.config import at_least, choices, divisible, fraction, widths
 from models.counting_attention import NullSlotCrossAttentionLayer
 from models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
 from models.layers.attention import CrossAttentionLayer, TransformerLayer
@@ -76,6 +76,7 @@ class HyFormerConfig:
     merge_sequences: bool = False
     decode_attention: DecodeAttention = "softmax"  # "null_slot": Query Decoding that can count matching events
     head_hidden: list[int] = field(default_factory=lambda: [256, 64])
+    head_dropout: float = 0.0  # after each hidden layer of the head
     cross_layers: int = 0  # DCN-V2 cross layers over the non-sequence input, beside the tokens into the head
     cross_rank: int = 0  # 0: full-rank cross weights; r > 0: rank r
 
@@ -89,6 +90,7 @@ class HyFormerConfig:
         if self.seq_encoder != "swiglu":  # the SwiGLU encoder has no attention heads
             divisible(self, "seq_dim", "seq_num_heads")
         widths(self, "head_hidden")
+        fraction(self, "head_dropout")
 
 
 @dataclass
@@ -190,7 +192,8 @@ class HyFormer(nn.Module):
         self.query_gen = self._query_generator(num_streams * queries_per_stream, num_ns) if cfg.global_tokens else None
         self.layers = nn.ModuleList(HyFormerLayer(cfg, d, i, num_streams, num_tokens) for i in range(cfg.num_layers))
         self.cross = CrossNetwork(shape.non_seq_dim, cfg.cross_layers, cfg.cross_rank) if cfg.cross_layers else None
-        self.head = mlp(num_tokens * d + (shape.non_seq_dim if self.cross is not None else 0), cfg.head_hidden, 1)
+        self.head = mlp(num_tokens * d + (shape.non_seq_dim if self.cross is not None else 0), cfg.head_hidden, 1,
+                        dropout=cfg.head_dropout)
 
     def _target_slices(self, shape: InputShape, slices: dict[str, slice]) -> list[slice]:
         needs_target = self.cfg.query_source == "target" or not self.cfg.global_tokens

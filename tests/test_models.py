@@ -23,7 +23,7 @@ VARIANTS = {
     "hyformer/merge": {"merge_sequences": True},
     "hyformer/no_global_tokens": {"global_tokens": False},
     "hyformer/null_slot": {"decode_attention": "null_slot"},
-    "hyformer/cross": {"cross_layers": 2, "cross_rank": 4},
+    "hyformer/cross": {"cross_layers": 2, "cross_rank": 4, "head_dropout": 0.1},
     "hiformer/low_rank": {"rank": 8, "prune_last_layer": False},
     "dcnv2/parallel_low_rank": {"structure": "parallel", "rank": 4},
     "transformer/pooled": {"sequence_tokens": "pooled"},
