@@ -48,7 +48,7 @@ def _variants(name: str, lengths: list[int], shape) -> list[tuple[str, int, dict
 
     defaults = REGISTRY[name].Config()
     with torch.device("meta"):  # the width the tower built (d_model = 0 picks one that fits its token count)
-        width = getattr(build_model(name, {}, shape), "d_model", defaults.d_model)
+        width = build_model(name, {}, shape).d_model
     rows = [(f"L={n}", n, {}) for n in lengths]
     rows.append((f"L={lengths[0]}, 2x width", lengths[0], {"d_model": 2 * width}))
     rows.append((f"L={lengths[0]}, 2x depth", lengths[0], {"num_layers": 2 * defaults.num_layers}))

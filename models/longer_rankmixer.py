@@ -55,7 +55,7 @@ class LongerRankMixer(nn.Module):
         super().__init__()
         cfg, c = config, config.seq_dim
         num_tokens = len(shape.sequences) + len(block_token_slices(shape)) * cfg.tokens_per_block
-        d = mixer_width(cfg.d_model, num_tokens, model="longer_rankmixer")
+        self.d_model = d = mixer_width(cfg.d_model, num_tokens, model="longer_rankmixer")
         missing = [b for b in cfg.target_blocks if b not in shape.blocks]
         if missing or not cfg.target_blocks:
             raise ValueError(f"longer_rankmixer: target_blocks {cfg.target_blocks} must name blocks of the "

@@ -41,7 +41,7 @@ class RankMixer(nn.Module):
     def __init__(self, config: RankMixerConfig, shape: InputShape):
         super().__init__()
         num_tokens = len(block_token_slices(shape)) * config.tokens_per_block + len(shape.sequences)
-        d = mixer_width(config.d_model, num_tokens, model="rankmixer")
+        self.d_model = d = mixer_width(config.d_model, num_tokens, model="rankmixer")
         self.ns = BlockTokenizer(shape, d, tokens_per_block=config.tokens_per_block)
         self.seq_tokens = PooledSequenceTokens(shape, d)
         self.layers = nn.Sequential(*(RankMixerBlock(num_tokens, d, ffn_mult=config.ffn_mult)

@@ -34,7 +34,8 @@ class Transformer(nn.Module):
 
     def __init__(self, config: TransformerConfig, shape: InputShape):
         super().__init__()
-        d, self.cfg = config.d_model, config
+        self.d_model = d = config.d_model
+        self.cfg = config
         self.ns = BlockTokenizer(shape, d)
         self.seq_names = list(shape.sequences)
         if config.sequence_tokens == "events":

@@ -17,7 +17,7 @@ from pipeline.cli import main
     ["bench", "overlap", "--config", "jobs/configs/hyformer.toml", "--batch-size", "16", "--steps", "2",
      "--warmup", "1", "--rounds", "1"],
     ["bench", "model", "--models", "dlrm_mlp,hyformer", "--batch-size", "4", "--steps", "1"],
-    ["bench", "seqlen", "--models", "hyformer,transformer", "--lengths", "16,32", "--batch-size", "2", "--steps", "1"],
+    ["bench", "seqlen", "--models", "hyformer,longer_rankmixer", "--lengths", "16,32", "--batch-size", "2", "--steps", "1"],
     ["bench", "days", "--small-days", "6", "--rows-per-day", "60", "--set", "data.batch_size_per_rank=16",
      "--set", "model.options.hidden=[16]", "--set", "features.sequences.0.max_len=16"],
     ["bench", "e2e", "--rows", "1500", "--set", "data.batch_size_per_rank=64", "--models", "hyformer", "--set", "features.sequences.0.max_len=16"],
@@ -38,6 +38,12 @@ def test_bench_runs(argv, capsys):
     if "seqlen" in argv:  # each length, then 2x width and 2x depth, per tower
         table = out.split('{"bench"')[0]
         assert table.count("2x width") == 2 and table.count("L=32 ") == 2, out
+        import json
+
+        rows = json.loads(out[out.index('{"bench"'):].splitlines()[0])["rows"]
+        for model in ("hyformer", "longer_rankmixer"):  # the wider tower is wider: its d_model was really doubled
+            params = {r["variant"]: r["params"] for r in rows if r["model"] == model}
+            assert params["L=16, 2x width"] > params["L=16"], params
     if "days" in argv:  # the same rows trained both ways, the small days in one unit
         assert "small days / big day: training" in out and "6 small days" in out, out
     if "e2e" in argv:  # the trainer and the reader alone over the same rows, and the input-wait share
