@@ -35,6 +35,11 @@ class SparseOutput:
     pooled: dict[str, torch.Tensor]  # feature -> (B, D)
     sequences: dict[str, JaggedTensor]  # feature -> values (N, D), lengths (B,)
     dedup_ratio: float | None = None  # distinct ids / events of the sequence lookup; None on the plain path
+    # (B, sum of D) the EBC's output; pooled[f] of an EBC feature is its columns pooled_columns[f] = (start, stop),
+    # so features adjacent there can be read as one slice without a copy (the sharded EBC's key order is its own,
+    # not the layout's). None without an EBC
+    pooled_values: torch.Tensor | None = None
+    pooled_columns: dict[str, tuple[int, int]] | None = None
 
 
 class SparseArch(nn.Module):
@@ -92,7 +97,12 @@ class _Assemble(nn.Module):
             out_pooled[lk.feature] = pool_jagged(seqs[lk.feature], lk.pooling)
         sequences = {k: seqs[k] for k in self._sequence_features}
         ratio = index.dedup_ratio if index is not None else None
-        return SparseOutput(pooled=out_pooled, sequences=sequences, dedup_ratio=ratio)
+        if ebc_out is None:
+            return SparseOutput(pooled=out_pooled, sequences=sequences, dedup_ratio=ratio)
+        offsets = ebc_out.offset_per_key()
+        columns = {k: (offsets[i], offsets[i + 1]) for i, k in enumerate(ebc_out.keys())}
+        return SparseOutput(pooled=out_pooled, sequences=sequences, dedup_ratio=ratio,
+                            pooled_values=ebc_out.values(), pooled_columns=columns)
 
     def _sequences(self, ec_out: dict[str, JaggedTensor], index: DedupIndex | None) -> dict[str, JaggedTensor]:
         if self.dedup:

@@ -76,7 +76,8 @@ class DLRM(nn.Module):
         if not self.dot:
             return TowerOutput(logits=self.net(torch.cat(parts + [x.dense] + pooled, dim=-1)).squeeze(-1))
         dense_BD = self.bottom(x.dense)
-        vectors_BFD = torch.cat(parts + pooled, dim=-1).unflatten(-1, (-1, self.dim))
+        vectors = parts + pooled
+        vectors_BFD = (vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=-1)).unflatten(-1, (-1, self.dim))
         all_BFD = torch.cat([dense_BD.unsqueeze(1), vectors_BFD], dim=1)
         dots_BFF = torch.bmm(all_BFD, all_BFD.transpose(1, 2))
         features = torch.cat([dense_BD, dots_BFF[:, self.triu[0], self.triu[1]]], dim=-1)

@@ -72,11 +72,14 @@ class Tokenizer(nn.Module):
             pos += f.size
         self._dense_slices = starts
         self._blocks = spec.effective_blocks
+        ebc = set(spec.embedding_layout().ebc_features)
+        self._ebc_blocks = {b for b, members in self._blocks.items() if members and set(members) <= ebc}
         self._unblocked = [f.name for f in spec.unblocked_dense]
         self._sequences = {s.name: (s.columns, s.max_len) for s in spec.sequences}
 
     def forward(self, emb: SparseOutput, dense_BF: torch.Tensor) -> TowerInput:
-        blocks = {b: torch.cat([self._feature(emb, dense_BF, n) for n in members], dim=-1)
+        blocks = {b: ebc_block(emb, tuple(members)) if b in self._ebc_blocks
+                  else torch.cat([self._feature(emb, dense_BF, n) for n in members], dim=-1)
                   for b, members in self._blocks.items()}
         rest = [self._feature(emb, dense_BF, n) for n in self._unblocked]
         dense = torch.cat(rest, dim=-1) if rest else dense_BF.new_zeros(dense_BF.shape[0], 0)
@@ -89,6 +92,19 @@ class Tokenizer(nn.Module):
             start, end = self._dense_slices[name]
             return dense_BF[:, start:end]
         return emb.pooled[name]
+
+
+def ebc_block(emb: SparseOutput, members: tuple[str, ...]) -> torch.Tensor:
+    """A block of EBC features: one column slice of the EBC's output (a view, no copy) when they sit side by side
+    there in the block's order, else their concatenation."""
+    spans = [emb.pooled_columns[m] for m in members]
+    if all(a[1] == b[0] for a, b in zip(spans, spans[1:])):
+        return emb.pooled_values[:, spans[0][0]:spans[-1][1]]
+    return torch.cat([emb.pooled[m] for m in members], dim=-1)
+
+
+# Opaque to TrainPipelineSparseDist's FX trace (it branches on the EBC output's key order, known only at run time).
+torch.fx.wrap("ebc_block")
 
 
 def pad_sequence(columns: list[JaggedTensor], max_len: int, batch_size: int) -> SequenceInput:

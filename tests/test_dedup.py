@@ -250,3 +250,32 @@ def test_batch_with_dedup_index_moves_to_a_device_and_pins():
     if torch.cuda.is_available():
         pinned = b.pin_memory()
         assert pinned.sequence_index.inverse.is_pinned()
+
+
+def test_a_block_of_consecutive_ebc_features_is_a_slice_of_the_ebc_output(small_cfg):
+    """Tokenizer's fast path (no per-feature copies): a block made only of consecutive EBC features is read as one
+    column slice of SparseOutput.pooled_values, equal to concatenating its features; other blocks concatenate."""
+    from pipeline.data.convert import BatchConverter
+    from pipeline.ranker import Tokenizer
+
+    spec = small_cfg.features
+    model = _ranking_model(small_cfg, dedup=False)
+    batch = BatchConverter(spec, sequence_feed=model.sequence_feed)(_real_table(small_cfg))
+    emb = model.sparse(batch.pooled, batch.sequence, batch.sequence_index)
+    tokenizer = Tokenizer(spec)
+    assert tokenizer._ebc_blocks == {"context"}  # device, hour: EBC features; user holds a dense one
+    tokens = tokenizer(emb, batch.dense)
+    for block, members in spec.effective_blocks.items():
+        expected = torch.cat([emb.pooled[m] if m in emb.pooled else tokenizer._feature(emb, batch.dense, m)
+                              for m in members], dim=-1)
+        assert torch.equal(tokens.blocks[block], expected), block
+    context = tokens.blocks["context"]
+    assert context.untyped_storage().data_ptr() == emb.pooled_values.untyped_storage().data_ptr()  # no copy
+    # features apart in the EBC output (a sharded EBC orders keys its own way): concatenated, same values
+    from embeddings.collection import SparseOutput
+    from pipeline.ranker import ebc_block
+
+    apart = ("device", "user_id")
+    shuffled = ebc_block(SparseOutput(emb.pooled, {}, pooled_values=emb.pooled_values,
+                                      pooled_columns=emb.pooled_columns), apart)
+    assert torch.equal(shuffled, torch.cat([emb.pooled[m] for m in apart], dim=-1))
