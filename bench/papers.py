@@ -59,8 +59,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         "HyFormer against LONGER+RankMixer and unified Transformers", "HyFormer (arXiv 2601.12681) Table 1",
         (Row("HyFormer", _HF, "base"),
          Row("LONGER + RankMixer (BaseArch)", "longer_rankmixer", "base"),
-         Row("unified: OneTrans w/ LONGER first layer", "onetrans", "unified_longer", ('model.options.first_layer="longer"',)),
-         Row("unified: OneTrans w/ full Transformer", "onetrans", "unified_full", ('model.options.first_layer="full"',)),
+         Row("unified: OneTrans w/ LONGER first layer", "onetrans", "unified_longer",
+             ('model.options.first_layer="longer"',)),
+         Row("unified: OneTrans w/ full Transformer", "onetrans", "unified_full",
+             ('model.options.first_layer="full"',)),
          Row("full Transformer over all tokens", "transformer", "base")),
         "HyFormer > unified w/ full Transformer > unified w/ LONGER > BaseArch (LONGER + RankMixer)"),
     "hyformer-table2": Experiment(

@@ -424,8 +424,8 @@ def execute(args: argparse.Namespace, plans: list[Plan]) -> list[dict]:
     return runs
 
 
-def finish(args: argparse.Namespace, runs: list[dict], rows: list[dict], **extra) -> None:
-    """Name the failed runs; write the record with the table (and `extra`) to --json."""
+def finish(args: argparse.Namespace, runs: list[dict], rows: list[dict]) -> None:
+    """Name the failed runs; write the record with the table to --json."""
     from pipeline.files import write_json
 
     for r in runs:
@@ -433,5 +433,5 @@ def finish(args: argparse.Namespace, runs: list[dict], rows: list[dict], **extra
             print(f"skipped {r['model']} / {r['variant']} / seed {r['seed']}: {r['error']}; log {r['log']}")
     if args.json:
         record = _load_record(args.json)
-        write_json(args.json, {**record, "runs": _merged(record["runs"], runs), "table": rows, **extra})
+        write_json(args.json, {**record, "runs": _merged(record["runs"], runs), "table": rows})
         print(f"record: {args.json}")

@@ -73,7 +73,8 @@ def write_day(root: Path, rows: int, num_embeddings: int = NUM_ROWS, seed: int =
 def config_text(root: Path, out_dir: Path, batch_size: int, lr: float, sparse_lr: float,
                 num_embeddings: int = NUM_ROWS) -> str:
     """hyrank's run config of the benchmark model (TOML)."""
-    tables = ",\n  ".join(f'{{ name = "t{i}", num_embeddings = {num_embeddings}, dim = {DIM} }}' for i in range(NUM_TABLES))
+    tables = ",\n  ".join(f'{{ name = "t{i}", num_embeddings = {num_embeddings}, dim = {DIM} }}'
+                            for i in range(NUM_TABLES))
     sparse = ",\n  ".join(f'{{ name = "c{i}", table = "t{i}" }}' for i in range(NUM_TABLES))
     dense = ", ".join(f'{{ name = "i{i}", norm = "log1p" }}' for i in range(NUM_DENSE))
     members = ", ".join(f'"c{i}"' for i in range(NUM_TABLES))
@@ -134,8 +135,8 @@ def torchrec_dlrm(world_size: int, batch_size: int, lr: float, sparse_lr: float,
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=num_embeddings, feature_names=[f"c{i}"])
-              for i in range(NUM_TABLES)]
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=num_embeddings,
+                                 feature_names=[f"c{i}"]) for i in range(NUM_TABLES)]
     model = DLRMTrain(DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables, device=torch.device("meta")),
                            dense_in_features=NUM_DENSE, dense_arch_layer_sizes=BOTTOM,
                            over_arch_layer_sizes=[*TOP, 1]))
@@ -251,10 +252,12 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(config_text(root, Path(tmp) / "run", args.batch_size, args.lr, args.sparse_lr,
                                     args.num_embeddings))
         cfg = load_config(path, list(args.overrides))
-        spec = {k: getattr(args, k) for k in ("batch_size", "steps", "warmup", "rounds", "lr", "sparse_lr", "num_embeddings")}
+        spec = {k: getattr(args, k)
+                for k in ("batch_size", "steps", "warmup", "rounds", "lr", "sparse_lr", "num_embeddings")}
         load_before = os.getloadavg()[0]
         best = run_local(_worker, cfg, spec, world_size=args.nproc, timeout_s=7200)[0]
-    print(f"{NUM_TABLES} tables of {args.num_embeddings:,} x {DIM}, {NUM_DENSE} dense, batch {args.batch_size} per rank, "
+    print(f"{NUM_TABLES} tables of {args.num_embeddings:,} x {DIM}, {NUM_DENSE} dense, "
+          f"batch {args.batch_size} per rank, "
           f"{args.nproc} gloo ranks, {rows:,} rows; hyrank loop: {cfg.train.pipeline}; best of {args.rounds} rounds; "
           f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     print(f"{'setting':<14}{'hyrank rows/s':>15}{'torchrec rows/s':>17}{'ratio':>8}{'goal':>7}")

@@ -7,9 +7,9 @@ dot:    the dense features outside any block go through the bottom MLP (ReLU aft
         width D = bottom[-1]; every block (and each sequence's mean) is cut into consecutive D-wide feature vectors
         (a block of 26 single-id features of dim 64 gives 26 vectors, in the spec's order); the pairwise dot
         products of the dense vector and all feature vectors (upper triangle, no diagonal) join the dense vector
-        into the top MLP. Same arithmetic as TorchRec's DenseArch / InteractionArch / OverArch (tests/test_models.py
-        copies weights across and compares logits), so `hyrank bench torchrec` compares the two pipelines on one
-        model.
+        into the top MLP. Same arithmetic as TorchRec's DenseArch / InteractionArch / OverArch
+        (tests/test_bench_torchrec.py copies weights across and compares logits), so `hyrank bench torchrec`
+        compares the two pipelines on one model.
 Legend: B batch rows, F feature vectors, D their width.
 """
 
@@ -56,15 +56,15 @@ class DLRM(nn.Module):
             self.net = mlp(in_dim, config.hidden, 1, dropout=config.dropout)
             return
         dim = config.bottom[-1]
-        widths_ = {**{f"block {b}": w for b, w in shape.blocks.items()},
+        vector_widths = {**{f"block {b}": w for b, w in shape.blocks.items()},
                    **{f"sequence {s}": q.dim for s, q in shape.sequences.items()}}
-        bad = {k: w for k, w in widths_.items() if w % dim}
+        bad = {k: w for k, w in vector_widths.items() if w % dim}
         if bad:
             raise ValueError(f"interaction 'dot' cuts blocks and sequences into vectors of bottom[-1] = {dim}; "
                              f"these widths are not multiples of it: {bad}")
         if shape.dense_dim == 0:
             raise ValueError("interaction 'dot' needs dense features outside every block for its bottom MLP")
-        num_vectors = sum(widths_.values()) // dim
+        num_vectors = sum(vector_widths.values()) // dim
         self.dim = dim
         self.bottom = mlp(shape.dense_dim, config.bottom)  # ReLU after every layer, as TorchRec's DenseArch
         self.register_buffer("triu", torch.triu_indices(num_vectors + 1, num_vectors + 1, offset=1), persistent=False)
