@@ -247,6 +247,7 @@ def markdown(args, exp: Experiment, rows: list[dict], days: list[str], oracle, p
 
 def plot(exp: Experiment, rows: list[dict], oracle, path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     ok = [r for r in rows if r["auc"] is not None]
     fig = Figure(figsize=(8, 0.5 * len(ok) + 1.8) if exp.plot == "bars" else (7, 4.5))
@@ -255,6 +256,7 @@ def plot(exp: Experiment, rows: list[dict], oracle, path: Path) -> None:
         y = list(range(len(ok)))[::-1]
         ax.errorbar([r["auc"] for r in ok], y, xerr=[r["auc_se"] or 0 for r in ok], fmt="o", capsize=4)
         ax.set_yticks(y, [r["label"] for r in ok])
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_xlabel("test AUC (mean ± s.e. over seeds)")
     else:
         for series in dict.fromkeys(r["series"] for r in ok):
