@@ -76,7 +76,9 @@ class HyFormerConfig:
     merge_sequences: bool = False
     decode_attention: DecodeAttention = "softmax"  # "null_slot": Query Decoding that can count matching events
     head_hidden: list[int] = field(default_factory=lambda: [256, 64])
-    head_dropout: float = 0.0  # after each hidden layer of the head
+    # after each hidden layer of the head; not in the paper. 0.2 ties DLRM-MLP on MovieLens-100K (0.7174 against
+    # 0.7169, 6 seeds; 0.7166 without) and costs nothing on the default data (docs/results.md)
+    head_dropout: float = 0.2
     cross_layers: int = 0  # DCN-V2 cross layers over the non-sequence input, beside the tokens into the head
     cross_rank: int = 0  # 0: full-rank cross weights; r > 0: rank r
 
