@@ -48,6 +48,10 @@ def test_bench_runs(argv, capsys):
         assert "small days / big day: training" in out and "6 small days" in out, out
     if "e2e" in argv:  # the trainer and the reader alone over the same rows, and the input-wait share
         assert "train/reader" in out and "input wait under 5%" in out and '"reader_rows": 1500' in out, out
+        import json
+
+        (r,) = json.loads(out[out.index('{"bench"'):].splitlines()[0])["results"].values()
+        assert 0 <= r["loader_wait_share"] <= r["input_wait_share"] < 1, r  # the loader's part of the wait
     if "torchrec" in argv:  # both sides, both settings
         assert "in memory" in out and "from parquet" in out and '"torchrec from parquet"' in out, out
     if "--seeds" in argv:

@@ -73,6 +73,25 @@ def test_two_ranks_read_every_row_exactly_once(source, tmp_path, shuffle):
         assert [r for b in ids0 for r in b] != sorted(r for b in ids0 for r in b)
 
 
+def _lagging_consumer(rank, world_size, day):
+    """Rank 1 spends 30 ms on each batch, rank 0 none: rank 0 waits for rank 1 at every batch's agreement."""
+    reader = DayReader(day, SPEC, batch_size=100, rank=rank, world_size=world_size, options=ReaderOptions())
+    for _ in reader:
+        if rank == 1:
+            time.sleep(0.03)
+    return reader.agree_wait_s
+
+
+def test_the_agreement_wait_is_the_wait_for_the_slower_rank(source, tmp_path):
+    """DayReader.agree_wait_s (the part of the trainer's input wait that is rank skew, `hyrank bench e2e`): the
+    rank that is ahead waits inside the per-batch flags' all_reduce for the one behind, about its lag per batch."""
+    wait0, wait1 = run_distributed(_lagging_consumer, even_day(tmp_path, source))
+    assert wait0 >= 14 * 0.03 * 0.8, (wait0, wait1)  # 15 batches: rank 1's lag before the 2nd to the 15th
+    assert wait1 < wait0 / 3, (wait0, wait1)
+    reader = DayReader(even_day(tmp_path / "one", source), SPEC, batch_size=100)
+    assert sum(1 for _ in reader) == 30 and reader.agree_wait_s == 0.0  # one rank: no collective, no wait
+
+
 def test_the_data_config_is_what_the_reader_takes(source, tmp_path):
     """DataConfig is a ReaderOptions: every `data.*` reader key reaches the reader, with no copy to forget."""
     day = even_day(tmp_path, source)

@@ -25,7 +25,8 @@ def _train_two_days(rank, world_size, cfg):
     stats, metrics = result.trained, result.metrics[str(days[2].day)]
     dense = {k: v.detach().clone() for k, v in trainer.model.module.tower.state_dict().items()}
     return {"losses": [l for s in stats for l in s.losses], "dense": dense, "metrics": metrics,
-            "rows": [s.rows for s in stats], "wait": [(s.input_wait_s, s.seconds) for s in stats]}
+            "rows": [s.rows for s in stats], "wait": [(s.input_wait_s, s.seconds) for s in stats],
+            "agree": [(s.agree_wait_s, s.input_wait_s) for s in stats]}
 
 
 @pytest.mark.parametrize("allreduce", ["sync", "async"])
@@ -36,6 +37,7 @@ def test_skeleton_trains_on_two_ranks(small_cfg, allreduce):
     assert len(losses) == 2 * -(-3000 // 128)  # 3000 rows a rank; the last batch 56 rows and 72 of filler
     assert r0["rows"] == [6000, 6000]  # every row of both days
     assert all(0 < wait < seconds for wait, seconds in r0["wait"] + r1["wait"])  # the first batch is always waited on
+    assert all(0 < agree <= wait for agree, wait in r0["agree"] + r1["agree"])  # the ranks' agreement: part of it
     assert r0["losses"] == r1["losses"]  # all-reduced per step
     head, tail = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert tail < head - 0.05, f"loss did not fall: first {head:.4f}, last {tail:.4f}"

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -100,6 +101,9 @@ class DayReader:
         self.pin = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
         self.validation = DayValidation(day.label, quarantine=str(self.quarantine or ""))
         self._group = _status_group(world_size)
+        # wall time inside the per-batch flags' all_reduce: mostly waiting for the slowest rank to ask for its
+        # next batch (a lag the step's first collective would wait out otherwise), not decode
+        self.agree_wait_s = 0.0
         self._cursor = Cursor()
         self._consumed: list[np.ndarray] = []  # (unit, raw row) of the real rows yielded since pop_consumed()
 
@@ -214,7 +218,9 @@ class DayReader:
                 raise failure
             return real
         flags = torch.tensor([0 if failure is None else 1, int(real)], dtype=torch.int64)
+        start = time.perf_counter()
         dist.all_reduce(flags, group=self._group)
+        self.agree_wait_s += time.perf_counter() - start
         if not flags[0].item():
             return bool(flags[1].item())
         messages: list[Any] = [None] * self.world_size

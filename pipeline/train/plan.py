@@ -64,11 +64,19 @@ class DayStats:
     rows_per_s: float = 0.0  # of this session (a resumed day: since the resume)
     pass_index: int = 0
     input_wait_s: float = 0.0  # this rank's wall time waiting for batches (pipeline.train.pipelined.InputClock)
+    # of input_wait_s, the part inside the reader's per-batch agreement between ranks (DayReader.agree_wait_s):
+    # waiting for the slowest rank, not for decode; the rest is the wait for the loader
+    agree_wait_s: float = 0.0
 
     @property
     def input_wait_share(self) -> float:
         """The share of the day's wall time this rank waited on input."""
         return self.input_wait_s / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def loader_wait_share(self) -> float:
+        """The share of the day's wall time this rank waited for its own loader (decode, validate, convert)."""
+        return max(0.0, self.input_wait_s - self.agree_wait_s) / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def mean_loss(self) -> float:
@@ -79,6 +87,7 @@ class DayStats:
                 "seconds": round(self.seconds, 3), "rows_per_s": round(self.rows_per_s, 1),
                 "mean_loss": self.mean_loss,
                 "input_wait_s": round(self.input_wait_s, 3), "input_wait_share": round(self.input_wait_share, 4),
+                "agree_wait_s": round(self.agree_wait_s, 3), "loader_wait_share": round(self.loader_wait_share, 4),
                 "bad_rows": self.bad_rows, "losses": self.losses}
 
 

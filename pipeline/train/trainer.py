@@ -351,12 +351,14 @@ class Trainer:
         seconds = time.perf_counter() - start
         stats = DayStats(day.label, len(mean_losses), rows, seconds, mean_losses, step_seconds,
                          bad_rows=dict(reader.validation.bad), rows_per_s=session_rows / max(seconds, 1e-9),
-                         pass_index=self.progress.pass_index, input_wait_s=batches.wait_s)
+                         pass_index=self.progress.pass_index, input_wait_s=batches.wait_s,
+                         agree_wait_s=reader.agree_wait_s)
         if self.env.is_main:
             passes = f"pass-{self.progress.pass_index + 1}-" if self.cfg.train.passes > 1 else ""
             write_json(self.out_dir / "train" / f"{passes}day-{day.label}.json", stats.to_dict())
-            log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s, input wait %.1f%% (rank 0)",
-                     stats.day, stats.steps, stats.rows, stats.mean_loss, stats.rows_per_s, 100 * stats.input_wait_share)
+            log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s, input wait %.1f%% (rank 0; loader "
+                     "%.1f%%, the rest waiting for the other ranks)", stats.day, stats.steps, stats.rows,
+                     stats.mean_loss, stats.rows_per_s, 100 * stats.input_wait_share, 100 * stats.loader_wait_share)
         if self.cfg.checkpoint.at_day_end:
             self._save()
         return stats
