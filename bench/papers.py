@@ -86,6 +86,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         (Row("Hiformer, full rank, not pruned", "hiformer", "full", ("model.options.prune_last_layer=false",)),
          Row("Hiformer, low rank (r = 8)", "hiformer", "low_rank",
              ("model.options.rank=8", "model.options.prune_last_layer=false")),
+         Row("Hiformer, low rank (r = 32)", "hiformer", "low_rank_32",
+             ("model.options.rank=32", "model.options.prune_last_layer=false")),
          Row("Hiformer, last layer pruned", "hiformer", "base"),
          Row("Hiformer, low rank + pruned", "hiformer", "low_rank_pruned", ("model.options.rank=8",))),
         "low rank and pruning keep the AUC within noise of the full model and cut inference latency",
