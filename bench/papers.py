@@ -14,7 +14,9 @@ Each row is a (tower, variant) trained on the first day of `--data` and tested o
 `--seeds` times; AUC and query-level AUC are mean ± standard error over seeds, the oracle AUC of the test day is
 printed beside every table. Dense parameters and training MFLOPs per row come from models.accounting (every sequence
 full); inference latency is the tower's forward alone on random inputs of the run's shapes, batch 512, median of
-`--latency-repeats` (measured in this process after the runs, rows taking turns). The config is
+`--latency-repeats` (measured in this process after the runs, rows taking turns), at the run's width and at
+`Experiment.latency_widen` times its d_model (untrained weights: latency does not depend on them; a saving that
+grows with width is one a production-size tower would see). The config is
 `jobs/configs/papers.toml` unless `--config` says otherwise: the default data without the target-match features,
 so the towers have to learn the matching from the sequences themselves, which is what these papers are about.
 
@@ -50,6 +52,7 @@ class Experiment:
     expect: str  # the paper's ordering, to hold the measurement against
     plot: str = "bars"  # "bars" or "scaling"
     latency: bool = False
+    latency_widen: int = 4  # latency also at this multiple of each row's d_model
     notes: list[str] = field(default_factory=list)
 
 
@@ -154,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
     by_key = {(row["model"], row["variant"]): row for row in aggregate(runs)}
     rows = [{**by_key[(r.model, r.variant)], "label": r.label, "series": r.series} for r in exp.rows]
     if exp.latency:
-        for row, ms in zip(rows, latencies(runs, exp, args.latency_repeats)):
-            row["latency_ms"] = ms
+        for row, (ms, wide_ms) in zip(rows, latencies(runs, exp, args.latency_repeats)):
+            row["latency_ms"], row["latency_wide_ms"] = ms, wide_ms
     oracle = next((r["oracle_auc"] for r in rows if r.get("oracle_auc") is not None), None)
     table = format_rows(rows, exp)
     print(f"{exp.title} ({exp.paper}); train {days[0]}, test {days[1]}"
@@ -169,29 +172,31 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in runs) else 1
 
 
-def latencies(runs: list[dict], exp: Experiment, repeats: int) -> list[float | None]:
-    """Median ms of one forward of each row's tower (eval, no grad, batch 512), rows taking turns."""
+def latencies(runs: list[dict], exp: Experiment, repeats: int) -> list[tuple[float | None, float | None]]:
+    """Median ms of one forward of each row's tower (eval, no grad, batch 512) at its width and at
+    `exp.latency_widen` times its d_model, every tower taking turns."""
     import torch
 
     from models import build_model
     from models.accounting import meta_inputs
     from pipeline.config import load_config
 
-    built = []
+    built: list[tuple[torch.nn.Module, object] | None] = []
     for r in exp.rows:
         run = next((x for x in runs if x["model"] == r.model and x["variant"] == r.variant and x["status"] == "ok"),
                    None)
         if run is None:
-            built.append(None)
+            built += [None, None]
             continue
         cfg = load_config(Path(run["out_dir"]) / "config.resolved.toml")
         shape = cfg.features.input_shape()
-        torch.manual_seed(0)
-        tower = build_model(cfg.model.name, cfg.model.options, shape).eval()
         x = meta_inputs(shape, 512, device="cpu")
         for t in [*x.blocks.values(), x.dense, *(s.values_BLD for s in x.sequences.values())]:
             t.data.normal_()
-        built.append((tower, x))
+        torch.manual_seed(0)
+        tower = build_model(cfg.model.name, cfg.model.options, shape).eval()
+        wide = {**cfg.model.options, "d_model": exp.latency_widen * tower.d_model}
+        built += [(tower, x), (build_model(cfg.model.name, wide, shape).eval(), x)]
     times: list[list[float]] = [[] for _ in built]
     with torch.no_grad():
         for rep in range(repeats + 2):
@@ -202,7 +207,8 @@ def latencies(runs: list[dict], exp: Experiment, repeats: int) -> list[float | N
                 b[0](b[1])
                 if rep >= 2:  # two warm-up forwards
                     times[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) if t else None for t in times]
+    medians = [statistics.median(t) if t else None for t in times]
+    return list(zip(medians[::2], medians[1::2]))
 
 
 def _pm(mean, se) -> str:
@@ -218,13 +224,13 @@ def _cells(row: dict, exp: Experiment) -> list[str]:
              "n/a" if row["dense_params"] is None else f"{row['dense_params']:,}",
              "n/a" if flops is None else f"{flops / 1e6:.2f}"]
     if exp.latency:
-        cells.append("n/a" if row.get("latency_ms") is None else f"{row['latency_ms']:.2f}")
+        cells += ["n/a" if row.get(k) is None else f"{row[k]:.2f}" for k in ("latency_ms", "latency_wide_ms")]
     return cells
 
 
 def _head(exp: Experiment) -> list[str]:
     return (["row", "seeds", "AUC", "query-AUC", "dense params", "train MFLOPs/row"]
-            + (["infer ms (batch 512)"] if exp.latency else []))
+            + ([f"infer ms (batch 512)", f"infer ms, {exp.latency_widen}x d_model"] if exp.latency else []))
 
 
 def format_rows(rows: list[dict], exp: Experiment) -> str:

@@ -44,6 +44,7 @@ class Hiformer(nn.Module):
     def __init__(self, config: HiformerConfig, shape: InputShape):
         super().__init__()
         self.cfg, d = config, config.d_model
+        self.d_model = d  # token width (bench paper widens it for latency)
         self.task_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.ns = BlockTokenizer(shape, d)
         self.seq_tokens = PooledSequenceTokens(shape, d)

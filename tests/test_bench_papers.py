@@ -33,7 +33,7 @@ def test_papers_config_has_no_target_match_statistics():
 
 
 def test_an_experiment_end_to_end_with_latency(tmp_path):
-    """Hiformer's four rows x one seed at tiny size: the table has every row with the run files' AUC, the oracle,
+    """Hiformer's five rows x one seed at tiny size: the table has every row with the run files' AUC, the oracle,
     params, FLOPs and a latency; the plot is a PNG; the same command again trains nothing."""
     from pipeline.data.synth import generate_logs
 
@@ -46,13 +46,18 @@ def test_an_experiment_end_to_end_with_latency(tmp_path):
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     runs = json.loads((out / "papers.json").read_text())["runs"]
-    assert sorted(r["variant"] for r in runs) == ["base", "full", "low_rank", "low_rank_pruned"]
+    assert sorted(r["variant"] for r in runs) == ["base", "full", "low_rank", "low_rank_32", "low_rank_pruned"]
     md = (out / "hiformer.md").read_text()
     assert "oracle AUC **0." in md and "infer ms (batch 512)" in md and "hiformer.png" in md
+    head, rule, *rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert "infer ms, 4x d_model" in head and len(rows) == 5
+    for row in rows:  # a latency at the run's width and at 4x: both measured, the wider one slower
+        ms, wide_ms = (float(c) for c in row.strip("|").split("|")[-2:])
+        assert 0 < ms < wide_ms, row
     for r in runs:
         assert f"{r['auc']:.4f}" in md and r["train_flops_per_row"] > 0
     low, full = (next(r for r in runs if r["variant"] == v) for v in ("low_rank", "full"))
     assert low["dense_params"] < full["dense_params"]
     assert (out / "hiformer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("not rerun") == 4, again.stdout + again.stderr
+    assert again.returncode == 0 and again.stdout.count("not rerun") == 5, again.stdout + again.stderr
