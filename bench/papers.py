@@ -230,7 +230,7 @@ def _cells(row: dict, exp: Experiment) -> list[str]:
 
 def _head(exp: Experiment) -> list[str]:
     return (["row", "seeds", "AUC", "query-AUC", "dense params", "train MFLOPs/row"]
-            + ([f"infer ms (batch 512)", f"infer ms, {exp.latency_widen}x d_model"] if exp.latency else []))
+            + (["infer ms (batch 512)", f"infer ms, {exp.latency_widen}x d_model"] if exp.latency else []))
 
 
 def format_rows(rows: list[dict], exp: Experiment) -> str:
