@@ -34,11 +34,26 @@ def _worker(fn, rank, world_size, init_file, pg_timeout_s, backend, args, queue)
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=dt.timedelta(seconds=pg_timeout_s))
         result = fn(rank, world_size, *args)
+        # no rank tears its sockets down while another is still connecting or in its last collective: without
+        # this, a fast fn lets rank 0 destroy its group while rank 1 is inside gloo's connectFullMesh
+        dist.barrier()
         dist.destroy_process_group()
         # plain pickle to bytes: the queue's own pickler would share tensors through fds that die with the rank
         queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         queue.put((rank, False, traceback.format_exc()))
+
+
+_DEATH_GRACE_S = 2.0  # how long a rank's error waits for another rank's death to show in its exit code
+
+
+def _raise_if_dead(procs, results: dict, also: str = "") -> None:
+    """Raise if a rank exited non-zero without a result: it died outside _worker's try (a segfault, an OOM kill,
+    os._exit, a spawned child that could not import fn)."""
+    dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+    if dead:
+        raise RuntimeError(f"rank(s) {dead} exited with code(s) {[procs[r].exitcode for r in dead]} without a result"
+                           + (f"; then {also}" if also else "")) from None
 
 
 def run_local(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout_s: float = 300,
@@ -60,14 +75,16 @@ def run_local(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout_s
                 try:
                     rank, ok, value = queue.get(timeout=1.0)
                 except queue_lib.Empty:
-                    dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
-                    if dead:  # died outside _worker's try (e.g. a spawned child that could not import fn)
-                        raise RuntimeError(f"rank(s) {dead} exited with code(s) "
-                                           f"{[procs[r].exitcode for r in dead]} without a result") from None
+                    _raise_if_dead(procs, results)
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"no result from all {world_size} ranks within {timeout_s} s") from None
                     continue
                 if not ok:
+                    # a rank that died (no exception, no result) makes its peers' collectives fail too: name the
+                    # dead rank, the cause, rather than the first survivor whose barrier noticed it
+                    for p in procs:
+                        p.join(timeout=_DEATH_GRACE_S / world_size)
+                    _raise_if_dead(procs, results, also=f"rank {rank} failed:\n{value}")
                     raise RuntimeError(f"rank {rank} failed:\n{value}")
                 results[rank] = pickle.loads(value)
         finally:
