@@ -2,6 +2,7 @@
 
     hyrank bench torchrec                       # 26 tables of 100k x 64, 13 dense, batch 512, 2 gloo ranks
     hyrank bench torchrec --rows 100000 --steps 60 --rounds 3 --json torchrec.json
+    hyrank bench torchrec --rounds 1 --profile 40   # then 40 steps each, taking turns: where the time differs
 
 One model, two pipelines, identical batches. The model is the DLRM paper's (bottom MLP 13 -> 512 -> 256 -> 64,
 pairwise dot products of the 27 vectors, top MLP 415 -> 512 -> 512 -> 256 -> 1); hyrank runs it as `dlrm_mlp` with
@@ -18,6 +19,10 @@ Two settings, each side taking turns within a round (`--rounds`; the best round 
   from Parquet  each side trains the whole day read by hyrank's DayReader (the reader TorchRec would otherwise not
                 have: its own examples read Criteo .npy files): hyrank's `Trainer.run`, and TorchRec's pipeline fed
                 by the same reader's batches. Goal: >= 0.9x.
+`--profile STEPS` then lets both sides take turns step by step on the in-memory batches (which goes first
+alternates), so a busy machine slows both alike: ms per step of each, unprofiled and under torch.profiler, and the
+operators whose self CPU time per step differs most between them. The `... wait()` operators are where a rank
+waits for its peer: that is where rank skew lands, in each side's first collective of a step.
 The generated day: 26 id columns drawn from a heavy-tailed law over 100k ids, 13 log-normal dense columns, a label
 that depends on a few of them; `--rows` rows (default: what `--steps` steps of every rank take).
 """
@@ -49,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparse-lr", type=float, default=0.05, help="fused RowWiseAdagrad learning rate (both sides)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override of hyrank's side, e.g. train.pipeline=\"sparse_dist\" or data.num_workers=2")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the rounds, STEPS in-memory steps of both sides taking turns: ms per step of each "
+                        "(unprofiled, then under torch.profiler) and the operators whose self CPU time differs most")
     p.add_argument("--json", type=Path, default=None, help="also write the record here")
 
 
@@ -208,6 +216,64 @@ def _hyrank_from_parquet(cfg) -> float:
     return stats.rows / stats.seconds / trainer.env.world_size  # per rank, like the other lines
 
 
+def _interleaved(cfg, batches, world_size: int, args: dict, steps: int) -> dict:
+    """hyrank's plain step and TorchRec's pipeline step taking turns on the same batches (which side goes first
+    alternates), so a busy machine slows both alike: ms per step of each, first unprofiled, then `steps` more under
+    one short torch.profiler profile each, with each operator's self CPU ms per step on each side."""
+    import collections
+    import contextlib
+    import itertools
+
+    import torch
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from pipeline.distributed.env import env_of_current_group
+    from pipeline.train.trainer import Trainer
+
+    trainer = Trainer(cfg, env_of_current_group())
+    trainer.model.train()
+    dmp, opt = torchrec_dlrm(world_size, args["batch_size"], args["lr"], args["sparse_lr"], args["num_embeddings"])
+    pipe = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
+    torchrec_batches = (torchrec_batch(b) for b in itertools.cycle(batches))
+    sides = {"hyrank": lambda b: trainer.train_step(b.to(trainer.env.device)),
+             "torchrec": lambda b: pipe.progress(torchrec_batches)}
+    warmup = args["warmup"]
+    wall = {phase: dict.fromkeys(sides, 0.0) for phase in ("plain", "profiled")}
+    ops: dict[str, collections.Counter] = {side: collections.Counter() for side in sides}
+    for i, batch in enumerate(itertools.islice(itertools.cycle(batches), warmup + 2 * steps)):
+        phase = "plain" if i < warmup + steps else "profiled"
+        for side in (sorted(sides) if i % 2 else sorted(sides, reverse=True)):
+            with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if phase == "profiled"
+                  else contextlib.nullcontext()) as prof:
+                start = time.perf_counter()
+                sides[side](batch)
+                elapsed = time.perf_counter() - start
+            if i >= warmup:
+                wall[phase][side] += elapsed
+            if prof is not None:
+                for event in prof.key_averages():
+                    ops[side][event.key] += event.self_cpu_time_total / 1e3
+    trainer.dense.flush()
+    trainer.close()
+    return {"ms_per_step": {phase: {side: 1e3 * t / steps for side, t in w.items()} for phase, w in wall.items()},
+            "self_ms_per_step": {side: {k: v / steps for k, v in c.items()} for side, c in ops.items()}}
+
+
+def _print_interleaved(prof: dict, steps: int, top: int = 20) -> None:
+    ms, self_ms = prof["ms_per_step"], prof["self_ms_per_step"]
+    print(f"\ninterleaved, {steps} steps each (rank 0): ms per step  hyrank / TorchRec")
+    for phase, w in ms.items():
+        print(f"  {phase:<9}{w['hyrank']:>9.2f} /{w['torchrec']:>7.2f}   ratio of rows/s "
+              f"{w['torchrec'] / w['hyrank']:.3f}")
+    h, t = self_ms["hyrank"], self_ms["torchrec"]
+    keys = sorted(set(h) | set(t), key=lambda k: -abs(h.get(k, 0.0) - t.get(k, 0.0)))[:top]
+    print(f"operators whose self CPU time differs most (ms per step; total {sum(h.values()):.2f} / "
+          f"{sum(t.values()):.2f})")
+    print(f"  {'operator':<60}{'hyrank':>9}{'TorchRec':>10}{'diff':>8}")
+    for k in keys:
+        print(f"  {k[:60]:<60}{h.get(k, 0.0):>9.2f}{t.get(k, 0.0):>10.2f}{h.get(k, 0.0) - t.get(k, 0.0):>+8.2f}")
+
+
 def _worker(rank: int, world_size: int, cfg, args: dict) -> dict:
     import torch.distributed as dist
 
@@ -234,7 +300,9 @@ def _worker(rank: int, world_size: int, cfg, args: dict) -> dict:
             every = [0.0] * world_size
             dist.all_gather_object(every, rate)
             best[name] = max(best[name], min(every) * world_size)  # the slowest rank sets the pace
-    return best
+    if args["profile"]:
+        return {"best": best, "interleaved": _interleaved(cfg, in_memory, world_size, args, args["profile"])}
+    return {"best": best}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -253,9 +321,10 @@ def run(args: argparse.Namespace) -> int:
                                     args.num_embeddings))
         cfg = load_config(path, list(args.overrides))
         spec = {k: getattr(args, k)
-                for k in ("batch_size", "steps", "warmup", "rounds", "lr", "sparse_lr", "num_embeddings")}
+                for k in ("batch_size", "steps", "warmup", "rounds", "lr", "sparse_lr", "num_embeddings", "profile")}
         load_before = os.getloadavg()[0]
-        best = run_local(_worker, cfg, spec, world_size=args.nproc, timeout_s=7200)[0]
+        rank0 = run_local(_worker, cfg, spec, world_size=args.nproc, timeout_s=7200)[0]
+    best = rank0["best"]
     print(f"{NUM_TABLES} tables of {args.num_embeddings:,} x {DIM}, {NUM_DENSE} dense, "
           f"batch {args.batch_size} per rank, "
           f"{args.nproc} gloo ranks, {rows:,} rows; hyrank loop: {cfg.train.pipeline}; best of {args.rounds} rounds; "
@@ -269,6 +338,9 @@ def run(args: argparse.Namespace) -> int:
               f"  {'met' if h / t >= goal else 'missed'}")
     record = {"bench": "torchrec", "rows": rows, "nproc": args.nproc, "pipeline": cfg.train.pipeline,
               "rows_per_s": best, "ratios": ratios, "load_before": load_before, **spec}
+    if "interleaved" in rank0:
+        _print_interleaved(rank0["interleaved"], args.profile)
+        record["interleaved_ms_per_step"] = rank0["interleaved"]["ms_per_step"]
     print(json.dumps(record))
     if args.json:
         args.json.write_text(json.dumps(record, indent=2))

@@ -22,7 +22,7 @@ from pipeline.cli import main
      "--set", "model.options.hidden=[16]", "--set", "features.sequences.0.max_len=16"],
     ["bench", "e2e", "--rows", "1500", "--set", "data.batch_size_per_rank=64", "--models", "hyformer", "--set", "features.sequences.0.max_len=16"],
     ["bench", "torchrec", "--num-embeddings", "500", "--batch-size", "32", "--steps", "3", "--warmup", "1",
-     "--rounds", "1"],
+     "--rounds", "1", "--profile", "2"],
 ], ids=["dedup", "reader", "async_plain_2_seeds", "async_default", "overlap", "model", "seqlen", "days", "e2e",
         "torchrec"])
 def test_bench_runs(argv, capsys):
@@ -54,5 +54,11 @@ def test_bench_runs(argv, capsys):
         assert 0 <= r["loader_wait_share"] <= r["input_wait_share"] < 1, r  # the loader's part of the wait
     if "torchrec" in argv:  # both sides, both settings
         assert "in memory" in out and "from parquet" in out and '"torchrec from parquet"' in out, out
+        import json
+
+        record = json.loads(out[out.index('{"bench"'):].splitlines()[0])
+        for phase in ("plain", "profiled"):  # both sides took their turns, unprofiled and profiled
+            assert all(ms > 0 for ms in record["interleaved_ms_per_step"][phase].values()), record
+        assert "operators whose self CPU time differs most" in out and "aten::mm" in out, out
     if "--seeds" in argv:
         assert "standard error" in out and "seed-to-seed" in out, out
