@@ -258,29 +258,34 @@ def plot(exp: Experiment, rows: list[dict], oracle, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ok = [r for r in rows if r["auc"] is not None]
-    fig = Figure(figsize=(8, 0.5 * len(ok) + 1.8) if exp.plot == "bars" else (7, 4.5))
-    ax = fig.add_subplot()
     if exp.plot == "bars":
+        fig = Figure(figsize=(8, 0.5 * len(ok) + 1.8))
+        ax = fig.add_subplot()
         y = list(range(len(ok)))[::-1]
         ax.errorbar([r["auc"] for r in ok], y, xerr=[r["auc_se"] or 0 for r in ok], fmt="o", capsize=4)
         ax.set_yticks(y, [r["label"] for r in ok])
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_xlabel("test AUC (mean ± s.e. over seeds)")
-    else:
-        for series in dict.fromkeys(r["series"] for r in ok):
-            pts = sorted((r for r in ok if r["series"] == series or r["variant"] == "base"),
-                         key=lambda r: r["train_flops_per_row"])
-            ax.errorbar([r["train_flops_per_row"] / 1e6 for r in pts], [r["auc"] for r in pts],
-                        yerr=[r["auc_se"] or 0 for r in pts], marker="o", capsize=3, label=series)
-        for r in ok:
-            ax.annotate(r["variant"], (r["train_flops_per_row"] / 1e6, r["auc"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
-        ax.set_xscale("log")
-        ax.set_xlabel("training MFLOPs per row (forward + backward)")
-        ax.set_ylabel("test AUC (mean ± s.e.)")
-        ax.legend()
-    ax.set_title(f"{exp.paper}" + (f" — oracle AUC {oracle:.4f}" if oracle else ""), fontsize=10)
-    ax.grid(alpha=0.3)
+        axes = [ax]
+    else:  # AUC against training FLOPs and against dense parameters, one line per axis of scaling
+        fig = Figure(figsize=(12, 4.5))
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, key, scale, xlabel in ((axes[0], "train_flops_per_row", 1e6, "training MFLOPs per row (fwd + bwd)"),
+                                       (axes[1], "dense_params", 1e3, "dense parameters (thousands)")):
+            for series in dict.fromkeys(r["series"] for r in ok):
+                pts = sorted((r for r in ok if r["series"] == series or r["variant"] == "base"), key=lambda r: r[key])
+                ax.errorbar([r[key] / scale for r in pts], [r["auc"] for r in pts],
+                            yerr=[r["auc_se"] or 0 for r in pts], marker="o", capsize=3, label=series)
+            for r in ok:
+                ax.annotate(r["variant"], (r[key] / scale, r["auc"]), fontsize=7, textcoords="offset points",
+                            xytext=(4, 4))
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+        axes[0].set_ylabel("test AUC (mean ± s.e.)")
+        axes[0].legend()
+    fig.suptitle(f"{exp.paper}" + (f" — oracle AUC {oracle:.4f}" if oracle else ""), fontsize=10)
+    for ax in axes:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -61,3 +61,18 @@ def test_an_experiment_end_to_end_with_latency(tmp_path):
     assert (out / "hiformer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("not rerun") == 5, again.stdout + again.stderr
+
+
+def test_scaling_plots_auc_against_flops_and_params(tmp_path):
+    """The scaling plot draws every row of every series (base on each line) against FLOPs and against params;
+    a row without an AUC (a failed run) is left off the plot, not drawn at zero."""
+    from bench.papers import EXPERIMENTS, plot
+
+    exp = EXPERIMENTS["scaling"]
+    rows = [{"label": r.label, "variant": r.variant, "series": r.series, "auc": 0.70 + 0.01 * i, "auc_se": 0.002,
+             "train_flops_per_row": 1e6 * (i + 1), "dense_params": 10_000 * (i + 1)}
+            for i, r in enumerate(exp.rows)]
+    rows[-1]["auc"] = None
+    path = tmp_path / "scaling.png"
+    plot(exp, rows, 0.82, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
