@@ -101,6 +101,10 @@ EXPERIMENTS: dict[str, Experiment] = {
          Row("HyFormer (d_model 72, 2 layers)", _HF, "base", (), "width"),
          Row("d_model 144", _HF, "width_144", ("model.options.d_model=144",), "width"),
          Row("d_model 288", _HF, "width_288", ("model.options.d_model=288",), "width"),
+         # the wider tower at the same dense lr trains slower (higher training loss by mid-day): Adam's lr scaled
+         # as 1/width (muP's rule for hidden layers), 1e-3 x 72/288, tells an lr effect from a width one
+         Row("d_model 288, dense lr 2.5e-4 (x 72/d_model)", _HF, "width_288_lr",
+             ("model.options.d_model=288", "train.lr=2.5e-4"), "width, lr x 72/d_model"),
          Row("1 layer", _HF, "depth_1", ("model.options.num_layers=1",), "depth"),
          Row("3 layers", _HF, "depth_3", ("model.options.num_layers=3",), "depth"),
          Row("4 layers", _HF, "depth_4", ("model.options.num_layers=4",), "depth"),
