@@ -216,10 +216,16 @@ def _hyrank_from_parquet(cfg) -> float:
     return stats.rows / stats.seconds / trainer.env.world_size  # per rank, like the other lines
 
 
+_TURN_STEPS = 10  # steps of one side before the other's turn: TorchRec's pipeline has the next batch's input
+# all-to-all in flight between its steps, and gloo finishes it in the background while hyrank's steps run, so
+# turns of one step would hand TorchRec that overlap for free; turns of 10 give it to one step in 10
+
+
 def _interleaved(cfg, batches, world_size: int, args: dict, steps: int) -> dict:
-    """hyrank's plain step and TorchRec's pipeline step taking turns on the same batches (which side goes first
-    alternates), so a busy machine slows both alike: ms per step of each, first unprofiled, then `steps` more under
-    one short torch.profiler profile each, with each operator's self CPU ms per step on each side."""
+    """hyrank's plain step and TorchRec's pipeline step taking turns of _TURN_STEPS steps on the same batches
+    (which side goes first alternates), so a busy machine slows both alike: ms per step of each over `steps`
+    steps unprofiled, then `steps` more under one short torch.profiler profile a step, with each operator's self
+    CPU ms per step on each side."""
     import collections
     import contextlib
     import itertools
@@ -234,25 +240,27 @@ def _interleaved(cfg, batches, world_size: int, args: dict, steps: int) -> dict:
     trainer.model.train()
     dmp, opt = torchrec_dlrm(world_size, args["batch_size"], args["lr"], args["sparse_lr"], args["num_embeddings"])
     pipe = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
+    hyrank_batches = itertools.cycle(batches)
     torchrec_batches = (torchrec_batch(b) for b in itertools.cycle(batches))
-    sides = {"hyrank": lambda b: trainer.train_step(b.to(trainer.env.device)),
-             "torchrec": lambda b: pipe.progress(torchrec_batches)}
-    warmup = args["warmup"]
+    sides = {"hyrank": lambda: trainer.train_step(next(hyrank_batches).to(trainer.env.device)),
+             "torchrec": lambda: pipe.progress(torchrec_batches)}
+    warmup, total = args["warmup"], args["warmup"] + 2 * steps
     wall = {phase: dict.fromkeys(sides, 0.0) for phase in ("plain", "profiled")}
     ops: dict[str, collections.Counter] = {side: collections.Counter() for side in sides}
-    for i, batch in enumerate(itertools.islice(itertools.cycle(batches), warmup + 2 * steps)):
-        phase = "plain" if i < warmup + steps else "profiled"
-        for side in (sorted(sides) if i % 2 else sorted(sides, reverse=True)):
-            with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if phase == "profiled"
-                  else contextlib.nullcontext()) as prof:
-                start = time.perf_counter()
-                sides[side](batch)
-                elapsed = time.perf_counter() - start
-            if i >= warmup:
-                wall[phase][side] += elapsed
-            if prof is not None:
-                for event in prof.key_averages():
-                    ops[side][event.key] += event.self_cpu_time_total / 1e3
+    for turn, first in enumerate(range(0, total, _TURN_STEPS)):
+        for side in (sorted(sides) if turn % 2 else sorted(sides, reverse=True)):
+            for i in range(first, min(first + _TURN_STEPS, total)):
+                phase = "plain" if i < warmup + steps else "profiled"
+                with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if phase == "profiled"
+                      else contextlib.nullcontext()) as prof:
+                    start = time.perf_counter()
+                    sides[side]()
+                    elapsed = time.perf_counter() - start
+                if i >= warmup:
+                    wall[phase][side] += elapsed
+                if prof is not None:
+                    for event in prof.key_averages():
+                        ops[side][event.key] += event.self_cpu_time_total / 1e3
     trainer.dense.flush()
     trainer.close()
     return {"ms_per_step": {phase: {side: 1e3 * t / steps for side, t in w.items()} for phase, w in wall.items()},
@@ -289,6 +297,7 @@ def _worker(rank: int, world_size: int, cfg, args: dict) -> dict:
     in_memory = list(reader())[: args["warmup"] + args["steps"]]
     best = {"hyrank in memory": 0.0, "torchrec in memory": 0.0, "hyrank from parquet": 0.0,
             "torchrec from parquet": 0.0}
+    rounds: dict[str, list[float]] = {name: [] for name in best}
     for _ in range(args["rounds"]):
         runs = {"hyrank in memory": lambda: _hyrank_in_memory(cfg, in_memory, args["warmup"]),
                 "torchrec in memory": lambda: _torchrec_rows_per_s(in_memory, world_size, args, args["warmup"])[0],
@@ -300,9 +309,11 @@ def _worker(rank: int, world_size: int, cfg, args: dict) -> dict:
             every = [0.0] * world_size
             dist.all_gather_object(every, rate)
             best[name] = max(best[name], min(every) * world_size)  # the slowest rank sets the pace
+            rounds[name].append(min(every) * world_size)
     if args["profile"]:
-        return {"best": best, "interleaved": _interleaved(cfg, in_memory, world_size, args, args["profile"])}
-    return {"best": best}
+        return {"best": best, "rounds": rounds,
+                "interleaved": _interleaved(cfg, in_memory, world_size, args, args["profile"])}
+    return {"best": best, "rounds": rounds}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -329,15 +340,19 @@ def run(args: argparse.Namespace) -> int:
           f"batch {args.batch_size} per rank, "
           f"{args.nproc} gloo ranks, {rows:,} rows; hyrank loop: {cfg.train.pipeline}; best of {args.rounds} rounds; "
           f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
-    print(f"{'setting':<14}{'hyrank rows/s':>15}{'torchrec rows/s':>17}{'ratio':>8}{'goal':>7}")
-    ratios = {}
+    print(f"{'setting':<14}{'hyrank rows/s':>15}{'torchrec rows/s':>17}{'ratio':>8}{'goal':>7}"
+          f"        ratio in each round (the sides run one after the other in a round)")
+    ratios, round_ratios = {}, {}
     for setting, goal in (("in memory", 1.0), ("from parquet", 0.9)):
         h, t = best[f"hyrank {setting}"], best[f"torchrec {setting}"]
         ratios[setting] = h / t
+        round_ratios[setting] = [a / b for a, b in zip(rank0["rounds"][f"hyrank {setting}"],
+                                                       rank0["rounds"][f"torchrec {setting}"])]
         print(f"{setting:<14}{h:>15,.0f}{t:>17,.0f}{h / t:>8.2f}{goal:>7.1f}"
-              f"  {'met' if h / t >= goal else 'missed'}")
+              f"  {'met   ' if h / t >= goal else 'missed'}  {' '.join(f'{r:.2f}' for r in round_ratios[setting])}")
     record = {"bench": "torchrec", "rows": rows, "nproc": args.nproc, "pipeline": cfg.train.pipeline,
-              "rows_per_s": best, "ratios": ratios, "load_before": load_before, **spec}
+              "rows_per_s": best, "ratios": ratios, "round_ratios": round_ratios, "load_before": load_before,
+              **spec}
     if "interleaved" in rank0:
         _print_interleaved(rank0["interleaved"], args.profile)
         record["interleaved_ms_per_step"] = rank0["interleaved"]["ms_per_step"]

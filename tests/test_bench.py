@@ -57,8 +57,9 @@ def test_bench_runs(argv, capsys):
         import json
 
         record = json.loads(out[out.index('{"bench"'):].splitlines()[0])
+        assert all(len(r) == 1 and r[0] > 0 for r in record["round_ratios"].values()), record  # one per round
         for phase in ("plain", "profiled"):  # both sides took their turns, unprofiled and profiled
             assert all(ms > 0 for ms in record["interleaved_ms_per_step"][phase].values()), record
-        assert "operators whose self CPU time differs most" in out and "aten::mm" in out, out
+        assert "operators whose self CPU time differs most" in out and "aten::" in out, out
     if "--seeds" in argv:
         assert "standard error" in out and "seed-to-seed" in out, out
