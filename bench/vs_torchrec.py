@@ -168,13 +168,28 @@ def torchrec_batch(b):
     return TorchRecBatch(dense_features=b.dense, sparse_features=b.pooled, labels=b.labels)
 
 
-def _torchrec_rows_per_s(batches, world_size: int, args: dict, warmup: int) -> tuple[float, int]:
-    """TorchRec's pipeline over `batches` (an iterable of hyrank Batches); rows/s after `warmup` steps."""
+def _torchrec_pipeline(world_size: int, args: dict):
+    """TorchRec's side: its DLRMTrain stepped by TrainPipelineSparseDist."""
     import torch
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     dmp, opt = torchrec_dlrm(world_size, args["batch_size"], args["lr"], args["sparse_lr"], args["num_embeddings"])
-    pipe = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
+    return TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
+
+
+def _hyrank_trainer(cfg):
+    """hyrank's side: a Trainer of the benchmark config on the current process group, in training mode."""
+    from pipeline.distributed.env import env_of_current_group
+    from pipeline.train.trainer import Trainer
+
+    trainer = Trainer(cfg, env_of_current_group())
+    trainer.model.train()
+    return trainer
+
+
+def _torchrec_rows_per_s(batches, world_size: int, args: dict, warmup: int) -> tuple[float, int]:
+    """TorchRec's pipeline over `batches` (an iterable of hyrank Batches); rows/s after `warmup` steps."""
+    pipe = _torchrec_pipeline(world_size, args)
     it = (torchrec_batch(b) for b in batches)
     steps, start = 0, time.perf_counter()
     while True:
@@ -189,12 +204,9 @@ def _torchrec_rows_per_s(batches, world_size: int, args: dict, warmup: int) -> t
 
 
 def _hyrank_in_memory(cfg, batches, warmup: int) -> float:
-    from pipeline.distributed.env import env_of_current_group
     from pipeline.train.pipelined import InputClock
-    from pipeline.train.trainer import Trainer
 
-    trainer = Trainer(cfg, env_of_current_group())
-    trainer.model.train()
+    trainer = _hyrank_trainer(cfg)
     start = time.perf_counter()
     for step, _ in enumerate(trainer.steps(InputClock(batches))):
         if step + 1 == warmup:
@@ -231,15 +243,9 @@ def _interleaved(cfg, batches, world_size: int, args: dict, steps: int) -> dict:
     import itertools
 
     import torch
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import Trainer
-
-    trainer = Trainer(cfg, env_of_current_group())
-    trainer.model.train()
-    dmp, opt = torchrec_dlrm(world_size, args["batch_size"], args["lr"], args["sparse_lr"], args["num_embeddings"])
-    pipe = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
+    trainer = _hyrank_trainer(cfg)
+    pipe = _torchrec_pipeline(world_size, args)
     hyrank_batches = itertools.cycle(batches)
     torchrec_batches = (torchrec_batch(b) for b in itertools.cycle(batches))
     sides = {"hyrank": lambda: trainer.train_step(next(hyrank_batches).to(trainer.env.device)),
