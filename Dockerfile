@@ -29,7 +29,8 @@ COPY models models
 COPY embeddings embeddings
 COPY jobs jobs
 COPY bench bench
+COPY hyrank hyrank
 RUN pip install --no-deps --no-build-isolation -e . \
- && python -c "import embeddings.versions as v; v.check_versions()"
+ && python -c "import hyrank.embeddings.versions as v; v.check_versions()"
 
 CMD ["hyrank", "--help"]

@@ -35,9 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from pipeline.config import load_config
-    from pipeline.distributed.launch import run_local
-    from pipeline.data.synth import SynthConfig, generate_logs
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.distributed.launch import run_local
+    from hyrank.pipeline.data.synth import SynthConfig, generate_logs
 
     config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,10 +109,10 @@ def _worker(rank: int, world_size: int, config: str, overrides: list[str]) -> di
     import torch
     import torch.distributed as dist
 
-    from pipeline.config import load_config
-    from pipeline.data.days import discover_days
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import RunPlan, Trainer
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, env_of_current_group())

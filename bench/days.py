@@ -33,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_and_evaluate(rank: int, world_size: int, cfg) -> dict:
-    from pipeline.data.days import as_span, discover_days
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import RunPlan, Trainer
+    from hyrank.pipeline.data.days import as_span, discover_days
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
     trainer = Trainer(cfg, env_of_current_group())
     start = time.perf_counter()
@@ -53,9 +53,9 @@ def _train_and_evaluate(rank: int, world_size: int, cfg) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from pipeline.config import load_config
-    from pipeline.data.synth import SynthConfig, generate_logs
-    from pipeline.distributed.launch import run_local
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.data.synth import SynthConfig, generate_logs
+    from hyrank.pipeline.distributed.launch import run_local
 
     config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"
     total = args.small_days * args.rows_per_day

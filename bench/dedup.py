@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from embeddings.dedup import compact_index_dtype, expand_rows, unique_per_table
+from hyrank.embeddings.dedup import compact_index_dtype, expand_rows, unique_per_table
 
 RATIOS = (0.10, 0.25, 0.50, 1.00)
 LR = 0.01

@@ -44,16 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _trainer(cfg):
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import Trainer
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import Trainer
 
     return Trainer(cfg, env_of_current_group())
 
 
 def _read_alone(rank: int, world_size: int, cfg) -> dict:
     """One rank's pass of the day's reader as training builds it, batches dropped as they come."""
-    from pipeline.data.days import discover_days
-    from pipeline.data.reader import DayReader
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.data.reader import DayReader
 
     trainer = _trainer(cfg)  # for the tower's sequence feed; built before the clock starts
     day = discover_days(cfg.data.root)[0]
@@ -71,8 +71,8 @@ def _train(rank: int, world_size: int, cfg, profile: Path | None = None) -> dict
 
     import torch
 
-    from pipeline.data.days import discover_days
-    from pipeline.train.trainer import RunPlan
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.train.trainer import RunPlan
 
     trainer = _trainer(cfg)
     day = discover_days(cfg.data.root)[0]
@@ -91,7 +91,7 @@ def _train(rank: int, world_size: int, cfg, profile: Path | None = None) -> dict
 
 
 def _generate(root: Path, rows: int) -> Path:
-    from pipeline.data.synth import SynthConfig, generate_logs
+    from hyrank.pipeline.data.synth import SynthConfig, generate_logs
 
     print(f"generating one day of {rows} rows ...", flush=True)
     generate_logs(SynthConfig(rows_per_day=rows, num_days=1, rows_per_chunk=8192), root)
@@ -101,7 +101,7 @@ def _generate(root: Path, rows: int) -> Path:
 def _config(config: Path, root: Path, tmp: Path, model: str, overrides: list[str]):
     """The run config of one tower: another tower than the config's starts from its own defaults (the config's
     options are the config tower's); no checkpoints, no TensorBoard."""
-    from pipeline.config import load_config
+    from hyrank.pipeline.config import load_config
 
     own = load_config(config).model.name
     return load_config(config, [f'data.root="{root}"', f'out_dir="{tmp / model}"', "train.tensorboard=false",
@@ -112,7 +112,7 @@ def _config(config: Path, root: Path, tmp: Path, model: str, overrides: list[str
 def measure(cfg, nproc: int) -> dict:
     """One turn for one config: the reader alone, then training; rows/s over all ranks (the slowest rank's
     time) and the input-wait share of the rank that waited most, with its wait for the loader."""
-    from pipeline.distributed.launch import run_local
+    from hyrank.pipeline.distributed.launch import run_local
 
     reads = run_local(_read_alone, cfg, world_size=nproc, timeout_s=3600)
     trains = run_local(_train, cfg, world_size=nproc, timeout_s=3600)
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 if m not in best or r["train_rows_per_s"] > best[m]["train_rows_per_s"]:
                     best[m] = r
         if args.profile is not None:  # after the timed rounds: the profiler slows what it watches
-            from pipeline.distributed.launch import run_local
+            from hyrank.pipeline.distributed.launch import run_local
 
             args.profile.mkdir(parents=True, exist_ok=True)
             for m, cfg in cfgs.items():

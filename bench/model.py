@@ -48,8 +48,8 @@ def matmul_flops_per_s(device: torch.device, *, n: int | None = None, reps: int 
 
 def step_seconds(name: str, options: dict, shape, batch_size: int, device: torch.device, steps: int) -> float:
     """Median wall time of one training step (forward, backward, AdamW) of a tower on random inputs."""
-    from models import build_model
-    from models.accounting import meta_inputs
+    from hyrank.models import build_model
+    from hyrank.models.accounting import meta_inputs
 
     torch.manual_seed(0)
     model = build_model(name, dict(options), shape).to(device)
@@ -73,19 +73,19 @@ def step_seconds(name: str, options: dict, shape, batch_size: int, device: torch
 
 
 def shapes(args: argparse.Namespace):
-    from models.accounting import paper_shape
+    from hyrank.models.accounting import paper_shape
 
     if args.shape == "paper":
         return paper_shape()
-    from pipeline.config import load_config
+    from hyrank.pipeline.config import load_config
 
     config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"
     return load_config(config).features.input_shape()
 
 
 def run(args: argparse.Namespace) -> int:
-    from models import MODELS
-    from models.accounting import model_cost
+    from hyrank.models import MODELS
+    from hyrank.models.accounting import model_cost
 
     device = torch.device(args.device)
     names = sorted(MODELS) if args.models == "all" else args.models.split(",")

@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from pipeline.distributed.launch import run_local
+    from hyrank.pipeline.distributed.launch import run_local
 
     config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"
     spec = _spec(args, str(config))  # fails here, in one process, on a bad option or config
@@ -114,9 +114,9 @@ def _gpu_count() -> int:
 
 def _spec(args: argparse.Namespace, config: str) -> dict:
     """What every rank builds: model name and options, input shapes, batch size, training options."""
-    from models import MODELS, build_model
-    from models.accounting import PAPER_ROWS, dense_params, paper_shape
-    from pipeline.config import load_config
+    from hyrank.models import MODELS, build_model
+    from hyrank.models.accounting import PAPER_ROWS, dense_params, paper_shape
+    from hyrank.pipeline.config import load_config
 
     cfg = load_config(config, list(args.overrides))
     name = args.model or cfg.model.name
@@ -168,10 +168,10 @@ def _local_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[
 
 
 def _worker(rank: int, world_size: int, spec: dict, timing: dict) -> dict:
-    from models import build_model
-    from models.accounting import meta_inputs
-    from pipeline.distributed.comm_hooks import StaleAllReduce, stale_allreduce_hook
-    from pipeline.distributed.dense_sync import DenseSync
+    from hyrank.models import build_model
+    from hyrank.models.accounting import meta_inputs
+    from hyrank.pipeline.distributed.comm_hooks import StaleAllReduce, stale_allreduce_hook
+    from hyrank.pipeline.distributed.dense_sync import DenseSync
 
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if timing["device"] == "cuda" else "cpu")
     if device.type == "cuda":
@@ -266,7 +266,7 @@ def _check_reduced(mode: str, tower: torch.nn.Module) -> None:
 
 
 def _to(x, device: torch.device):
-    from models.inputs import SequenceInput, TowerInput
+    from hyrank.models.inputs import SequenceInput, TowerInput
 
     return TowerInput(blocks={k: v.detach().to(device).requires_grad_() for k, v in x.blocks.items()},
                       dense=x.dense.detach().to(device).requires_grad_(),

@@ -140,8 +140,8 @@ def _quality_args(args: argparse.Namespace, days: list[str]) -> argparse.Namespa
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.quality import aggregate, execute, finish, plan_seeds
-    from pipeline.data.days import discover_days
+    from hyrank.bench.quality import aggregate, execute, finish, plan_seeds
+    from hyrank.pipeline.data.days import discover_days
 
     if args.list or args.experiment is None:
         for name, e in EXPERIMENTS.items():
@@ -181,9 +181,9 @@ def latencies(runs: list[dict], exp: Experiment, repeats: int) -> list[tuple[flo
     `exp.latency_widen` times its d_model, every tower taking turns."""
     import torch
 
-    from models import build_model
-    from models.accounting import meta_inputs
-    from pipeline.config import load_config
+    from hyrank.models import build_model
+    from hyrank.models.accounting import meta_inputs
+    from hyrank.pipeline.config import load_config
 
     built: list[tuple[torch.nn.Module, object] | None] = []
     for r in exp.rows:
@@ -216,7 +216,7 @@ def latencies(runs: list[dict], exp: Experiment, repeats: int) -> list[tuple[flo
 
 
 def _pm(mean, se) -> str:
-    from bench.quality import _pm as pm
+    from hyrank.bench.quality import _pm as pm
 
     return pm(mean, se)
 

@@ -6,7 +6,7 @@
         --variant base --variant emb_lr_0.05:embeddings.lr=0.05 --nproc 2 --json /tmp/q/ml.json --markdown /tmp/q/ml.md
     hyrank bench quality ... --models all --seeds 1            # every registered tower (models.MODELS)
 
-Each run is `python -m pipeline.cli train --config C --days ... --quiet [--nproc-per-node N] --set model.name=M
+Each run is `python -m hyrank.pipeline.cli train --config C --days ... --quiet [--nproc-per-node N] --set model.name=M
 --set seed=S --set out_dir=<runs>/<M>-<variant>-s<S> ...`, one at a time, its output in `<runs>/<...>.log`. The
 metrics come from the run's own files, not its output: `metrics/eval-<span>.json` (AUC, query-AUC, logloss and the
 oracle AUC of synthetic data), `metrics/best.json` (the pass kept on --valid-days), `train/*.json` (rows/s over
@@ -101,7 +101,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def parse_models(text: str) -> list[str]:
-    from models import MODELS
+    from hyrank.models import MODELS
 
     names = list(MODELS) if text.strip() == "all" else split_top_level(text)
     unknown = [m for m in names if m not in MODELS]
@@ -131,7 +131,7 @@ def run_overrides(config_model: str, model: str, common: list[str], model_sets: 
 
 
 def train_command(args, overrides: list[str], out_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(args.config), "--days", args.days,
+    cmd = [sys.executable, "-m", "hyrank.pipeline.cli", "train", "--config", str(args.config), "--days", args.days,
            "--eval-days", args.eval_days, "--quiet"]
     if args.valid_days:
         cmd += ["--valid-days", args.valid_days]
@@ -172,8 +172,8 @@ def read_run(out_dir: Path, eval_days: str) -> dict:
 def run_params(out_dir: Path) -> dict:
     """Dense parameters and training FLOPs per row (models.accounting, on meta: every sequence full) and embedding
     parameters of the run's resolved config."""
-    from models.accounting import model_cost
-    from pipeline.config import load_config
+    from hyrank.models.accounting import model_cost
+    from hyrank.pipeline.config import load_config
 
     cfg = load_config(out_dir / "config.resolved.toml")
     cost = model_cost(cfg.model.name, cfg.model.options, cfg.features.input_shape())
@@ -205,7 +205,7 @@ MARKER = "bench-quality.json"  # in each run folder: the overrides it was starte
 
 def run_one(args, key: dict, overrides: list[str], runs_dir: Path) -> dict:
     """Train one (model, variant, seed) in a subprocess; its record, status 'ok' with metrics or 'failed'."""
-    from pipeline.files import write_json
+    from hyrank.pipeline.files import write_json
 
     out_dir, log = run_paths(runs_dir, key)
     cmd = train_command(args, overrides, out_dir)
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     finish(args, runs, rows)
     if args.markdown:
-        from pipeline.files import write_atomic
+        from hyrank.pipeline.files import write_atomic
 
         write_atomic(args.markdown, format_markdown(rows, runs, args))
         print(f"markdown: {args.markdown}")
@@ -368,7 +368,7 @@ def plan_runs(args: argparse.Namespace) -> list[Plan]:
 def plan_seeds(args: argparse.Namespace, model: str, variant: str, sets: list[str]) -> list[Plan]:
     """Seeds 0..args.seeds-1 of one (model, variant); its settings are loaded once here, so a typo fails before hours
     of runs, naming the key."""
-    from pipeline.config import load_config
+    from hyrank.pipeline.config import load_config
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
@@ -387,7 +387,7 @@ def plan_seeds(args: argparse.Namespace, model: str, variant: str, sets: list[st
 
 def execute(args: argparse.Namespace, plans: list[Plan]) -> list[dict]:
     """Run the planned runs one at a time (those --json records as done are not rerun); every run's record."""
-    from pipeline.files import write_json
+    from hyrank.pipeline.files import write_json
 
     if args.runs_dir is None:
         args.runs_dir = (args.json.with_name(args.json.stem + "-runs") if args.json
@@ -426,7 +426,7 @@ def execute(args: argparse.Namespace, plans: list[Plan]) -> list[dict]:
 
 def finish(args: argparse.Namespace, runs: list[dict], rows: list[dict]) -> None:
     """Name the failed runs; write the record with the table to --json."""
-    from pipeline.files import write_json
+    from hyrank.pipeline.files import write_json
 
     for r in runs:
         if r["status"] != "ok":

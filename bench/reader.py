@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.data.days import discover_days
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.data.days import discover_days
 
     ROOT = Path(__file__).resolve().parents[1]
     overrides = [f"features.sequences.0.max_len={args.long_len}"]
@@ -87,7 +87,7 @@ def _load() -> str:
 
 
 def _generate(out: Path, rows: int, long_len: int) -> Path:
-    from pipeline.data.synth import SynthConfig, generate_logs
+    from hyrank.pipeline.data.synth import SynthConfig, generate_logs
 
     start = time.perf_counter()
     cfg = SynthConfig(rows_per_day=rows, num_days=1, long_len_min=long_len, long_len_max=long_len,
@@ -121,8 +121,8 @@ def _raw_row_groups(files: list[Path], columns: list[str]) -> float:
 
 
 def _reader_pass(day, spec, batch_size: int, workers: int, shuffle: bool) -> float:
-    from pipeline.data.options import ReaderOptions
-    from pipeline.data.reader import DayReader
+    from hyrank.pipeline.data.options import ReaderOptions
+    from hyrank.pipeline.data.reader import DayReader
 
     start = time.perf_counter()
     reader = DayReader(day, spec, batch_size=batch_size, options=ReaderOptions(

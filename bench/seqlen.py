@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.model import step_seconds
+from hyrank.bench.model import step_seconds
 
 MODELS = ("hyformer", "longer_rankmixer", "transformer")
 
@@ -44,7 +44,7 @@ def _with_length(shape, length: int):
 
 def _variants(name: str, lengths: list[int], shape) -> list[tuple[str, int, dict]]:
     """(label, length, options): each length at the defaults, then 2x width and 2x depth at the first length."""
-    from models import MODELS as REGISTRY, build_model
+    from hyrank.models import MODELS as REGISTRY, build_model
 
     defaults = REGISTRY[name].Config()
     with torch.device("meta"):  # the width the tower built (d_model = 0 picks one that fits its token count)
@@ -56,8 +56,8 @@ def _variants(name: str, lengths: list[int], shape) -> list[tuple[str, int, dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.model import shapes
-    from models.accounting import model_cost
+    from hyrank.bench.model import shapes
+    from hyrank.models.accounting import model_cost
 
     device = torch.device(args.device)
     base = shapes(argparse.Namespace(shape="default", config=args.config))

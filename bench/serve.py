@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--artifact needs --data: logs of its feature spec to take request rows from")
     if args.clients < 1 or args.rows < 1 or args.seconds <= 0:
         raise ValueError("--clients and --rows must be >= 1 and --seconds > 0")
-    from pipeline.serving.artifact import resolve
+    from hyrank.pipeline.serving.artifact import resolve
 
     with tempfile.TemporaryDirectory(prefix="hyrank-bench-serve-") as tmp:
         tmp = Path(tmp)
@@ -106,8 +106,8 @@ def _in_process(root: Path, rows: list[dict], batch: int, seconds: float) -> dic
     alone on converted inputs, and the whole path from raw rows (Artifact.score_rows)."""
     import torch
 
-    from pipeline.data.convert import BatchConverter
-    from pipeline.serving.artifact import Artifact, model_inputs
+    from hyrank.pipeline.data.convert import BatchConverter
+    from hyrank.pipeline.serving.artifact import Artifact, model_inputs
 
     artifact = Artifact.load(root)
     batches = [rows[i:i + batch] for i in range(0, len(rows) - batch + 1, batch)] or [rows]
@@ -165,10 +165,10 @@ def make_artifact(workdir: Path, *, rows_per_day: int = 2000) -> Made:
     """A tiny real artifact: two days of synthetic logs, the default config's model (small) trained on day 1 by the
     Trainer on one gloo rank forked from here, exported and published by export_checkpoint (its parity gate
     included)."""
-    from pipeline.config import load_config
-    from pipeline.data.synth import SynthConfig, generate_logs
-    from pipeline.distributed.launch import run_local
-    from pipeline.serving.export import export_checkpoint
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.data.synth import SynthConfig, generate_logs
+    from hyrank.pipeline.distributed.launch import run_local
+    from hyrank.pipeline.serving.export import export_checkpoint
 
     data, run_dir = workdir / "data", workdir / "run"
     generate_logs(SynthConfig(rows_per_day=rows_per_day, num_days=2, seed=7, long_len_min=40, long_len_max=80,
@@ -185,9 +185,9 @@ def make_artifact(workdir: Path, *, rows_per_day: int = 2000) -> Made:
 
 
 def _train_first_day(rank: int, world_size: int, cfg) -> None:
-    from pipeline.data.days import discover_days
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import RunPlan, Trainer
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
     trainer = Trainer(cfg, env_of_current_group())
     trainer.run(RunPlan(train_days=discover_days(cfg.data.root)[:1]))
@@ -197,8 +197,8 @@ def _train_first_day(rank: int, world_size: int, cfg) -> None:
 def publish_copy(root: Path, version: str) -> str:
     """Publish the version `latest` names again as `version` (manifest renamed; model.pt2 and its sha256 as they
     are), as export does: a complete folder renamed into place, then `latest` repointed atomically."""
-    from pipeline.files import write_atomic, write_json
-    from pipeline.serving.artifact import MANIFEST, resolve
+    from hyrank.pipeline.files import write_atomic, write_json
+    from hyrank.pipeline.serving.artifact import MANIFEST, resolve
 
     current = resolve(root)
     staging = root / "versions" / f".{version}.tmp"
@@ -214,7 +214,7 @@ def request_rows(data: Path, features: list[str], n: int) -> list[dict]:
     """`n` request rows (the features of the last day's first rows; repeated if the day has fewer)."""
     import pyarrow.parquet as pq
 
-    from pipeline.data.days import discover_days
+    from hyrank.pipeline.data.days import discover_days
 
     day = discover_days(data)[-1]
     rows = pq.read_table(day.files[0], columns=features).slice(0, n).to_pylist()
@@ -234,7 +234,7 @@ class ServerProcess:
     def __init__(self, root: Path, log: Path, *options: str):
         self.port = free_port()
         self.log = log
-        argv = [sys.executable, "-m", "pipeline.cli", "serve", "--artifact", str(root), "--port", str(self.port),
+        argv = [sys.executable, "-m", "hyrank.pipeline.cli", "serve", "--artifact", str(root), "--port", str(self.port),
                 *options]
         with open(log, "wb") as out:
             self.process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)

@@ -179,8 +179,8 @@ def _torchrec_pipeline(world_size: int, args: dict):
 
 def _hyrank_trainer(cfg):
     """hyrank's side: a Trainer of the benchmark config on the current process group, in training mode."""
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import Trainer
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import Trainer
 
     trainer = Trainer(cfg, env_of_current_group())
     trainer.model.train()
@@ -204,7 +204,7 @@ def _torchrec_rows_per_s(batches, world_size: int, args: dict, warmup: int) -> t
 
 
 def _hyrank_in_memory(cfg, batches, warmup: int) -> float:
-    from pipeline.train.pipelined import InputClock
+    from hyrank.pipeline.train.pipelined import InputClock
 
     trainer = _hyrank_trainer(cfg)
     start = time.perf_counter()
@@ -218,9 +218,9 @@ def _hyrank_in_memory(cfg, batches, warmup: int) -> float:
 
 
 def _hyrank_from_parquet(cfg) -> float:
-    from pipeline.data.days import discover_days
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import RunPlan, Trainer
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
     trainer = Trainer(cfg, env_of_current_group())
     stats = trainer.run(RunPlan(train_days=discover_days(cfg.data.root))).trained[0]
@@ -291,8 +291,8 @@ def _print_interleaved(prof: dict, steps: int, top: int = 20) -> None:
 def _worker(rank: int, world_size: int, cfg, args: dict) -> dict:
     import torch.distributed as dist
 
-    from pipeline.data.days import discover_days
-    from pipeline.data.reader import DayReader
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.data.reader import DayReader
 
     day = discover_days(cfg.data.root)[0]
 
@@ -324,8 +324,8 @@ def _worker(rank: int, world_size: int, cfg, args: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from pipeline.config import load_config
-    from pipeline.distributed.launch import run_local
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.distributed.launch import run_local
 
     rows = args.rows or (args.warmup + args.steps) * args.batch_size * args.nproc
     if rows < (args.warmup + args.steps) * args.batch_size * args.nproc:

@@ -1,10 +1,8 @@
 """hyrank embeddings: tables from the feature spec, TorchRec collections, sharding plan, dedup lookups.
 
-Importing this package checks the torch / torchrec / fbgemm_gpu triple first (embeddings/versions.py), so a
-mismatched fbgemm wheel fails with a message saying what to reinstall, not with an `undefined symbol`. With
-neither torchrec nor fbgemm installed, the torch-only modules (`embeddings.dedup`, `models/`) still import.
+Importing `hyrank` has checked the torch / torchrec / fbgemm_gpu triple (versions.py) already. With neither torchrec
+nor fbgemm installed, the torch-only modules (`hyrank.embeddings.dedup`, `hyrank.models`) still import.
 """
 
-from embeddings.versions import check_versions
-
-check_versions(allow_torch_only=True)
+if __name__ != "hyrank.embeddings":  # a checkout's root on sys.path must not make a second, top-level copy
+    raise ImportError(f"import hyrank.embeddings, not {__name__}: hyrank installs its packages under one namespace")

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embeddings.dedup import DedupIndex, SequenceFeed, expand_sequences
-from embeddings.tables import EmbeddingLayout
+from hyrank.embeddings.dedup import DedupIndex, SequenceFeed, expand_sequences
+from hyrank.embeddings.tables import EmbeddingLayout
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from embeddings.dedup import SequenceFeed
+    from hyrank.embeddings.dedup import SequenceFeed
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class EmbeddingLayout:
 
         With no table read by sequences there is nothing to deduplicate: the feed is plain whatever `dedup` says.
         """
-        from embeddings.dedup import SequenceFeed
+        from hyrank.embeddings.dedup import SequenceFeed
 
         return SequenceFeed(self.ec_table_of, dedup=dedup and bool(self.ec_tables))
 
@@ -122,7 +122,7 @@ class EmbeddingLayout:
         """
         from torchrec import EmbeddingConfig
 
-        from embeddings.dedup import dedup_key
+        from hyrank.embeddings.dedup import dedup_key
 
         return [
             EmbeddingConfig(

@@ -6,9 +6,7 @@ shared library; this check turns that into a message that says which package to 
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.metadata as md
-import sys
 
 # (torch, torchrec, fbgemm) known to work together; fbgemm may be the CPU or the CUDA wheel.
 SUPPORTED = {("2.13", "1.8", "1.8")}
@@ -37,15 +35,12 @@ def check_versions(*, allow_torch_only: bool = False) -> dict[str, str | None]:
     """Raise ImportError with an actionable message unless the triple is a supported one.
 
     `allow_torch_only`: torch present and neither torchrec nor fbgemm installed is accepted too. That is a GPU box
-    measuring the torch-only parts (`models/`, the dedup op, `hyrank bench overlap`); anything there that needs
-    torchrec then fails at its `import torchrec` with this guard's message. Half a stack (one of the two) is still
-    refused.
+    measuring the torch-only parts (`hyrank.models`, the dedup op, `hyrank bench overlap`); anything there that
+    needs torchrec then fails at its own `import torchrec`. Half a stack (one of the two) is still refused.
     """
     found = installed_versions()
     missing = [name for name, v in found.items() if v is None]
     if allow_torch_only and found["torch"] and missing == ["torchrec", "fbgemm_gpu"]:
-        if not any(isinstance(f, _MissingStack) for f in sys.meta_path):
-            sys.meta_path.insert(0, _MissingStack())
         return found
     if missing:
         raise ImportError(f"hyrank needs {', '.join(missing)} but it is not installed. {FIX}")
@@ -58,12 +53,3 @@ def check_versions(*, allow_torch_only: bool = False) -> dict[str, str | None]:
         )
     return found
 
-
-class _MissingStack(importlib.abc.MetaPathFinder):
-    """In a torch-only install: `import torchrec` / `import fbgemm_gpu` fail with the guard's message."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname.split(".")[0] in ("torchrec", "fbgemm_gpu"):
-            raise ImportError(f"{fullname}: hyrank needs torchrec and fbgemm_gpu for this, and only torch is "
-                              f"installed. {FIX}", name=fullname)
-        return None

@@ -6,7 +6,7 @@
     torchx run jobs/components.py:train --help                                              # these docstrings
 
 Each component is torchx's `dist.ddp` (one role of N nodes x M processes under torchrun, c10d rendezvous on
-the first node) running `python -m pipeline.cli <verb> ... --quiet`, so the same command runs on a laptop
+the first node) running `python -m hyrank.pipeline.cli <verb> ... --quiet`, so the same command runs on a laptop
 (`local_cwd`), Kubernetes (a Volcano job) and Slurm (an sbatch script); only the scheduler changes. Defaults per
 scheduler and per component (image, mounts) live in `.torchxconfig` at the repository root.
 
@@ -59,7 +59,7 @@ def _with_job_args(fn):
 def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, image: str, cpu: int, gpu: int,
                 memMB: int, h: Optional[str], env: Optional[Dict[str, str]], mounts: Optional[List[str]],
                 max_retries: int, rdzv_port: int, rdzv_backend: str) -> specs.AppDef:
-    """dist.ddp running `python -m pipeline.cli <verb> <verb_args> <extra>` under torchrun, with torchelastic
+    """dist.ddp running `python -m hyrank.pipeline.cli <verb> <verb_args> <extra>` under torchrun, with torchelastic
     restarts; its one role is named after the verb."""
     for flag in _VERBS_WITH_OWN_LAUNCHER:
         if any(a == flag or a.startswith(flag + "=") for a in extra):
@@ -71,7 +71,7 @@ def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, im
     # restart a rank can read a dead rank's Gloo address ("connectFullMesh failed ... Connection refused",
     # measured). Opting out of the sharing gives every round its own store.
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
-    app = ddp(verb, *verb_args, *extra, m="pipeline.cli", name=f"hyrank/hyrank-{verb}", image=image, cpu=cpu,
+    app = ddp(verb, *verb_args, *extra, m="hyrank.pipeline.cli", name=f"hyrank/hyrank-{verb}", image=image, cpu=cpu,
               gpu=gpu, memMB=memMB, h=h, j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port,
               rdzv_backend=rdzv_backend, mounts=mounts)
     role = app.roles[0]
@@ -92,7 +92,7 @@ def train(*extra: str, days: str, config: str = _CONFIG, eval_day: str = "", res
           max_retries: int = 0, rdzv_port: int = 29500, rdzv_backend: str = "c10d") -> specs.AppDef:
     """Train on a range of days (`hyrank train`), on j nodes x processes.
 
-    Runs `python -m pipeline.cli train --config CONFIG --days DAYS ... --quiet` on every rank. Every attempt of
+    Runs `python -m hyrank.pipeline.cli train --config CONFIG --days DAYS ... --quiet` on every rank. Every attempt of
     the job (a torchelastic restart, a scheduler retry, a resubmission) continues from the run's latest
     checkpoint unless --resume says otherwise, so a job is safe to retry and finished days are not redone.
 
@@ -120,7 +120,7 @@ def stream(*extra: str, config: str = _CONFIG, from_day: str = "", until: str = 
            rdzv_backend: str = "c10d") -> specs.AppDef:
     """Daily retraining (`hyrank stream`): evaluate each complete day with the current model, then train on it.
 
-    Runs `python -m pipeline.cli stream --config CONFIG ... --quiet` on every rank. It always warm-starts from the
+    Runs `python -m hyrank.pipeline.cli stream --config CONFIG ... --quiet` on every rank. It always warm-starts from the
     run's latest checkpoint, so a restarted or resubmitted job continues exactly; submitted once a day (the
     CronJob in jobs/k8s/cronjob.yaml, the crontab line in jobs/slurm/crontab) it takes the days that completed
     since, then exits.
@@ -150,7 +150,7 @@ def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str 
            mounts: Optional[List[str]] = None, max_retries: int = 0) -> specs.AppDef:
     """Export a checkpoint for serving (`hyrank export`): one process on one node.
 
-    Runs `python -m pipeline.cli export --checkpoint CHECKPOINT --out OUT [--tables T]` as a 1x1 torchrun job.
+    Runs `python -m hyrank.pipeline.cli export --checkpoint CHECKPOINT --out OUT [--tables T]` as a 1x1 torchrun job.
 
     Args:
         extra: further `hyrank export` arguments after `--`

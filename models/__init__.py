@@ -5,20 +5,23 @@
 
 from __future__ import annotations
 
+if __name__ != "hyrank.models":  # a checkout's root on sys.path must not make a second, top-level copy
+    raise ImportError(f"import hyrank.models, not {__name__}: hyrank installs its packages under one namespace")
+
 from typing import Any
 
 from torch import nn
 
-from models.dcnv2 import DCNv2
-from models.dlrm import DLRM
-from models.hhft import HHFT
-from models.hiformer import Hiformer
-from models.hyformer import HyFormer
-from models.inputs import InputShape
-from models.longer_rankmixer import LongerRankMixer
-from models.onetrans import OneTrans
-from models.rankmixer import RankMixer
-from models.transformer import Transformer
+from hyrank.models.dcnv2 import DCNv2
+from hyrank.models.dlrm import DLRM
+from hyrank.models.hhft import HHFT
+from hyrank.models.hiformer import Hiformer
+from hyrank.models.hyformer import HyFormer
+from hyrank.models.inputs import InputShape
+from hyrank.models.longer_rankmixer import LongerRankMixer
+from hyrank.models.onetrans import OneTrans
+from hyrank.models.rankmixer import RankMixer
+from hyrank.models.transformer import Transformer
 
 MODELS: dict[str, type[nn.Module]] = {
     "dlrm_mlp": DLRM,

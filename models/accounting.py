@@ -1,6 +1,6 @@
 """Dense parameter count and training FLOPs of any registered tower, measured on the `meta` device.
 
-    from models.accounting import model_cost, paper_table
+    from hyrank.models.accounting import model_cost, paper_table
     cost = model_cost("hyformer", {"d_model": 1024}, shape)   # ModelCost(params=..., train_flops_per_sample=...)
     print(paper_table())                                        # `hyrank models --table`
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.inputs import InputShape, SequenceInput, SequenceShape, TowerInput
+from hyrank.models.inputs import InputShape, SequenceInput, SequenceShape, TowerInput
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def training_flops(model: nn.Module, shape: InputShape, *, batch_size: int = 2) 
 
 def model_cost(name: str, options: dict[str, Any], shape: InputShape, *, batch_size: int = 2) -> ModelCost:
     """Build a registered tower on `meta` and count its parameters and per-sample training FLOPs."""
-    from models import build_model  # late import: models/__init__ imports every tower
+    from hyrank.models import build_model  # late import: models/__init__ imports every tower
 
     with torch.device("meta"):
         model = build_model(name, dict(options), shape)

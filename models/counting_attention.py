@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.inputs import SequenceInput
-from models.layers.attention import MultiHeadAttention
+from hyrank.models.inputs import SequenceInput
+from hyrank.models.layers.attention import MultiHeadAttention
 
 
 def attend_null_slot(q_BHQE: torch.Tensor, k_BHLE: torch.Tensor, v_BHLE: torch.Tensor, mask_BL: torch.Tensor | None,

@@ -15,10 +15,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.config import at_least, choices, widths
-from models.inputs import InputShape, TowerInput, TowerOutput
-from models.layers.cross import CrossNetwork
-from models.layers.mlp import mlp
+from hyrank.models.config import at_least, choices, widths
+from hyrank.models.inputs import InputShape, TowerInput, TowerOutput
+from hyrank.models.layers.cross import CrossNetwork
+from hyrank.models.layers.mlp import mlp
 
 
 @dataclass

@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.config import choices, fraction, widths
-from models.inputs import InputShape, TowerInput, TowerOutput
-from models.layers.mlp import mlp
+from hyrank.models.config import choices, fraction, widths
+from hyrank.models.inputs import InputShape, TowerInput, TowerOutput
+from hyrank.models.layers.mlp import mlp
 
 Interaction = Literal["concat", "dot"]
 

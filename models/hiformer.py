@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.config import AttentionTowerConfig, at_least
-from models.inputs import InputShape, TowerInput, TowerOutput
-from models.layers.hetero import HiformerLayer
-from models.layers.mlp import mlp
-from models.layers.tokens import BlockTokenizer, PooledSequenceTokens
+from hyrank.models.config import AttentionTowerConfig, at_least
+from hyrank.models.inputs import InputShape, TowerInput, TowerOutput
+from hyrank.models.layers.hetero import HiformerLayer
+from hyrank.models.layers.mlp import mlp
+from hyrank.models.layers.tokens import BlockTokenizer, PooledSequenceTokens
 
 
 @dataclass

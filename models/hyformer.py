@@ -41,15 +41,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.config import at_least, choices, divisible, fraction, widths
-from models.counting_attention import NullSlotCrossAttentionLayer
-from models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
-from models.layers.attention import CrossAttentionLayer, TransformerLayer
-from models.layers.cross import CrossNetwork
-from models.layers.mlp import mlp
-from models.layers.swiglu import SwiGLULayer
-from models.layers.token_mixing import PerTokenLinear, QueryBoost, mixer_width
-from models.layers.tokens import BlockTokenizer, NonSeqTokens, block_token_slices, concat_sequences, recent_events
+from hyrank.models.config import at_least, choices, divisible, fraction, widths
+from hyrank.models.counting_attention import NullSlotCrossAttentionLayer
+from hyrank.models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
+from hyrank.models.layers.attention import CrossAttentionLayer, TransformerLayer
+from hyrank.models.layers.cross import CrossNetwork
+from hyrank.models.layers.mlp import mlp
+from hyrank.models.layers.swiglu import SwiGLULayer
+from hyrank.models.layers.token_mixing import PerTokenLinear, QueryBoost, mixer_width
+from hyrank.models.layers.tokens import BlockTokenizer, NonSeqTokens, block_token_slices, concat_sequences, recent_events
 
 SeqEncoder = Literal["transformer", "longer", "swiglu"]
 QuerySource = Literal["global", "nonseq", "target"]

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.config import at_least, divisible
-from models.hyformer import QueryGenerator
-from models.inputs import InputShape, TowerInput, TowerOutput
-from models.layers.longer import LongerEncoder
-from models.layers.mlp import mlp
-from models.layers.token_mixing import RankMixerBlock, mixer_width
-from models.layers.tokens import BlockTokenizer, block_token_slices
-from models.rankmixer import RankMixerConfig
+from hyrank.models.config import at_least, divisible
+from hyrank.models.hyformer import QueryGenerator
+from hyrank.models.inputs import InputShape, TowerInput, TowerOutput
+from hyrank.models.layers.longer import LongerEncoder
+from hyrank.models.layers.mlp import mlp
+from hyrank.models.layers.token_mixing import RankMixerBlock, mixer_width
+from hyrank.models.layers.tokens import BlockTokenizer, block_token_slices
+from hyrank.models.rankmixer import RankMixerConfig
 
 
 @dataclass

@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import at_least, choices, divisible, widths
-from models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
-from models.layers.attention import ffn
-from models.layers.mlp import mlp
-from models.layers.token_mixing import PerTokenLinear, TokenFFN
-from models.layers.tokens import BlockTokenizer, RecentIndex, concat_sequences, gather_events, recent_index
+from hyrank.models.config import at_least, choices, divisible, widths
+from hyrank.models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
+from hyrank.models.layers.attention import ffn
+from hyrank.models.layers.mlp import mlp
+from hyrank.models.layers.token_mixing import PerTokenLinear, TokenFFN
+from hyrank.models.layers.tokens import BlockTokenizer, RecentIndex, concat_sequences, gather_events, recent_index
 
 FirstLayer = Literal["full", "longer"]
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.config import at_least, widths
-from models.inputs import InputShape, TowerInput, TowerOutput
-from models.layers.mlp import mlp
-from models.layers.token_mixing import RankMixerBlock, mixer_width
-from models.layers.tokens import BlockTokenizer, PooledSequenceTokens, block_token_slices
+from hyrank.models.config import at_least, widths
+from hyrank.models.inputs import InputShape, TowerInput, TowerOutput
+from hyrank.models.layers.mlp import mlp
+from hyrank.models.layers.token_mixing import RankMixerBlock, mixer_width
+from hyrank.models.layers.tokens import BlockTokenizer, PooledSequenceTokens, block_token_slices
 
 
 @dataclass

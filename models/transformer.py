@@ -17,11 +17,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.config import AttentionTowerConfig
-from models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
-from models.layers.attention import TransformerLayer
-from models.layers.mlp import mlp
-from models.layers.tokens import BlockTokenizer, PooledSequenceTokens
+from hyrank.models.config import AttentionTowerConfig
+from hyrank.models.inputs import InputShape, SequenceInput, TowerInput, TowerOutput
+from hyrank.models.layers.attention import TransformerLayer
+from hyrank.models.layers.mlp import mlp
+from hyrank.models.layers.tokens import BlockTokenizer, PooledSequenceTokens
 
 
 @dataclass

@@ -1,4 +1,4 @@
 """hyrank pipeline: config, data, training loop, distributed wrappers, checkpoints, export, serving."""
 
-# Runs the torch/torchrec/fbgemm version guard before any pipeline module imports torchrec.
-import embeddings  # noqa: F401
+if __name__ != "hyrank.pipeline":  # a checkout's root on sys.path must not make a second, top-level copy
+    raise ImportError(f"import hyrank.pipeline, not {__name__}: hyrank installs its packages under one namespace")

@@ -27,9 +27,9 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from pipeline.data.features import FeatureSpec
-from pipeline.data.options import ReaderOptions
-from pipeline.files import write_atomic
+from hyrank.pipeline.data.features import FeatureSpec
+from hyrank.pipeline.data.options import ReaderOptions
+from hyrank.pipeline.files import write_atomic
 
 
 class ConfigError(ValueError):
@@ -102,7 +102,7 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from models import model_class
+        from hyrank.models import model_class
 
         # Parsed once, here, so a bad option fails at load naming its key. A plain attribute, not a field: the
         # resolved TOML and equality stay about `options` alone.

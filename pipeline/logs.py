@@ -11,7 +11,7 @@ import os
 import warnings
 
 
-SHARED_INPUT_LOGGERS = ("pipeline.data.days", "pipeline.data.split")
+SHARED_INPUT_LOGGERS = ("hyrank.pipeline.data.days", "hyrank.pipeline.data.split")
 
 
 def setup_logging(*, verbose: bool) -> None:

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.files import write_atomic
+from hyrank.pipeline.files import write_atomic
 
 COLUMNS = ("pass", "steps", "train_loss", "valid_auc", "valid_query_auc", "valid_logloss", "checkpoint", "kept")
 _VALID_FILE = re.compile(r"^valid-pass-(\d+)\.json$")

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torchrec import JaggedTensor
 
-from embeddings.collection import SparseArch, SparseOutput
-from embeddings.dedup import SequenceFeed
-from models.inputs import SequenceInput, TowerInput
-from pipeline.data.batch import Batch
-from pipeline.data.features import FeatureSpec
+from hyrank.embeddings.collection import SparseArch, SparseOutput
+from hyrank.embeddings.dedup import SequenceFeed
+from hyrank.models.inputs import SequenceInput, TowerInput
+from hyrank.pipeline.data.batch import Batch
+from hyrank.pipeline.data.features import FeatureSpec
 
 
 class RankingOutput(NamedTuple):

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.files import write_atomic
+from hyrank.pipeline.files import write_atomic
 
 COLUMNS = ("day", "rows", "steps", "rows_per_s", "progressive_auc", "query_auc", "logloss", "calibration",
            "oracle_auc", "bad_rows")

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.config import RunConfig
-from pipeline.data.days import DayPartition, find_day, scan_days
-from pipeline.distributed.env import DistEnv
-from pipeline.files import write_json
-from pipeline.train.resume import WarmStart, check_resumable
-from pipeline.train.trainer import RunPlan, RunResult, Trainer
+from hyrank.pipeline.config import RunConfig
+from hyrank.pipeline.data.days import DayPartition, find_day, scan_days
+from hyrank.pipeline.distributed.env import DistEnv
+from hyrank.pipeline.files import write_json
+from hyrank.pipeline.train.resume import WarmStart, check_resumable
+from hyrank.pipeline.train.trainer import RunPlan, RunResult, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class StreamDays:
         if self.options.export_to is None or not self.env.is_main or checkpoint is None or \
                 self.trainer.progress.day is not None or checkpoint.name == self.exported:
             return
-        from pipeline.serving.export import ParityError, QualityGateError, export_checkpoint
+        from hyrank.pipeline.serving.export import ParityError, QualityGateError, export_checkpoint
 
         self.exported = checkpoint.name
         try:
@@ -240,7 +240,7 @@ class StreamDays:
 
     def _report(self) -> None:
         if self.env.is_main:
-            from pipeline.report import write_report
+            from hyrank.pipeline.report import write_report
 
             write_report(self.out_dir)
 

@@ -30,6 +30,6 @@ pip_q() {  # pip, minus this machine's noise about index mirrors that do not car
 pip_q -r "$root/requirements/base.txt" "$fbgemm"
 pip_q --no-deps torchrec==1.8.0
 pip_q --no-deps --no-build-isolation -e "$root"
-"$py" -c "import embeddings.versions as v; v.check_versions()"
+"$py" -c "import hyrank.embeddings.versions as v; v.check_versions()"
 echo "$want" > "$stamp"
 echo "[bootstrap] ready: $venv" >&2

@@ -10,8 +10,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.synth import SynthConfig, generate_logs  # noqa: E402
+from hyrank.pipeline.config import load_config  # noqa: E402
+from hyrank.pipeline.data.synth import SynthConfig, generate_logs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "jobs" / "configs" / "default.toml"

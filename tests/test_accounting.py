@@ -4,10 +4,10 @@ import re
 
 import torch
 
-from models import build_model
-from models.accounting import count_training_flops, dense_params, model_cost, paper_table, training_flops
-from models.inputs import InputShape, SequenceShape
-from models.layers.attention import MultiHeadAttention
+from hyrank.models import build_model
+from hyrank.models.accounting import count_training_flops, dense_params, model_cost, paper_table, training_flops
+from hyrank.models.inputs import InputShape, SequenceShape
+from hyrank.models.layers.attention import MultiHeadAttention
 
 
 def test_mlp_flops_match_hand_count():

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.distributed.dense_sync import DenseSync
-from pipeline.distributed.dmp import make_data_parallel_wrapper
+from hyrank.pipeline.config import ModelConfig
+from hyrank.pipeline.distributed.dense_sync import DenseSync
+from hyrank.pipeline.distributed.dmp import make_data_parallel_wrapper
 
 from dist import run_distributed
 
@@ -197,9 +197,9 @@ def test_bf16_compression_stays_close_to_fp32():
 
 
 def _trainer_steps(rank, world_size, cfg):
-    from pipeline.data.days import discover_days
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import Trainer
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import Trainer
 
     trainer = Trainer(cfg, env_of_current_group())
     reader = trainer._reader(discover_days(cfg.data.root)[0], cfg.train.max_steps_per_day)
@@ -211,9 +211,9 @@ def _trainer_manual_stale(rank, world_size, cfg, sync_steps=0):
     """Plain DDP, with the stale rule applied by hand: the tower steps on the previous step's reduced gradient,
     data-parallel tables on their own fresh one, and the first step takes no dense step (as the hook's); the
     first `sync_steps` steps take plain DDP's step."""
-    from pipeline.data.days import discover_days
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import Trainer
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import Trainer
 
     trainer = Trainer(cfg, env_of_current_group())
     tower = [p for _, p in trainer.dense_named_parameters()]
@@ -276,9 +276,9 @@ def test_trainer_reduces_synchronously_for_its_first_steps(small_cfg):
 def _raise_sync_steps_midway(rank, world_size, cfg):
     """Two async steps, then allreduce_sync_steps raised above the step count (as a resumed run with a new config
     would see it): the trainer flushes the pending gradient instead of losing it, and reduces synchronously."""
-    from pipeline.data.days import discover_days
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import Trainer
+    from hyrank.pipeline.data.days import discover_days
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import Trainer
 
     trainer = Trainer(cfg, env_of_current_group())
     batches = iter(trainer._reader(discover_days(cfg.data.root)[0], 4))

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.data.convert import BatchConverter
-from pipeline.data.days import discover_days
-from pipeline.data.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
-from pipeline.data.options import ReaderOptions
-from pipeline.data.reader import DayReader
-from pipeline.data.split import read_footers
-from pipeline.data.validate import REASONS, DayValidation, check_schema, validate_rows
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.convert import BatchConverter
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
+from hyrank.pipeline.data.options import ReaderOptions
+from hyrank.pipeline.data.reader import DayReader
+from hyrank.pipeline.data.split import read_footers
+from hyrank.pipeline.data.validate import REASONS, DayValidation, check_schema, validate_rows
 
 from conftest import DEFAULT_CONFIG
 
@@ -223,7 +223,7 @@ def test_a_column_whose_type_differs_between_files_is_named_before_training(sour
 
 def test_string_ids_are_reported_once_per_column_per_day(source, tmp_path, caplog):
     day = _write_day(tmp_path, [source.slice(0, 500), source.slice(500)])
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.split"):
+    with caplog.at_level(logging.WARNING, logger="hyrank.pipeline.data.split"):
         read_footers(day, DEFAULT_SPEC)
         read_footers(day, DEFAULT_SPEC)  # evaluation reads the day's footers again: no second line
     warnings = [r.getMessage() for r in caplog.records if "hashed" in r.getMessage()]

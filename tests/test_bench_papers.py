@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from bench.papers import EXPERIMENTS
-from pipeline.config import load_config
+from hyrank.bench.papers import EXPERIMENTS
+from hyrank.pipeline.config import load_config
 from tests.conftest import ROOT, TINY, small_synth
 
 PAPERS_CONFIG = ROOT / "jobs" / "configs" / "papers.toml"
@@ -17,7 +17,7 @@ PAPERS_CONFIG = ROOT / "jobs" / "configs" / "papers.toml"
 def test_every_row_of_every_experiment_loads(name):
     """A typo in a row's settings fails here, not after hours of runs; a variant name means one set of settings
     across experiments (the runs are shared by name)."""
-    from bench.quality import run_overrides
+    from hyrank.bench.quality import run_overrides
 
     for row in EXPERIMENTS[name].rows:
         load_config(PAPERS_CONFIG, run_overrides("dlrm_mlp", row.model, [], [], list(row.sets), 0))
@@ -35,12 +35,12 @@ def test_papers_config_has_no_target_match_statistics():
 def test_an_experiment_end_to_end_with_latency(tmp_path):
     """Hiformer's five rows x one seed at tiny size: the table has every row with the run files' AUC, the oracle,
     params, FLOPs and a latency; the plot is a PNG; the same command again trains nothing."""
-    from pipeline.data.synth import generate_logs
+    from hyrank.pipeline.data.synth import generate_logs
 
     data = tmp_path / "data"
     generate_logs(small_synth(rows_per_day=1200, num_days=2), data)
     out = tmp_path / "papers"
-    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "paper", "hiformer", "--data", str(data), "--seeds", "1",
+    cmd = [sys.executable, "-m", "hyrank.pipeline.cli", "bench", "paper", "hiformer", "--data", str(data), "--seeds", "1",
            "--nproc", "0", "--out", str(out), "--latency-repeats", "2", "--set", "model.options.d_model=16",
            *[a for s in TINY if not s.startswith("model.options") for a in ("--set", s)]]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -66,7 +66,7 @@ def test_an_experiment_end_to_end_with_latency(tmp_path):
 def test_scaling_plots_auc_against_flops_and_params(tmp_path):
     """The scaling plot draws every row of every series (base on each line) against FLOPs and against params;
     a row without an AUC (a failed run) is left off the plot, not drawn at zero."""
-    from bench.papers import EXPERIMENTS, plot
+    from hyrank.bench.papers import EXPERIMENTS, plot
 
     exp = EXPERIMENTS["scaling"]
     rows = [{"label": r.label, "variant": r.variant, "series": r.series, "auc": 0.70 + 0.01 * i, "auc_se": 0.002,

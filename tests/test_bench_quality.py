@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.quality import aggregate, format_table, mean_se, parse_variant, split_top_level
+from hyrank.bench.quality import aggregate, format_table, mean_se, parse_variant, split_top_level
 from tests.conftest import DEFAULT_CONFIG, ROOT, TINY, small_synth
 
 
@@ -50,12 +50,12 @@ def test_variant_values_keep_their_commas():
 def test_two_models_end_to_end_from_the_run_files(tmp_path):
     """Two towers x one seed, one rank in the train process: both rows carry the metrics of their run's files; the
     same command again trains nothing (resumable)."""
-    from pipeline.data.synth import generate_logs
+    from hyrank.pipeline.data.synth import generate_logs
 
     data = tmp_path / "data"
     generate_logs(small_synth(rows_per_day=1500, num_days=2), data)
     record, md = tmp_path / "q.json", tmp_path / "q.md"
-    cmd = [sys.executable, "-m", "pipeline.cli", "bench", "quality", "--config", str(DEFAULT_CONFIG),
+    cmd = [sys.executable, "-m", "hyrank.pipeline.cli", "bench", "quality", "--config", str(DEFAULT_CONFIG),
            "--days", "2026-11-01", "--eval-days", "2026-11-02", "--models", "dlrm_mlp,dcnv2", "--seeds", "1",
            "--nproc", "0", "--json", str(record), "--markdown", str(md), "--set", f'data.root="{data}"',
            *[a for s in TINY if not s.startswith("model.options") for a in ("--set", s)],
@@ -81,7 +81,7 @@ def test_two_models_end_to_end_from_the_run_files(tmp_path):
 
 
 def test_a_folder_of_a_run_with_other_settings_is_not_resumed(tmp_path):
-    from bench.quality import MARKER, check_folder
+    from hyrank.bench.quality import MARKER, check_folder
 
     folder = tmp_path / "dlrm_mlp-base-s0"
     check_folder(folder, ["train.lr=0.01"])  # nothing there yet

@@ -5,8 +5,8 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
 
-from models import build_model
-from models.inputs import InputShape, TowerInput
+from hyrank.models import build_model
+from hyrank.models.inputs import InputShape, TowerInput
 
 
 def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:

@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.data.check import check_days, check_range, profile_days, require_schema
-from pipeline.data.days import DayPartition, DayRange
-from pipeline.data.options import ReaderOptions
-from pipeline.data.split import read_footers
+from hyrank.pipeline.cli import main
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.check import check_days, check_range, profile_days, require_schema
+from hyrank.pipeline.data.days import DayPartition, DayRange
+from hyrank.pipeline.data.options import ReaderOptions
+from hyrank.pipeline.data.split import read_footers
 
 from conftest import DEFAULT_CONFIG
 

@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from pipeline.train.checkpoint import CheckpointError, Checkpointer
-from pipeline.train.state import check_same_model
-from pipeline.config import to_dict
-from pipeline.data.days import discover_days
-from pipeline.distributed.env import env_of_current_group
-from pipeline.train.trainer import Trainer
+from hyrank.pipeline.train.checkpoint import CheckpointError, Checkpointer
+from hyrank.pipeline.train.state import check_same_model
+from hyrank.pipeline.config import to_dict
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.train.trainer import Trainer
 
 from dist import run_distributed
 

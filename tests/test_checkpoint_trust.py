@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from pipeline.distributed.env import env_of_current_group
-from pipeline.data.days import discover_days
-from pipeline.train.checkpoint import CheckpointError, Checkpointer
-from pipeline.train.trainer import RunPlan, Trainer
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.train.checkpoint import CheckpointError, Checkpointer
+from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
 from dist import run_distributed
 
@@ -65,7 +65,7 @@ def test_a_shard_that_fails_in_dcp_is_named_in_one_line(trained):
     newest = ck.latest()
     shard = _truncate_a_shard(newest)
     meta = json.loads((newest / "meta.json").read_text())
-    from pipeline.files import sha256
+    from hyrank.pipeline.files import sha256
 
     meta["files"][shard.name] = sha256(shard)
     (newest / "meta.json").write_text(json.dumps(meta))

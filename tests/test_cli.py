@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.cli import main
+from hyrank.pipeline.cli import main
 
 
 def test_help_lists_the_verbs(capsys):
@@ -43,7 +43,7 @@ def _hyrank_train(synth_root, out_dir, *args, env_extra=None):
 
     from conftest import DEFAULT_CONFIG
 
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(DEFAULT_CONFIG), "--quiet",
+    cmd = [sys.executable, "-m", "hyrank.pipeline.cli", "train", "--config", str(DEFAULT_CONFIG), "--quiet",
            "--set", f'data.root="{synth_root}"', "--set", f'out_dir="{out_dir}"', "--set", "train.max_steps_per_day=3",
            "--set", "train.tensorboard=false", "--set", "data.batch_size_per_rank=64", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))

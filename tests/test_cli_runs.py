@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data.synth import generate_logs
+from hyrank.pipeline.config import ConfigError, load_config
+from hyrank.pipeline.data.synth import generate_logs
 
 from conftest import DEFAULT_CONFIG, TINY, small_synth
 
@@ -26,7 +26,7 @@ def root(tmp_path_factory):
 
 def _hyrank(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "hyrank.pipeline.cli", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 

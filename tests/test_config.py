@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, apply_override, load_config, save_resolved
+from hyrank.pipeline.config import ConfigError, RunConfig, apply_override, load_config, save_resolved
 
 from conftest import DEFAULT_CONFIG, ROOT
 

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.data.convert import BatchConverter, stable_hash, truncate_recent
-from pipeline.data.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
+from hyrank.pipeline.data.convert import BatchConverter, stable_hash, truncate_recent
+from hyrank.pipeline.data.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
 
 
 def _spec(**kw) -> FeatureSpec:
@@ -205,8 +205,8 @@ _PINNED = [("y", pa.float64(), True), ("y", pa.bool_(), True), ("y", pa.string()
 def test_validation_and_conversion_accept_the_same_types(kind):
     """Every type check_schema accepts validates clean and converts; every type it refuses, conversion refuses
     with the same message."""
-    from pipeline.data.schema import column_kinds
-    from pipeline.data.validate import check_schema, validate_rows
+    from hyrank.pipeline.data.schema import column_kinds
+    from hyrank.pipeline.data.validate import check_schema, validate_rows
 
     spec, column = _spec(oracle="o"), _KINDS[kind]
     assert column_kinds(spec)[column].name == kind

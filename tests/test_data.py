@@ -5,10 +5,10 @@ import datetime as dt
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.data.days import DayRange, discover_days, find_day
-from pipeline.data.reader import DayReader
-from pipeline.data.split import row_groups, split_rows
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.days import DayRange, discover_days, find_day
+from hyrank.pipeline.data.reader import DayReader
+from hyrank.pipeline.data.split import row_groups, split_rows
 
 from conftest import DEFAULT_CONFIG
 

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli
-from pipeline.cli import run as cli_run
-from pipeline.config import load_config
-from pipeline.data.days import DayRange, MissingDay, discover_days, missing_days, scan_days
+from hyrank.pipeline import cli
+from hyrank.pipeline.cli import run as cli_run
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.days import DayRange, MissingDay, discover_days, missing_days, scan_days
 
 from conftest import DEFAULT_CONFIG
 
@@ -49,14 +49,14 @@ def test_missing_days_names_each_hole_and_why(tmp_path):
 
 def test_discover_days_warns_once_naming_the_holes(tmp_path, caplog):
     root = _logs(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.days"):
+    with caplog.at_level(logging.WARNING, logger="hyrank.pipeline.data.days"):
         found = discover_days(root, DayRange.parse(RANGE))
     assert [d.day.day for d in found] == [1, 2, 5]
     assert [r.getMessage() for r in caplog.records] == [
         f"2 of the 5 day(s) of {RANGE} under {root} are missing or incomplete: 2026-11-03: no folder day=2026-11-03; "
         "2026-11-04: no _SUCCESS marker: the day is not complete"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.days"):
+    with caplog.at_level(logging.WARNING, logger="hyrank.pipeline.data.days"):
         discover_days(root, DayRange.parse("2026-11-01..2026-11-02"))
     assert not caplog.records  # no hole, no word
 
@@ -64,7 +64,7 @@ def test_discover_days_warns_once_naming_the_holes(tmp_path, caplog):
 def test_hyrank_train_names_the_holes_before_training(tmp_path, caplog):
     root = _logs(tmp_path / "logs")
     cfg = load_config(DEFAULT_CONFIG, [f'data.root="{root}"'])
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.days"):
+    with caplog.at_level(logging.WARNING, logger="hyrank.pipeline.data.days"):
         days = cli_run._training_days(cfg.data, RANGE)  # what _train trains on
     assert [d.day.day for d in days] == [1, 2, 5]
     assert "2026-11-03: no folder day=2026-11-03; 2026-11-04: no _SUCCESS marker" in caplog.text
@@ -83,7 +83,7 @@ def test_hyrank_train_names_the_holes_before_training(tmp_path, caplog):
 def test_only_rank_0_warns_about_the_shared_data_root(monkeypatch, rank, shown):
     """Every rank discovers the same days: under torchrun the holes are named once, by rank 0 (a launch of 2
     ranks printed each warning twice)."""
-    from pipeline.logs import SHARED_INPUT_LOGGERS, setup_logging
+    from hyrank.pipeline.logs import SHARED_INPUT_LOGGERS, setup_logging
 
     loggers = [logging.getLogger(n) for n in ("pipeline", *SHARED_INPUT_LOGGERS)]
     levels = [lg.level for lg in loggers]
@@ -93,8 +93,8 @@ def test_only_rank_0_warns_about_the_shared_data_root(monkeypatch, rank, shown):
         monkeypatch.setenv("RANK", rank)
     try:
         setup_logging(verbose=False)
-        assert logging.getLogger("pipeline.data.days").isEnabledFor(logging.WARNING) is shown
-        assert logging.getLogger("pipeline.data.days").isEnabledFor(logging.ERROR)
+        assert logging.getLogger("hyrank.pipeline.data.days").isEnabledFor(logging.WARNING) is shown
+        assert logging.getLogger("hyrank.pipeline.data.days").isEnabledFor(logging.ERROR)
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)

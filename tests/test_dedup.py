@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from embeddings.dedup import (compact_index_dtype, dedup_sequences, expand_rows, lookup_dedup, lookup_reference,
+from hyrank.embeddings.dedup import (compact_index_dtype, dedup_sequences, expand_rows, lookup_dedup, lookup_reference,
                               unique_per_table)
 
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -163,8 +163,8 @@ def _real_table(cfg, rows: int = 96):
 
 
 def _ranking_model(cfg, *, dedup: bool):
-    from models import build_model
-    from pipeline.ranker import RankingModel
+    from hyrank.models import build_model
+    from hyrank.pipeline.ranker import RankingModel
 
     torch.manual_seed(0)
     spec = cfg.features
@@ -173,7 +173,7 @@ def _ranking_model(cfg, *, dedup: bool):
 
 
 def test_ranking_model_dedup_equals_reference_on_a_real_batch(small_cfg):
-    from pipeline.data.convert import BatchConverter
+    from hyrank.pipeline.data.convert import BatchConverter
 
     table = _real_table(small_cfg)
     ref, dd = _ranking_model(small_cfg, dedup=False), _ranking_model(small_cfg, dedup=True)
@@ -202,7 +202,7 @@ def test_ranking_model_dedup_equals_reference_on_a_real_batch(small_cfg):
 
 def test_mismatched_dedup_setting_is_a_clear_error(small_cfg):
     """Only a converter fed by hand, not from the model, can disagree with it; the model says so at once."""
-    from pipeline.data.convert import BatchConverter
+    from hyrank.pipeline.data.convert import BatchConverter
 
     layout = small_cfg.features.embedding_layout()
     deduped = BatchConverter(small_cfg.features, sequence_feed=layout.sequence_feed(dedup=True))(
@@ -217,9 +217,9 @@ def test_mismatched_dedup_setting_is_a_clear_error(small_cfg):
 def test_the_model_owns_the_sequence_feed(small_cfg):
     """One switch: the model's feed is the layout's for its dedup setting, and batches made with it are what its
     lookup reads; a layout with no sequence table has nothing to deduplicate, so dedup=True stays plain."""
-    from embeddings.collection import SparseArch
-    from embeddings.tables import EmbeddingLayout, LookupDef, TableDef
-    from pipeline.data.convert import BatchConverter
+    from hyrank.embeddings.collection import SparseArch
+    from hyrank.embeddings.tables import EmbeddingLayout, LookupDef, TableDef
+    from hyrank.pipeline.data.convert import BatchConverter
 
     layout = small_cfg.features.embedding_layout()
     table = _real_table(small_cfg, rows=8)
@@ -239,7 +239,7 @@ def test_the_model_owns_the_sequence_feed(small_cfg):
 
 
 def test_batch_with_dedup_index_moves_to_a_device_and_pins():
-    from pipeline.data.batch import Batch
+    from hyrank.pipeline.data.batch import Batch
 
     d = dedup_sequences(_batch(0.25), TABLE_OF)
     b = Batch(pooled=d.unique, sequence=d.unique, dense=torch.zeros(16, 0), labels=torch.zeros(16),
@@ -255,8 +255,8 @@ def test_batch_with_dedup_index_moves_to_a_device_and_pins():
 def test_a_block_of_consecutive_ebc_features_is_a_slice_of_the_ebc_output(small_cfg):
     """Tokenizer's fast path (no per-feature copies): a block made only of consecutive EBC features is read as one
     column slice of SparseOutput.pooled_values, equal to concatenating its features; other blocks concatenate."""
-    from pipeline.data.convert import BatchConverter
-    from pipeline.ranker import Tokenizer
+    from hyrank.pipeline.data.convert import BatchConverter
+    from hyrank.pipeline.ranker import Tokenizer
 
     spec = small_cfg.features
     model = _ranking_model(small_cfg, dedup=False)
@@ -272,8 +272,8 @@ def test_a_block_of_consecutive_ebc_features_is_a_slice_of_the_ebc_output(small_
     context = tokens.blocks["context"]
     assert context.untyped_storage().data_ptr() == emb.pooled_values.untyped_storage().data_ptr()  # no copy
     # features apart in the EBC output (a sharded EBC orders keys its own way): concatenated, same values
-    from embeddings.collection import SparseOutput
-    from pipeline.ranker import ebc_block
+    from hyrank.embeddings.collection import SparseOutput
+    from hyrank.pipeline.ranker import ebc_block
 
     apart = ("device", "user_id")
     shuffled = ebc_block(SparseOutput(emb.pooled, {}, pooled_values=emb.pooled_values,

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from pipeline.data.synth import generate_logs
-from pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.distributed.env import env_of_current_group
 
 from conftest import small_synth, tiny_cfg
 from dist import run_distributed
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.dist
 
 
 def _table_ranges(rank, world_size, cfg):
-    from pipeline.train.trainer import Trainer
+    from hyrank.pipeline.train.trainer import Trainer
 
     trainer = Trainer(cfg, env_of_current_group())
     out = {}

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data.days import discover_days
-from pipeline.data.synth import generate_logs
-from pipeline.distributed.env import env_of_current_group
-from pipeline.serving.artifact import Artifact, BadRows
-from pipeline.serving.export import ParityError, export_checkpoint
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.serving.artifact import Artifact, BadRows
+from hyrank.pipeline.serving.export import ParityError, export_checkpoint
 
 from conftest import ROOT, small_synth, tiny_cfg
 from dist import run_distributed
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.dist
 
 def _train_and_score(rank, world_size, cfg):
     """Day 1 trained on this many ranks; each rank's logits of day 2 (the trainer's own evaluation path)."""
-    from pipeline.train.evaluate import score_day
-    from pipeline.train.trainer import RunPlan, Trainer
+    from hyrank.pipeline.train.evaluate import score_day
+    from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
     days = discover_days(cfg.data.root)
     trainer = Trainer(cfg, env_of_current_group())
@@ -67,7 +67,7 @@ def test_a_two_rank_checkpoint_exports_and_scores_like_the_trainer_without_the_t
     out = subprocess.run([sys.executable, "-c", code, str(tmp / "served.npy")], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not [m for m in loaded if m.startswith(("pipeline.train", "pipeline.distributed", "pipeline.stream"))]
+    assert not [m for m in loaded if m.startswith(("hyrank.pipeline.train", "hyrank.pipeline.distributed", "hyrank.pipeline.stream"))]
     served = np.load(tmp / "served.npy")
     assert pq.ParquetFile(day.files[0]).metadata.num_rows == len(served) == len(trainer_logits)
     np.testing.assert_allclose(served, trainer_logits.numpy(), rtol=0, atol=1e-5)
@@ -117,7 +117,7 @@ def test_bad_request_rows_are_named_by_row_and_field(trained):
 
 @pytest.mark.parametrize("tables", ["fp16", "int8"])
 def test_quantized_tables_stay_within_their_stated_bound(trained, tables):
-    from pipeline.serving.export import QUANTIZATION_BOUNDS
+    from hyrank.pipeline.serving.export import QUANTIZATION_BOUNDS
 
     tmp, cfg, checkpoint, trainer_logits = trained
     result = export_checkpoint(checkpoint, tmp / f"exports_{tables}", tables=tables)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train.run_lock import RunDirInUse, RunLock
+from hyrank.pipeline.train.run_lock import RunDirInUse, RunLock
 
 from conftest import DEFAULT_CONFIG, latest_checkpoint_tensors
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.dist
 
 
 def _cmd(synth_root, out_dir, *extra):
-    return [sys.executable, "-m", "pipeline.cli", "train", "--config", str(DEFAULT_CONFIG), "--quiet",
+    return [sys.executable, "-m", "hyrank.pipeline.cli", "train", "--config", str(DEFAULT_CONFIG), "--quiet",
             "--nproc-per-node", "2", "--days", "2026-11-01", "--set", f'data.root="{synth_root}"',
             "--set", f'out_dir="{out_dir}"', "--set", "train.tensorboard=false", "--set", "train.log_every_steps=1",
             "--set", "model.options.hidden=[32]", *extra]

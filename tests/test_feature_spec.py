@@ -6,12 +6,12 @@ import pyarrow as pa
 import pytest
 
 from conftest import DEFAULT_CONFIG
-from pipeline.config import ConfigError, load_config
-from pipeline.data.convert import BatchConverter
-from pipeline.data.features import (DenseFeature, FeatureSpec, MatchFeature, SequenceFeature, SparseFeature,
+from hyrank.pipeline.config import ConfigError, load_config
+from hyrank.pipeline.data.convert import BatchConverter
+from hyrank.pipeline.data.features import (DenseFeature, FeatureSpec, MatchFeature, SequenceFeature, SparseFeature,
                                     TableSpec)
-from pipeline.data.schema import column_kinds
-from pipeline.data.validate import check_schema, validate_rows
+from hyrank.pipeline.data.schema import column_kinds
+from hyrank.pipeline.data.validate import check_schema, validate_rows
 
 
 def _spec(**kw) -> FeatureSpec:

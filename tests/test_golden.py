@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.data.days import discover_days
-from pipeline.data.synth import generate_logs
-from pipeline.distributed.env import env_of_current_group
-from pipeline.train.trainer import RunPlan, Trainer
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
 from conftest import DEFAULT_CONFIG, small_synth
 from dist import run_distributed

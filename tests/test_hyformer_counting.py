@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_model
-from models.accounting import model_cost
-from models.counting_attention import NullSlotCrossAttentionLayer, attend_null_slot, attend_null_slot_reference
-from models.inputs import InputShape, SequenceInput, SequenceShape, TowerInput
-from models.layers.attention import CrossAttentionLayer
-from pipeline.config import load_config
+from hyrank.models import build_model
+from hyrank.models.accounting import model_cost
+from hyrank.models.counting_attention import NullSlotCrossAttentionLayer, attend_null_slot, attend_null_slot_reference
+from hyrank.models.inputs import InputShape, SequenceInput, SequenceShape, TowerInput
+from hyrank.models.layers.attention import CrossAttentionLayer
+from hyrank.pipeline.config import load_config
 
 from conftest import DEFAULT_CONFIG
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.data.synth import generate_logs
-from pipeline.cli.jobs import job_request, torchx_runner, wait_for
+from hyrank.pipeline.cli import main
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.cli.jobs import job_request, torchx_runner, wait_for
 
 from conftest import DEFAULT_CONFIG, ROOT, small_synth
 
@@ -136,7 +136,7 @@ def _is_rank_of(cmdline: Path, out_dir: str) -> bool:
         argv = cmdline.read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return "pipeline.cli" in argv and any(out_dir in a for a in argv) and not any("torchrun" in a for a in argv)
+    return "hyrank.pipeline.cli" in argv and any(out_dir in a for a in argv) and not any("torchrun" in a for a in argv)
 
 
 @pytest.mark.dist
@@ -163,7 +163,7 @@ def test_a_failing_rank_fails_the_job_in_seconds_with_its_error_in_the_logs(logs
     `hyrank status` / `hyrank logs` find the ended job from another process (through .torchxconfig's log_dir)."""
     config = tmp_path / ".torchxconfig"
     config.write_text(f"[local_cwd]\nlog_dir = {tmp_path / 'torchx'}\n")
-    cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--scheduler", "local_cwd", "train", "-j", "2x1",
+    cmd = [sys.executable, "-m", "hyrank.pipeline.cli", "submit", "--scheduler", "local_cwd", "train", "-j", "2x1",
            "--rdzv_port", str(_free_port()), "--days", "2026-11-01", "--", *_run_args(logs_root, tmp_path / "run"),
            "--set=train.no_such_key=1"]
     started = time.monotonic()
@@ -224,7 +224,7 @@ def test_kubernetes_dryrun_is_a_volcano_job_with_every_field_set(capsys):
         assert shlex.split(container["command"][2]) == [
             "torchrun", "--max-restarts", "3", "--rdzv_backend", "c10d", "--rdzv_endpoint",
             f"${{{host}:=localhost}}:29555", "--rdzv_id", job["metadata"]["name"], "--nnodes", "2",
-            "--nproc_per_node", "4", "--tee", "3", "--role", "", "-m", "pipeline.cli", "stream",
+            "--nproc_per_node", "4", "--tee", "3", "--role", "", "-m", "hyrank.pipeline.cli", "stream",
             "--config", "jobs/configs/default.toml", "--quiet", '--set=out_dir="runs/prod"']
         assert container["resources"] == {  # torchx requests a little less than the node: the kubelet's share
             "limits": {"cpu": "16000m", "memory": "64000M", "nvidia.com/gpu": "4"},
@@ -255,7 +255,7 @@ def test_slurm_dryrun_is_an_sbatch_job_with_every_field_set():
         assert shlex.split(replica.args[1]) == [
             "torchrun", "--max-restarts", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
             "${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500", "--rdzv_id", "${app_id}", "--nnodes", "2",
-            "--nproc_per_node", "2", "--tee", "3", "--role", "", "-m", "pipeline.cli", "train",
+            "--nproc_per_node", "2", "--tee", "3", "--role", "", "-m", "hyrank.pipeline.cli", "train",
             "--config", "jobs/configs/default.toml", "--days", "2026-11-01..2026-11-30", "--quiet",
             "--eval-day", "2026-12-01", "--resume", "latest-if-any", "--set=train.lr=0.01"]
         assert replica.env["A"] == "1"
@@ -308,7 +308,7 @@ def test_hyrank_help_does_not_load_torchx():
 
 def test_components_document_every_argument():
     """torchx prints a component's docstring as its --help: every argument has its own line there."""
-    import jobs.components as components
+    import hyrank.jobs.components as components
     from torchx.specs.file_linter import get_fn_docstring, validate
 
     for name in ("train", "stream", "export"):
@@ -329,7 +329,7 @@ def test_export_runs_the_export_verb_alone():
     tokens = shlex.split(role.args[1])
     assert tokens[tokens.index("--nnodes") + 1] == "1" and tokens[tokens.index("--nproc_per_node") + 1] == "1"
     assert role.image == "hyrank:0.1.0" and [m.dst_path for m in role.mounts] == ["/app/runs"]
-    assert tokens[tokens.index("-m"):] == ["-m", "pipeline.cli", "export", "--checkpoint",
+    assert tokens[tokens.index("-m"):] == ["-m", "hyrank.pipeline.cli", "export", "--checkpoint",
                                            "runs/a/checkpoints/step-000000100", "--out", "exports/a",
                                            "--tables", "int8"]
 
@@ -373,7 +373,7 @@ def test_cronjob_submits_stream_once_a_day_with_the_jobs_image(capsys):
     assert main([command[1], "--dryrun", *command[2:]]) == 0
     task = yaml.safe_load(capsys.readouterr().out)["spec"]["tasks"][0]
     tokens = shlex.split(task["template"]["spec"]["containers"][0]["command"][2])
-    assert tokens[tokens.index("-m"):tokens.index("-m") + 3] == ["-m", "pipeline.cli", "stream"]
+    assert tokens[tokens.index("-m"):tokens.index("-m") + 3] == ["-m", "hyrank.pipeline.cli", "stream"]
 
 
 def test_slurm_crontab_line_submits_stream_once_a_day(capsys):
@@ -387,7 +387,7 @@ def test_slurm_crontab_line_submits_stream_once_a_day(capsys):
     argv = words[start + 1:end]
     assert argv[:3] == ["submit", "--scheduler", "slurm"] and "stream" in argv
     assert main([argv[0], "--dryrun", *argv[1:]]) == 0
-    assert "-m pipeline.cli stream" in capsys.readouterr().out
+    assert "-m hyrank.pipeline.cli stream" in capsys.readouterr().out
 
 
 def _bootstrap_pins() -> dict[str, str]:

@@ -31,7 +31,7 @@ ALLOWED = {"pipeline/cli/tools.py": ("bench",),
            # export runs beside training (it reads checkpoints), never in a serving process
            "pipeline/serving/export.py": ("pipeline.train",)}
 MAX_LINES = 500
-_MODULE_NAME = re.compile(r"^(%s)(\.\w+)+$" % "|".join(PACKAGES))
+_MODULE_NAME = re.compile(r"^(hyrank\.)?(%s)(\.\w+)+$" % "|".join(PACKAGES))
 
 
 def _sources() -> list[Path]:
@@ -57,7 +57,8 @@ def _imports(path: Path) -> set[str]:
         elif uses_importlib and isinstance(node, ast.Constant) and isinstance(node.value, str):
             if _MODULE_NAME.match(node.value):
                 found.add(node.value)
-    return found
+    # the packages install as hyrank.<package>: compare by their names in the repository
+    return {name.removeprefix("hyrank.") for name in found}
 
 
 def _project_graph() -> dict[str, set[str]]:
@@ -124,9 +125,9 @@ def test_no_source_file_over_500_lines():
 
 def test_importing_models_loads_no_torchrec():
     code = (
-        "import sys, pkgutil, importlib, models\n"
-        "for m in pkgutil.walk_packages(models.__path__, 'models.'): importlib.import_module(m.name)\n"
-        "print(','.join(sorted(n for n in sys.modules if n.startswith(('torchrec', 'fbgemm_gpu', 'pipeline')))))\n"
+        "import sys, pkgutil, importlib, hyrank.models as models\n"
+        "for m in pkgutil.walk_packages(models.__path__, 'hyrank.models.'): importlib.import_module(m.name)\n"
+        "print(','.join(sorted(n for n in sys.modules if n.startswith(('torchrec', 'fbgemm_gpu', 'hyrank.pipeline')))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"models/ pulled in: {out.stdout.strip()}"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.train.schedule import lr_multiplier
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.train.schedule import lr_multiplier
 
 
 def test_constant_is_one_after_a_linear_warm_up():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import DEFAULT_CONFIG
-from pipeline.data.convert import BatchConverter, match_stats, stable_hash
-from pipeline.data.features import FeatureSpec, MatchFeature, SequenceFeature, SideInfo, SparseFeature, TableSpec
-from pipeline.data.validate import check_schema, validate_rows
+from hyrank.pipeline.data.convert import BatchConverter, match_stats, stable_hash
+from hyrank.pipeline.data.features import FeatureSpec, MatchFeature, SequenceFeature, SideInfo, SparseFeature, TableSpec
+from hyrank.pipeline.data.validate import check_schema, validate_rows
 
 STATS = ["count", "share", "any"]
 
@@ -161,8 +161,8 @@ def test_a_sparse_candidate_is_read_once_and_stays_a_feature():
 
 def test_dense_widths_follow_the_input_shape():
     """Batch.dense is in dense_order, and the tokenizer cuts it into blocks of the widths towers are built with."""
-    from embeddings.collection import SparseArch
-    from pipeline.ranker import Tokenizer
+    from hyrank.embeddings.collection import SparseArch
+    from hyrank.pipeline.ranker import Tokenizer
 
     in_block = _cat_match(stats=["count", "any"])
     loose = MatchFeature("item_match", "item", "hist", stats=["share"])
@@ -183,8 +183,8 @@ def test_dense_widths_follow_the_input_shape():
 
 @pytest.mark.parametrize("model", ["hyformer", "dlrm_mlp"])
 def test_a_model_built_from_a_spec_with_match_features_runs_a_converted_batch(model):
-    from models import build_model
-    from pipeline.ranker import RankingModel
+    from hyrank.models import build_model
+    from hyrank.pipeline.ranker import RankingModel
 
     torch.manual_seed(0)
     spec = _spec(_cat_match(norm="log1p"), MatchFeature("item_match", "item", "hist", stats=["any"]))
@@ -261,7 +261,7 @@ def test_a_block_naming_an_unknown_feature_is_refused():
 
 
 def test_match_features_load_from_toml_with_file_and_key_in_errors(tmp_path):
-    from pipeline.config import ConfigError, load_config
+    from hyrank.pipeline.config import ConfigError, load_config
 
     good = tmp_path / "m.toml"  # extends an absolute path: taken as it is
     good.write_text(f'extends = "{DEFAULT_CONFIG}"\n[[features.match]]\nname = "m"\ncandidate = "item_category"\n'

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.metrics import auc, compute_metrics, grouped_auc
+from hyrank.pipeline.metrics import auc, compute_metrics, grouped_auc
 
 
 def _pairwise_auc(s, y):
@@ -50,7 +50,7 @@ def test_compute_metrics_logloss_ne_calibration():
 def _metrics_on_rank(rank, world_size):
     import torch
 
-    from pipeline.metrics import metrics_over_ranks
+    from hyrank.pipeline.metrics import metrics_over_ranks
 
     rng = np.random.default_rng(rank)
     n = 300 + 50 * rank  # unequal lengths per rank are allowed

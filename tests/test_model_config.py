@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from models import MODELS, build_model
-from models.inputs import InputShape, SequenceShape
-from pipeline.config import load_config
+from hyrank.models import MODELS, build_model
+from hyrank.models.inputs import InputShape, SequenceShape
+from hyrank.pipeline.config import load_config
 
 from conftest import DEFAULT_CONFIG
 

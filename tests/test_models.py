@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from models import MODELS, build_model
-from models.inputs import InputShape, SequenceInput, SequenceShape, TowerInput
-from models.layers.attention import attend, attend_reference
-from models.layers.hetero import HeteroTransformerLayer
-from models.layers.tokens import recent_events
-from models.onetrans import OneTransState
+from hyrank.models import MODELS, build_model
+from hyrank.models.inputs import InputShape, SequenceInput, SequenceShape, TowerInput
+from hyrank.models.layers.attention import attend, attend_reference
+from hyrank.models.layers.hetero import HeteroTransformerLayer
+from hyrank.models.layers.tokens import recent_events
+from hyrank.models.onetrans import OneTransState
 
 SHAPE = InputShape(blocks={"user": 12, "item": 20, "context": 6}, dense_dim=3,
                    sequences={"long": SequenceShape(dim=16, max_len=10), "short": SequenceShape(dim=8, max_len=5)})
@@ -84,7 +84,7 @@ def test_deterministic_under_a_seed(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_defaults_build_on_the_shipped_feature_spec(name):
-    from pipeline.config import load_config
+    from hyrank.pipeline.config import load_config
     from conftest import DEFAULT_CONFIG
 
     shape = load_config(DEFAULT_CONFIG).features.input_shape()

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from models import MODELS, build_model
-from pipeline.data.days import discover_days
-from pipeline.data.reader import DayReader
-from pipeline.ranker import RankingModel
+from hyrank.models import MODELS, build_model
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.reader import DayReader
+from hyrank.pipeline.ranker import RankingModel
 
 # Small widths: the whole file must stay well under a minute or two on two shared cores.
 SMALL = {

@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.data.days import DayRange, discover_days
-from pipeline.data.importers.movielens import (DEFAULT_MAX_LEN, NUM_AGE_BUCKETS, NUM_YEAR_BUCKETS, earlier_events,
+from hyrank.pipeline.cli import main
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.days import DayRange, discover_days
+from hyrank.pipeline.data.importers.movielens import (DEFAULT_MAX_LEN, NUM_AGE_BUCKETS, NUM_YEAR_BUCKETS, earlier_events,
                                                import_movielens, primary_genres, year_buckets)
-from pipeline.data.validate import check_schema, validate_rows
-from pipeline.files import sha256
+from hyrank.pipeline.data.validate import check_schema, validate_rows
+from hyrank.pipeline.files import sha256
 
 from conftest import ROOT
 
@@ -232,8 +232,8 @@ def test_the_shipped_config_reads_every_row_of_the_import(imported):
 
 
 def _train_two_days(rank, world_size, cfg):
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.train.trainer import RunPlan, Trainer
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
     days = discover_days(cfg.data.root)
     result = Trainer(cfg, env_of_current_group()).run(RunPlan(train_days=days[:2], eval_days=[days[2]]))

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.days import as_span, discover_days
-from pipeline.data.split import group_days
-from pipeline.data.synth import generate_logs
-from pipeline.distributed.env import env_of_current_group
-from pipeline.metrics import EvalMetrics, compute_metrics
-from pipeline.pass_report import write_pass_report
-from pipeline.train.evaluate import score_day
-from pipeline.train.plan import best_record, pass_order, passes_since_best
-from pipeline.train.state import read_ledger
-from pipeline.train.trainer import RunPlan, Trainer
+from hyrank.pipeline.data.days import as_span, discover_days
+from hyrank.pipeline.data.split import group_days
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.metrics import EvalMetrics, compute_metrics
+from hyrank.pipeline.pass_report import write_pass_report
+from hyrank.pipeline.train.evaluate import score_day
+from hyrank.pipeline.train.plan import best_record, pass_order, passes_since_best
+from hyrank.pipeline.train.state import read_ledger
+from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
 from conftest import latest_checkpoint_tensors, small_synth, tiny_cfg
 from dist import run_distributed
@@ -166,7 +166,7 @@ def test_small_days_are_grouped_into_units():
         def __init__(self, i, rows):
             self.i, self.rows = i, rows
 
-    import pipeline.data.split as split
+    import hyrank.pipeline.data.split as split
 
     days = [Day(i, r) for i, r in enumerate([50, 50, 50, 500, 50, 50, 20])]
     real_rows, real_span = split._footer_rows, split.as_span

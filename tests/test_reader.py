@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.data.days import discover_days, next_complete_day, scan_days
-from pipeline.data.options import ReaderOptions
-from pipeline.data.reader import DayReader
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.days import discover_days, next_complete_day, scan_days
+from hyrank.pipeline.data.options import ReaderOptions
+from hyrank.pipeline.data.reader import DayReader
 
 from conftest import DEFAULT_CONFIG
 from dist import run_distributed

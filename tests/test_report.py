@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.report import COLUMNS, write_report
+from hyrank.pipeline.cli import main
+from hyrank.pipeline.report import COLUMNS, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

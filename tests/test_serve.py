@@ -18,23 +18,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bench.serve import ServerProcess, drive, http_json, http_text, make_artifact, publish_copy, request_rows
+from hyrank.bench.serve import ServerProcess, drive, http_json, http_text, make_artifact, publish_copy, request_rows
 from conftest import ROOT
-from pipeline.cli import build_parser, main
+from hyrank.pipeline.cli import build_parser, main
 
-SERVING_MODULES = ("pipeline.serving.server", "pipeline.serving.batching", "pipeline.serving.predict",
-                   "pipeline.cli.serving")
+SERVING_MODULES = ("hyrank.pipeline.serving.server", "hyrank.pipeline.serving.batching", "hyrank.pipeline.serving.predict",
+                   "hyrank.pipeline.cli.serving")
 
 
 def test_the_serving_process_never_imports_training():
     code = (f"import sys, {', '.join(SERVING_MODULES)}\n"
-            "bad = sorted(m for m in sys.modules if m.startswith('pipeline.train'))\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('hyrank.pipeline.train'))\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
 
 
 def test_cli_defaults_are_the_server_defaults(tmp_path):
-    from pipeline.serving.server import ServeOptions
+    from hyrank.pipeline.serving.server import ServeOptions
 
     args = build_parser().parse_args(["serve", "--artifact", str(tmp_path), "--port", "1"])
     d = ServeOptions(tmp_path)
@@ -53,7 +53,7 @@ def made(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifact(made):
-    from pipeline.serving.artifact import Artifact
+    from hyrank.pipeline.serving.artifact import Artifact
 
     return Artifact.load(made.root)
 
@@ -161,7 +161,7 @@ def test_health_readiness_and_metrics(server, artifact, rows):
 def test_one_batch_scores_good_requests_and_refuses_bad_ones_alone(artifact, rows):
     """Requests queued together become one batch (one model call); the bad one gets its own problems, the others
     their slices, equal to scoring them alone."""
-    from pipeline.serving.batching import MicroBatcher
+    from hyrank.pipeline.serving.batching import MicroBatcher
 
     batches = []
     requests = [rows[:5], [rows[5], _with(rows[6], user_id=-1)], rows[7:8], rows[8:20]]
@@ -185,7 +185,7 @@ def test_one_batch_scores_good_requests_and_refuses_bad_ones_alone(artifact, row
 
 @pytest.mark.dist
 def test_unready_until_published_then_a_hot_reload_under_load_fails_nothing(made, rows, tmp_path):
-    from pipeline.serving.artifact import resolve
+    from hyrank.pipeline.serving.artifact import resolve
 
     root = tmp_path / "root"
     root.mkdir()

@@ -73,7 +73,7 @@ def _shard(kind: str, sharding_type: str, world_size: int):
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv
 
-    from embeddings.sharding import (SparseOptimizer, TableConstraint, apply_sparse_optimizer, make_sharders,
+    from hyrank.embeddings.sharding import (SparseOptimizer, TableConstraint, apply_sparse_optimizer, make_sharders,
                                      plan_sharding, plan_to_dict)
 
     cpu = torch.device("cpu")
@@ -171,7 +171,7 @@ def _ec_data_parallel_lookup(rank: int, world_size: int) -> str:
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingEnv
 
-    from embeddings.sharding import make_sharders
+    from hyrank.embeddings.sharding import make_sharders
 
     cpu = torch.device("cpu")
     model, sharders = _build("ec", torch.device("meta")), make_sharders(cpu)
@@ -200,7 +200,7 @@ def test_plan_to_dict_is_plain_data():
 
     from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
-    from embeddings.sharding import plan_to_dict
+    from hyrank.embeddings.sharding import plan_to_dict
 
     plan = ShardingPlan({"emb": EmbeddingModuleShardingPlan(
         {"t0": ParameterSharding(sharding_type="table_wise", compute_kernel="fused", ranks=[1])})})
@@ -214,11 +214,11 @@ def test_plan_to_dict_is_plain_data():
 
 
 def _train_steps(rank: int, world_size: int, cfg, table, full_state: dict, dedup: bool, num_steps: int = 3):
-    from models import build_model
-    from pipeline.data.convert import BatchConverter
-    from pipeline.distributed.dmp import shard_model
-    from pipeline.distributed.env import env_of_current_group
-    from pipeline.ranker import RankingModel
+    from hyrank.models import build_model
+    from hyrank.pipeline.data.convert import BatchConverter
+    from hyrank.pipeline.distributed.dmp import shard_model
+    from hyrank.pipeline.distributed.env import env_of_current_group
+    from hyrank.pipeline.ranker import RankingModel
 
     spec = cfg.features
     tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
@@ -241,8 +241,8 @@ def _train_steps(rank: int, world_size: int, cfg, table, full_state: dict, dedup
 
 def _full_state(cfg) -> dict[str, torch.Tensor]:
     """Every parameter of an unsharded RankingModel built on CPU from a fixed seed."""
-    from models import build_model
-    from pipeline.ranker import RankingModel
+    from hyrank.models import build_model
+    from hyrank.pipeline.ranker import RankingModel
 
     torch.manual_seed(0)
     tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
@@ -256,7 +256,7 @@ def test_dedup_trains_like_the_plain_path_under_dmp(small_cfg, sequence_sharding
 
     import pyarrow.parquet as pq
 
-    from pipeline.config import TableSharding
+    from hyrank.pipeline.config import TableSharding
 
     for t in ("item", "category", "author"):  # the tables read by sequences
         small_cfg.embeddings.sharding[t] = TableSharding([sequence_sharding])

@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.data.days import discover_days
-from pipeline.data.synth import generate_logs
-from pipeline.data.validate import validate_rows
-from pipeline.distributed.env import env_of_current_group
-from pipeline.stream import StreamOptions, stream
-from pipeline.train.state import read_ledger
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.data.validate import validate_rows
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.stream import StreamOptions, stream
+from hyrank.pipeline.train.state import read_ledger
 
 from conftest import DEFAULT_CONFIG, TINY, latest_checkpoint_tensors, small_synth, tiny_cfg
 from dist import run_distributed
@@ -116,7 +116,7 @@ def test_a_gap_is_an_error_unless_skipped(three_days, tmp_path):
 
 def _cmd(root, out_dir, *extra):
     sets = [a for item in SMALL + list(extra) for a in ("--set", item)]
-    return [sys.executable, "-m", "pipeline.cli", "stream", "--config", str(DEFAULT_CONFIG), "--quiet",
+    return [sys.executable, "-m", "hyrank.pipeline.cli", "stream", "--config", str(DEFAULT_CONFIG), "--quiet",
             "--nproc-per-node", "2", "--set", f'data.root="{root}"', "--set", f'out_dir="{out_dir}"', *sets]
 
 

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.data.days import discover_days
-from pipeline.data.synth import generate_logs
-from pipeline.distributed.env import env_of_current_group
-from pipeline.stream import StreamOptions, stream
-from pipeline.train.resume import check_resumable
-from pipeline.train.state import model_diff
-from pipeline.train.trainer import RunPlan, Trainer
+from hyrank.pipeline.config import ModelConfig
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.stream import StreamOptions, stream
+from hyrank.pipeline.train.resume import check_resumable
+from hyrank.pipeline.train.state import model_diff
+from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
 from conftest import small_synth, tiny_cfg
 from dist import run_distributed

@@ -4,11 +4,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.data.days import discover_days
-from pipeline.data.split import row_groups
-from pipeline.data.synth import generate_logs, oracle_auc
-from pipeline.data.validate import check_schema
+from hyrank.pipeline.config import load_config
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.split import row_groups
+from hyrank.pipeline.data.synth import generate_logs, oracle_auc
+from hyrank.pipeline.data.validate import check_schema
 
 from conftest import DEFAULT_CONFIG, small_synth
 

@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.data.days import discover_days
-from pipeline.data.synth import generate_logs
-from pipeline.distributed.env import env_of_current_group
-from pipeline.train.trainer import RunPlan, Trainer
+from hyrank.pipeline.config import ModelConfig
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
 from conftest import small_synth
 from dist import run_distributed
@@ -115,7 +115,7 @@ def test_input_clock_counts_only_the_wait_for_batches():
     a source that takes 30 ms a batch under a consumer that takes 10 ms a step is 3/4 input."""
     import time
 
-    from pipeline.train.pipelined import InputClock
+    from hyrank.pipeline.train.pipelined import InputClock
 
     def slow_source():
         for i in range(5):

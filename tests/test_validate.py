@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from pipeline.data.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
-from pipeline.data.validate import REASONS, DayValidation, check_schema, validate_rows
+from hyrank.pipeline.data.features import DenseFeature, FeatureSpec, SequenceFeature, SideInfo, SparseFeature, TableSpec
+from hyrank.pipeline.data.validate import REASONS, DayValidation, check_schema, validate_rows
 
 
 def _spec() -> FeatureSpec:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.inputs import SequenceInput
+from hyrank.models.inputs import SequenceInput
 
 
 def attend(q_BHQE: torch.Tensor, k_BHLE: torch.Tensor, v_BHLE: torch.Tensor,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers.attention import attend
-from models.layers.token_mixing import TokenFFN, TokenLinear
+from hyrank.models.layers.attention import attend
+from hyrank.models.layers.token_mixing import TokenFFN, TokenLinear
 
 
 def _heads(x_BTD: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.inputs import SequenceInput
-from models.layers.attention import CrossAttentionLayer, TransformerLayer
-from models.layers.tokens import recent_events
+from hyrank.models.inputs import SequenceInput
+from hyrank.models.layers.attention import CrossAttentionLayer, TransformerLayer
+from hyrank.models.layers.tokens import recent_events
 
 
 class LongerEncoder(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.inputs import SequenceInput
+from hyrank.models.inputs import SequenceInput
 
 
 class SwiGLU(nn.Module):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.inputs import InputShape, SequenceInput, TowerInput
+from hyrank.models.inputs import InputShape, SequenceInput, TowerInput
 
 DENSE = "_dense"  # token group name of the dense features outside any block
 

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.logs import setup_logging
+from hyrank.pipeline.logs import setup_logging
 
 EPILOG = """\
 A typical day-one session:
@@ -60,7 +60,7 @@ def report_rank_error(e: BaseException) -> bool:
     import time
     import traceback
 
-    from pipeline.train.run_lock import RunDirInUse
+    from hyrank.pipeline.train.run_lock import RunDirInUse
 
     log_file = None
     if not isinstance(e, RunDirInUse):  # a start refused by the run's holder writes nothing into that run
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(title="verbs", metavar="<verb>")
-    from pipeline.cli import check, importers, jobs, run, serving, tools
+    from hyrank.pipeline.cli import check, importers, jobs, run, serving, tools
 
     tools.add_gen_logs(verbs)
     importers.add_verbs(verbs)

@@ -1,7 +1,7 @@
-"""`python -m pipeline.cli <verb>`: how torchrun and torchx start the ranks."""
+"""`python -m hyrank.pipeline.cli <verb>`: how torchrun and torchx start the ranks."""
 
 import sys
 
-from pipeline.cli import main
+from hyrank.pipeline.cli import main
 
 sys.exit(main())

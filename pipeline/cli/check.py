@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.cli import verb
+from hyrank.pipeline.cli import verb
 
 
 def add_verbs(verbs) -> None:
@@ -51,9 +51,9 @@ def _check(args) -> int:
       hyrank check --config my_logs.toml --schema-only        # footers only: every day under data.root
     """
     start = time.perf_counter()
-    from pipeline.config import load_config
-    from pipeline.data.check import check_range, profile_days
-    from pipeline.data.days import DayRange
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.data.check import check_range, profile_days
+    from hyrank.pipeline.data.days import DayRange
 
     cfg = load_config(args.config, args.overrides, args.unsets)
     d = cfg.data
@@ -81,7 +81,7 @@ def _check(args) -> int:
         print()
     print(_verdict(report, profile, seconds))
     if args.json:
-        from pipeline.files import write_json
+        from hyrank.pipeline.files import write_json
 
         write_json(args.json, _as_json(args, report, profile, seconds))
         print(f"written: {args.json}")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import verb
+from hyrank.pipeline.cli import verb
 
 
 def add_verbs(verbs) -> None:
-    from pipeline.data.importers.movielens import DEFAULT_MAX_LEN, default_source
+    from hyrank.pipeline.data.importers.movielens import DEFAULT_MAX_LEN, default_source
 
     p = verb(verbs, "import", _import_menu)
     p.set_defaults(print_help=p.print_help)
@@ -58,7 +58,7 @@ def _movielens_100k(args) -> int:
       hyrank train --config jobs/configs/movielens.toml --days 1997-09-20..1998-03-07 \\
           --eval-days 1998-03-08..1998-03-31          # the recommended validation span, as one set
     """
-    from pipeline.data.importers.movielens import SPLITS, import_movielens
+    from hyrank.pipeline.data.importers.movielens import SPLITS, import_movielens
 
     summary = import_movielens(args.src, args.out, max_len=args.max_len, partition_key=args.partition_key)
     for line in summary.lines():

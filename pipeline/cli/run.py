@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import verb
+from hyrank.pipeline.cli import verb
 
 
 # -- train ---------------------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from pipeline.config import load_config
+    from hyrank.pipeline.config import load_config
 
     return load_config(args.config, args.overrides, args.unsets)
 
@@ -82,9 +82,9 @@ def _train(args) -> int:
         return _launch(args, [args.days, *args.eval_days, *([args.valid_days] if args.valid_days else [])])
     import torch.distributed as dist
 
-    from pipeline.distributed.env import init_distributed
-    from pipeline.train.resume import check_resumable
-    from pipeline.train.trainer import RunPlan, Trainer
+    from hyrank.pipeline.distributed.env import init_distributed
+    from hyrank.pipeline.train.resume import check_resumable
+    from hyrank.pipeline.train.trainer import RunPlan, Trainer
 
     cfg = _load(args)
     days = _training_days(cfg.data, args.days)
@@ -102,7 +102,7 @@ def _train(args) -> int:
     if env.is_main:
         _print_result(result, cfg.out_dir)
         if result.valid:
-            from pipeline.pass_report import write_pass_report
+            from hyrank.pipeline.pass_report import write_pass_report
 
             report = write_pass_report(Path(cfg.out_dir))
             print(f"validation curve: {report.csv_path} and {report.png_path}")
@@ -114,7 +114,7 @@ def _training_days(d, days: str) -> list:
     """The days of `--days` to train on, `d` being cfg.data. Before any training, one warning names every day of
     the range that is missing or incomplete and why (pipeline.data.days.discover_days): a range with holes is
     not trained across the gap without a word. None left to train on is an error."""
-    from pipeline.data.days import DayRange, discover_days
+    from hyrank.pipeline.data.days import DayRange, discover_days
 
     found = discover_days(d.root, DayRange.parse(days), partition_key=d.partition_key,
                           require_success=d.require_success)
@@ -126,7 +126,7 @@ def _training_days(d, days: str) -> list:
 def _span(d, text: str, what: str):
     """The days of `text` (YYYY-MM-DD or A..B) under cfg.data `d`, read as one set; missing days are named in a
     warning, none at all is an error."""
-    from pipeline.data.days import DayRange, as_span, discover_days
+    from hyrank.pipeline.data.days import DayRange, as_span, discover_days
 
     found = discover_days(d.root, DayRange.parse(text), partition_key=d.partition_key,
                           require_success=d.require_success)
@@ -208,8 +208,8 @@ def _stream(args) -> int:
         return _launch(args, ([f"{args.first}..{until}"] if args.first else []) + args.eval_days)
     import torch.distributed as dist
 
-    from pipeline.distributed.env import init_distributed
-    from pipeline.stream import StreamOptions, stream
+    from hyrank.pipeline.distributed.env import init_distributed
+    from hyrank.pipeline.stream import StreamOptions, stream
 
     cfg = _load(args)
     _check_on_every_rank(cfg, _newest_day(cfg.data))
@@ -270,9 +270,9 @@ def _evaluate(args) -> int:
         return _relaunch_with_torchrun(args.nproc_per_node)
     import torch.distributed as dist
 
-    from pipeline.distributed.env import init_distributed
-    from pipeline.files import write_json
-    from pipeline.train.trainer import Trainer
+    from hyrank.pipeline.distributed.env import init_distributed
+    from hyrank.pipeline.files import write_json
+    from hyrank.pipeline.train.trainer import Trainer
 
     args.checkpoint = _resolve_checkpoint(args.checkpoint)
     cfg = _checkpoint_config(args)
@@ -308,7 +308,7 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 def _checkpoint_config(args):
     """--config (with --set / --unset), or the config saved in the checkpoint's meta.json."""
-    from pipeline.config import RunConfig, apply_override, from_dict, unset_key
+    from hyrank.pipeline.config import RunConfig, apply_override, from_dict, unset_key
 
     if args.config:
         return _load(args)
@@ -353,7 +353,7 @@ def _export(args) -> int:
       hyrank export --checkpoint runs/default/checkpoints/step-000002344 --out exports/default
       hyrank export --checkpoint "runs/default/checkpoints/$(cat runs/default/checkpoints/latest)" --out exports/default
     """
-    from pipeline.serving.export import export_checkpoint
+    from hyrank.pipeline.serving.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout, aoti=args.aoti)
     p = result.parity
@@ -373,8 +373,8 @@ def _launch(args, day_texts: list[str]) -> int:
     these days (hyrank check's schema part, footers only: seconds), so a wrong column stops the job here, in one
     line, before any rank builds a sharding plan. Then relaunch under torchrun; ranks put full tracebacks of their
     errors in <out_dir>/logs/."""
-    from pipeline.data.check import require_schema
-    from pipeline.data.days import DayRange, scan_days
+    from hyrank.pipeline.data.check import require_schema
+    from hyrank.pipeline.data.days import DayRange, scan_days
 
     cfg = _load(args)
     d = cfg.data
@@ -390,7 +390,7 @@ def _launch(args, day_texts: list[str]) -> int:
 
 def _newest_day(d) -> list:
     """The newest complete day under cfg.data `d`, if any (a stream may start before its first day exists)."""
-    from pipeline.data.days import scan_days
+    from hyrank.pipeline.data.days import scan_days
 
     if not Path(d.root).is_dir():
         return []
@@ -403,7 +403,7 @@ def _check_on_every_rank(cfg, days: list) -> None:
     none is left waiting in a collective; under `--nproc-per-node` the launcher has checked already (_launch)."""
     if os.environ.get("HYRANK_LOG_DIR") or "RANK" not in os.environ:
         return
-    from pipeline.data.check import require_schema
+    from hyrank.pipeline.data.check import require_schema
 
     require_schema(cfg.features, days, options=cfg.data, world_size=int(os.environ.get("WORLD_SIZE", "1")),
                    log_warnings=os.environ.get("RANK") == "0")
@@ -428,7 +428,7 @@ def _relaunch_with_torchrun(nproc: int) -> int:
     # the agent's own report of a failed rank is the traceback-laden table this launcher replaces with one line
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "hyrank.pipeline.cli", *argv])
     except SignalException as e:
         return _report_stop(e.sigval.name, started)
     except ChildFailedError as e:
@@ -454,8 +454,8 @@ def _report_failure(e) -> int:
 
 def _report_stop(signal_name: str, since: float) -> int:
     """After the ranks were stopped by a signal: 0 if they checkpointed and recorded it, else 1."""
-    from pipeline.cli import build_parser
-    from pipeline.config import load_config
+    from hyrank.pipeline.cli import build_parser
+    from hyrank.pipeline.config import load_config
 
     args = build_parser().parse_args(sys.argv[1:])
     record = Path(load_config(args.config, args.overrides, args.unsets).out_dir) / "stopped.json"

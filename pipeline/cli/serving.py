@@ -47,8 +47,8 @@ def serve(args: argparse.Namespace) -> int:
       curl -s localhost:8080/readyz          # {"status": "ready", "version": ..., "features": [...]}
       curl -s localhost:8080/score -H 'content-type: application/json' -d @request.json
     """
-    from pipeline.serving.server import ServeOptions
-    from pipeline.serving.server import serve as run_server
+    from hyrank.pipeline.serving.server import ServeOptions
+    from hyrank.pipeline.serving.server import serve as run_server
 
     return run_server(ServeOptions(args.artifact, host=args.host, port=args.port, max_batch_rows=args.max_batch_rows,
                               max_wait_ms=args.max_wait_ms, max_request_rows=args.max_request_rows,
@@ -77,9 +77,9 @@ def predict(args: argparse.Namespace) -> int:
     Example:
       hyrank predict --artifact exports/default --data data/synth --days 2026-11-04 --out scores.parquet
     """
-    from pipeline.data.days import DayRange
-    from pipeline.serving.artifact import Artifact
-    from pipeline.serving.predict import predict as score_logs
+    from hyrank.pipeline.data.days import DayRange
+    from hyrank.pipeline.serving.artifact import Artifact
+    from hyrank.pipeline.serving.predict import predict as score_logs
 
     artifact = Artifact.load(args.artifact)
     start = time.perf_counter()
@@ -100,7 +100,7 @@ VERBS = {"serve": (add_serve_arguments, serve), "predict": (add_predict_argument
 
 
 def add_verbs(verbs) -> None:
-    from pipeline.cli import verb
+    from hyrank.pipeline.cli import verb
 
     for name, (add_arguments, handler) in VERBS.items():
         add_arguments(verb(verbs, name, handler))

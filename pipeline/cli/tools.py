@@ -8,14 +8,14 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.cli import verb
+from hyrank.pipeline.cli import verb
 
 
 # -- gen-logs ------------------------------------------------------------------------------------------------------
 
 
 def add_gen_logs(verbs) -> None:
-    from pipeline.data.synth import SynthConfig
+    from hyrank.pipeline.data.synth import SynthConfig
 
     d = SynthConfig()
     p = verb(verbs, "gen-logs", _gen_logs)
@@ -47,7 +47,7 @@ def _gen_logs(args) -> int:
     Day-partitioned: <out>/day=YYYY-MM-DD/part-*.parquet plus _SUCCESS. The true click probability is stored as
     `_oracle_p`, so every day's oracle AUC is known. Same seed, identical files.
     """
-    from pipeline.data.synth import SynthConfig, generate_logs, oracle_auc
+    from hyrank.pipeline.data.synth import SynthConfig, generate_logs, oracle_auc
 
     lo, hi = args.long_len
     cfg = SynthConfig(rows_per_day=args.rows_per_day, num_days=args.days, start_day=args.start_day, seed=args.seed,
@@ -79,13 +79,13 @@ def _models(args) -> int:
     backward, counted on the meta device) for the inputs of a run config. --table prints the paper-shaped
     HyFormer / LONGER+RankMixer / unified comparison next to the HyFormer paper's Table 1.
     """
-    from models import MODELS
-    from models.accounting import model_cost, paper_table
+    from hyrank.models import MODELS
+    from hyrank.models.accounting import model_cost, paper_table
 
     if args.table:
         print(paper_table())
         return 0
-    from pipeline.config import load_config
+    from hyrank.pipeline.config import load_config
 
     cfg = load_config(args.config)
     shape = cfg.features.input_shape()
@@ -116,8 +116,8 @@ def _report(args) -> int:
     synthetic data), logloss and train rows/s per day; an empty cell or a gap is a value no file holds. A run of
     several passes with --valid-days also gets report/passes.csv and passes.png: the validation curve.
     """
-    from pipeline.pass_report import write_pass_report
-    from pipeline.report import write_report
+    from hyrank.pipeline.pass_report import write_pass_report
+    from hyrank.pipeline.report import write_report
 
     passes = write_pass_report(args.run)
     if passes is not None:
@@ -138,22 +138,22 @@ def _report(args) -> int:
 
 # name -> (module under bench/, one-line help); each module has add_arguments(parser) and run(args) -> int
 BENCHES = {
-    "async": ("bench.async_bench", "sync vs one-step-stale allreduce: step time, hidden share, AUC parity"),
-    "overlap": ("bench.overlap", "the share of the dense allreduce the stale hook hides: a tower alone, CPU or GPU, "
+    "async": ("hyrank.bench.async_bench", "sync vs one-step-stale allreduce: step time, hidden share, AUC parity"),
+    "overlap": ("hyrank.bench.overlap", "the share of the dense allreduce the stale hook hides: a tower alone, CPU or GPU, "
                                  "torch only"),
-    "dedup": ("bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
-    "e2e": ("bench.e2e", "training rows/s from Parquet against the reader alone, and the trainer's input-wait share"),
-    "torchrec": ("bench.vs_torchrec", "hyrank's step against TorchRec's DLRM + TrainPipelineSparseDist on identical "
+    "dedup": ("hyrank.bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
+    "e2e": ("hyrank.bench.e2e", "training rows/s from Parquet against the reader alone, and the trainer's input-wait share"),
+    "torchrec": ("hyrank.bench.vs_torchrec", "hyrank's step against TorchRec's DLRM + TrainPipelineSparseDist on identical "
                  "batches, in memory and from Parquet"),
-    "days": ("bench.days", "1,000 days of 100 rows against one day of 100,000: training and evaluation rows/s"),
-    "model": ("bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
-    "seqlen": ("bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over sequence "
+    "days": ("hyrank.bench.days", "1,000 days of 100 rows against one day of 100,000: training and evaluation rows/s"),
+    "model": ("hyrank.bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
+    "seqlen": ("hyrank.bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over sequence "
                                "length, width and depth"),
-    "reader": ("bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
-    "serve": ("bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, p50/p99, "
+    "reader": ("hyrank.bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
+    "serve": ("hyrank.bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, p50/p99, "
                              "errors, served rows/s against the program called in-process"),
-    "paper": ("bench.papers", "the papers' experiments (HyFormer Tables 1-2, HHFT, Hiformer, scaling): table + plot"),
-    "quality": ("bench.quality", "model-quality table: real train runs per (model, variant, seed), AUC mean +- s.e."),
+    "paper": ("hyrank.bench.papers", "the papers' experiments (HyFormer Tables 1-2, HHFT, Hiformer, scaling): table + plot"),
+    "quality": ("hyrank.bench.quality", "model-quality table: real train runs per (model, variant, seed), AUC mean +- s.e."),
 }
 
 

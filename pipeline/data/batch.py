@@ -11,7 +11,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from embeddings.dedup import DedupIndex
+from hyrank.embeddings.dedup import DedupIndex
 
 
 @dataclass

@@ -36,12 +36,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.days import DayPartition, DayRange, missing_days, scan_days
-from pipeline.data.features import FeatureSpec
-from pipeline.data.options import ReaderOptions
-from pipeline.data.schema import ColumnKind, check_type, column_kinds, is_list, is_string_id, nulls
-from pipeline.data.split import RowRange, split_rows
-from pipeline.data.validate import check_same_types, validate_rows
+from hyrank.pipeline.data.days import DayPartition, DayRange, missing_days, scan_days
+from hyrank.pipeline.data.features import FeatureSpec
+from hyrank.pipeline.data.options import ReaderOptions
+from hyrank.pipeline.data.schema import ColumnKind, check_type, column_kinds, is_list, is_string_id, nulls
+from hyrank.pipeline.data.split import RowRange, split_rows
+from hyrank.pipeline.data.validate import check_same_types, validate_rows
 
 log = logging.getLogger(__name__)
 

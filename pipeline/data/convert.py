@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 import torch
 from torchrec import KeyedJaggedTensor
 
-from embeddings.dedup import SequenceFeed
-from pipeline.data.batch import Batch
-from pipeline.data.features import DenseFeature, FeatureSpec, MatchFeature, OOVPolicy, SequenceFeature
-from pipeline.data.schema import LABEL, ColumnKind, check_type, column_kinds, dense_kind, is_list, is_string_id, nulls
+from hyrank.embeddings.dedup import SequenceFeed
+from hyrank.pipeline.data.batch import Batch
+from hyrank.pipeline.data.features import DenseFeature, FeatureSpec, MatchFeature, OOVPolicy, SequenceFeature
+from hyrank.pipeline.data.schema import LABEL, ColumnKind, check_type, column_kinds, dense_kind, is_list, is_string_id, nulls
 
 
 class BatchConverter:

@@ -36,8 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from embeddings.tables import EmbeddingLayout, LookupDef, TableDef
-from models.inputs import InputShape, SequenceShape
+from hyrank.embeddings.tables import EmbeddingLayout, LookupDef, TableDef
+from hyrank.models.inputs import InputShape, SequenceShape
 
 OOVPolicy = Literal["hash", "error"]
 Norm = Literal["none", "log1p", "standard"]

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.data.batch import Batch
-from pipeline.data.split import RowRange
-from pipeline.data.validate import REASONS, DayValidation, validate_rows, write_quarantine
+from hyrank.pipeline.data.batch import Batch
+from hyrank.pipeline.data.split import RowRange
+from hyrank.pipeline.data.validate import REASONS, DayValidation, validate_rows, write_quarantine
 
 log = logging.getLogger(__name__)
 

@@ -52,15 +52,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from embeddings.dedup import SequenceFeed
-from pipeline.data.batch import Batch
-from pipeline.data.convert import BatchConverter
-from pipeline.data.days import Days
-from pipeline.data.features import FeatureSpec
-from pipeline.data.options import ReaderOptions
-from pipeline.data.planner import Cursor, Producer
-from pipeline.data.split import RowRange, read_footers, split_rows
-from pipeline.data.validate import DayValidation
+from hyrank.embeddings.dedup import SequenceFeed
+from hyrank.pipeline.data.batch import Batch
+from hyrank.pipeline.data.convert import BatchConverter
+from hyrank.pipeline.data.days import Days
+from hyrank.pipeline.data.features import FeatureSpec
+from hyrank.pipeline.data.options import ReaderOptions
+from hyrank.pipeline.data.planner import Cursor, Producer
+from hyrank.pipeline.data.split import RowRange, read_footers, split_rows
+from hyrank.pipeline.data.validate import DayValidation
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data import features
-from pipeline.data.features import DenseFeature, FeatureSpec
+from hyrank.pipeline.data import features
+from hyrank.pipeline.data.features import DenseFeature, FeatureSpec
 
 
 def is_list(t: pa.DataType) -> bool:

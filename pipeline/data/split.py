@@ -21,10 +21,10 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.days import DayPartition, Days, as_span
-from pipeline.data.features import FeatureSpec
-from pipeline.data.schema import is_string_id
-from pipeline.data.validate import check_same_types, check_schema
+from hyrank.pipeline.data.days import DayPartition, Days, as_span
+from hyrank.pipeline.data.features import FeatureSpec
+from hyrank.pipeline.data.schema import is_string_id
+from hyrank.pipeline.data.validate import check_same_types, check_schema
 
 log = logging.getLogger(__name__)
 

@@ -382,7 +382,7 @@ def _write_day_in_worker(cfg: SynthConfig, out: Path, day_index: int) -> Path:
 
 def oracle_auc(day_path: str | Path, label: str = "click", oracle: str = "_oracle_p") -> float:
     """AUC of the true click probability on one written day: the ceiling for any model on that day."""
-    from pipeline.metrics import auc
+    from hyrank.pipeline.metrics import auc
 
     table = pq.read_table(Path(day_path), columns=[label, oracle])
     return auc(table.column(oracle).to_numpy(), table.column(label).to_numpy())

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.features import DenseFeature, FeatureSpec
-from pipeline.data.schema import check_type, column_kinds, is_list, nulls
-from pipeline.files import write_atomic
+from hyrank.pipeline.data.features import DenseFeature, FeatureSpec
+from hyrank.pipeline.data.schema import check_type, column_kinds, is_list, nulls
+from hyrank.pipeline.files import write_atomic
 
 
 def check_schema(spec: FeatureSpec, schema: pa.Schema, source: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline.distributed.comm_hooks import StaleAllReduce
+from hyrank.pipeline.distributed.comm_hooks import StaleAllReduce
 
 Mode = Literal["sync", "async", "hook_sync"]
 

@@ -17,7 +17,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from embeddings.sharding import (
+from hyrank.embeddings.sharding import (
     SparseOptimizer,
     TableConstraint,
     apply_sparse_optimizer,
@@ -26,9 +26,9 @@ from embeddings.sharding import (
     plan_sharding,
     plan_to_dict,
 )
-from pipeline.config import RunConfig
-from pipeline.distributed.comm_hooks import Compression, StaleAllReduce, stale_allreduce_hook
-from pipeline.distributed.env import DistEnv
+from hyrank.pipeline.config import RunConfig
+from hyrank.pipeline.distributed.comm_hooks import Compression, StaleAllReduce, stale_allreduce_hook
+from hyrank.pipeline.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 

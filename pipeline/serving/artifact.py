@@ -31,11 +31,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import from_dict
-from pipeline.data.convert import BatchConverter
-from pipeline.data.features import FeatureSpec
-from pipeline.data.validate import REASONS, validate_rows
-from pipeline.files import sha256
+from hyrank.pipeline.config import from_dict
+from hyrank.pipeline.data.convert import BatchConverter
+from hyrank.pipeline.data.features import FeatureSpec
+from hyrank.pipeline.data.validate import REASONS, validate_rows
+from hyrank.pipeline.files import sha256
 
 MANIFEST = "manifest.json"
 PROGRAM = "model.pt2"

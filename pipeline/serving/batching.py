@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.serving.artifact import Artifact, BadRows
+from hyrank.pipeline.serving.artifact import Artifact, BadRows
 
 log = logging.getLogger(__name__)
 

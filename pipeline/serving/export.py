@@ -45,17 +45,17 @@ from torchrec import EmbeddingCollection, KeyedJaggedTensor
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 
-from embeddings.versions import installed_versions
-from models import build_model
-from pipeline.config import RunConfig, from_dict, to_dict
-from pipeline.data.convert import BatchConverter
-from pipeline.data.days import DayPartition, discover_days
-from pipeline.data.validate import validate_rows
-from pipeline.files import sha256, write_atomic, write_json
-from pipeline.metrics import auc
-from pipeline.ranker import RankingModel
-from pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, Artifact, model_inputs
-from pipeline.train.checkpoint import verified_meta
+from hyrank.embeddings.versions import installed_versions
+from hyrank.models import build_model
+from hyrank.pipeline.config import RunConfig, from_dict, to_dict
+from hyrank.pipeline.data.convert import BatchConverter
+from hyrank.pipeline.data.days import DayPartition, discover_days
+from hyrank.pipeline.data.validate import validate_rows
+from hyrank.pipeline.files import sha256, write_atomic, write_json
+from hyrank.pipeline.metrics import auc
+from hyrank.pipeline.ranker import RankingModel
+from hyrank.pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, Artifact, model_inputs
+from hyrank.pipeline.train.checkpoint import verified_meta
 
 log = logging.getLogger(__name__)
 

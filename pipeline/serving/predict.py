@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.days import DayRange, discover_days
-from pipeline.files import write_atomic
-from pipeline.serving.artifact import Artifact
+from hyrank.pipeline.data.days import DayRange, discover_days
+from hyrank.pipeline.files import write_atomic
+from hyrank.pipeline.serving.artifact import Artifact
 
 log = logging.getLogger(__name__)
 

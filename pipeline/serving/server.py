@@ -59,8 +59,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from pipeline.serving.artifact import MANIFEST, Artifact, resolve
-from pipeline.serving.batching import MicroBatcher, Overloaded
+from hyrank.pipeline.serving.artifact import MANIFEST, Artifact, resolve
+from hyrank.pipeline.serving.batching import MicroBatcher, Overloaded
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from pipeline.distributed.env import DistEnv
-from pipeline.files import sha256, write_atomic
+from hyrank.pipeline.distributed.env import DistEnv
+from hyrank.pipeline.files import sha256, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.data.reader import DayReader
+from hyrank.pipeline.data.reader import DayReader
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.data.batch import Batch
+from hyrank.pipeline.data.batch import Batch
 
 
 class InputClock:

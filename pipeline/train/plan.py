@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.days import Days
-from pipeline.metrics import EvalMetrics
-from pipeline.train.resume import WarmStart
+from hyrank.pipeline.data.days import Days
+from hyrank.pipeline.metrics import EvalMetrics
+from hyrank.pipeline.train.resume import WarmStart
 
 HIGHER_IS_BETTER = ("auc", "query_auc")
 

@@ -23,9 +23,9 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import RunConfig, to_dict
-from pipeline.train.checkpoint import Checkpointer, read_meta
-from pipeline.train.state import model_diff
+from hyrank.pipeline.config import RunConfig, to_dict
+from hyrank.pipeline.train.checkpoint import Checkpointer, read_meta
+from hyrank.pipeline.train.state import model_diff
 
 log = logging.getLogger(__name__)
 

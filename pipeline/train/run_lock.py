@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.distributed.env import DistEnv
+from hyrank.pipeline.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 

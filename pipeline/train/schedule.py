@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import TrainConfig
+from hyrank.pipeline.config import TrainConfig
 
 
 def lr_multiplier(step: int, *, warmup_steps: int = 0, min_ratio: float = 0.0,

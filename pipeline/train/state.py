@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import RunConfig, to_dict
-from pipeline.files import write_atomic
+from hyrank.pipeline.config import RunConfig, to_dict
+from hyrank.pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
 

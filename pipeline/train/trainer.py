@@ -1,6 +1,6 @@
 """Trainer: the training run across however many ranks the process group has. It owns the only day loop.
 
-    torchrun --nproc_per_node=2 -m pipeline.cli train --config jobs/configs/default.toml \
+    torchrun --nproc_per_node=2 -m hyrank.pipeline.cli train --config jobs/configs/default.toml \
         --days 2026-11-01..2026-11-02 --eval-day 2026-11-03
 
     trainer = Trainer(cfg, env)
@@ -28,28 +28,28 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from models import build_model
-from pipeline.config import RunConfig, save_resolved
-from pipeline.data.days import Days
-from pipeline.data.reader import DayReader
-from pipeline.data.split import group_days
-from pipeline.distributed.dense_sync import DenseSync
-from pipeline.distributed.dmp import make_data_parallel_wrapper, shard_model
-from pipeline.distributed.env import DistEnv
-from pipeline.distributed.signals import GracefulStop
-from pipeline.files import write_json
-from pipeline.ranker import RankingModel
-from pipeline.train.checkpoint import Checkpointer
-from pipeline.train.plan import (DayStats, RunPlan, RunResult, RunStopped, best_record, pass_order,
+from hyrank.models import build_model
+from hyrank.pipeline.config import RunConfig, save_resolved
+from hyrank.pipeline.data.days import Days
+from hyrank.pipeline.data.reader import DayReader
+from hyrank.pipeline.data.split import group_days
+from hyrank.pipeline.distributed.dense_sync import DenseSync
+from hyrank.pipeline.distributed.dmp import make_data_parallel_wrapper, shard_model
+from hyrank.pipeline.distributed.env import DistEnv
+from hyrank.pipeline.distributed.signals import GracefulStop
+from hyrank.pipeline.files import write_json
+from hyrank.pipeline.ranker import RankingModel
+from hyrank.pipeline.train.checkpoint import Checkpointer
+from hyrank.pipeline.train.plan import (DayStats, RunPlan, RunResult, RunStopped, best_record, pass_order,
                                  passes_since_best, reader_seed)
-from pipeline.train.evaluate import best_checkpoints, score_day
-from pipeline.train.pipelined import InputClock, pipelined_steps
-from pipeline.metrics import EvalMetrics, metrics_over_ranks
-from pipeline.train.resume import WarmStart, checkpoint_diff, checkpoint_to_resume
-from pipeline.train.resume import warm_start as resume_warm
-from pipeline.train.run_lock import hold_run_dir
-from pipeline.train.schedule import LRSchedule
-from pipeline.train.state import Ledger, OptimizerState, Progress, ReaderCursor, RNGState, RunIdentity
+from hyrank.pipeline.train.evaluate import best_checkpoints, score_day
+from hyrank.pipeline.train.pipelined import InputClock, pipelined_steps
+from hyrank.pipeline.metrics import EvalMetrics, metrics_over_ranks
+from hyrank.pipeline.train.resume import WarmStart, checkpoint_diff, checkpoint_to_resume
+from hyrank.pipeline.train.resume import warm_start as resume_warm
+from hyrank.pipeline.train.run_lock import hold_run_dir
+from hyrank.pipeline.train.schedule import LRSchedule
+from hyrank.pipeline.train.state import Ledger, OptimizerState, Progress, ReaderCursor, RNGState, RunIdentity
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.days import SUCCESS, DayRange
-from pipeline.files import sha256, write_atomic, write_json
+from hyrank.pipeline.data.days import SUCCESS, DayRange
+from hyrank.pipeline.files import sha256, write_atomic, write_json
 
 FILES = ("u.data", "u.user", "u.item", "u.genre", "u.occupation")
 DEFAULT_MAX_LEN = 100
