@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from hyrank.pipeline.config import load_config
-    from hyrank.pipeline.distributed.launch import run_local
+    from hyrank.pipeline.distributed.local import run_local
     from hyrank.pipeline.data.synth import SynthConfig, generate_logs
 
     config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"

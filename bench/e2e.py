@@ -112,7 +112,7 @@ def _config(config: Path, root: Path, tmp: Path, model: str, overrides: list[str
 def measure(cfg, nproc: int) -> dict:
     """One turn for one config: the reader alone, then training; rows/s over all ranks (the slowest rank's
     time) and the input-wait share of the rank that waited most, with its wait for the loader."""
-    from hyrank.pipeline.distributed.launch import run_local
+    from hyrank.pipeline.distributed.local import run_local
 
     reads = run_local(_read_alone, cfg, world_size=nproc, timeout_s=3600)
     trains = run_local(_train, cfg, world_size=nproc, timeout_s=3600)
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 if m not in best or r["train_rows_per_s"] > best[m]["train_rows_per_s"]:
                     best[m] = r
         if args.profile is not None:  # after the timed rounds: the profiler slows what it watches
-            from hyrank.pipeline.distributed.launch import run_local
+            from hyrank.pipeline.distributed.local import run_local
 
             args.profile.mkdir(parents=True, exist_ok=True)
             for m, cfg in cfgs.items():

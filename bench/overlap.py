@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from hyrank.pipeline.distributed.launch import run_local
+    from hyrank.pipeline.distributed.local import run_local
 
     config = args.config or Path(__file__).resolve().parents[1] / "jobs" / "configs" / "default.toml"
     spec = _spec(args, str(config))  # fails here, in one process, on a bad option or config

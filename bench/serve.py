@@ -167,7 +167,7 @@ def make_artifact(workdir: Path, *, rows_per_day: int = 2000) -> Made:
     included)."""
     from hyrank.pipeline.config import load_config
     from hyrank.pipeline.data.synth import SynthConfig, generate_logs
-    from hyrank.pipeline.distributed.launch import run_local
+    from hyrank.pipeline.distributed.local import run_local
     from hyrank.pipeline.serving.export import export_checkpoint
 
     data, run_dir = workdir / "data", workdir / "run"

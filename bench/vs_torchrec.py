@@ -325,7 +325,7 @@ def _worker(rank: int, world_size: int, cfg, args: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from hyrank.pipeline.config import load_config
-    from hyrank.pipeline.distributed.launch import run_local
+    from hyrank.pipeline.distributed.local import run_local
 
     rows = args.rows or (args.warmup + args.steps) * args.batch_size * args.nproc
     if rows < (args.warmup + args.steps) * args.batch_size * args.nproc:

@@ -11,7 +11,7 @@ Only the `fused` kernel is allowed for sharded tables (fbgemm applies the optimi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -96,12 +96,13 @@ def plan_sharding(
     device: torch.device,
     batch_size_per_rank: int,
     constraints: dict[str, TableConstraint | tuple[list[str], list[str]]] | None = None,
-    collective: bool = True,
+    group: Any = None,
 ) -> ShardingPlan:
     """Plan table placement; `constraints` maps table name -> TableConstraint or (sharding types, kernels).
 
-    With `collective=True` rank 0 plans and broadcasts (all ranks get the same plan even if the planner's
-    heuristics were not deterministic); this needs an initialised process group, and a planner error on rank 0
+    With a process `group` (the caller's: communication is pipeline/distributed's), rank 0 plans and broadcasts
+    (all ranks get the same plan even if the planner's heuristics were not deterministic); without one each
+    process plans alone, which needs no process group. A planner error on rank 0 under a group
     leaves the other ranks waiting in the broadcast until the process group's timeout: keep it short in tests.
     """
     topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device.type)
@@ -116,10 +117,8 @@ def plan_sharding(
     planner = EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size_per_rank, constraints=param_constraints, debug=False
     )
-    if collective:
-        import torch.distributed as dist
-
-        return planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
+    if group is not None:
+        return planner.collective_plan(module, sharders, group)
     return planner.plan(module, sharders)
 
 

@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 # Sections
 
 
-@dataclass(kw_only=True)  # root (required) follows the options' defaults
+@dataclass(frozen=True, kw_only=True)  # root (required) follows the options' defaults
 class DataConfig(ReaderOptions):
     """Where the day-partitioned logs are and how they are batched; the reader's knobs (shuffle, error_budget,
     num_workers, ...) are the fields of ReaderOptions (pipeline/data/options.py), so the reader takes this
@@ -59,7 +59,7 @@ class DataConfig(ReaderOptions):
             raise ValueError(f"partition_key must be an identifier such as 'day' or 'dt', got {self.partition_key!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TableSharding:
     """Planner constraints for one table (see embeddings/sharding.py)."""
 
@@ -67,7 +67,7 @@ class TableSharding:
     compute_kernels: list[Literal["fused", "dense"]] = field(default_factory=lambda: ["fused"])
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbeddingConfig:
     """Sparse (embedding table) optimisation and sharding."""
 
@@ -113,7 +113,7 @@ class ModelConfig:
         object.__setattr__(self, "config", config)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Dense optimiser, loop lengths, distributed settings."""
 
@@ -174,7 +174,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0 (0 means off), got {getattr(self, name)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """DCP checkpoints of the whole run state (pipeline/train/checkpoint.py)."""
 
@@ -194,9 +194,10 @@ class CheckpointConfig:
         _check_positive("keep", self.keep)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """The whole run: one TOML file."""
+    """The whole run: one TOML file. Frozen, like every section: a config is what was loaded and saved with the
+    run; a change is a new config (`with_values`)."""
 
     name: str
     data: DataConfig
@@ -299,6 +300,15 @@ def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[
     return out
 
 
+def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with these dotted keys set to Python values (`{"train.lr": 0.1}`), checked as a loaded file
+    is: configs are frozen after load, so a change is a new config."""
+    raw = to_dict(cfg)
+    for dotted, value in values.items():
+        _set_dotted(raw, dotted, value, source="with_values")
+    return from_dict(RunConfig, raw, source="with_values")
+
+
 def apply_override(raw: dict[str, Any], item: str, *, source: str = "--set") -> None:
     """Set a dotted key in the raw TOML dict: `train.lr=0.01`, `features.sparse.0.oov="error"`.
 
@@ -315,6 +325,11 @@ def apply_override(raw: dict[str, Any], item: str, *, source: str = "--set") -> 
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
+    _set_dotted(raw, dotted, value, source=source)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, *, source: str) -> None:
+    keys = dotted.strip().split(".")
     node: Any = raw
     for depth, key in enumerate(keys[:-1]):
         node = _override_step(node, key, ".".join(keys[: depth + 1]), source)

@@ -2,12 +2,15 @@
 harmless noise dropped.
 
     setup_logging(verbose=False)     # once, at the start of a command (pipeline/cli)
+    bar = progress(total, "train 2026-11-01", "row")   # a tqdm bar on a terminal, a plain line now and then in a log
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 import warnings
 
 
@@ -19,8 +22,7 @@ def setup_logging(*, verbose: bool) -> None:
     prefix = f"[rank {rank}] " if rank is not None else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("hyrank", "pipeline", "embeddings", "models", "jobs"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("hyrank").setLevel(logging.DEBUG if verbose else logging.INFO)
     if rank not in (None, "0") and not verbose:
         # what these describe is the data root every rank reads alike (missing days, hashed string columns):
         # rank 0 says it once; another rank's own failure is an error, which still shows
@@ -30,7 +32,7 @@ def setup_logging(*, verbose: bool) -> None:
         silence_known_noise()
 
 
-# Known-harmless messages from TorchRec / torch on this stack (../shared/docs/torchrec-on-cpu.md, pitfall 17).
+# Known-harmless messages from TorchRec / torch 2.13 on CPU: FX-tracing notices, the planner's direct-topology note.
 _NOISE = ("Sharding spec not found", "is_fx_tracing will return true", "topology was constructed directly",
           "Trying to non-strict torch.export KJT")
 
@@ -53,3 +55,44 @@ def silence_known_noise() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torchrec")
 
 
+
+
+def progress(total: int, desc: str, unit: str):
+    """A progress bar for long work: tqdm's on a terminal; in a log (stderr not a terminal), where tqdm's
+    carriage-return updates would pile up into one endless line, a plain line every 5% or every minute."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
+    return PlainProgress(total, desc, unit)
+
+
+class PlainProgress:
+    """tqdm's update / set_postfix / close, as a logged line when 5% more is done or a minute has passed."""
+
+    def __init__(self, total: int, desc: str, unit: str, *, every_share: float = 0.05, every_s: float = 60.0):
+        self.total, self.desc, self.unit, self.every_share, self.every_s = total, desc, unit, every_share, every_s
+        self.done, self.postfix = 0, ""
+        self._start = self._said_at = time.monotonic()
+        self._said_done = 0
+        self._log = logging.getLogger("hyrank.progress")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.done - self._said_done >= self.every_share * self.total or now - self._said_at >= self.every_s:
+            self._say(now)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if self.done != self._said_done:
+            self._say(time.monotonic())
+
+    def _say(self, now: float) -> None:
+        rate = self.done / max(now - self._start, 1e-9)
+        share = f"{100 * self.done / self.total:.0f}% " if self.total else ""
+        self._log.info("%s: %s(%s/%s %ss) %s %ss/s%s", self.desc, share, f"{self.done:,}", f"{self.total:,}",
+                       self.unit, f"{rate:,.0f}", self.unit, f", {self.postfix}" if self.postfix else "")
+        self._said_at, self._said_done = now, self.done

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from hyrank.pipeline.distributed.collectives import Collectives
 
 
 @dataclass
@@ -97,7 +98,7 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray |
     )
 
 
-def metrics_over_ranks(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None,
+def metrics_over_ranks(comm: Collectives, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None,
                        oracle_p: torch.Tensor | None = None) -> EvalMetrics:
     """Exact metrics over every rank's rows, returned identically on every rank.
 
@@ -105,24 +106,5 @@ def metrics_over_ranks(logits: torch.Tensor, labels: torch.Tensor, groups: torch
     and broadcasts the result: memory on rank 0 grows with the evaluation day (10M rows ~ 170 MB), the price of
     an exact, unbinned AUC and of query-level AUC whose queries may be split across ranks.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return compute_metrics(*(None if t is None else t.cpu().numpy() for t in (logits, labels, groups, oracle_p)))
-    gathered = [None if t is None else _gather_to_main(t) for t in (logits.float(), labels, groups)]
-    oracle = _gather_to_main(oracle_p) if oracle_p is not None else None
-    box = [compute_metrics(*gathered, oracle) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather_to_main(t: torch.Tensor) -> np.ndarray | None:
-    """Concatenate a 1-D tensor of any length per rank on rank 0 (None elsewhere)."""
-    t = t.contiguous().cpu() if dist.get_backend() == "gloo" else t.contiguous()
-    sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([t.numel()], device=t.device))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.cat([t, t.new_zeros(longest - t.numel())])
-    out = [torch.empty_like(padded) for _ in sizes] if dist.get_rank() == 0 else None
-    dist.gather(padded, out, dst=0)
-    if out is None:
-        return None
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).cpu().numpy()
+    gathered = [None if t is None else comm.gather_to_main(t) for t in (logits.float(), labels, groups, oracle_p)]
+    return comm.broadcast_object(compute_metrics(*gathered) if comm.is_main else None)

@@ -10,9 +10,10 @@ row ledger, `report/days.csv` + `days.png` and `status.json`. It always warm-sta
 checkpoint, so the same command restarted after any crash continues exactly where the run's state stands
 (Trainer.run's resume; every row is trained once: `ledger/` proves it), and a run with nothing left to do says so.
 
-The day loop is Trainer.run's; this module only decides which day comes next. That decision is collective: rank 0
-looks at the data root and every rank learns the answer (and whether any rank was signalled) from one gloo
-all_gather per look, so all ranks train the same day or wait, or stop, together. A missing or incomplete day D
+The day loop is Trainer.run's; this module decides which day comes next and registers the day's end work with it
+(RunPlan.day_end: export and report, after the day's checkpoint). Which day is next is decided collectively: rank 0
+looks at the data root and every rank learns the answer (and whether any rank was signalled) from one all_gather
+per look (`env.comm`), so all ranks train the same day or wait, or stop, together. A missing or incomplete day D
 while a later day is complete is a gap: `--follow` waits for D, `--skip-gaps` skips it (logged, and recorded in
 `history.jsonl`); without either it is an error. `history.jsonl` also gets one line per start: what the run found
 and where it continued.
@@ -31,13 +32,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from hyrank.pipeline.config import RunConfig
 from hyrank.pipeline.data.days import DayPartition, find_day, scan_days
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.files import write_json
 from hyrank.pipeline.train.resume import WarmStart, check_resumable
+from hyrank.pipeline.train.plan import DayEnd
 from hyrank.pipeline.train.trainer import RunPlan, RunResult, Trainer
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ def stream(cfg: RunConfig, env: DistEnv, options: StreamOptions, *, progress: bo
     days = StreamDays(trainer, options)
     try:
         result = trainer.run(RunPlan(train_days=days, resume="latest-if-any", progressive=True,
-                                     warm_start=options.warm_start, eval_days=list(options.eval_days)))
+                                     warm_start=options.warm_start, eval_days=list(options.eval_days),
+                                     day_end=[days.day_end]))
     except Exception as e:
         days.write_status("failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -81,17 +82,12 @@ class StreamDays:
         self.trainer, self.options = trainer, options
         self.cfg, self.env = trainer.cfg, trainer.env
         self.out_dir = Path(self.cfg.out_dir)
-        self.group = dist.new_group(backend="gloo") if self.env.world_size > 1 else None
         self.waiting_for = ""
         self.last_export, self.exported = "", ""
 
     def __iter__(self) -> Iterator[DayPartition]:
         self._record_start()
-        while True:
-            self._after_day()
-            day = self._next()
-            if day is None:
-                return
+        while (day := self._next()) is not None:
             yield day
 
     # -- what comes next (collective) ----------------------------------------------------------------------------
@@ -107,6 +103,7 @@ class StreamDays:
             kind, value = decision
             if kind == "day":
                 self.waiting_for = ""
+                self.write_status("training")
                 d = self.cfg.data
                 return find_day(d.root, dt.date.fromisoformat(value), partition_key=d.partition_key,
                                 require_success=d.require_success)
@@ -133,11 +130,7 @@ class StreamDays:
 
     def _share(self, decision: tuple[str, str] | None) -> tuple[tuple[str, str], bool]:
         """Rank 0's decision to every rank, and whether any rank was signalled (one all_gather)."""
-        stop = self.trainer.stop_requested
-        if self.group is None:
-            return decision, stop
-        everyone: list = [None] * self.env.world_size
-        dist.all_gather_object(everyone, (decision, stop), group=self.group)
+        everyone = self.env.comm.gather_objects((decision, self.trainer.stop_requested))
         return everyone[0][0], any(s for _, s in everyone)
 
     def _look(self) -> tuple[str, str]:
@@ -187,11 +180,11 @@ class StreamDays:
                        "step": p.global_step, "days_done": len(p.days_done), "last_day_done": _last(p.days_done),
                        "day_in_progress": p.day})
 
-    def _after_day(self) -> None:
-        if self.trainer.progress.days_done:
-            self._export()
-            self._report()
-        self.write_status("training")
+    def day_end(self, end: DayEnd) -> None:
+        """The trainer's day-end step (every rank; the work is rank 0's): publish the day's model, rewrite the
+        report."""
+        self._export()
+        self._report()
 
     def _export(self) -> None:
         """Publish the newest day-end checkpoint (rank 0; the others wait at the next look): parity and quality

@@ -58,10 +58,9 @@ def tiny_cfg(root, out_dir, *extra):
     return load_config(DEFAULT_CONFIG, [f'data.root="{root}"', f'out_dir="{out_dir}"', *TINY, *extra])
 
 
-def latest_checkpoint_tensors(out_dir) -> tuple[dict, dict]:
-    """Every tensor of a run's latest checkpoint by dotted name (DCP read offline, tables whole), and its meta.json."""
-    import json
-
+def latest_checkpoint_tensors(out_dir):
+    """Every tensor of a run's latest checkpoint by dotted name (DCP read offline, tables whole), and its meta.json
+    (a CheckpointMeta)."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -78,4 +77,6 @@ def latest_checkpoint_tensors(out_dir) -> tuple[dict, dict]:
             flat[prefix] = value
 
     walk(torch.load(out_dir / "final.pt", weights_only=False), "")
-    return flat, json.loads((latest / "meta.json").read_text())
+    from hyrank.pipeline.train.checkpoint import read_meta
+
+    return flat, read_meta(latest)

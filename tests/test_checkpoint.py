@@ -10,7 +10,7 @@ import torch
 
 from hyrank.pipeline.train.checkpoint import CheckpointError, Checkpointer
 from hyrank.pipeline.train.state import check_same_model
-from hyrank.pipeline.config import to_dict
+from hyrank.pipeline.config import to_dict, with_values
 from hyrank.pipeline.data.days import discover_days
 from hyrank.pipeline.distributed.env import env_of_current_group
 from hyrank.pipeline.train.trainer import Trainer
@@ -99,14 +99,12 @@ def test_resume_from_a_mid_day_checkpoint_takes_the_same_steps(small_cfg, allred
     """compensation: with the delay compensation and the weight prediction on, their state (weights the pending
     gradient was computed at, mean squares, the last update) travels with the checkpoint; without it the resumed
     steps would differ."""
-    small_cfg.train.allreduce = allreduce
-    small_cfg.train.lr_schedule = schedule
-    small_cfg.train.allreduce_delay_compensation = compensation
-    small_cfg.train.allreduce_weight_prediction = 1.0 if compensation else 0.0
-    small_cfg.train.max_steps_per_day = STEPS
-    small_cfg.checkpoint.every_steps = CUT
-    small_cfg.checkpoint.keep = 10
-    results = run_distributed(_uninterrupted_then_resumed, small_cfg, timeout_s=300)
+    cfg = with_values(small_cfg, {"train.allreduce": allreduce, "train.lr_schedule": schedule,
+                                  "train.allreduce_delay_compensation": compensation,
+                                  "train.allreduce_weight_prediction": 1.0 if compensation else 0.0,
+                                  "train.max_steps_per_day": STEPS, "checkpoint.every_steps": CUT,
+                                  "checkpoint.keep": 10})
+    results = run_distributed(_uninterrupted_then_resumed, cfg, timeout_s=300)
     for r in results:
         assert r["losses"] == r["ref_losses"], "saving a checkpoint changed the training"
         assert r["resume_day"] == "2026-11-01" and r["days_done"] == ["2026-11-01"]
@@ -150,13 +148,12 @@ def _load_on_one_rank(rank, world_size, cfg, path):
 def test_day_end_checkpoint_reshards_onto_one_rank(small_cfg, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    small_cfg.train.max_steps_per_day = 6
-    small_cfg.train.allreduce = "async"
-    (path, dense2), _ = run_distributed(_train_and_save, small_cfg, timeout_s=300)
+    cfg = with_values(small_cfg, {"train.max_steps_per_day": 6, "train.allreduce": "async"})
+    (path, dense2), _ = run_distributed(_train_and_save, cfg, timeout_s=300)
     full = tmp_path / "full.pt"
     dcp_to_torch_save(path, full)  # offline, no process group: the unsharded tables as saved
     saved = torch.load(full, weights_only=False)["model"]
-    [(days_done, step, state, dense1)] = run_distributed(_load_on_one_rank, small_cfg, path, world_size=1,
+    [(days_done, step, state, dense1)] = run_distributed(_load_on_one_rank, cfg, path, world_size=1,
                                                          timeout_s=300)
     assert days_done == ["2026-11-01"] and step == 6
     assert state.keys() == saved.keys()
@@ -183,11 +180,10 @@ def test_a_checkpoint_without_compensation_state_resumes_with_compensation(small
     """Turning delay compensation and weight prediction on for a run whose async checkpoints predate them: the
     pending gradient loads (counted as computed at the loaded weights, nothing to predict from) and the day
     finishes."""
-    small_cfg.train.allreduce = "async"
-    small_cfg.train.allreduce_weight_prediction = small_cfg.train.allreduce_delay_compensation = 0.0
-    small_cfg.train.max_steps_per_day = 6
-    small_cfg.checkpoint.every_steps = 3
-    for held, steps, in_flight in run_distributed(_plain_async_then_compensated, small_cfg, timeout_s=300):
+    cfg = with_values(small_cfg, {"train.allreduce": "async", "train.allreduce_weight_prediction": 0.0,
+                                  "train.allreduce_delay_compensation": 0.0, "train.max_steps_per_day": 6,
+                                  "checkpoint.every_steps": 3})
+    for held, steps, in_flight in run_distributed(_plain_async_then_compensated, cfg, timeout_s=300):
         assert held and steps == 6 and not in_flight  # the day's record: 3 steps before the checkpoint, 3 after
 
 

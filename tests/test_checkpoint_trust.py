@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from hyrank.pipeline.config import with_values
 from hyrank.pipeline.distributed.env import env_of_current_group
 from hyrank.pipeline.data.days import discover_days
 from hyrank.pipeline.train.checkpoint import CheckpointError, Checkpointer
@@ -32,10 +33,9 @@ def _resume(rank, world_size, cfg, where, trust=False):
 @pytest.fixture
 def trained(small_cfg):
     """Checkpoints at steps 3 and 6 (the day's end) of a 1-rank run."""
-    small_cfg.train.max_steps_per_day = STEPS
-    small_cfg.checkpoint.every_steps = EVERY
-    run_distributed(_train, small_cfg, world_size=1, timeout_s=300)
-    return small_cfg, Checkpointer(small_cfg.out_dir + "/checkpoints", env=None, keep=3, tensors={})
+    cfg = with_values(small_cfg, {"train.max_steps_per_day": STEPS, "checkpoint.every_steps": EVERY})
+    run_distributed(_train, cfg, world_size=1, timeout_s=300)
+    return cfg, Checkpointer(cfg.out_dir + "/checkpoints", env=None, keep=3, tensors={})
 
 
 def _truncate_a_shard(path):

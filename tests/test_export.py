@@ -57,17 +57,18 @@ def test_a_two_rank_checkpoint_exports_and_scores_like_the_trainer_without_the_t
     day = discover_days(cfg.data.root)[1]
     code = (
         "import sys, json, numpy as np, pyarrow.parquet as pq\n"
-        "from pipeline.serving.artifact import Artifact\n"
+        "from hyrank.pipeline.serving.artifact import Artifact\n"
         f"artifact = Artifact.load({str(tmp / 'exports')!r})\n"
         f"table = pq.read_table({str(day.files[0])!r})\n"
         "logits = artifact.logits(table.select(artifact.features)).numpy()\n"
         "np.save(sys.argv[1], logits)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('pipeline.'))))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hyrank.pipeline.'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp / "served.npy")], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not [m for m in loaded if m.startswith(("hyrank.pipeline.train", "hyrank.pipeline.distributed", "hyrank.pipeline.stream"))]
+    training = ("hyrank.pipeline.train", "hyrank.pipeline.distributed", "hyrank.pipeline.stream")
+    assert not [m for m in loaded if m.startswith(training)]
     served = np.load(tmp / "served.npy")
     assert pq.ParquetFile(day.files[0]).metadata.num_rows == len(served) == len(trainer_logits)
     np.testing.assert_allclose(served, trainer_logits.numpy(), rtol=0, atol=1e-5)

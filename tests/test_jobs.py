@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,7 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_an_uninterrupted_one(log
         status = wait_for(runner, handle, timeout_s=TIMEOUT_S)
     logs = "".join(p.read_text() for p in (tmp_path / "torchx").glob("*/*/train/0/combined.log"))
     assert status is not None and status.state.name == "SUCCEEDED", logs[-4000:]
-    resumed = re.search(r"\[rank 0\] INFO pipeline.train.trainer: resumed from \S+/step-(\d+)", logs)
+    resumed = re.search(r"\[rank 0\] INFO hyrank.pipeline.train.trainer: resumed from \S+/step-(\d+)", logs)
     assert resumed and int(resumed[1]) >= 8, logs[-4000:]  # from a checkpoint of the killed attempt
     assert _outputs(out / "train", "day-*.json", ("losses", "rows")) == one_node_of_two
 
@@ -422,6 +423,6 @@ def test_dockerfile_installs_exactly_the_projects_pins():
     assert any("pip install --no-deps torchrec==" in r for r in installs)  # never the CUDA wheel torchrec declares
     assert any(re.search(r"pip install --no-deps (--no-build-isolation )?-e \. ", r + " ") for r in installs)
     # every package pyproject ships is copied into the image
-    include = re.search(r'include = \[(.*?)\]', (ROOT / "pyproject.toml").read_text())[1]
-    for package in re.findall(r'"(\w+)\*"', include):
-        assert f"COPY {package} {package}" in text, f"{package}/ is not in the image"
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    for folder in folders:
+        assert f"COPY {folder} {folder}" in text, f"{folder}/ is not in the image"

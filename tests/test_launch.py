@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from hyrank.pipeline.distributed.launch import run_local
+from hyrank.pipeline.distributed.local import run_local
 
 
 def _rank_and_size(rank, world_size, tag):

@@ -1,4 +1,6 @@
-"""The layers stay honest: data flows one way (architecture.md), no import circle anywhere, no file over 500 lines.
+"""The layers stay honest: data flows one way (data -> embeddings -> models -> train; serving beside training, the CLI
+and the benchmarks on top), communication lives in pipeline/distributed/, no import circle anywhere, no file over
+500 lines.
 
 Imports are read from the source (every `import`, also inside functions, and modules named to importlib as string
 literals, as `hyrank bench` names its benchmarks), so a lazy import cannot slip a layer violation past the test.
@@ -29,7 +31,14 @@ FORBIDDEN = {
 # the one front door may name what is above the pipeline: `hyrank bench` dispatches to bench/
 ALLOWED = {"pipeline/cli/tools.py": ("bench",),
            # export runs beside training (it reads checkpoints), never in a serving process
-           "pipeline/serving/export.py": ("pipeline.train",)}
+           "pipeline/serving/export.py": ("pipeline.train",),
+           # a day's readers agree before every batch: through the collectives object, the one owner of them
+           "pipeline/data/reader.py": ("pipeline.distributed.collectives",)}
+# Who may call torch.distributed: the pipeline's communication layer, and the benchmarks whose measured subject
+# is torch.distributed or TorchRec's own loop (the baselines). DCP (torch.distributed.checkpoint) is a storage
+# format whose collectives are its own: the checkpointer and export read and write it.
+COMMUNICATE = ("pipeline/distributed/", "bench/overlap.py", "bench/async_bench.py", "bench/vs_torchrec.py")
+DCP = ("pipeline/train/checkpoint.py", "pipeline/serving/export.py")
 MAX_LINES = 500
 _MODULE_NAME = re.compile(r"^(hyrank\.)?(%s)(\.\w+)+$" % "|".join(PACKAGES))
 
@@ -77,6 +86,47 @@ def test_layer_sources_do_not_import_upward(layer):
     assert not bad, "layering violated:\n" + "\n".join(bad)
 
 
+def _distributed_uses(path: Path, *, dcp_allowed: bool) -> list[str]:
+    """Each import of torch.distributed, and each `torch.distributed.X` in the code, with its line."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    allowed = ("torch.distributed.checkpoint",) if dcp_allowed else ()
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] if node.module != "torch" else [f"torch.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch" \
+                and node.attr == "distributed":
+            names = ["torch.distributed"]
+        found += [f"{path.name}:{node.lineno}: {n}" for n in names
+                  if (n == "torch.distributed" or n.startswith("torch.distributed.")) and not n.startswith(allowed)]
+    return found
+
+
+def test_only_the_communication_layer_calls_torch_distributed():
+    bad = []
+    for p in _sources():
+        rel = str(p.relative_to(ROOT))
+        if not rel.startswith(COMMUNICATE):
+            bad += _distributed_uses(p, dcp_allowed=rel in DCP)
+    assert not bad, "torch.distributed outside pipeline/distributed/ (use env.comm, a Collectives):\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("code", ["import torch.distributed as dist\ndist.all_reduce(x)\n",
+                                  "from torch import distributed\n",
+                                  "import torch\ntorch.distributed.barrier()\n",
+                                  "from torch.distributed import all_reduce\n"])
+def test_the_communication_check_finds_a_collective(tmp_path, code):
+    """The check above is not vacuous: a collective planted in a data module is found; DCP is not one."""
+    planted = tmp_path / "reader.py"
+    planted.write_text(code)
+    assert _distributed_uses(planted, dcp_allowed=False)
+    planted.write_text("import torch.distributed.checkpoint as dcp\n")
+    assert not _distributed_uses(planted, dcp_allowed=True)
+
+
 def test_no_import_circle():
     graph = _project_graph()
     index, low, on_stack, stack, circles = {}, {}, set(), [], []
@@ -118,9 +168,19 @@ def test_the_circle_check_finds_a_circle(tmp_path, monkeypatch):
         test_no_import_circle()
 
 
+def _long_files(paths: list[Path]) -> list[str]:
+    return [f"{p.name}: {n}" for p in paths if (n := len(p.read_text().splitlines())) > MAX_LINES]
+
+
 def test_no_source_file_over_500_lines():
-    long = [f"{p.relative_to(ROOT)}: {n}" for p in _sources() if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    long = _long_files(_sources())
     assert not long, f"files over {MAX_LINES} lines (split them along a seam):\n" + "\n".join(long)
+
+
+def test_the_length_check_finds_a_long_file(tmp_path):
+    (tmp_path / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    (tmp_path / "short.py").write_text("x = 1\n" * MAX_LINES)
+    assert _long_files(sorted(tmp_path.glob("*.py"))) == [f"long.py: {MAX_LINES + 1}"]
 
 
 def test_importing_models_loads_no_torchrec():

@@ -14,6 +14,7 @@ from hyrank.pipeline.data.synth import generate_logs
 from hyrank.pipeline.distributed.env import env_of_current_group
 from hyrank.pipeline.metrics import EvalMetrics, compute_metrics
 from hyrank.pipeline.pass_report import write_pass_report
+from hyrank.pipeline.train.checkpoint import read_meta
 from hyrank.pipeline.train.evaluate import score_day
 from hyrank.pipeline.train.plan import best_record, pass_order, passes_since_best
 from hyrank.pipeline.train.state import read_ledger
@@ -121,8 +122,8 @@ def test_a_resume_in_the_middle_of_a_later_pass_is_exact(root, tmp_path):
     # a mid-day checkpoint of the second pass: the run as a crash there would have left it
     mid = None
     for ckpt in sorted((full / "checkpoints").glob("step-*")):
-        progress = json.loads((ckpt / "meta.json").read_text())["parts"]["progress"]
-        if progress["pass_index"] == 1 and progress["day"] is not None and progress["days_done"]:
+        progress = read_meta(ckpt).progress
+        if progress.pass_index == 1 and progress.day is not None and progress.days_done:
             mid = ckpt
             break
     assert mid is not None, "no checkpoint inside the second pass's second day"
@@ -134,7 +135,7 @@ def test_a_resume_in_the_middle_of_a_later_pass_is_exact(root, tmp_path):
     run_distributed(_train_passes, tiny_cfg(root, crashed, *extra), "latest", world_size=2, timeout_s=300)
     want, want_meta = latest_checkpoint_tensors(full)
     got, got_meta = latest_checkpoint_tensors(crashed)
-    assert got_meta["parts"]["progress"]["global_step"] == want_meta["parts"]["progress"]["global_step"]
+    assert got_meta.progress.global_step == want_meta.progress.global_step
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
@@ -194,7 +195,7 @@ def test_many_small_days_train_every_row_once_in_full_batches(small_days, tmp_pa
     assert [d for d, _, _ in trained] == ["2026-11-01..2026-11-12"]  # 600 rows: one unit (12 steps, not 12 x 2)
     assert trained[0][1:] == (-(-300 // 16), 600)
     _, meta = latest_checkpoint_tensors(tmp_path / "run")
-    ledger = read_ledger(tmp_path / "run", [r["ledger"] for r in meta["ranks"]])
+    ledger = read_ledger(tmp_path / "run", meta.per_rank("ledger"))
     rows = sorted((e["file"], e["row_group"], r) for e in ledger for r in range(e["start"], e["stop"]))
     assert len(rows) == len(set(rows)) == 600  # every row of every day, once
     assert len({f for f, _, _ in rows}) == 12

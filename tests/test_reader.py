@@ -92,6 +92,29 @@ def test_the_agreement_wait_is_the_wait_for_the_slower_rank(source, tmp_path):
     assert sum(1 for _ in reader) == 30 and reader.agree_wait_s == 0.0  # one rank: no collective, no wait
 
 
+def _one_rank_signalled(rank, world_size, day):
+    """Rank 1 is asked to stop once it has taken 3 batches; rank 0 never is. Then each rank resumes from its
+    cursor in a new reader and reads the rest."""
+    taken = []
+    reader = DayReader(day, SPEC, batch_size=100, rank=rank, world_size=world_size,
+                       should_stop=lambda: rank == 1 and len(taken) >= 3)
+    for batch in reader:
+        taken.append(real_ids(batch))
+    state = reader.state_dict()
+    rest = DayReader(day, SPEC, batch_size=100, rank=rank, world_size=world_size)
+    rest.load_state_dict(state)
+    return reader.stopped, len(taken), [r for b in taken for r in b], [r for b in rest for r in real_ids(b)]
+
+
+def test_a_stop_on_one_rank_ends_the_day_on_every_rank_at_the_same_batch(source, tmp_path):
+    """The stop signal rides in the reader's per-batch flags (the step's one collective): no rank takes the batch
+    after the one at which any rank was signalled, and the cursors resume exactly there, every row once."""
+    (stop0, n0, before0, after0), (stop1, n1, before1, after1) = run_distributed(_one_rank_signalled,
+                                                                               even_day(tmp_path, source))
+    assert stop0 and stop1 and n0 == n1 == 3
+    assert sorted(before0 + after0 + before1 + after1) == list(range(3000))
+
+
 def test_the_data_config_is_what_the_reader_takes(source, tmp_path):
     """DataConfig is a ReaderOptions: every `data.*` reader key reaches the reader, with no copy to forget."""
     day = even_day(tmp_path, source)

@@ -82,7 +82,7 @@ def _shard(kind: str, sharding_type: str, world_size: int):
     sharders = make_sharders(cpu)
     constraints = {t: TableConstraint([sharding_type], ["fused"], min_partition=DIM // 2) for t in TABLES}
     plan = plan_sharding(model, sharders=sharders, world_size=world_size, local_world_size=world_size,
-                         device=cpu, batch_size_per_rank=B, constraints=constraints)
+                         device=cpu, batch_size_per_rank=B, constraints=constraints, group=dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                    device=cpu, plan=plan, sharders=sharders, init_data_parallel=False)
     # DMP re-initialises EBC weights: load the full tables, TorchRec slices them into the local shards.

@@ -187,18 +187,18 @@ def _kill_at_random(root, out_dir, kills: int, seed: int, within_s: float) -> li
         lines = [line for line in log.read_text().splitlines() if " INFO " in line or " WARNING " in line]
         last = lines[-1].split(": ", 1)[-1] if lines else "start-up"
         moments.append("after: " + re.sub(r"/\S+", "<path>", last)[:50])  # what the job had just done
-        time.sleep(1.5)  # ranks notice the launcher is gone within a second (die_with_launcher)
+        time.sleep(1.5)  # ranks notice the launcher is gone within a second (launch.die_with_launcher)
     return moments
 
 
 def _check_exactly_once(root: Path, out_dir: Path, reference: Path) -> int:
     tensors, meta = latest_checkpoint_tensors(out_dir)
     ref_tensors, _ = latest_checkpoint_tensors(reference)
-    assert meta["parts"]["progress"]["days_done"] == [str(d) for d in DAYS]
+    assert meta.progress.days_done == [str(d) for d in DAYS]
     assert ref_tensors.keys() == tensors.keys()
     for key, value in ref_tensors.items():
         assert torch.equal(value, tensors[key]), f"{key} differs from the uninterrupted run"
-    ledger = read_ledger(out_dir, [r["ledger"] for r in meta["ranks"]])
+    ledger = read_ledger(out_dir, meta.per_rank("ledger"))
     trained = [(e["day"], e["file"], e["row_group"], row) for e in ledger for row in range(e["start"], e["stop"])]
     valid = _valid_rows(root)
     assert len(trained) == len(set(trained)), "a row was trained twice"

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hyrank.pipeline.config import ModelConfig
+from hyrank.pipeline.config import with_values
 from hyrank.pipeline.data.days import discover_days
 from hyrank.pipeline.data.synth import generate_logs
 from hyrank.pipeline.distributed.env import env_of_current_group
@@ -31,8 +31,7 @@ def _train_two_days(rank, world_size, cfg):
 
 @pytest.mark.parametrize("allreduce", ["sync", "async"])
 def test_skeleton_trains_on_two_ranks(small_cfg, allreduce):
-    small_cfg.train.allreduce = allreduce
-    r0, r1 = run_distributed(_train_two_days, small_cfg, timeout_s=300)
+    r0, r1 = run_distributed(_train_two_days, with_values(small_cfg, {"train.allreduce": allreduce}), timeout_s=300)
     losses = r0["losses"]
     assert len(losses) == 2 * -(-3000 // 128)  # 3000 rows a rank; the last batch 56 rows and 72 of filler
     assert r0["rows"] == [6000, 6000]  # every row of both days
@@ -56,13 +55,12 @@ def _train_few_steps(rank, world_size, cfg):
     return stats.losses, trainer.evaluate(days[1]).auc
 
 
-@pytest.mark.parametrize("name", sorted(__import__("models").MODELS))
+@pytest.mark.parametrize("name", sorted(__import__("hyrank.models").models.MODELS))
 def test_every_registered_model_trains_on_two_ranks(small_cfg, name):
-    small_cfg.model = ModelConfig(name, {})
-    small_cfg.train.max_steps_per_day = 4
-    small_cfg.train.eval_max_batches = 2
-    small_cfg.embeddings.dedup = name == "hyformer"  # the dedup path end to end, on the paper's model
-    (losses, auc), (losses1, auc1) = run_distributed(_train_few_steps, small_cfg, timeout_s=300)
+    cfg = with_values(small_cfg, {"model.name": name, "model.options": {}, "train.max_steps_per_day": 4,
+                                  "train.eval_max_batches": 2,
+                                  "embeddings.dedup": name == "hyformer"})  # the dedup path end to end, on HyFormer
+    (losses, auc), (losses1, auc1) = run_distributed(_train_few_steps, cfg, timeout_s=300)
     assert len(losses) == 4 and losses == losses1 and auc == auc1
     assert all(0 < l < 2 for l in losses)
 
@@ -79,13 +77,11 @@ def _losses_one_day(rank, world_size, cfg):
 @pytest.mark.parametrize("allreduce", ["sync", "async", "async_predicted"])
 def test_train_pipeline_sparse_dist_matches_the_plain_loop(small_cfg, allreduce):
     """async_predicted: the weight prediction shifts the weights around the pipeline's forward and backward."""
-    small_cfg.train.allreduce = allreduce.removesuffix("_predicted")
-    small_cfg.train.allreduce_weight_prediction = 1.0 if allreduce.endswith("_predicted") else 0.0
-    small_cfg.train.max_steps_per_day = 8
-    small_cfg.train.eval_max_batches = 3
-    plain, _ = run_distributed(_losses_one_day, small_cfg, timeout_s=300)
-    small_cfg.train.pipeline = "sparse_dist"
-    piped, piped1 = run_distributed(_losses_one_day, small_cfg, timeout_s=300)
+    cfg = with_values(small_cfg, {"train.allreduce": allreduce.removesuffix("_predicted"),
+                                  "train.allreduce_weight_prediction": 1.0 if allreduce.endswith("_predicted") else 0.0,
+                                  "train.max_steps_per_day": 8, "train.eval_max_batches": 3})
+    plain, _ = run_distributed(_losses_one_day, cfg, timeout_s=300)
+    piped, piped1 = run_distributed(_losses_one_day, with_values(cfg, {"train.pipeline": "sparse_dist"}), timeout_s=300)
     assert piped == piped1
     assert piped[0] == plain[0]  # same losses step by step
     assert piped[1] == plain[1]  # and the same model after the day (evaluation runs unpipelined)

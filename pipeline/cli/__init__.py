@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
-import os
-import sys
-from pathlib import Path
 
 from hyrank.pipeline.logs import setup_logging
 
@@ -44,35 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        if not report_rank_error(e):
-            logging.getLogger("hyrank").error("%s", e)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback (a rank that
+        logging.getLogger("hyrank").error("%s", e)  # a hyrank launcher started relays it instead: launch.py)
         return 2
-
-
-def report_rank_error(e: BaseException) -> bool:
-    """On a rank that `hyrank ... --nproc-per-node N` launched: hand the error to the launcher, which prints it
-    once for all ranks (pipeline/cli/run.py), and append the full traceback to `$HYRANK_LOG_DIR/rank-R.log`.
-    False elsewhere (a rank of a plain torchrun or torchx job, or no rank): the caller prints the line itself."""
-    error_file, log_dir = os.environ.get("TORCHELASTIC_ERROR_FILE"), os.environ.get("HYRANK_LOG_DIR")
-    if not (error_file and log_dir):
-        return False
-    import time
-    import traceback
-
-    from hyrank.pipeline.train.run_lock import RunDirInUse
-
-    log_file = None
-    if not isinstance(e, RunDirInUse):  # a start refused by the run's holder writes nothing into that run
-        log_file = Path(log_dir) / f"rank-{os.environ.get('RANK', '0')}.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(sys.argv)}\n")
-            f.write("".join(traceback.format_exception(e)) + "\n")
-    with open(error_file, "w") as f:  # torchelastic's error file: ChildFailedError.failures[rank].message
-        json.dump({"message": str(e), "timestamp": int(time.time()), "hyrank": True,
-                   "log": str(log_file) if log_file else None}, f)
-    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

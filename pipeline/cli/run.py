@@ -1,15 +1,12 @@
-"""The verbs that run training jobs: train, stream, export. Under torchrun (TORCHELASTIC_RUN_ID) they run as ranks;
-with --nproc-per-node N they launch that torchrun job themselves on this machine."""
+"""The verbs that run training jobs: train, stream, evaluate, export. Under torchrun they run as ranks; with
+--nproc-per-node N they launch that torchrun job themselves on this machine (pipeline/distributed/launch.py: each
+verb hands its pre-launch check and its job to one Launcher)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
-import logging
-import os
-import sys
-import time
 from pathlib import Path
 
 from hyrank.pipeline.cli import verb
@@ -23,18 +20,40 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="run config (TOML), e.g. jobs/configs/default.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
-    p.add_argument("--nproc-per-node", type=int, default=0,
-                   help="launch N local ranks with torchrun (default: run in this process / the current torchrun job)")
+    _add_launch_arguments(p)
     p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY",
                    help="remove a key the config inherits through `extends`, e.g. --unset features.group (the "
                    "field falls back to its default; in a file: unset = [\"features.group\"]) (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    from hyrank.pipeline.distributed.launch import add_launch_arguments
+
+    add_launch_arguments(p)
+
+
+def _launcher(args, cfg, resume_hint: str = ""):
+    from hyrank.pipeline.distributed.launch import Launcher
+
+    return Launcher.from_args(args, out_dir=cfg.out_dir if cfg is not None else None, resume_hint=resume_hint)
+
+
 def _load(args):
     from hyrank.pipeline.config import load_config
 
     return load_config(args.config, args.overrides, args.unsets)
+
+
+def _schema_check(cfg, days: list):
+    """The pre-launch check of a job verb: the feature spec against the footers of `days` (hyrank check's schema
+    part: seconds), so a wrong column stops the job in one line before any rank builds a sharding plan."""
+    def check(world_size: int, log_warnings: bool) -> None:
+        from hyrank.pipeline.data.check import require_schema
+
+        require_schema(cfg.features, days, options=cfg.data, world_size=world_size, log_warnings=log_warnings)
+
+    return check
 
 
 def add_train(verbs) -> None:
@@ -78,36 +97,34 @@ def _train(args) -> int:
     A run that stopped (SIGTERM, a crash) continues with the same command and --resume latest, mid-pass and
     mid-day included.
     """
-    if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return _launch(args, [args.days, *args.eval_days, *([args.valid_days] if args.valid_days else [])])
-    import torch.distributed as dist
-
-    from hyrank.pipeline.distributed.env import init_distributed
-    from hyrank.pipeline.train.resume import check_resumable
-    from hyrank.pipeline.train.trainer import RunPlan, Trainer
-
     cfg = _load(args)
-    days = _training_days(cfg.data, args.days)
-    eval_days = [_span(cfg.data, text, "--eval-days") for text in args.eval_days]
-    valid = _span(cfg.data, args.valid_days, "--valid-days") if args.valid_days else None
-    _check_on_every_rank(cfg, [*days, *[d for span in [*eval_days, valid] if span for d in span.days_of()]])
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # resumes from its own checkpoints
-    plan = RunPlan(days, eval_days, resume=args.resume or ("latest-if-any" if restarted else None),
-                   trust_checkpoint=args.trust_checkpoint, valid_days=valid)
-    check_resumable(cfg, plan.resume)  # before any collective: a checkpoint of another model, with its diff
-    env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
-    trainer = Trainer(cfg, env, progress=not args.quiet)
-    result = trainer.run(plan)
-    trainer.close()
-    if env.is_main:
-        _print_result(result, cfg.out_dir)
-        if result.valid:
-            from hyrank.pipeline.pass_report import write_pass_report
+    launcher = _launcher(args, cfg, resume_hint="and --resume latest")
+    day_texts = [args.days, *args.eval_days, *([args.valid_days] if args.valid_days else [])]
 
-            report = write_pass_report(Path(cfg.out_dir))
-            print(f"validation curve: {report.csv_path} and {report.png_path}")
-    dist.destroy_process_group()
-    return 0
+    def train(env) -> int:
+        from hyrank.pipeline.train.resume import check_resumable
+        from hyrank.pipeline.train.trainer import RunPlan, Trainer
+
+        days = _training_days(cfg.data, args.days)
+        eval_days = [_span(cfg.data, text, "--eval-days") for text in args.eval_days]
+        valid = _span(cfg.data, args.valid_days, "--valid-days") if args.valid_days else None
+        plan = RunPlan(days, eval_days, resume=args.resume or ("latest-if-any" if launcher.restarted else None),
+                       trust_checkpoint=args.trust_checkpoint, valid_days=valid)
+        check_resumable(cfg, plan.resume)  # before any collective: a checkpoint of another model, with its diff
+        trainer = Trainer(cfg, env, progress=not args.quiet)
+        result = trainer.run(plan)
+        trainer.close()
+        if env.is_main:
+            _print_result(result, cfg.out_dir, resume_hint="and --resume latest")
+            if result.valid:
+                from hyrank.pipeline.pass_report import write_pass_report
+
+                report = write_pass_report(Path(cfg.out_dir))
+                print(f"validation curve: {report.csv_path} and {report.png_path}")
+        return 0
+
+    return launcher.run(job=train, check=_schema_check(cfg, _scan(cfg.data, day_texts)), backend=cfg.train.backend,
+                        timeout_s=cfg.train.pg_timeout_s)
 
 
 def _training_days(d, days: str) -> list:
@@ -135,7 +152,16 @@ def _span(d, text: str, what: str):
     return as_span(found)
 
 
-def _print_result(result, out_dir: str) -> None:
+def _scan(d, day_texts: list[str]) -> list:
+    """The complete days of these texts (YYYY-MM-DD or A..B) under cfg.data `d`, without a word about missing ones
+    (the ranks say that once)."""
+    from hyrank.pipeline.data.days import DayRange, scan_days
+
+    return [day for text in day_texts for day in scan_days(
+        d.root, DayRange.parse(text), partition_key=d.partition_key, require_success=d.require_success).found]
+
+
+def _print_result(result, out_dir: str, resume_hint: str = "") -> None:
     passes = len({s.pass_index for s in result.trained}) > 1
     for s in result.trained:
         where = f"pass {s.pass_index + 1} " if passes else ""
@@ -156,7 +182,7 @@ def _print_result(result, out_dir: str) -> None:
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")
     if result.stopped:
-        print(f"stopped by {result.stopped}: continue with the same command and --resume latest")
+        print(f"stopped by {result.stopped}: continue with the same command{' ' + resume_hint if resume_hint else ''}")
 
 
 # -- stream --------------------------------------------------------------------------------------------------------
@@ -203,31 +229,31 @@ def _stream(args) -> int:
     Outputs under out_dir: report/days.csv + days.png, status.json, history.jsonl (every start, every skipped
     day), ledger/, checkpoints/, metrics/progressive-<day>.json.
     """
-    if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
-        until = args.until or (args.first and dt.date.today())
-        return _launch(args, ([f"{args.first}..{until}"] if args.first else []) + args.eval_days)
-    import torch.distributed as dist
-
-    from hyrank.pipeline.distributed.env import init_distributed
-    from hyrank.pipeline.stream import StreamOptions, stream
-
     cfg = _load(args)
-    _check_on_every_rank(cfg, _newest_day(cfg.data))
-    options = StreamOptions(first=args.first, until=args.until, follow=args.follow, skip_gaps=args.skip_gaps,
-                            poll_s=args.poll_s, max_poll_s=args.max_poll_s, warm_start=args.warm_start,
-                            export_to=args.export_to, quality_margin=args.quality_margin,
-                            eval_days=tuple(_span(cfg.data, text, "--eval-days") for text in args.eval_days))
-    env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
-    result = stream(cfg, env, options, progress=not args.quiet)
-    if env.is_main:
-        for day, m in result.progressive.items():
-            print(f"{day}: progressive {m.summary()}" if m is not None
-                  else f"{day}: no progressive metric (the first day of a fresh run has no model yet)")
-        _print_result(result, cfg.out_dir)
-        print(f"report: {Path(cfg.out_dir) / 'report' / 'days.csv'} and days.png; status: "
-              f"{Path(cfg.out_dir) / 'status.json'}")
-    dist.destroy_process_group()
-    return 0
+    until = args.until or (args.first and dt.date.today())
+    # the stream from wherever its checkpoint stands: the newest day shows a spec that does not fit
+    days = _scan(cfg.data, ([f"{args.first}..{until}"] if args.first else []) + args.eval_days) or _newest_day(cfg.data)
+
+    def stream_days(env) -> int:
+        from hyrank.pipeline.stream import StreamOptions, stream
+
+        options = StreamOptions(first=args.first, until=args.until, follow=args.follow, skip_gaps=args.skip_gaps,
+                                poll_s=args.poll_s, max_poll_s=args.max_poll_s, warm_start=args.warm_start,
+                                export_to=args.export_to, quality_margin=args.quality_margin,
+                                eval_days=tuple(_span(cfg.data, text, "--eval-days") for text in args.eval_days))
+        result = stream(cfg, env, options, progress=not args.quiet)
+        if env.is_main:
+            for day, m in result.progressive.items():
+                print(f"{day}: progressive {m.summary()}" if m is not None
+                      else f"{day}: no progressive metric (the first day of a fresh run has no model yet)")
+            _print_result(result, cfg.out_dir)
+            print(f"report: {Path(cfg.out_dir) / 'report' / 'days.csv'} and days.png; status: "
+                  f"{Path(cfg.out_dir) / 'status.json'}")
+        return 0
+
+    # a stream always continues from its own latest checkpoint: the same command, nothing to add
+    return _launcher(args, cfg).run(job=stream_days, check=_schema_check(cfg, days), backend=cfg.train.backend,
+                                    timeout_s=cfg.train.pg_timeout_s)
 
 
 # -- evaluate ------------------------------------------------------------------------------------------------------
@@ -247,7 +273,7 @@ def add_evaluate(verbs) -> None:
     p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY",
                    help="remove a config key, e.g. --unset features.group (repeatable)")
     p.add_argument("--out", type=Path, help="also write the metrics here as JSON")
-    p.add_argument("--nproc-per-node", type=int, default=0, help="launch N local ranks with torchrun")
+    _add_launch_arguments(p)
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a checkpoint outside the config's checkpoint.dir (DCP unpickles what it finds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -266,31 +292,30 @@ def _evaluate(args) -> int:
       hyrank evaluate --checkpoint runs/movielens/metrics/best.json --days 1998-04-01..1998-04-22 \\
           --days 1998-03-08..1998-03-31 --out test-metrics.json
     """
-    if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc_per_node)
-    import torch.distributed as dist
+    checkpoint = _resolve_checkpoint(args.checkpoint)
+    from hyrank.pipeline.config import with_values
 
-    from hyrank.pipeline.distributed.env import init_distributed
-    from hyrank.pipeline.files import write_json
-    from hyrank.pipeline.train.trainer import Trainer
+    cfg = with_values(_checkpoint_config(args, checkpoint), {"train.tensorboard": False})  # writes nothing into the run
 
-    args.checkpoint = _resolve_checkpoint(args.checkpoint)
-    cfg = _checkpoint_config(args)
-    cfg.train.tensorboard = False  # writes nothing into the run
-    spans = [_span(cfg.data, text, "--days") for text in args.days]
-    env = init_distributed(cfg.train.backend, cfg.train.pg_timeout_s)
-    trainer = Trainer(cfg, env, progress=not args.quiet)
-    trainer.checkpointer.load(args.checkpoint, trust=args.trust_checkpoint)
-    results = {span.label: trainer.evaluate(span, kind="evaluate") for span in spans}
-    trainer.close()
-    if env.is_main:
-        for label, m in results.items():
-            print(f"evaluate {label} with {args.checkpoint.name} (step {trainer.global_step}): {m.summary()}")
-        if args.out:
-            write_json(args.out, {"checkpoint": str(args.checkpoint), "step": trainer.global_step,
-                                  "metrics": {label: m.to_dict() for label, m in results.items()}})
-    dist.destroy_process_group()
-    return 0
+    def evaluate(env) -> int:
+        from hyrank.pipeline.files import write_json
+        from hyrank.pipeline.train.trainer import Trainer
+
+        spans = [_span(cfg.data, text, "--days") for text in args.days]
+        trainer = Trainer(cfg, env, progress=not args.quiet)
+        trainer.checkpointer.load(checkpoint, trust=args.trust_checkpoint)
+        results = {span.label: trainer.evaluate(span, kind="evaluate") for span in spans}
+        trainer.close()
+        if env.is_main:
+            for label, m in results.items():
+                print(f"evaluate {label} with {checkpoint.name} (step {trainer.global_step}): {m.summary()}")
+            if args.out:
+                write_json(args.out, {"checkpoint": str(checkpoint), "step": trainer.global_step,
+                                      "metrics": {label: m.to_dict() for label, m in results.items()}})
+        return 0
+
+    # reads the checkpoint and the days, writes nothing into the run: no run folder, no log folder
+    return _launcher(args, None).run(job=evaluate, backend=cfg.train.backend, timeout_s=cfg.train.pg_timeout_s)
 
 
 def _resolve_checkpoint(path: Path) -> Path:
@@ -306,21 +331,20 @@ def _resolve_checkpoint(path: Path) -> Path:
     return path.parent / path.read_text().strip()
 
 
-def _checkpoint_config(args):
+def _checkpoint_config(args, checkpoint: Path):
     """--config (with --set / --unset), or the config saved in the checkpoint's meta.json."""
     from hyrank.pipeline.config import RunConfig, apply_override, from_dict, unset_key
 
     if args.config:
         return _load(args)
-    meta = args.checkpoint / "meta.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} not found: not a complete checkpoint (give --config to read it anyway)")
-    raw = json.loads(meta.read_text())["parts"]["run"]["config"]
+    from hyrank.pipeline.train.checkpoint import read_meta
+
+    raw = read_meta(checkpoint).config
     for item in args.overrides:
-        apply_override(raw, item, source=str(meta))
+        apply_override(raw, item, source=f"{checkpoint}/meta.json")
     for key in args.unsets:
         unset_key(raw, key, source="--unset")
-    return from_dict(RunConfig, raw, source=str(meta))
+    return from_dict(RunConfig, raw, source=f"{checkpoint}/meta.json")
 
 
 # -- export --------------------------------------------------------------------------------------------------------
@@ -368,26 +392,6 @@ def _export(args) -> int:
     return 0
 
 
-def _launch(args, day_texts: list[str]) -> int:
-    """Before starting `--nproc-per-node` ranks: load the config and check the feature spec against the files of
-    these days (hyrank check's schema part, footers only: seconds), so a wrong column stops the job here, in one
-    line, before any rank builds a sharding plan. Then relaunch under torchrun; ranks put full tracebacks of their
-    errors in <out_dir>/logs/."""
-    from hyrank.pipeline.data.check import require_schema
-    from hyrank.pipeline.data.days import DayRange, scan_days
-
-    cfg = _load(args)
-    d = cfg.data
-    if day_texts:
-        days = [day for text in day_texts for day in scan_days(
-            d.root, DayRange.parse(text), partition_key=d.partition_key, require_success=d.require_success).found]
-    else:  # the stream from wherever its checkpoint stands: the newest day shows a spec that does not fit
-        days = _newest_day(d)
-    require_schema(cfg.features, days, options=d, world_size=args.nproc_per_node, log_warnings=False)
-    os.environ["HYRANK_LOG_DIR"] = str(Path(cfg.out_dir).resolve() / "logs")
-    return _relaunch_with_torchrun(args.nproc_per_node)
-
-
 def _newest_day(d) -> list:
     """The newest complete day under cfg.data `d`, if any (a stream may start before its first day exists)."""
     from hyrank.pipeline.data.days import scan_days
@@ -395,76 +399,3 @@ def _newest_day(d) -> list:
     if not Path(d.root).is_dir():
         return []
     return scan_days(d.root, partition_key=d.partition_key, require_success=d.require_success).found[-1:]
-
-
-def _check_on_every_rank(cfg, days: list) -> None:
-    """A rank of a job this process did not launch (torchrun or torchx by hand): check the spec against the
-    footers of its days before any collective. Every rank reads the same footers and raises the same error, so
-    none is left waiting in a collective; under `--nproc-per-node` the launcher has checked already (_launch)."""
-    if os.environ.get("HYRANK_LOG_DIR") or "RANK" not in os.environ:
-        return
-    from hyrank.pipeline.data.check import require_schema
-
-    require_schema(cfg.features, days, options=cfg.data, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                   log_warnings=os.environ.get("RANK") == "0")
-
-
-def _relaunch_with_torchrun(nproc: int) -> int:
-    """Re-run this very command under torchrun with `nproc` local ranks (single node).
-
-    SIGTERM / SIGINT to this process: torchelastic forwards it to the ranks, which finish their step and checkpoint
-    (Trainer.run); this process then exits 0 if they recorded the stop (`<out_dir>/stopped.json`), 1 if not.
-    A rank's error is printed once, as the rank reported it (exit code 2); see _report_failure.
-    """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
-    argv = [a for a in sys.argv[1:]]
-    i = next(i for i, a in enumerate(argv) if a.startswith("--nproc-per-node"))
-    del argv[i:i + (1 if "=" in argv[i] else 2)]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    started = time.time()
-    # the agent's own report of a failed rank is the traceback-laden table this launcher replaces with one line
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "hyrank.pipeline.cli", *argv])
-    except SignalException as e:
-        return _report_stop(e.sigval.name, started)
-    except ChildFailedError as e:
-        return _report_failure(e)
-    return 0
-
-
-def _report_failure(e) -> int:
-    """The ranks' errors, once: 2 with each distinct message the ranks reported (a user error: a bad column, a
-    bad config value; pipeline.cli.report_rank_error), else 1 naming the first rank that died and how."""
-    log = logging.getLogger("hyrank")
-    told = [f for f in e.failures.values() if isinstance(f.error_file_data, dict) and f.error_file_data.get("hyrank")]
-    if told:
-        for message in dict.fromkeys(f.message for f in told):
-            log.error("%s", message)
-        if logs := [f.error_file_data["log"] for f in told if f.error_file_data.get("log")]:
-            print(f"(the full traceback is in {logs[0]})", file=sys.stderr)
-        return 2
-    rank, failure = e.get_first_failure()
-    log.error("rank %d failed with exit code %d: %s (its output is above)", rank, failure.exitcode, failure.message)
-    return 1
-
-
-def _report_stop(signal_name: str, since: float) -> int:
-    """After the ranks were stopped by a signal: 0 if they checkpointed and recorded it, else 1."""
-    from hyrank.pipeline.cli import build_parser
-    from hyrank.pipeline.config import load_config
-
-    args = build_parser().parse_args(sys.argv[1:])
-    record = Path(load_config(args.config, args.overrides, args.unsets).out_dir) / "stopped.json"
-    if record.is_file() and record.stat().st_mtime >= since:
-        stop = json.loads(record.read_text())
-        print(f"stopped by {signal_name} at step {stop['step']}: checkpoint {stop['checkpoint']}; continue with "
-              "the same command and --resume latest")
-        return 0
-    logging.getLogger("hyrank").error("stopped by %s before the ranks could checkpoint", signal_name)
-    return 1
-
-

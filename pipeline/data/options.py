@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class ReaderOptions:
     """Reader knobs (pipeline/data/reader.py); every field is also a `data.*` config key."""
 

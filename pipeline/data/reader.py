@@ -1,7 +1,7 @@
 """One day of Parquet logs read as Batches on one rank: split across ranks, validated, converted, resumable.
 
     reader = DayReader(day, spec, batch_size=512, rank=0, world_size=2, seed=cfg.seed, options=cfg.data,
-                       sequence_feed=model.sequence_feed, quarantine_dir=out_dir / "quarantine")
+                       sequence_feed=model.sequence_feed, quarantine_dir=out_dir / "quarantine", comm=env.comm)
     for batch in reader: ...                      # pipeline.data.batch.Batch, decoded ahead by loader threads
     state = reader.state_dict()                   # resume: a new reader of the same day, load_state_dict(state)
 
@@ -19,9 +19,12 @@ Every valid row is yielded exactly once, and every rank yields the same number o
 (the collectives of a step need every rank): a rank's last batch is filled up, and a rank whose valid rows have
 run out while others' have not yields whole batches of, with `Batch.weights` 0 on the filler rows (repeats of a
 valid row: structurally sound, and a weight-0 row adds nothing to the loss, the gradient or the metrics). Before
-each batch the ranks all_reduce two flags (a gloo group; no collective in a world of one or without a process
-group): whether any rank failed, so every rank raises together instead of one hanging, and whether any rank
-still has a real row; when none has, the day ends on every rank. A day with no valid row at all is an error. Only
+each batch the ranks agree on three flags in one all_reduce (`comm.step_flags`; no collective in a world of one):
+whether any rank failed, so every rank raises together instead of one hanging; whether any rank still has a real
+row (when none has, the day ends on every rank); and whether any rank was asked to stop (`should_stop`, the
+trainer's SIGTERM): then no rank takes the batch, `stopped` is set and the day ends where it stands, the cursor
+after the last batch taken. That is the step's only collective of our own. A day with no valid row at all is an
+error. Only
 `max_batches` (train.max_steps_per_day) stops a day before its rows run out, and the reader says so
 (`rows_unread`). After the last batch the ranks sum their per-reason counts with one all_reduce and all raise if
 the day's bad fraction exceeds the budget.
@@ -46,11 +49,10 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from hyrank.embeddings.dedup import SequenceFeed
 from hyrank.pipeline.data.batch import Batch
@@ -61,6 +63,7 @@ from hyrank.pipeline.data.options import ReaderOptions
 from hyrank.pipeline.data.planner import Cursor, Producer
 from hyrank.pipeline.data.split import RowRange, read_footers, split_rows
 from hyrank.pipeline.data.validate import DayValidation
+from hyrank.pipeline.distributed.collectives import Collectives, StepFlags
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,11 @@ class DayReader:
 
     def __init__(self, day: Days, spec: FeatureSpec, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, max_batches: int = 0, seed: int = 0, options: ReaderOptions | None = None,
-                 quarantine_dir: str | Path | None = None, sequence_feed: SequenceFeed | None = None):
+                 quarantine_dir: str | Path | None = None, sequence_feed: SequenceFeed | None = None,
+                 comm: Collectives | None = None, should_stop: Callable[[], bool] | None = None):
         """`options`: cfg.data (a DataConfig is a ReaderOptions); `sequence_feed`: the model's
-        (RankingModel.sequence_feed), None for the plain lookup's."""
+        (RankingModel.sequence_feed), None for the plain lookup's; `comm`: the ranks to agree with (default: the
+        process group's, if there is one); `should_stop`: whether this rank was asked to stop (a training day)."""
         self.day, self.spec, self.batch_size = day, spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.options = opts = options or ReaderOptions()
@@ -100,7 +105,11 @@ class DayReader:
         self.columns = spec.columns()
         self.pin = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
         self.validation = DayValidation(day.label, quarantine=str(self.quarantine or ""))
-        self._group = _status_group(world_size)
+        self.comm = comm if comm is not None else Collectives.of_world()
+        if self.comm.world_size not in (1, world_size):
+            raise ValueError(f"world_size={world_size} but the process group has {self.comm.world_size} ranks")
+        self.should_stop = should_stop or (lambda: False)
+        self.stopped = False  # the ranks agreed to stop before the day's rows ran out (should_stop)
         # wall time inside the per-batch flags' all_reduce: mostly waiting for the slowest rank to ask for its
         # next batch (a lag the step's first collective would wait out otherwise), not decode
         self.agree_wait_s = 0.0
@@ -154,7 +163,11 @@ class DayReader:
             for _ in range(self.num_remaining):
                 item = producer.get()
                 failure = item if isinstance(item, BaseException) else None
-                if not self._agree(failure, real=failure is None and item[1].real):
+                flags = self._agree(failure, real=failure is None and item[1].real)
+                if flags.stop:
+                    self.stopped = True
+                    return  # mid-day: the cursor stays after the last batch taken, nothing is summed yet
+                if not flags.real:
                     if first:
                         raise ValueError(f"day {self.day.label} ({self.day.path}) has no valid row to read: "
                                          f"{self.day_rows} rows in its files, all bad or skipped; a day that "
@@ -210,21 +223,16 @@ class DayReader:
 
     # -- agreement between ranks ---------------------------------------------------------------------------------
 
-    def _agree(self, failure: BaseException | None, real: bool) -> bool:
-        """Raise on every rank if any rank failed to produce its next batch; else whether any rank's next batch has
-        a real row (one all_reduce per batch)."""
-        if self._group is False:
-            if failure is not None:
-                raise failure
-            return real
-        flags = torch.tensor([0 if failure is None else 1, int(real)], dtype=torch.int64)
+    def _agree(self, failure: BaseException | None, real: bool) -> StepFlags:
+        """Raise on every rank if any rank failed to produce its next batch; else the agreed flags: whether any
+        rank's next batch has a real row, whether any rank was asked to stop (one all_reduce per batch)."""
         start = time.perf_counter()
-        dist.all_reduce(flags, group=self._group)
-        self.agree_wait_s += time.perf_counter() - start
-        if not flags[0].item():
-            return bool(flags[1].item())
-        messages: list[Any] = [None] * self.world_size
-        dist.all_gather_object(messages, None if failure is None else str(failure), group=self._group)
+        flags = self.comm.step_flags(failed=failure is not None, real=real, stop=self.should_stop())
+        if self.comm.distributed:  # one rank waits for nobody
+            self.agree_wait_s += time.perf_counter() - start
+        if not flags.failed:
+            return flags
+        messages = self.comm.gather_objects(None if failure is None else str(failure))
         if failure is not None:
             raise failure
         failed = {r: m for r, m in enumerate(messages) if m is not None}
@@ -233,10 +241,7 @@ class DayReader:
 
     def _finish_day(self, seen: list[int]) -> None:
         """Sum the ranks' validation counts (one all_reduce) and stop the run if the day is over budget."""
-        total = torch.tensor([*seen, self.rows_unread], dtype=torch.int64)
-        if self._group is not False:
-            dist.all_reduce(total, group=self._group)
-        *counts, self.rows_unread = total.tolist()
+        *counts, self.rows_unread = self.comm.sum_ints([*seen, self.rows_unread])
         self.validation = DayValidation.from_vector(self.day.label, counts, str(self.quarantine or ""))
         if self.rows_unread and self.rank == 0:
             log.warning("day %s: %d rows left unread: the day was cut at %d batches (train.max_steps_per_day / "
@@ -249,24 +254,4 @@ class DayReader:
             log.warning("day %s: %s", v.day, self.unknown_rows)
         if v.over_budget(self.options.error_budget):
             raise v.budget_error(self.options.error_budget)
-
-
-_STATUS_GROUPS: dict[int, Any] = {}
-
-
-def _status_group(world_size: int) -> Any:
-    """The group for the reader's status collectives: False when there is none to make (world of one or no
-    process group), None for the default group when it is gloo, else a gloo side group made once (CPU flags,
-    so no device sync per batch under NCCL)."""
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return False
-    if dist.get_world_size() != world_size:
-        raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} ranks")
-    if dist.get_backend() == "gloo":
-        return None
-    key = id(dist.group.WORLD)
-    if key not in _STATUS_GROUPS:
-        _STATUS_GROUPS[key] = dist.new_group(backend="gloo")
-    return _STATUS_GROUPS[key]
-
 

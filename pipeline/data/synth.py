@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hyrank.pipeline.logs import progress as progress_bar
+
 NUM_SEGMENTS = 16  # 2 genders x 8 age buckets
 NUM_CLUSTERS = 16
 NUM_CONTEXTS = 16  # 4 devices x 4 day-parts
@@ -342,11 +344,7 @@ def generate_logs(cfg: SynthConfig, out_dir: str | Path, *, workers: int = 1, pr
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.num_days, desc="gen-logs", unit="day")
+    bar = progress_bar(cfg.num_days, "gen-logs", "day") if progress else None
     if workers <= 1:
         world = World(cfg)
         paths = []

@@ -64,7 +64,8 @@ def shard_model(model: nn.Module, cfg: RunConfig, env: DistEnv, *,
     constraints = {t: TableConstraint(list(s.sharding_types), list(s.compute_kernels)) for t, s in e.sharding.items()}
     plan = plan_sharding(model, sharders=sharders, world_size=env.world_size,
                          local_world_size=env.local_world_size, device=env.device,
-                         batch_size_per_rank=cfg.data.batch_size_per_rank, constraints=constraints)
+                         batch_size_per_rank=cfg.data.batch_size_per_rank, constraints=constraints,
+                         group=torch.distributed.GroupMember.WORLD)
     if env.is_main:
         log.info("sharding plan:\n%s", describe_plan(plan))
     dmp = DistributedModelParallel(

@@ -2,26 +2,19 @@
 
 Outside torchrun a run is a world of one: a gloo group on a free local port, so the same code path (DMP, the
 planner, collectives in metrics) runs in a plain `python` process and in tests.
-
-Under torchrun a rank dies with its launcher: torchelastic starts ranks in sessions of their own, so a SIGKILL of
-the launcher's process group (a killed job, a lost pod) would leave them training and writing checkpoints into
-the run directory. A daemon thread notices the launcher is gone (this process is re-parented) within a second
-and kills this rank.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
-import signal
 import socket
-import threading
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from hyrank.pipeline.distributed.collectives import Collectives
 
 
 @dataclass(frozen=True)
@@ -31,6 +24,7 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
+    comm: Collectives = field(default_factory=lambda: Collectives(0, 1), compare=False)  # the pipeline's collectives
 
     @property
     def is_main(self) -> bool:
@@ -43,28 +37,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-log = logging.getLogger(__name__)
-
-
-def die_with_launcher(poll_s: float = 0.5) -> None:
-    """Kill this process once its parent (torchrun's agent) is gone; a no-op outside torchrun."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    launcher = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == launcher:
-            time.sleep(poll_s)
-        log.error("the launcher (PID %d) is gone: this rank stops too", launcher)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
-
-
 def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
-    """Join (or create) the default process group and pick this rank's device; under torchrun, tie this rank's
-    life to its launcher's (die_with_launcher)."""
-    die_with_launcher()
+    """Join (or create) the default process group and pick this rank's device."""
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
@@ -81,7 +55,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
         init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=dt.timedelta(seconds=timeout_s))
-    return DistEnv(rank, dist.get_world_size(), local_rank, local_world_size, device)
+    return DistEnv(rank, dist.get_world_size(), local_rank, local_world_size, device, Collectives.of_world())
 
 
 def env_of_current_group(device: torch.device | None = None) -> DistEnv:
@@ -89,4 +63,4 @@ def env_of_current_group(device: torch.device | None = None) -> DistEnv:
     world = dist.get_world_size()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return DistEnv(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", dist.get_rank())), local,
-                   device or torch.device("cpu"))
+                   device or torch.device("cpu"), Collectives.of_world())

@@ -1,15 +1,15 @@
 """Stop a distributed run cleanly on SIGTERM / SIGINT (a preemption, a Ctrl-C): finish the step, agree on it,
 checkpoint, exit 0. A second signal stops at once.
 
-    with GracefulStop() as stop:          # all ranks, in the main thread
-        for batch in reader:
+    with GracefulStop(env.comm) as stop:  # all ranks, in the main thread
+        for batch in reader:              # the reader ORs `stop.requested` into its per-batch flags
             step(batch)
-            if stop.agreed():             # collective: every rank leaves after the same step
-                save(); break
+        if reader.stopped: stop.take_agreed(); save()
+        if stop.agreed(): ...             # between days: collective, every rank leaves at the same point
 
 A signal may reach the ranks at different steps (torchelastic forwards the launcher's to every worker, a
-scheduler signals every pod), so the ranks OR their flags after each step with one tiny allreduce on a gloo group
-of their own (a CPU tensor works under NCCL too).
+scheduler signals every pod), so the ranks OR their flags: inside a day in the reader's one per-batch all_reduce
+(pipeline/data/reader.py), between days with `agreed()`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import os
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from hyrank.pipeline.distributed.collectives import Collectives
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +29,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class GracefulStop:
     """While entered: the first SIGTERM/SIGINT is recorded (`requested`), a second one stops the process at once."""
 
-    def __init__(self):
+    def __init__(self, comm: Collectives):
+        self.comm = comm
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
-        self._group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
@@ -60,13 +59,14 @@ class GracefulStop:
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop (collective: call it at the same point on every rank)."""
-        if self._group is None:
-            return self.requested
-        flag = torch.tensor([int(self.requested)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and self.signal is None:
-            self.signal = int(signal.SIGTERM)  # another rank's: stop with it (the name is only for messages)
-        return bool(flag.item())
+        return self.comm.any(self.requested) and self.take_agreed()
+
+    def take_agreed(self) -> bool:
+        """The ranks agreed to stop, here or in a reader's step flags: a rank that got no signal stops with the
+        others (the name is only for messages)."""
+        if self.signal is None:
+            self.signal = int(signal.SIGTERM)
+        return True
 
     @property
     def name(self) -> str:

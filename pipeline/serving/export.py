@@ -55,7 +55,7 @@ from hyrank.pipeline.files import sha256, write_atomic, write_json
 from hyrank.pipeline.metrics import auc
 from hyrank.pipeline.ranker import RankingModel
 from hyrank.pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, Artifact, model_inputs
-from hyrank.pipeline.train.checkpoint import verified_meta
+from hyrank.pipeline.train.checkpoint import CheckpointMeta, verified_meta
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,11 @@ class ScoringModule(nn.Module):
         return self.model.tower(self.model.tokens(embedded, dense)).logits
 
 
-def load_model(checkpoint: Path) -> tuple[RunConfig, RankingModel, dict]:
+def load_model(checkpoint: Path) -> tuple[RunConfig, RankingModel, CheckpointMeta]:
     """The checkpoint's model, unsharded on the CPU, in eval mode, with its config and meta.json (no process group:
     DCP reads the shards of any world size into whole tensors)."""
     meta = verified_meta(checkpoint, trusted=True, root=checkpoint.parent)
-    cfg = from_dict(RunConfig, meta["parts"]["run"]["config"], source=str(checkpoint / "meta.json"))
+    cfg = from_dict(RunConfig, meta.config, source=str(checkpoint / "meta.json"))
     tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("cpu"))  # plain lookups: serving has no
     state = {"model": model.state_dict()}                                      # dedup (the same tables, same loss)
@@ -147,8 +147,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
         raise ValueError(f"--aoti needs fp32 tables, not {tables}")
     checkpoint, out = Path(checkpoint), Path(out)
     cfg, model, meta = load_model(checkpoint)
-    progress = meta["parts"]["progress"]
-    rows, day = holdout_rows(cfg, progress["days_done"], holdout)
+    rows, day = holdout_rows(cfg, meta.progress.days_done, holdout)
     labels = rows.column(cfg.features.label).to_numpy().astype(np.float64)
     batch = BatchConverter(cfg.features)(rows, source=str(day.path))
     inputs = model_inputs(batch)
@@ -160,7 +159,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
                                 additional_qconfig_spec_keys=[EmbeddingCollection],
                                 additional_mapping={EmbeddingCollection: QuantEmbeddingCollection})
         eager = scoring(*inputs).float()
-    version = f"step-{progress['global_step']:09d}" + ("" if tables == "fp32" else f"-{tables}")
+    version = f"step-{meta.progress.global_step:09d}" + ("" if tables == "fp32" else f"-{tables}")
     staging = _write_staging(out, version, scoring, inputs, _manifest(cfg, meta, checkpoint, version, rows.schema,
                                                                        tables), aoti=aoti)
     # the gate scores through the artifact as a server loads it: raw rows, validation, converter, program
@@ -269,15 +268,15 @@ def _publish(out: Path, staging: Path, version: str) -> Path:
     return final
 
 
-def _manifest(cfg: RunConfig, meta: dict, checkpoint: Path, version: str, schema: pa.Schema, tables: Tables) -> dict:
-    progress = meta["parts"]["progress"]
+def _manifest(cfg: RunConfig, meta: CheckpointMeta, checkpoint: Path, version: str, schema: pa.Schema, tables: Tables) -> dict:
+    progress = meta.progress
     return {
         "format": FORMAT_VERSION, "version": version,
         "created_at": dt.datetime.now().isoformat(timespec="seconds"),
         "model": to_dict(cfg.model), "features": to_dict(cfg.features),
         "arrow_schema": base64.b64encode(schema.serialize().to_pybytes()).decode(),
         "max_list_len": cfg.data.max_list_len, "tables": tables,
-        "days_trained": progress["days_done"], "global_step": progress["global_step"],
+        "days_trained": progress.days_done, "global_step": progress.global_step,
         "checkpoint": str(checkpoint), "versions": installed_versions(), "git_commit": _git_commit(),
     }
 

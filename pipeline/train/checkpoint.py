@@ -6,6 +6,8 @@
     ckpt.save(step)                 # collective
     path = ckpt.latest()            # the newest complete checkpoint, or None
     ckpt.load(path)                 # collective: every part's load_state_dict, in the order given
+    meta = read_meta(path)          # CheckpointMeta: .step, .config, .progress, .part(name): the only reader
+                                    # of meta.json's layout (export, evaluate and resume read through it)
 
 A part is any object with `state_dict()` / `load_state_dict(state)` (torch's Stateful), as in torchtitan's
 CheckpointManager; the checkpointer knows nothing of what it saves. Three kinds:
@@ -39,21 +41,67 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.files import sha256, write_atomic
+from hyrank.pipeline.train.state import Progress
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 FORMAT_VERSION = 2  # 2: parts by name (1 held the trainer's fields at the top level of meta.json)
+# the meta parts every training run saves (pipeline/train/trainer.py) and tools read back through CheckpointMeta
+RUN, PROGRESS = "run", "progress"
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names it and says why in one line."""
+
+
+class CheckpointMeta:
+    """A checkpoint's meta.json, read through this one owner of its layout: a renamed or missing part is an error
+    naming the checkpoint, never a KeyError in export or evaluate."""
+
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path, self.data = path, data
+
+    @property
+    def step(self) -> int:
+        return int(self.data["step"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.data["world_size"])
+
+    @property
+    def files(self) -> dict[str, str]:
+        """sha256 of every file of the checkpoint but meta.json, by name."""
+        return self.data.get("files", {})
+
+    def part(self, name: str) -> Any:
+        """The saved state of the meta part `name`."""
+        parts = self.data.get("parts", {})
+        if name not in parts:
+            raise CheckpointError(f"{self.path}: no part {name!r} in its {META} (parts: {sorted(parts)})")
+        return parts[name]
+
+    def per_rank(self, name: str) -> list[Any]:
+        """The saved state of the per-rank part `name`, of each rank in rank order."""
+        return [ranks[name] for ranks in self.data["ranks"]]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's resolved config as saved (plain data: pipeline.config.from_dict makes it a RunConfig)."""
+        return self.part(RUN)["config"]
+
+    @property
+    def progress(self) -> Progress:
+        """Where the run stood: steps, days done, the day in progress."""
+        progress = Progress()
+        progress.load_state_dict(self.part(PROGRESS))
+        return progress
 
 
 class Stateful(Protocol):
@@ -81,9 +129,9 @@ class Checkpointer:
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        env.comm.barrier()
         dcp.save({name: part.state_dict() for name, part in self.tensors.items()}, checkpoint_id=str(tmp))
-        ranks = _gather({name: part.state_dict() for name, part in self.per_rank.items()}, env)
+        ranks = env.comm.gather_objects({name: part.state_dict() for name, part in self.per_rank.items()})
         if env.is_main:
             meta = {"format": FORMAT_VERSION, "step": step, "world_size": env.world_size,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -94,7 +142,7 @@ class Checkpointer:
             write_atomic(self.root / "latest", final.name + "\n")
             self._prune()
             log.info("checkpoint %s in %.2f s", final, time.perf_counter() - start)
-        _barrier()
+        env.comm.barrier()
         return final
 
     def _prune(self) -> None:
@@ -130,7 +178,7 @@ class Checkpointer:
 
     # -- load ----------------------------------------------------------------------------------------------------
 
-    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+    def load_latest(self) -> tuple[Path, CheckpointMeta] | None:
         """Restore the newest checkpoint that verifies and loads (collective), saying which ones it skipped and
         why; None if there is none at all. Every part is restored whole, so a failed attempt leaves nothing
         behind."""
@@ -155,7 +203,7 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint under {self.root} can be loaded:\n  " + "\n  ".join(failures))
         return None
 
-    def load(self, path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    def load(self, path: str | Path, *, trust: bool = False) -> CheckpointMeta:
         """Restore every part from the checkpoint at `path` (collective); returns its meta.json.
 
         `path` must be a checkpoint of this root unless `trust` (loading runs the pickle code DCP finds there).
@@ -166,7 +214,7 @@ class Checkpointer:
         start = time.perf_counter()
         for name, part in self.meta.items():
             try:
-                part.load_state_dict(meta["parts"][name])
+                part.load_state_dict(meta.part(name))
             except ValueError as e:  # name the checkpoint: the part knows only its own state
                 raise ValueError(f"{path}: {e}") from e
         try:
@@ -199,14 +247,14 @@ class Checkpointer:
             log.warning("%d state entries are not in %s and start fresh (e.g. a table the plan on %d ranks "
                         "optimizes otherwise): %s", len(unsaved), path, self.env.world_size, ", ".join(unsaved[:6]))
 
-    def _load_per_rank(self, meta: dict[str, Any], path: Path) -> None:
-        if meta["world_size"] == self.env.world_size:
+    def _load_per_rank(self, meta: CheckpointMeta, path: Path) -> None:
+        if meta.world_size == self.env.world_size:
             for name, part in self.per_rank.items():
-                part.load_state_dict(meta["ranks"][self.env.rank][name])
+                part.load_state_dict(meta.per_rank(name)[self.env.rank])
             return
         for name, part in self.per_rank.items():
-            if getattr(part, "same_world_only", False) and any(r[name] is not None for r in meta["ranks"]):
-                raise ValueError(f"{path}: its {name} state was saved on {meta['world_size']} ranks and cannot "
+            if getattr(part, "same_world_only", False) and any(s is not None for s in meta.per_rank(name)):
+                raise ValueError(f"{path}: its {name} state was saved on {meta.world_size} ranks and cannot "
                                  f"continue on {self.env.world_size} (resume from a day-end checkpoint, or on the "
                                  "same world size)")
 
@@ -231,7 +279,7 @@ class Checkpointer:
         return sorted(template)
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> CheckpointMeta:
     """A checkpoint's meta.json, checked to be complete and of this code's format."""
     meta_path = path / META
     if not meta_path.is_file():
@@ -244,10 +292,10 @@ def read_meta(path: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: checkpoint format {meta.get('format')}, this code reads "
                               f"{FORMAT_VERSION}")
-    return meta
+    return CheckpointMeta(path, meta)
 
 
-def verified_meta(path: Path, *, trusted: bool, root: Path) -> dict[str, Any]:
+def verified_meta(path: Path, *, trusted: bool, root: Path) -> CheckpointMeta:
     """meta.json (plain JSON, safe to read), after the folder was found trusted and every file it lists was found
     with its recorded sha256 (and no unlisted file is there)."""
     meta = read_meta(path)
@@ -255,7 +303,7 @@ def verified_meta(path: Path, *, trusted: bool, root: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a checkpoint of this run ({root}): checkpoints are trusted input "
                               "(DCP unpickles them); resume from it only if you trust who wrote it, with "
                               "--trust-checkpoint")
-    recorded = meta.get("files", {})
+    recorded = meta.files
     present = {p.name for p in path.iterdir() if p.is_file() and p.name != META}
     if set(recorded) != present:
         missing, extra = sorted(set(recorded) - present), sorted(present - set(recorded))
@@ -279,10 +327,8 @@ def _agree(check, env: DistEnv) -> Any:
             out = ("ok", check())
         except CheckpointError as e:
             out = ("error", str(e))
-    if env is not None and env.world_size > 1 and dist.is_initialized():
-        box = [out]
-        dist.broadcast_object_list(box, src=0)
-        out = box[0]
+    if env is not None:
+        out = env.comm.broadcast_object(out)
     if out[0] == "error":
         raise CheckpointError(out[1])
     return out[1]
@@ -307,19 +353,6 @@ def _drop_unsaved(state: Any, saved: set[str], prefix: str = "") -> tuple[Any, l
         kept[key], more = _drop_unsaved(value, saved, full + ".")
         missing += more
     return kept, missing
-
-
-def _gather(obj: Any, env: DistEnv) -> list[Any]:
-    if env.world_size == 1 or not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

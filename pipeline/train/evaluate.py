@@ -1,7 +1,7 @@
 """Scoring a day with the current model: the real rows' logits, labels, query ids and oracle, in one pass.
 
     scores = score_day(trainer.model, reader, device=env.device, autocast=trainer._autocast, bar=None)
-    metrics = metrics_over_ranks(scores.logits, scores.labels, scores.groups, scores.oracle)
+    metrics = metrics_over_ranks(env.comm, scores.logits, scores.labels, scores.groups, scores.oracle)
 
 Filler rows (weight 0, pipeline/data/reader.py) keep every rank's batches full; they are not data, so they are
 not scored: the metrics cover every valid row of the day exactly once.

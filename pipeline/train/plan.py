@@ -14,7 +14,7 @@ with; `train.patience` passes in a row without a better one stop the run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,8 @@ class RunPlan:
     `resume`: None (a fresh run), "latest" (the newest checkpoint under checkpoint.dir; an error if there is none),
     "latest-if-any" (the same, or a fresh run: a torchelastic restart before the first checkpoint) or a path.
     Days a checkpoint has finished are skipped; a day it stopped in continues from its reader cursor.
+    `day_end`: called on every rank at each training day's end, after its checkpoint (DayEnd), and once after a
+    resume from a day-end checkpoint, whose day-end work a stop may have cut short (the stream's export and report).
     """
 
     train_days: Iterable[Days]
@@ -50,6 +52,16 @@ class RunPlan:
     progressive: bool = False
     warm_start: WarmStart | None = None  # a checkpoint of another model: carry these weights (train/resume.py)
     valid_days: Days | None = None
+    day_end: Sequence[Callable[[DayEnd], None]] = ()
+
+
+@dataclass(frozen=True)
+class DayEnd:
+    """What a day's end callback is told: the day just trained and its stats (both None after a resume from a
+    day-end checkpoint), and the run's newest checkpoint."""
+    day: Days | None
+    stats: DayStats | None
+    checkpoint: Path | None
 
 
 @dataclass

@@ -57,16 +57,15 @@ def check_resumable(cfg: RunConfig, where: str | Path | None, *, warm_start: War
 
 def checkpoint_diff(cfg: RunConfig, path: Path) -> list[str]:
     """What the checkpoint at `path` holds that this config's model does not (model_diff's lines)."""
-    return model_diff(read_meta(path)["parts"]["run"]["config"], json.loads(json.dumps(to_dict(cfg), default=str)))
+    return model_diff(read_meta(path).config, json.loads(json.dumps(to_dict(cfg), default=str)))
 
 
 def warm_start(trainer: Any, path: Path, mode: WarmStart) -> list[str]:
     """Load the weights `mode` selects from `path` into `trainer`'s model (a Trainer; not imported here, trainer.py
     imports this) and its progress; returns the tensors carried (collective)."""
-    meta = read_meta(path)
-    progress = meta["parts"]["progress"]
-    if progress["day"] is not None:
-        raise ValueError(f"{path} was taken in the middle of day {progress['day']}: warm-start from a day-end "
+    progress = read_meta(path).progress
+    if progress.day is not None:
+        raise ValueError(f"{path} was taken in the middle of day {progress.day}: warm-start from a day-end "
                          "checkpoint")
     dense = {n for n, _ in trainer.dense_named_parameters()}
 
@@ -78,7 +77,7 @@ def warm_start(trainer: Any, path: Path, mode: WarmStart) -> list[str]:
         return True
 
     carried = trainer.checkpointer.load_model_subset(path, wanted)
-    trainer.progress.load_state_dict(progress)
+    trainer.progress.load_state_dict(progress.state_dict())
     if trainer.env.is_main:
         diff = checkpoint_diff(trainer.cfg, path)
         log.warning("warm start (%s) from %s, a checkpoint of another model (%s): %d tensors carried, the rest and "

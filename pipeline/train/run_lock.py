@@ -21,8 +21,6 @@ import socket
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from hyrank.pipeline.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
@@ -30,6 +28,8 @@ log = logging.getLogger(__name__)
 
 class RunDirInUse(ValueError):
     """Another live process holds the run directory."""
+
+    leaves_run_untouched = True  # the launcher's error relay writes no rank log into the holder's run
 
 
 class RunLock:
@@ -95,10 +95,7 @@ def hold_run_dir(run_dir: str | Path, env: DistEnv):
             lock.acquire()
         except RunDirInUse as e:
             refusal = str(e)
-    if env.world_size > 1:
-        box = [refusal]
-        dist.broadcast_object_list(box, src=0)
-        refusal = box[0]
+    refusal = env.comm.broadcast_object(refusal)
     if refusal is not None:
         raise RunDirInUse(refusal)
     try:

@@ -14,6 +14,11 @@ whose reduction policy and call order belong to DenseSync (pipeline/distributed/
 `train.allreduce = "async"` the dense step applies last step's gradient and every boundary (end of a day,
 evaluation) flushes the gradient still in flight; a checkpoint keeps it pending instead, so a resumed run takes the
 same steps. Checkpoints hold the trainer's Stateful parts (pipeline/train/checkpoint.py, pipeline/train/state.py).
+
+Each step's only collective of the pipeline's own is the reader's agreement before the batch (pipeline/data/
+reader.py: a rank failed, a real row is left, a rank was signalled); every collective goes through `env.comm`
+(pipeline/distributed/collectives.py). A day's end is a step of the loop: its checkpoint, then the plan's
+`day_end` callbacks (the stream's export and report).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from hyrank.models import build_model
@@ -38,10 +42,11 @@ from hyrank.pipeline.distributed.dmp import make_data_parallel_wrapper, shard_mo
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.distributed.signals import GracefulStop
 from hyrank.pipeline.files import write_json
+from hyrank.pipeline.logs import progress
 from hyrank.pipeline.ranker import RankingModel
-from hyrank.pipeline.train.checkpoint import Checkpointer
-from hyrank.pipeline.train.plan import (DayStats, RunPlan, RunResult, RunStopped, best_record, pass_order,
-                                 passes_since_best, reader_seed)
+from hyrank.pipeline.train.checkpoint import PROGRESS, RUN, Checkpointer
+from hyrank.pipeline.train.plan import (DayEnd, DayStats, RunPlan, RunResult, RunStopped, best_record, pass_order,
+                                        passes_since_best, reader_seed)
 from hyrank.pipeline.train.evaluate import best_checkpoints, score_day
 from hyrank.pipeline.train.pipelined import InputClock, pipelined_steps
 from hyrank.pipeline.metrics import EvalMetrics, metrics_over_ranks
@@ -82,7 +87,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg.checkpoint.dir or self.out_dir / "checkpoints", env, keep=cfg.checkpoint.keep,
             tensors={"model": self.model, "optim": OptimizerState(self.optimizer), "hook": self.dense},
-            meta={"run": RunIdentity(cfg), "progress": self.progress, "schedule": self.schedule},
+            meta={RUN: RunIdentity(cfg), PROGRESS: self.progress, "schedule": self.schedule},
             per_rank={"reader": self.cursor, "rng": RNGState(), "ledger": self.ledger},
             info={"plan": self.sharded.plan_dict})
         self._stop: GracefulStop | None = None  # set while run() is in progress
@@ -113,18 +118,21 @@ class Trainer:
 
     def run(self, plan: RunPlan) -> RunResult:
         """Resume if asked, train `plan.train_days` in order (the only day loop) for `train.passes` passes, choosing
-        the pass to keep on `plan.valid_days` if given, then evaluate `plan.eval_days`.
+        the pass to keep on `plan.valid_days` if given, then evaluate `plan.eval_days`. After each day (and after a
+        resume from a day-end checkpoint) the plan's `day_end` callbacks run.
 
         Holds the run directory's lock throughout (pipeline/train/run_lock.py). SIGTERM / SIGINT stop it after the
         current step with a checkpoint (`RunResult.stopped`); a second signal stops the process at once.
         """
         result = RunResult([], {}, None, None)
-        with hold_run_dir(self.out_dir, self.env), GracefulStop() as self._stop:
+        with hold_run_dir(self.out_dir, self.env), GracefulStop(self.env.comm) as self._stop:
             try:
                 if self.env.is_main:
                     save_resolved(self.cfg, self.out_dir)
                 result.resumed_from = self.resume(plan.resume, trust=plan.trust_checkpoint,
                                                   warm_start=plan.warm_start)
+                if result.resumed_from is not None and self.progress.day is None and self.progress.days_done:
+                    self._end_day(plan, None, None)  # its day's end work may have been cut short by the stop
                 self._train(plan, result)
                 if result.best is not None and result.best["step"] != self.global_step:
                     self._load_best(result.best)
@@ -158,7 +166,9 @@ class Trainer:
                 self._stop_if_asked()
                 if plan.progressive and p.day != unit.label:  # (a resumed day was, before)
                     result.progressive[unit.label] = self.evaluate_progressive(unit)
-                result.trained.append(self.train_day(unit))
+                stats = self.train_day(unit)
+                result.trained.append(stats)
+                self._end_day(plan, unit, stats)
             if plan.valid_days is not None:
                 result.valid, result.best = p.valid, self._validate_pass(plan.valid_days)
                 late = passes_since_best(p.valid, self.cfg.checkpoint.best_metric)
@@ -172,6 +182,13 @@ class Trainer:
             if p.pass_index + 1 >= t.passes:
                 return
             p.pass_index, p.days_done = p.pass_index + 1, []
+
+    def _end_day(self, plan: RunPlan, unit: Days | None, stats: DayStats | None) -> None:
+        """A day's end, after its checkpoint: the plan's callbacks, on every rank (the stream's export and report run
+        on rank 0 while the others go on to their next collective)."""
+        end = DayEnd(unit, stats, self.checkpointer.latest())
+        for callback in plan.day_end:
+            callback(end)
 
     def _units(self, plan: RunPlan):
         """The plan's training days as the units they are trained in: a list's small consecutive days merged into
@@ -220,14 +237,17 @@ class Trainer:
         if self.env.is_main:
             log.info("evaluating with the best pass (pass %d, %s): %s", best["pass"] + 1, path.name, path)
 
-    def _stop_if_asked(self, reader: DayReader | None = None) -> None:
-        """After a step or between days: if any rank got SIGTERM/SIGINT, checkpoint where the run stands and
-        raise RunStopped (collective)."""
-        if self._stop is None or not self._stop.agreed():
-            return
-        pipelined = reader is not None and self.cfg.train.pipeline != "plain"
-        if pipelined:  # TrainPipelineSparseDist has read batches ahead: a cursor here would skip them
-            checkpoint = self.checkpointer.latest()
+    def _stop_if_asked(self) -> None:
+        """Between days or evaluations: if any rank got SIGTERM/SIGINT, checkpoint where the run stands and raise
+        RunStopped (collective). Inside a day the reader's per-batch flags carry the same agreement."""
+        if self._stop is not None and self._stop.agreed():
+            self._stopped(mid_day=False)
+
+    def _stopped(self, *, mid_day: bool) -> None:
+        """The ranks agreed to stop: checkpoint (none mid-day under a pipeline that read ahead), record it in
+        `stopped.json`, raise RunStopped."""
+        if mid_day and self.cfg.train.pipeline != "plain":  # TrainPipelineSparseDist has read batches ahead: a
+            checkpoint = self.checkpointer.latest()          # cursor here would skip them
             log.warning("%s during a day under train.pipeline = %r: no mid-day checkpoint (the pipeline reads "
                         "ahead); a resume redoes the day from %s", self._stop.name, self.cfg.train.pipeline,
                         checkpoint)
@@ -299,12 +319,15 @@ class Trainer:
         return reader
 
     def _reader(self, day: Days, max_batches: int, *, training: bool = True) -> DayReader:
+        """A reader of `day` on this rank; a training reader also agrees on a stop signal with every batch."""
         cfg = self.cfg
         seed = reader_seed(cfg.seed, self.progress.pass_index) if training else cfg.seed
+        stop = self._stop
         return DayReader(day, cfg.features, batch_size=cfg.data.batch_size_per_rank, rank=self.env.rank,
                          world_size=self.env.world_size, max_batches=max_batches, seed=seed,
                          options=cfg.data, sequence_feed=self.sequence_feed,
-                         quarantine_dir=cfg.data.quarantine_dir or self.out_dir / "quarantine")
+                         quarantine_dir=cfg.data.quarantine_dir or self.out_dir / "quarantine", comm=self.env.comm,
+                         should_stop=(lambda: stop.requested) if training and stop is not None else None)
 
     # -- one day -------------------------------------------------------------------------------------------------
 
@@ -325,7 +348,7 @@ class Trainer:
         start = time.perf_counter()
         self._losses: list[torch.Tensor] = []
         losses, step_seconds = self._losses, []
-        bar = _progress(num_steps * rows_per_step, f"train {day.label}", "row", self.show_progress)
+        bar = progress(num_steps * rows_per_step, f"train {day.label}", "row") if self.show_progress else None
         batches = InputClock(reader)
         for step, (loss, seconds) in enumerate(self.steps(batches)):
             losses.append(loss)
@@ -337,15 +360,16 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % self.cfg.train.log_every_steps == 0:
                 self._log_train(day, step, num_steps, losses, start)
-            if reader.num_remaining > 0:
-                if every and self.global_step % every == 0:
-                    self._save()
-                self._stop_if_asked(reader)
+            if reader.num_remaining > 0 and every and self.global_step % every == 0:
+                self._save()
         if bar is not None:
             bar.close()
+        if reader.stopped:  # the ranks agreed on a signal before the next batch (the reader's step flags)
+            self._stop.take_agreed()
+            self._stopped(mid_day=True)
         self.dense.flush()
         mean_losses = self._day_losses()
-        rows, session_rows = _sum_over_ranks([reader.rows_done, reader.rows_done - rows_before])
+        rows, session_rows = self.env.comm.sum_ints([reader.rows_done, reader.rows_done - rows_before])
         self.progress.days_done.extend(day.days)
         self.progress.day, self.progress.day_losses, self.cursor.reader = None, [], None
         seconds = time.perf_counter() - start
@@ -365,7 +389,7 @@ class Trainer:
 
     def _day_losses(self) -> list[float]:
         """The day's per-step losses so far, averaged over ranks, including those before a mid-day resume."""
-        return self._earlier_losses + (_mean_over_ranks(torch.stack(self._losses)) if self._losses else [])
+        return self._earlier_losses + (self.env.comm.mean_floats(torch.stack(self._losses)) if self._losses else [])
 
     def steps(self, batches: InputClock) -> Iterator[tuple[torch.Tensor, float]]:
         """Yield each step's loss and wall time: plain loop, or TorchRec's TrainPipelineSparseDist (train.pipeline,
@@ -452,12 +476,12 @@ class Trainer:
         """
         self.dense.flush()
         reader = self._reader(day, self.cfg.train.eval_max_batches, training=False)
-        bar = _progress(len(reader), f"{kind} {day.label}", "batch", self.show_progress)
+        bar = progress(len(reader), f"{kind} {day.label}", "batch") if self.show_progress else None
         s = score_day(self.model, reader, device=self.env.device, autocast=self._autocast, bar=bar)
         if bar is not None:
             bar.close()
         groups = s.groups if self.cfg.features.group is not None else None  # no group column: no query-AUC
-        metrics = metrics_over_ranks(s.logits, s.labels, groups, s.oracle)
+        metrics = metrics_over_ranks(self.env.comm, s.logits, s.labels, groups, s.oracle)
         if self.env.is_main:
             if kind == "eval":
                 write_json(self.out_dir / "metrics" / f"eval-{day.label}.json", metrics.to_dict())
@@ -471,22 +495,3 @@ class Trainer:
         if self._tb_writer is not None:
             self._tb_writer.close()
 
-
-def _progress(total: int, desc: str, unit: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
-
-
-def _sum_over_ranks(values: list[int]) -> list[int]:
-    total = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(total)
-    return total.tolist()
-
-
-def _mean_over_ranks(values: torch.Tensor) -> list[float]:
-    values = values.float().clone()
-    dist.all_reduce(values)
-    return (values / dist.get_world_size()).tolist()
