@@ -37,7 +37,11 @@ Configs are TOML files (jobs/configs/*.toml); change any value without editing a
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unparsed = parser.parse_known_args(argv)
+    if hasattr(args, "unparsed_args"):  # a verb that parses the rest itself (a benchmark: tools.add_bench)
+        args.unparsed_args = unparsed
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")  # what parse_args would say
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
