@@ -1,4 +1,6 @@
-"""The layers stay honest: data flows one way (architecture.md), no import circle anywhere, no file over 500 lines.
+"""The layers stay honest: each package imports only those below it (models/ none of ours, embeddings/ models,
+pipeline/ both, jobs/ and bench/ anything; inside pipeline/, data, distributed, train and serving have their own
+limits: FORBIDDEN), no import circle anywhere, no file over 500 lines.
 
 Imports are read from the source (every `import`, also inside functions, and modules named to importlib as string
 literals, as `hyrank bench` names its benchmarks), so a lazy import cannot slip a layer violation past the test.

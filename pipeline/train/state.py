@@ -70,7 +70,7 @@ class OptimizerState:
 
 class RunIdentity:
     """The resolved config of the run; a checkpoint of other tables or another tower is refused with a readable
-    diff (normally before any collective: see pipeline.train.trainer.check_resumable)."""
+    diff (normally before any collective: see pipeline.train.resume.check_resumable)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
