@@ -1,5 +1,5 @@
-"""The verbs that run training jobs: train, stream, export. Under torchrun (TORCHELASTIC_RUN_ID) they run as ranks;
-with --nproc-per-node N they launch that torchrun job themselves on this machine."""
+"""The verbs that run training jobs: train, stream, evaluate, export. Under torchrun (TORCHELASTIC_RUN_ID) they run
+as ranks; with --nproc-per-node N they launch that torchrun job themselves on this machine."""
 
 from __future__ import annotations
 
