@@ -1,7 +1,7 @@
 """Benchmark: plain vs deduplicated sequence lookup, side by side in one run, at several unique-id ratios.
 
     hyrank bench dedup                                  # B=128 rows x L=1000 events, D=64, CPU (+ CUDA if present)
-    python -c "import argparse, bench.dedup as b; p = argparse.ArgumentParser(); b.add_arguments(p); b.run(p.parse_args([]))"
+    python -m hyrank.bench.dedup                        # the same without the CLI (a GPU box with torch alone)
 
 For each ratio it prints the bytes of sequence ids moved host -> device (plain: N int64 ids + lengths; dedup:
 U int64 ids + N int16/int32 inverse + lengths), and the median forward+backward time of the embedding stage of

@@ -7,7 +7,7 @@ level of a user's environment:
     import hyrank.models, hyrank.pipeline
     python -m hyrank --help          # the same as the `hyrank` command
 
-Importing it checks the torch / torchrec / fbgemm_gpu triple (hyrank/embeddings/versions.py) and nothing else: a
+Importing it checks the torch / torchrec / fbgemm_gpu triple (embeddings/versions.py) and nothing else: a
 mismatched fbgemm wheel fails here, with the fix, instead of with an `undefined symbol` deep inside torchrec.
 """
 

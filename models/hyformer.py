@@ -17,17 +17,15 @@ Counting (not in the paper): softmax attention returns a weighted average of the
 many of them match a query. `decode_attention = "null_slot"` gives Query Decoding a learned "no match" key/value
 per head, so the decoded query carries the matching mass (models/counting_attention.py); the default "softmax" is
 the paper's. It counts what the decoder sees: with seq_encoder = "longer" those are the L_H compressed recent
-events, not the whole sequence. Measured on one 100k-row day of the default data (hyformer.toml, 2 ranks, AUC on
-the next day, seeds 0-4, +- standard error): 0.7254 +- 0.0021 vs softmax 0.7197 +- 0.0083, a paired gain of
-+0.006 +- 0.010, within seed noise, at the same cost (+0.03% FLOPs). Tried and not kept: the same null slot in
-LONGER's compression too (0.7161 +- 0.0060, seeds 0-2) and DIN-style sigmoid gates with sum pooling (seed 0:
-0.7069 vs 0.7230).
+events, not the whole sequence. An option, default off: on the default data the label depends on the share of
+matching events, which the softmax average already carries, and null_slot's gain there is within seed noise
+(docs/results.md, with the variants tried and not kept).
 
 Explicit crosses (not in the paper): `cross_layers = L` runs DCN-V2 cross layers (models/layers/cross.py) over the
 non-sequence input x0 = concat(blocks, dense) beside the token path, and the crossed vector joins the flattened
 tokens into the head. Token mixing and per-token FFNs learn a product of several small categorical features
 (user segment x item cluster x context in the default data) slowly from one day; a cross layer holds it in one
-multiply. Default 0 (the paper's); hyformer.toml's comment gives what it measured.
+multiply. Default 0 (the paper's); hyformer.toml sets 3 (docs/results.md).
 
 Legend: B batch rows, L padded length, M non-sequence tokens, N queries per sequence, S sequences,
 T = S*N + M mixer tokens, D token width (d_model), C sequence width (seq_dim), G global-info width.
@@ -76,8 +74,9 @@ class HyFormerConfig:
     merge_sequences: bool = False
     decode_attention: DecodeAttention = "softmax"  # "null_slot": Query Decoding that can count matching events
     head_hidden: list[int] = field(default_factory=lambda: [256, 64])
-    # after each hidden layer of the head; not in the paper. 0.2 ties DLRM-MLP on MovieLens-100K (0.7174 against
-    # 0.7169, 6 seeds; 0.7166 without) and costs nothing on the default data (docs/results.md)
+    # after each hidden layer of the head; not in the paper: the head, which sees every feature's pooled token at
+    # once, is where a small data set (MovieLens-100K) overfits first; it costs nothing on the default data
+    # (docs/results.md)
     head_dropout: float = 0.2
     cross_layers: int = 0  # DCN-V2 cross layers over the non-sequence input, beside the tokens into the head
     cross_rank: int = 0  # 0: full-rank cross weights; r > 0: rank r

@@ -32,7 +32,8 @@ def setup_logging(*, verbose: bool) -> None:
         silence_known_noise()
 
 
-# Known-harmless messages from TorchRec / torch 2.13 on CPU: FX-tracing notices, the planner's direct-topology note.
+# What TorchRec / torch log on every run of this stack, all harmless: a sharding spec not found, FX tracing checks, a
+# topology built directly, KJT's non-strict export.
 _NOISE = ("Sharding spec not found", "is_fx_tracing will return true", "topology was constructed directly",
           "Trying to non-strict torch.export KJT")
 

@@ -68,3 +68,41 @@ def test_train_resumes_from_the_latest_checkpoint(synth_root, tmp_path):
     missing = _hyrank_train(synth_root, tmp_path, "--days", "2026-11-03", "--resume", str(tmp_path / "nope"),
                             "--trust-checkpoint")
     assert missing.returncode != 0 and "not a complete checkpoint" in missing.stderr
+
+
+def test_help_imports_no_torch_and_no_benchmark():
+    """`hyrank --help` and `hyrank bench --help` build every verb's parser: none of them may load torch or a
+    benchmark (a rank runs the same parser, and a user waits on it), only the verb that runs imports its code."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from hyrank.pipeline.cli import main\n"
+            "for argv in (['--help'], ['bench', '--help']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "loaded = {m if m.startswith('hyrank.bench.') else m.split('.')[0] for m in sys.modules}\n"
+            "heavy = {'torch', 'torchrec', 'fbgemm_gpu'}\n"
+            "print(sorted(m for m in loaded if m in heavy or m.startswith('hyrank.bench.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]"
+
+
+def test_bench_help_lists_the_benchmarks_own_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "reader", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hyrank bench reader")
+    assert "DayReader rows/s" in out  # its one-line description
+    assert "--long-len LONG_LEN" in out and "(default: 1000)" in out  # its own options, with their defaults
+
+
+def test_bench_rejects_an_unknown_option_by_name(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "reader", "--rows", "10", "--no-such-option"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: hyrank bench reader" in err and "unrecognized arguments: --no-such-option" in err

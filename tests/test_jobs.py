@@ -301,7 +301,7 @@ def test_job_verbs_have_help_with_examples(verb, capsys):
 
 def test_hyrank_help_does_not_load_torchx():
     """The job verbs import torchx only when they run: `hyrank --help` stays fast."""
-    code = ("import sys; from pipeline.cli import build_parser; build_parser(); "
+    code = ("import sys; from hyrank.pipeline.cli import build_parser; build_parser(); "
             "print(sorted(m for m in sys.modules if m.startswith(('torchx', 'kubernetes'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,6 +1,7 @@
-"""The layers stay honest: data flows one way (data -> embeddings -> models -> train; serving beside training, the CLI
-and the benchmarks on top), communication lives in pipeline/distributed/, no import circle anywhere, no file over
-500 lines.
+"""The layers stay honest: each package imports only those below it (models/ none of ours, embeddings/ models,
+pipeline/ both, jobs/ and bench/ anything; inside pipeline/, data, distributed, train and serving have their own
+limits: FORBIDDEN), communication lives in pipeline/distributed/ (COMMUNICATE), no import circle anywhere, no file
+over 500 lines.
 
 Imports are read from the source (every `import`, also inside functions, and modules named to importlib as string
 literals, as `hyrank bench` names its benchmarks), so a lazy import cannot slip a layer violation past the test.

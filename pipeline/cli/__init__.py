@@ -1,8 +1,10 @@
 """`hyrank <verb>`: the command line of the hyrank training pipeline. Each verb parses its arguments, loads the
 config, makes one call and prints; the verbs live beside this front door by what they run:
 
-    run.py       train, stream, export: the jobs that train and publish (launch torchrun themselves)
-    tools.py     gen-logs, models, report, bench
+    run.py       train, stream, evaluate, export: the jobs that train and publish (launch torchrun themselves)
+    tools.py     gen-logs, models, report, bench (a benchmark's module is imported only when it runs)
+    check.py     check: a run's feature spec against its logs
+    importers.py import: public datasets as day-partitioned logs
     jobs.py      submit, status, logs: torchx
     serving.py   serve, predict
 
@@ -33,7 +35,11 @@ Configs are TOML files (jobs/configs/*.toml); change any value without editing a
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unparsed = parser.parse_known_args(argv)
+    if hasattr(args, "unparsed_args"):  # a verb that parses the rest itself (a benchmark: tools.add_bench)
+        args.unparsed_args = unparsed
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")  # what parse_args would say
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

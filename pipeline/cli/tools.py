@@ -139,35 +139,49 @@ def _report(args) -> int:
 # name -> (module under bench/, one-line help); each module has add_arguments(parser) and run(args) -> int
 BENCHES = {
     "async": ("hyrank.bench.async_bench", "sync vs one-step-stale allreduce: step time, hidden share, AUC parity"),
-    "overlap": ("hyrank.bench.overlap", "the share of the dense allreduce the stale hook hides: a tower alone, CPU or GPU, "
-                                 "torch only"),
-    "dedup": ("hyrank.bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique ratio"),
-    "e2e": ("hyrank.bench.e2e", "training rows/s from Parquet against the reader alone, and the trainer's input-wait share"),
-    "torchrec": ("hyrank.bench.vs_torchrec", "hyrank's step against TorchRec's DLRM + TrainPipelineSparseDist on identical "
-                 "batches, in memory and from Parquet"),
+    "overlap": ("hyrank.bench.overlap", "the share of the dense allreduce the stale hook hides: a tower alone, "
+                "CPU or GPU, torch only"),
+    "dedup": ("hyrank.bench.dedup", "plain vs deduplicated sequence lookup: time and host->device bytes per unique "
+              "ratio"),
+    "e2e": ("hyrank.bench.e2e", "training rows/s from Parquet against the reader alone, and the trainer's "
+            "input-wait share"),
+    "torchrec": ("hyrank.bench.vs_torchrec", "hyrank's step against TorchRec's DLRM + TrainPipelineSparseDist on "
+                 "identical batches, in memory and from Parquet"),
     "days": ("hyrank.bench.days", "1,000 days of 100 rows against one day of 100,000: training and evaluation rows/s"),
     "model": ("hyrank.bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
-    "seqlen": ("hyrank.bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over sequence "
-                               "length, width and depth"),
+    "seqlen": ("hyrank.bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over "
+               "sequence length, width and depth"),
     "reader": ("hyrank.bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
-    "serve": ("hyrank.bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, p50/p99, "
-                             "errors, served rows/s against the program called in-process"),
-    "paper": ("hyrank.bench.papers", "the papers' experiments (HyFormer Tables 1-2, HHFT, Hiformer, scaling): table + plot"),
-    "quality": ("hyrank.bench.quality", "model-quality table: real train runs per (model, variant, seed), AUC mean +- s.e."),
+    "serve": ("hyrank.bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, "
+              "p50/p99, errors, served rows/s against the program called in-process"),
+    "paper": ("hyrank.bench.papers", "the papers' experiments (HyFormer Tables 1-2, HHFT, Hiformer, scaling): "
+              "table + plot"),
+    "quality": ("hyrank.bench.quality", "model-quality table: real train runs per (model, variant, seed), "
+                "AUC mean +- s.e."),
 }
 
 
 def add_bench(verbs) -> None:
+    # A benchmark's module (and the torch it imports) loads only when that benchmark runs: `hyrank --help` and
+    # every rank build this parser. So each benchmark is registered here by name alone; main() leaves the
+    # arguments after the name in args.unparsed_args, and _run_bench parses them with the benchmark's own parser.
     p = verb(verbs, "bench", _bench_menu)
     kinds = p.add_subparsers(title="benchmarks", metavar="<benchmark>")
     for name, (module, help_text) in BENCHES.items():
-        sub = kinds.add_parser(name, help=help_text, description=help_text,
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.set_defaults(func=_run_bench, bench_module=module)
-        import importlib
-
-        importlib.import_module(module).add_arguments(sub)
+        sub = kinds.add_parser(name, help=help_text, add_help=False)  # its --help is the benchmark's own
+        sub.set_defaults(func=_run_bench, bench=name, unparsed_args=[])
     p.set_defaults(print_help=p.print_help)
+
+
+def bench_parser(name: str) -> argparse.ArgumentParser:
+    """The full parser of one benchmark (imports its module): what `hyrank bench <name> --help` prints."""
+    import importlib
+
+    module, help_text = BENCHES[name]
+    parser = argparse.ArgumentParser(prog=f"hyrank bench {name}", description=help_text,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    importlib.import_module(module).add_arguments(parser)
+    return parser
 
 
 def _bench_menu(args) -> int:
@@ -182,6 +196,6 @@ def _bench_menu(args) -> int:
 def _run_bench(args) -> int:
     import importlib
 
-    return importlib.import_module(args.bench_module).run(args)
-
-
+    # parsed into the same namespace, so the benchmark still sees args.verbose and the other global options
+    args = bench_parser(args.bench).parse_args(args.unparsed_args, namespace=args)
+    return importlib.import_module(BENCHES[args.bench][0]).run(args)

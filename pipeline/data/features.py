@@ -329,7 +329,8 @@ class FeatureSpec:
         return [f for f in (*self.dense, *self.match) if f.name not in in_blocks]
 
     def embedding_layout(self, *, init_scale: float = 0.0) -> EmbeddingLayout:
-        """Tables and lookups for embeddings.SparseArch; `init_scale`: embeddings.init_scale of the run config."""
+        """Tables and lookups for embeddings.collection.SparseArch; `init_scale`: embeddings.init_scale of the run
+        config."""
         tables = tuple(TableDef(t.name, t.num_embeddings, t.dim) for t in self.tables)
         lookups = [LookupDef(f.name, f.table, "pooled", f.pooling) for f in self.sparse]
         lookups += [LookupDef(c, s.table_of(c), "sequence") for s in self.sequences for c in s.columns]

@@ -17,9 +17,9 @@ leaves no bubble. Sparse tables are outside DDP (fused optimizers update them in
 one step ahead of the dense weights, exactly as the paper describes.
 
 Bookkeeping is per parameter, not per bucket: DDP with `static_graph=True` re-lays its buckets out after the
-first iterations (see ../shared/docs/torchrec-on-cpu.md, section 3), so a bucket of step k need not match a
-bucket of step k-1. Each launched reduction remembers which parameters it covers; the next step's hook
-assembles its bucket from those per-parameter results, whatever the layout.
+first iterations (new layouts appear at steps 1 and 2), so a bucket of step k need not match a bucket of step
+k-1. Each launched reduction remembers which parameters it covers; the next step's hook assembles its bucket from
+those per-parameter results, whatever the layout.
 
 Boundaries that change what the model is used for (evaluation, end of a day or of training) call `flush`: it
 waits for the in-flight reductions, writes them into `.grad` and steps the dense optimizer once, so every

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 class OptimizerState:
     """A torchrec KeyedOptimizer as a checkpoint part.
 
-    Loading follows ../shared/docs/torchrec-on-cpu.md section 4: `init_state()` before DCP loads, or the dense
-    optimizer state is silently not restored. Entries the checkpoint lacks (another plan puts a table under another
+    Loading calls `init_state()` before DCP loads: the dense optimizer's state is empty until its first step, and
+    DCP would silently restore nothing into it. Entries the checkpoint lacks (another plan puts a table under another
     optimizer: data-parallel + AdamW on N ranks, fused on 1) keep their initial values, with a warning; anything
     else missing makes DCP fail loudly. Loading keeps the LRs the schedule set (they are not in the state).
     """
@@ -70,7 +70,7 @@ class OptimizerState:
 
 class RunIdentity:
     """The resolved config of the run; a checkpoint of other tables or another tower is refused with a readable
-    diff (normally before any collective: see pipeline.train.trainer.check_resumable)."""
+    diff (normally before any collective: see pipeline.train.resume.check_resumable)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
