@@ -6,6 +6,7 @@ rank, export). Servers run as real `hyrank serve` subprocesses on 127.0.0.1 (ben
 
 import asyncio
 import datetime as dt
+import http.client
 import json
 import shutil
 import subprocess
@@ -77,6 +78,12 @@ def _post(server, payload) -> tuple[int, dict]:
     return http_json(server.port, "POST", "/score", body)
 
 
+def _samples(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition: 'name{labels}' -> value."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def _with(row: dict, **changes) -> dict:
     out = {k: v for k, v in row.items() if changes.get(k, 0) is not None}
     out.update({k: v for k, v in changes.items() if v is not None})
@@ -115,6 +122,24 @@ def test_a_bad_request_gets_a_400_naming_row_and_field_and_the_server_goes_on(se
 
 
 @pytest.mark.dist
+def test_json_nested_too_deeply_is_a_400_counted_in_the_metrics(server, rows):
+    """json.loads raises RecursionError, not JSONDecodeError, on deep nesting: it was a 500 the metrics missed."""
+    before = _samples(http_text(server.port, "/metrics"))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/score", body=b"[" * 100_000 + b"]" * 100_000)
+    response = conn.getresponse()
+    status, text = response.status, response.read().decode()
+    conn.close()
+    assert status == 400, text
+    assert json.loads(text)["problems"] == ["body: not JSON (nested too deeply)"]
+    after = _samples(http_text(server.port, "/metrics"))
+    for sample in ('hyrank_requests_total{code="400"}', 'hyrank_request_errors_total{reason="bad_request"}'):
+        assert after[sample] == before.get(sample, 0) + 1, sample
+    assert 'hyrank_requests_total{code="500"}' not in after
+    assert _post(server, {"rows": rows[:2]})[0] == 200
+
+
+@pytest.mark.dist
 def test_the_server_scores_what_the_artifact_scores(server, artifact, rows):
     """The same-logits link: concurrent requests of 1, 2, 7 and 50 rows (micro-batched together or not) get the
     probabilities Artifact.score_rows gives the same rows."""
@@ -144,8 +169,7 @@ def test_health_readiness_and_metrics(server, artifact, rows):
     assert _post(server, {"rows": rows[:4]})[0] == 200
     assert _post(server, b"not json")[0] == 400
     text = http_text(server.port, "/metrics")
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = _samples(text)
     assert samples['hyrank_requests_total{code="200"}'] >= 1 and samples['hyrank_requests_total{code="400"}'] >= 1
     assert samples['hyrank_request_errors_total{reason="bad_request"}'] >= 1
     assert samples["hyrank_request_duration_seconds_count"] >= 2

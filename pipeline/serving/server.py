@@ -13,10 +13,11 @@ Endpoints:
                  id and oracle), in the JSON form of the training types (ids as numbers, string ids as strings,
                  lists as arrays). Rows go through the training path (pipeline/serving/artifact.py), so a request
                  is scored exactly as training read its logs. 400 {"error": "bad request", "problems": [...]} names
-                 each bad row and field ("row 3: field 'user_id': negative_id"): malformed JSON, not an object, a
-                 missing, unknown or ill-typed field, an over-long list, more than --max-request-rows rows. 503:
-                 no model loaded yet, or more rows queued than the server admits (Retry-After). 500: the model
-                 failed on rows validation passed (logged with its traceback).
+                 each bad row and field ("row 3: field 'user_id': negative_id"): malformed JSON (nested too
+                 deeply too), not an object, a missing, unknown or ill-typed field, an over-long list, more than
+                 --max-request-rows rows. 503: no model loaded yet, or more rows queued than the server admits
+                 (Retry-After). 500: the model failed on rows validation passed, or a bug of the server (logged
+                 with its traceback, counted in /metrics like every other answer).
   GET /healthz   200 {"status": "alive"}: the process serves HTTP.
   GET /readyz    200 {"status": "ready", "version": ...} once a model is loaded, else 503 {"status": "loading"}.
   GET /metrics   Prometheus text: hyrank_requests_total{code}, hyrank_request_errors_total{reason},
@@ -240,7 +241,11 @@ def make_app(options: ServeOptions) -> FastAPI:
     @app.post("/score")
     async def score(request: Request) -> JSONResponse:
         start = time.perf_counter()
-        response, rows = await _score(request)
+        try:
+            response, rows = await _score(request)
+        except Exception:  # noqa: BLE001 - a bug of ours: still a counted, logged 500, never one the metrics miss
+            log.exception("scoring a request failed")
+            response, rows = JSONResponse({"error": "internal error (logged by the server)"}, status_code=500), 0
         metrics.request(response.status_code, time.perf_counter() - start, rows)
         return response
 
@@ -250,6 +255,8 @@ def make_app(options: ServeOptions) -> FastAPI:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return _bad([f"body: not JSON ({e})"]), 0
+        except RecursionError:  # '[' * 100000: json's parser recurses once per level and gives up at Python's limit
+            return _bad(["body: not JSON (nested too deeply)"]), 0
         problems = request_problems(payload, options.max_request_rows)
         if problems:
             return _bad(problems), 0
