@@ -8,7 +8,9 @@ import asyncio
 import datetime as dt
 import http.client
 import json
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -39,9 +41,9 @@ def test_cli_defaults_are_the_server_defaults(tmp_path):
 
     args = build_parser().parse_args(["serve", "--artifact", str(tmp_path), "--port", "1"])
     d = ServeOptions(tmp_path)
-    assert (args.host, args.max_batch_rows, args.max_wait_ms, args.max_request_rows, args.reload_poll_s,
-            args.drain_timeout_s) == (d.host, d.max_batch_rows, d.max_wait_ms, d.max_request_rows, d.reload_poll_s,
-                                      d.drain_timeout_s)
+    assert (args.host, args.max_batch_rows, args.max_wait_ms, args.max_request_rows, args.max_body_bytes,
+            args.reload_poll_s, args.drain_timeout_s) == (d.host, d.max_batch_rows, d.max_wait_ms, d.max_request_rows,
+                                                          d.max_body_bytes, d.reload_poll_s, d.drain_timeout_s)
 
 
 # -- with an artifact ----------------------------------------------------------------------------------------------
@@ -64,10 +66,14 @@ def rows(made, artifact):
     return request_rows(made.data, artifact.features, 120)
 
 
+MAX_BODY_BYTES = 2_000_000  # the module server's: over the 1.2 MB of the over-long list request below
+
+
 @pytest.fixture(scope="module")
 def server(made, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(made.root, log, "--reload-poll-s", "0", "--max-request-rows", "64") as s:
+    with ServerProcess(made.root, log, "--reload-poll-s", "0", "--max-request-rows", "64", "--max-body-bytes",
+                       str(MAX_BODY_BYTES)) as s:
         s.wait_ready()
         yield s
         assert s.stop() == 0, log.read_text()
@@ -119,6 +125,49 @@ def test_a_bad_request_gets_a_400_naming_row_and_field_and_the_server_goes_on(se
     assert body["error"] == "bad request" and any(expected in p for p in body["problems"]), body
     status, body = _post(server, {"rows": rows[:3]})
     assert status == 200 and len(body["probabilities"]) == 3, body
+
+
+def _send_until_answered(port: int, head: bytes, chunks) -> tuple[int, int]:
+    """Send a request's head, then body chunks as long as the server has not answered (as a client that reads
+    while it writes, like curl); (the answer's status, body bytes sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head)
+        sent = 0
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered: the rest of the body is never sent
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server closed the connection after its answer
+            sent += len(chunk)
+        answer = b""
+        while b"\r\n" not in answer and (data := sock.recv(65536)):
+            answer += data
+    return int(answer.split(b" ", 2)[1]), sent
+
+
+@pytest.mark.dist
+def test_a_body_over_max_body_bytes_gets_a_413_before_it_is_read(server, rows):
+    """From Content-Length (the server answers before a byte of a 300 MB body is sent) and while reading a
+    chunked body (the server stops reading soon after the limit, long before the 64 MB the client has to send)."""
+    before = _samples(http_text(server.port, "/metrics"))
+    head = b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    status, sent = _send_until_answered(server.port, head + b"Content-Length: 300000000\r\n\r\n",
+                                        [b"[" * 65536 for _ in range(4578)])
+    assert status == 413 and sent < 300_000_000
+    status, sent = _send_until_answered(server.port, head + f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode(),
+                                        [b" " * (MAX_BODY_BYTES + 1)])
+    assert status == 413
+    chunk = b"10000\r\n" + b" " * 65536 + b"\r\n"  # 64 KiB chunks of a chunked body, never ended
+    status, sent = _send_until_answered(server.port, head + b"Transfer-Encoding: chunked\r\n\r\n",
+                                        [chunk] * 1024 + [b"0\r\n\r\n"])
+    assert status == 413 and MAX_BODY_BYTES < sent < 1024 * 65536, sent
+    status, body = _post(server, {"rows": rows[:3]})
+    assert status == 200 and len(body["probabilities"]) == 3, body
+    after = _samples(http_text(server.port, "/metrics"))
+    for sample in ('hyrank_requests_total{code="413"}', 'hyrank_request_errors_total{reason="too_large"}'):
+        assert after.get(sample, 0) == before.get(sample, 0) + 3, sample
 
 
 @pytest.mark.dist
