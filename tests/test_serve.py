@@ -113,6 +113,25 @@ BAD_REQUESTS = {  # name -> (payload from the good rows, a text the 400's proble
                            "row 0: field 'long_item_ids': list_too_long"),
     "nan_dense": (lambda r: {"rows": [_with(r[0], item_ctr_prior=float("nan"))]},
                   "row 0: field 'item_ctr_prior': not_finite"),
+    "null_id": (lambda r: {"rows": [r[0], {**r[1], "user_id": None}]}, "row 1: field 'user_id': null"),
+    # the types training refuses for a column (pipeline/data/schema.py), refused for a value: an id is an integer
+    # or a string, never a float (not even an integral one: a float64 id column is refused whatever its values)
+    "float_id": (lambda r: {"rows": [_with(r[0], user_id=3.99)]},
+                 "row 0: field 'user_id': 3.99 has type double, but the feature spec reads it as a sparse column"),
+    "integral_float_id": (lambda r: {"rows": [r[0], _with(r[1], item_id=3.0)]},
+                          "row 1: field 'item_id': 3.0 has type double, but the feature spec reads it as a sparse"),
+    "bool_id": (lambda r: {"rows": [_with(r[0], user_id=True)]},
+                "row 0: field 'user_id': true has type bool, but the feature spec reads it as a sparse column"),
+    "float_in_an_id_list": (lambda r: {"rows": [_with(r[0], long_item_ids=[1.5] + r[0]["long_item_ids"][1:])]},
+                            "row 0: field 'long_item_ids': [1.5, "),
+    "string_id_for_an_integer_id": (lambda r: {"rows": [_with(r[0], user_id="3")]},
+                                    "row 0: field 'user_id': \"3\" is not a int64"),
+    "integer_id_for_a_string_id": (lambda r: {"rows": [_with(r[0], user_city=3)]},
+                                   "row 0: field 'user_city': 3 is not a string"),
+    "bool_dense": (lambda r: {"rows": [_with(r[0], item_ctr_prior=False)]},
+                   "row 0: field 'item_ctr_prior': false has type bool, but the feature spec reads it as a dense"),
+    "string_dense": (lambda r: {"rows": [_with(r[0], item_ctr_prior="0.5")]},
+                     "row 0: field 'item_ctr_prior': \"0.5\" has type string, but the feature spec reads it as a"),
 }
 
 
@@ -186,6 +205,38 @@ def test_json_nested_too_deeply_is_a_400_counted_in_the_metrics(server, rows):
         assert after[sample] == before.get(sample, 0) + 1, sample
     assert 'hyrank_requests_total{code="500"}' not in after
     assert _post(server, {"rows": rows[:2]})[0] == 200
+
+
+@pytest.mark.dist
+def test_a_request_value_is_refused_with_the_words_training_refuses_its_column_type(artifact, rows):
+    """One rule for logs and requests: a float user_id in a request gets the refusal check_schema gives a log
+    file whose user_id column is float64 (it was truncated to an int and scored)."""
+    from hyrank.pipeline.data.validate import check_schema
+    from hyrank.pipeline.serving.artifact import BadRows
+
+    table = artifact.table_of(rows[:2])
+    logs = table.set_column(table.schema.get_field_index("user_id"), "user_id",
+                            table.column("user_id").cast(pa.float64()))
+    with pytest.raises(ValueError) as e:
+        check_schema(artifact.spec, logs.schema, "part-0.parquet")
+    training = str(e.value).removeprefix("part-0.parquet: column 'user_id' ")
+    assert training.startswith("has type double, but the feature spec reads it as a sparse column"), training
+    for value in (3.99, 3.0):
+        with pytest.raises(BadRows) as e:
+            artifact.table_of([rows[0], _with(rows[1], user_id=value)])
+        assert e.value.problems == [f"row 1: field 'user_id': {value} {training}"]
+
+
+@pytest.mark.dist
+def test_integers_for_float_fields_are_floats_as_in_training(artifact, rows):
+    """A dense column of integers is one training reads (schema.DENSE): JSON that writes 1.0 as 1 scores the same."""
+    dense = [f.name for f in artifact.spec.dense if f.name in artifact.features]
+    as_ints = [_with(r, **{k: (round(r[k]) if isinstance(r[k], float) else [round(x) for x in r[k]]) for k in dense})
+               for r in rows[:8]]
+    as_floats = [_with(r, **{k: (float(r[k]) if not isinstance(r[k], list) else [float(x) for x in r[k]])
+                             for k in dense}) for r in as_ints]
+    assert any(isinstance(r[k], int) for r in as_ints for k in dense)
+    np.testing.assert_array_equal(artifact.score_rows(as_ints), artifact.score_rows(as_floats))
 
 
 @pytest.mark.dist
