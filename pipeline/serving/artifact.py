@@ -26,6 +26,7 @@ import base64
 import json
 import re
 import reprlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ MANIFEST = "manifest.json"
 PROGRAM = "model.pt2"
 FORMAT_VERSION = 1
 _NOT_CONVERTED = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError)
+# torch.export.load deserializes through one global of torch's (_CURRENT_DESERIALIZER): two loads at once in one
+# process (two servers' loader threads) fail one of them with "already set"
+_LOADING = threading.Lock()
 
 
 class BadRows(ValueError):
@@ -87,7 +91,8 @@ class Artifact:
                 raise ValueError(f"{path / name} does not match the sha256 in its manifest: the artifact is damaged")
         spec = from_dict(FeatureSpec, manifest["features"], source=str(path / MANIFEST), where="features")
         schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest["arrow_schema"])))
-        program = torch.export.load(str(path / PROGRAM)).module()
+        with _LOADING:
+            program = torch.export.load(str(path / PROGRAM)).module()
         return cls(path, manifest, program, spec, schema)
 
     # -- scoring -------------------------------------------------------------------------------------------------
