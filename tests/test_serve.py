@@ -282,6 +282,72 @@ def test_health_readiness_and_metrics(server, artifact, rows):
 
 
 @pytest.mark.dist
+def test_metrics_are_openmetrics_when_the_scraper_asks_for_it(server, rows):
+    """prometheus_client's content negotiation: a Prometheus server asks for OpenMetrics (typed families, # EOF)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    assert _post(server, {"rows": rows[:2]})[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("GET", "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    response = conn.getresponse()
+    content_type, text = response.getheader("Content-Type"), response.read().decode()
+    conn.close()
+    assert content_type.startswith("application/openmetrics-text"), content_type
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    kinds = {name: families[name].type for name in (
+        "hyrank_requests", "hyrank_request_errors", "hyrank_request_duration_seconds", "hyrank_batch_rows",
+        "hyrank_batch_requests", "hyrank_rows_scored", "hyrank_queued_rows", "hyrank_model_loaded",
+        "hyrank_model_info", "hyrank_model_reloads")}
+    assert kinds == {"hyrank_requests": "counter", "hyrank_request_errors": "counter",
+                     "hyrank_request_duration_seconds": "histogram", "hyrank_batch_rows": "histogram",
+                     "hyrank_batch_requests": "histogram", "hyrank_rows_scored": "counter",
+                     "hyrank_queued_rows": "gauge", "hyrank_model_loaded": "gauge", "hyrank_model_info": "gauge",
+                     "hyrank_model_reloads": "counter"}
+    ok = [s for s in families["hyrank_requests"].samples if s.name == "hyrank_requests_total"
+          and s.labels == {"code": "200"}]
+    assert ok and ok[0].value >= 1
+
+
+@pytest.mark.dist
+def test_two_servers_in_one_process_count_their_own_requests(made, rows):
+    """Each server's metrics live in its own registry: two apps in one process neither clash (prometheus_client's
+    default registry refuses a second metric of a name) nor count each other's requests."""
+    import uvicorn
+
+    from hyrank.bench.serve import free_port
+    from hyrank.pipeline.serving.server import ServeOptions, make_app
+
+    servers = []
+    for _ in range(2):
+        port = free_port()
+        config = uvicorn.Config(make_app(ServeOptions(made.root, port=port, reload_poll_s=0)), host="127.0.0.1",
+                                port=port, lifespan="on", log_config=None, access_log=False)
+        servers.append((uvicorn.Server(config), port))
+    threads = [threading.Thread(target=s.run, daemon=True) for s, _ in servers]
+    for t in threads:
+        t.start()
+    try:
+        for _, port in servers:
+            deadline = time.monotonic() + 60
+            while not (servers[0][0].started and servers[1][0].started) or \
+                    http_json(port, "GET", "/readyz")[0] != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        for _ in range(3):
+            assert http_json(servers[0][1], "POST", "/score", json.dumps({"rows": rows[:2]}).encode())[0] == 200
+        assert http_json(servers[1][1], "POST", "/score", b"{}")[0] == 400
+        first, second = (_samples(http_text(port, "/metrics")) for _, port in servers)
+    finally:
+        for s, _ in servers:
+            s.should_exit = True
+        for t in threads:
+            t.join(30)
+    assert first['hyrank_requests_total{code="200"}'] == 3 and 'hyrank_requests_total{code="400"}' not in first
+    assert second['hyrank_requests_total{code="400"}'] == 1 and 'hyrank_requests_total{code="200"}' not in second
+    assert first["hyrank_rows_scored_total"] == 6 and second["hyrank_rows_scored_total"] == 0
+
+
+@pytest.mark.dist
 def test_one_batch_scores_good_requests_and_refuses_bad_ones_alone(artifact, rows):
     """Requests queued together become one batch (one model call); the bad one gets its own problems, the others
     their slices, equal to scoring them alone."""

@@ -22,10 +22,13 @@ Endpoints:
                  with its traceback, counted in /metrics like every other answer).
   GET /healthz   200 {"status": "alive"}: the process serves HTTP.
   GET /readyz    200 {"status": "ready", "version": ...} once a model is loaded, else 503 {"status": "loading"}.
-  GET /metrics   Prometheus text: hyrank_requests_total{code}, hyrank_request_errors_total{reason},
-                 hyrank_request_duration_seconds (histogram), hyrank_batch_rows / hyrank_batch_requests
-                 (histograms), hyrank_rows_scored_total, hyrank_queued_rows, hyrank_model_loaded,
-                 hyrank_model_info{version} 1, hyrank_model_reloads_total{result}.
+  GET /metrics   prometheus_client's exposition of the server's own registry (Prometheus text, or OpenMetrics when
+                 the Accept header asks): hyrank_requests_total{code}, hyrank_request_errors_total{reason:
+                 bad_request, too_large, internal, unavailable}, hyrank_request_duration_seconds (histogram),
+                 hyrank_batch_rows / hyrank_batch_requests (histograms), hyrank_rows_scored_total,
+                 hyrank_queued_rows, hyrank_model_loaded, hyrank_model_info{version} 1,
+                 hyrank_model_reloads_total{result: ok, failed}; counters and histograms also have the library's
+                 *_created series.
 
 Batching (pipeline/serving/batching.py): one asyncio queue feeding one model thread; concurrent requests are
 scored together, each gets its own slice back, and a bad request never fails the others of its batch.
@@ -60,7 +63,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from starlette.requests import ClientDisconnect
 
 from hyrank.pipeline.serving.artifact import MANIFEST, Artifact, resolve
@@ -124,13 +130,13 @@ class ModelSlot:
             artifact = Artifact.load(path)
         except Exception:  # noqa: BLE001 - damaged or half-written: keep serving what serves
             self._failed = key
-            self.metrics.reloads["failed"] += 1
+            self.metrics.reload(ok=False)
             log.exception("could not load %s; still serving %s", path,
                           self.artifact.version if self.artifact else "nothing")
             return False
         previous = self.artifact
         self.artifact, self._loaded = artifact, key  # the swap: the next batch scores with the new version
-        self.metrics.reloads["ok"] += 1
+        self.metrics.reload(ok=True)
         log.info("serving %s from %s (loaded in %.1f s; was %s)", artifact.version, path,
                  time.perf_counter() - start, previous.version if previous else "nothing")
         return True
@@ -149,75 +155,70 @@ async def _follow(slot: ModelSlot, poll_s: float, loader: ThreadPoolExecutor) ->
 # -- metrics -------------------------------------------------------------------------------------------------------
 
 
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count."""
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds, self.counts, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{b:g}"}} {n}' for b, n in zip(self.bounds, self.counts)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
-                      f"{name}_count {self.count}"]
-
-
 class Metrics:
-    """Counters of the server, updated in the event loop (reloads in the loader thread), read as Prometheus text."""
+    """The server's Prometheus metrics (prometheus_client), in a registry of its own: several servers in one process
+    (tests) never share or clash. Updated in the event loop, reloads in the loader thread (the library locks)."""
+
+    REASONS = {400: "bad_request", 413: "too_large", 500: "internal", 503: "unavailable"}  # error answers
 
     def __init__(self):
-        self.requests: dict[int, int] = {}
-        self.errors: dict[str, int] = {}
-        self.rows_scored = 0
-        self.latency = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
-        self.batch_rows = Histogram(tuple(float(2 ** i) for i in range(13)))
-        self.batch_requests = Histogram(tuple(float(2 ** i) for i in range(9)))
-        self.reloads = {"ok": 0, "failed": 0}
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("hyrank_requests_total", "scoring requests answered, by HTTP status", ["code"],
+                                registry=r)
+        self.errors = Counter("hyrank_request_errors_total", "scoring requests that failed, by reason", ["reason"],
+                              registry=r)
+        self.latency = Histogram("hyrank_request_duration_seconds", "time from request to response, seconds",
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+                                 registry=r)
+        self.batch_rows = Histogram("hyrank_batch_rows", "rows per model call",
+                                    buckets=tuple(float(2 ** i) for i in range(13)), registry=r)
+        self.batch_requests = Histogram("hyrank_batch_requests", "requests per model call",
+                                        buckets=tuple(float(2 ** i) for i in range(9)), registry=r)
+        self.rows_scored = Counter("hyrank_rows_scored_total", "rows scored", registry=r)
+        self.reloads = Counter("hyrank_model_reloads_total", "model versions loaded, or that failed to load (a "
+                               "damaged version, or a `latest` naming none)", ["result"], registry=r)
+        # every reason and result shows from the start, at 0: an alert on their rate needs the series to exist
+        for reason in self.REASONS.values():
+            self.errors.labels(reason)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
 
     def request(self, code: int, seconds: float, rows: int) -> None:
-        self.requests[code] = self.requests.get(code, 0) + 1
-        reason = {400: "bad_request", 413: "too_large", 500: "internal", 503: "unavailable"}.get(code)
+        self.requests.labels(str(code)).inc()
+        reason = self.REASONS.get(code)
         if reason:
-            self.errors[reason] = self.errors.get(reason, 0) + 1
+            self.errors.labels(reason).inc()
         else:
-            self.rows_scored += rows
+            self.rows_scored.inc(rows)
         self.latency.observe(seconds)
 
     def batch(self, requests: int, rows: int) -> None:
         self.batch_requests.observe(requests)
         self.batch_rows.observe(rows)
 
-    def render(self, artifact: Artifact | None, queued_rows: int) -> str:
-        families = [
-            ("hyrank_requests_total", "counter", "scoring requests answered, by HTTP status",
-             [f'hyrank_requests_total{{code="{c}"}} {n}' for c, n in sorted(self.requests.items())]),
-            ("hyrank_request_errors_total", "counter", "scoring requests that failed, by reason",
-             [f'hyrank_request_errors_total{{reason="{r}"}} {self.errors.get(r, 0)}'
-              for r in ("bad_request", "too_large", "internal", "unavailable")]),
-            ("hyrank_request_duration_seconds", "histogram", "time from request to response, seconds",
-             self.latency.lines("hyrank_request_duration_seconds")),
-            ("hyrank_batch_rows", "histogram", "rows per model call", self.batch_rows.lines("hyrank_batch_rows")),
-            ("hyrank_batch_requests", "histogram", "requests per model call",
-             self.batch_requests.lines("hyrank_batch_requests")),
-            ("hyrank_rows_scored_total", "counter", "rows scored", [f"hyrank_rows_scored_total {self.rows_scored}"]),
-            ("hyrank_queued_rows", "gauge", "rows waiting for the model thread", [f"hyrank_queued_rows {queued_rows}"]),
-            ("hyrank_model_loaded", "gauge", "1 once a model serves",
-             [f"hyrank_model_loaded {int(artifact is not None)}"]),
-            ("hyrank_model_info", "gauge", "the model version serving",
-             [f'hyrank_model_info{{version="{artifact.version}"}} 1'] if artifact else []),
-            ("hyrank_model_reloads_total", "counter", "model versions loaded, or that failed to load",
-             [f'hyrank_model_reloads_total{{result="{r}"}} {n}' for r, n in self.reloads.items()]),
-        ]
-        out = []
-        for name, kind, help_text, samples in families:
-            out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
-        return "\n".join(out) + "\n"
+    def reload(self, ok: bool) -> None:
+        self.reloads.labels("ok" if ok else "failed").inc()
+
+    def watch(self, slot: ModelSlot, batcher: MicroBatcher) -> None:
+        """Also expose what the server holds at each scrape: rows queued, the model loaded and its version."""
+        self.registry.register(_Holding(slot, batcher))
+
+
+class _Holding:
+    """A prometheus_client collector of the server's state, read when scraped (nothing to keep up to date)."""
+
+    def __init__(self, slot: ModelSlot, batcher: MicroBatcher):
+        self.slot, self.batcher = slot, batcher
+
+    def collect(self):
+        artifact = self.slot.artifact
+        yield GaugeMetricFamily("hyrank_queued_rows", "rows waiting for the model thread",
+                                value=self.batcher.queued_rows)
+        yield GaugeMetricFamily("hyrank_model_loaded", "1 once a model serves", value=int(artifact is not None))
+        info = GaugeMetricFamily("hyrank_model_info", "the model version serving (1)", labels=["version"])
+        if artifact is not None:
+            info.add_metric([artifact.version], 1)
+        yield info
 
 
 # -- the app -------------------------------------------------------------------------------------------------------
@@ -229,6 +230,7 @@ def make_app(options: ServeOptions) -> FastAPI:
     slot = ModelSlot(options.artifact, metrics)
     batcher = MicroBatcher(lambda: slot.artifact, max_batch_rows=options.max_batch_rows,
                            max_wait_ms=options.max_wait_ms, on_batch=metrics.batch)
+    metrics.watch(slot, batcher)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hyrank-loader")
 
     @asynccontextmanager
@@ -296,9 +298,10 @@ def make_app(options: ServeOptions) -> FastAPI:
         return JSONResponse({"status": "ready", "version": artifact.version, "features": artifact.features})
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(slot.artifact, batcher.queued_rows),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def prometheus(request: Request) -> Response:
+        # generate_latest (Prometheus text), or OpenMetrics when the scraper's Accept asks for it
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(metrics.registry), media_type=content_type)
 
     return app
 
