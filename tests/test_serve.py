@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import http.client
 import json
+import logging
 import select
 import shutil
 import socket
@@ -401,6 +402,41 @@ def test_unready_until_published_then_a_hot_reload_under_load_fails_nothing(made
     late_old = [r for r in records if r[0] > first_new_done and r[3] != "v2"]
     assert not late_old, f"{len(late_old)} requests sent after the swap were scored by the old version"
     assert 'hyrank_model_reloads_total{result="ok"} 2' in metrics and 'hyrank_model_info{version="v2"} 1' in metrics
+
+
+@pytest.mark.dist
+def test_a_latest_naming_no_version_is_logged_once_and_counted_as_a_failed_reload(made, tmp_path, caplog):
+    """Every poll finds the dangling pointer; one line says so per pointer, and it counts once. It must be seen on
+    two polls in a row: one poll can fall inside a re-export of the version it names (export removes the old
+    folder, then renames the new one into place)."""
+    from hyrank.pipeline.serving.artifact import resolve
+    from hyrank.pipeline.serving.server import Metrics, ModelSlot
+
+    root = tmp_path / "root"
+    version = resolve(made.root)
+    shutil.copytree(version, root / "versions" / version.name)
+    metrics = Metrics()
+    slot = ModelSlot(root, metrics)
+
+    def failed() -> float:
+        return metrics.registry.get_sample_value("hyrank_model_reloads_total", {"result": "failed"})
+
+    def poll(pointer: str, times: int) -> list[str]:
+        (root / "latest").write_text(pointer + "\n")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hyrank.pipeline.serving.server"):
+            for _ in range(times):
+                slot.refresh()
+        return [r.getMessage() for r in caplog.records]
+
+    assert poll("gone", 1) == [] and failed() == 0
+    assert poll("gone", 4) == [f"{root / 'latest'} names 'gone', which is not a published version under {root}; "
+                               "still serving nothing"]
+    assert failed() == 1 and slot.artifact is None
+    assert poll(version.name, 1) == [] and slot.artifact.version == version.name
+    assert poll("../../etc", 3) == [f"{root / 'latest'} names '../../etc', which is not a published version under "
+                                    f"{root}; still serving {version.name}"]
+    assert failed() == 2 and slot.artifact.version == version.name
 
 
 @pytest.mark.dist

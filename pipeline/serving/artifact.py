@@ -51,6 +51,14 @@ _NOT_CONVERTED = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, Ove
 _LOADING = threading.Lock()
 
 
+class NoSuchVersion(FileNotFoundError):
+    """A publish root's `latest` names no published version (a broken publish, or a hand edit)."""
+
+    def __init__(self, pointer: Path, name: str):
+        super().__init__(f"{pointer} names {name!r}, which is not a published version under {pointer.parent}")
+        self.pointer, self.name = pointer, name
+
+
 class BadRows(ValueError):
     """Rows a model cannot score; `problems` names each row, field and reason."""
 
@@ -200,7 +208,7 @@ def resolve(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: neither an artifact (no {MANIFEST}) nor a publish root (no latest)")
     name = pointer.read_text().strip()
     if not re.fullmatch(r"[\w.-]+", name) or not (path / "versions" / name / MANIFEST).is_file():
-        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a published version under {path}")
+        raise NoSuchVersion(pointer, name)
     return path / "versions" / name
 
 

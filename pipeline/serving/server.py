@@ -39,7 +39,8 @@ when it names another version (or the version folder was replaced by a re-export
 the loader thread beside the one serving, which keeps scoring meanwhile; then one reference assignment swaps it
 in. The model thread reads that reference once per batch, so the swap falls between two batches: no request fails
 or waits for a load, and every response names the version that scored it. A version that fails to load (damaged
-files) is logged and counted and the old one keeps serving.
+files), or a `latest` that names no version (found on two polls in a row), is logged once and counted as a failed
+reload, and the old one keeps serving.
 
 Shutdown: SIGTERM (or SIGINT) closes the listening socket, lets every request already received finish (uvicorn's
 graceful shutdown, up to --drain-timeout-s; the batcher keeps scoring meanwhile), then stops the batcher and the
@@ -69,7 +70,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from starlette.requests import ClientDisconnect
 
-from hyrank.pipeline.serving.artifact import MANIFEST, Artifact, resolve
+from hyrank.pipeline.serving.artifact import MANIFEST, Artifact, NoSuchVersion, resolve
 from hyrank.pipeline.serving.batching import MicroBatcher, Overloaded
 
 log = logging.getLogger(__name__)
@@ -112,17 +113,22 @@ class ModelSlot:
         self._loaded: tuple | None = None  # (version folder, manifest mtime) of the artifact serving
         self._failed: tuple | None = None  # ... of the last one that failed to load: not retried until it changes
         self._waiting_logged = False
+        self._dangling: tuple[str | None, int] = (None, 0)  # what `latest` named that is not there, polls in a row
 
     def refresh(self) -> bool:
         """Load the version `latest` names if it is not the one serving; True if a new one was swapped in."""
         try:
             path = resolve(self.source)
             key = (path, (path / MANIFEST).stat().st_mtime_ns)
-        except FileNotFoundError as e:  # nothing published yet, or a re-export is replacing the folder right now
+        except NoSuchVersion as e:
+            self._dangling_pointer(e)
+            return False
+        except FileNotFoundError as e:  # no `latest` yet, or a re-export removed the manifest after resolve saw it
             if self.artifact is None and not self._waiting_logged:
                 log.warning("no model to serve yet (%s); waiting for one to be published", e)
                 self._waiting_logged = True
             return False
+        self._dangling = (None, 0)
         if key in (self._loaded, self._failed):
             return False
         start = time.perf_counter()
@@ -140,6 +146,17 @@ class ModelSlot:
         log.info("serving %s from %s (loaded in %.1f s; was %s)", artifact.version, path,
                  time.perf_counter() - start, previous.version if previous else "nothing")
         return True
+
+
+    def _dangling_pointer(self, e: NoSuchVersion) -> None:
+        """Log and count a `latest` that names no version once (not at every poll), when two polls in a row find
+        it: one poll may fall inside a re-export of the version it names (export removes the old folder, then
+        renames the new one into place), and the next one finds it there."""
+        polls = self._dangling[1] + 1 if self._dangling[0] == e.name else 1
+        self._dangling = (e.name, polls)
+        if polls == 2:
+            self.metrics.reload(ok=False)
+            log.error("%s; still serving %s", e, self.artifact.version if self.artifact else "nothing")
 
 
 async def _follow(slot: ModelSlot, poll_s: float, loader: ThreadPoolExecutor) -> None:
