@@ -6,8 +6,12 @@ rank, export). Servers run as real `hyrank serve` subprocesses on 127.0.0.1 (ben
 
 import asyncio
 import datetime as dt
+import http.client
 import json
+import logging
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -38,9 +42,9 @@ def test_cli_defaults_are_the_server_defaults(tmp_path):
 
     args = build_parser().parse_args(["serve", "--artifact", str(tmp_path), "--port", "1"])
     d = ServeOptions(tmp_path)
-    assert (args.host, args.max_batch_rows, args.max_wait_ms, args.max_request_rows, args.reload_poll_s,
-            args.drain_timeout_s) == (d.host, d.max_batch_rows, d.max_wait_ms, d.max_request_rows, d.reload_poll_s,
-                                      d.drain_timeout_s)
+    assert (args.host, args.max_batch_rows, args.max_wait_ms, args.max_request_rows, args.max_body_bytes,
+            args.reload_poll_s, args.drain_timeout_s) == (d.host, d.max_batch_rows, d.max_wait_ms, d.max_request_rows,
+                                                          d.max_body_bytes, d.reload_poll_s, d.drain_timeout_s)
 
 
 # -- with an artifact ----------------------------------------------------------------------------------------------
@@ -63,10 +67,14 @@ def rows(made, artifact):
     return request_rows(made.data, artifact.features, 120)
 
 
+MAX_BODY_BYTES = 2_000_000  # the module server's: over the 1.2 MB of the over-long list request below
+
+
 @pytest.fixture(scope="module")
 def server(made, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(made.root, log, "--reload-poll-s", "0", "--max-request-rows", "64") as s:
+    with ServerProcess(made.root, log, "--reload-poll-s", "0", "--max-request-rows", "64", "--max-body-bytes",
+                       str(MAX_BODY_BYTES)) as s:
         s.wait_ready()
         yield s
         assert s.stop() == 0, log.read_text()
@@ -75,6 +83,12 @@ def server(made, tmp_path_factory):
 def _post(server, payload) -> tuple[int, dict]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return http_json(server.port, "POST", "/score", body)
+
+
+def _samples(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition: 'name{labels}' -> value."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
 
 
 def _with(row: dict, **changes) -> dict:
@@ -100,6 +114,25 @@ BAD_REQUESTS = {  # name -> (payload from the good rows, a text the 400's proble
                            "row 0: field 'long_item_ids': list_too_long"),
     "nan_dense": (lambda r: {"rows": [_with(r[0], item_ctr_prior=float("nan"))]},
                   "row 0: field 'item_ctr_prior': not_finite"),
+    "null_id": (lambda r: {"rows": [r[0], {**r[1], "user_id": None}]}, "row 1: field 'user_id': null"),
+    # the types training refuses for a column (pipeline/data/schema.py), refused for a value: an id is an integer
+    # or a string, never a float (not even an integral one: a float64 id column is refused whatever its values)
+    "float_id": (lambda r: {"rows": [_with(r[0], user_id=3.99)]},
+                 "row 0: field 'user_id': 3.99 has type double, but the feature spec reads it as a sparse column"),
+    "integral_float_id": (lambda r: {"rows": [r[0], _with(r[1], item_id=3.0)]},
+                          "row 1: field 'item_id': 3.0 has type double, but the feature spec reads it as a sparse"),
+    "bool_id": (lambda r: {"rows": [_with(r[0], user_id=True)]},
+                "row 0: field 'user_id': true has type bool, but the feature spec reads it as a sparse column"),
+    "float_in_an_id_list": (lambda r: {"rows": [_with(r[0], long_item_ids=[1.5] + r[0]["long_item_ids"][1:])]},
+                            "row 0: field 'long_item_ids': [1.5, "),
+    "string_id_for_an_integer_id": (lambda r: {"rows": [_with(r[0], user_id="3")]},
+                                    "row 0: field 'user_id': \"3\" is not a int64"),
+    "integer_id_for_a_string_id": (lambda r: {"rows": [_with(r[0], user_city=3)]},
+                                   "row 0: field 'user_city': 3 is not a string"),
+    "bool_dense": (lambda r: {"rows": [_with(r[0], item_ctr_prior=False)]},
+                   "row 0: field 'item_ctr_prior': false has type bool, but the feature spec reads it as a dense"),
+    "string_dense": (lambda r: {"rows": [_with(r[0], item_ctr_prior="0.5")]},
+                     "row 0: field 'item_ctr_prior': \"0.5\" has type string, but the feature spec reads it as a"),
 }
 
 
@@ -112,6 +145,99 @@ def test_a_bad_request_gets_a_400_naming_row_and_field_and_the_server_goes_on(se
     assert body["error"] == "bad request" and any(expected in p for p in body["problems"]), body
     status, body = _post(server, {"rows": rows[:3]})
     assert status == 200 and len(body["probabilities"]) == 3, body
+
+
+def _send_until_answered(port: int, head: bytes, chunks) -> tuple[int, int]:
+    """Send a request's head, then body chunks as long as the server has not answered (as a client that reads
+    while it writes, like curl); (the answer's status, body bytes sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head)
+        sent = 0
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered: the rest of the body is never sent
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server closed the connection after its answer
+            sent += len(chunk)
+        answer = b""
+        while b"\r\n" not in answer and (data := sock.recv(65536)):
+            answer += data
+    return int(answer.split(b" ", 2)[1]), sent
+
+
+@pytest.mark.dist
+def test_a_body_over_max_body_bytes_gets_a_413_before_it_is_read(server, rows):
+    """From Content-Length (the server answers before a byte of a 300 MB body is sent) and while reading a
+    chunked body (the server stops reading soon after the limit, long before the 64 MB the client has to send)."""
+    before = _samples(http_text(server.port, "/metrics"))
+    head = b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    status, sent = _send_until_answered(server.port, head + b"Content-Length: 300000000\r\n\r\n",
+                                        [b"[" * 65536 for _ in range(4578)])
+    assert status == 413 and sent < 300_000_000
+    status, sent = _send_until_answered(server.port, head + f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode(),
+                                        [b" " * (MAX_BODY_BYTES + 1)])
+    assert status == 413
+    chunk = b"10000\r\n" + b" " * 65536 + b"\r\n"  # 64 KiB chunks of a chunked body, never ended
+    status, sent = _send_until_answered(server.port, head + b"Transfer-Encoding: chunked\r\n\r\n",
+                                        [chunk] * 1024 + [b"0\r\n\r\n"])
+    assert status == 413 and MAX_BODY_BYTES < sent < 1024 * 65536, sent
+    status, body = _post(server, {"rows": rows[:3]})
+    assert status == 200 and len(body["probabilities"]) == 3, body
+    after = _samples(http_text(server.port, "/metrics"))
+    for sample in ('hyrank_requests_total{code="413"}', 'hyrank_request_errors_total{reason="too_large"}'):
+        assert after.get(sample, 0) == before.get(sample, 0) + 3, sample
+
+
+@pytest.mark.dist
+def test_json_nested_too_deeply_is_a_400_counted_in_the_metrics(server, rows):
+    """json.loads raises RecursionError, not JSONDecodeError, on deep nesting: it was a 500 the metrics missed."""
+    before = _samples(http_text(server.port, "/metrics"))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/score", body=b"[" * 100_000 + b"]" * 100_000)
+    response = conn.getresponse()
+    status, text = response.status, response.read().decode()
+    conn.close()
+    assert status == 400, text
+    assert json.loads(text)["problems"] == ["body: not JSON (nested too deeply)"]
+    after = _samples(http_text(server.port, "/metrics"))
+    for sample in ('hyrank_requests_total{code="400"}', 'hyrank_request_errors_total{reason="bad_request"}'):
+        assert after[sample] == before.get(sample, 0) + 1, sample
+    assert 'hyrank_requests_total{code="500"}' not in after
+    assert _post(server, {"rows": rows[:2]})[0] == 200
+
+
+@pytest.mark.dist
+def test_a_request_value_is_refused_with_the_words_training_refuses_its_column_type(artifact, rows):
+    """One rule for logs and requests: a float user_id in a request gets the refusal check_schema gives a log
+    file whose user_id column is float64 (it was truncated to an int and scored)."""
+    from hyrank.pipeline.data.validate import check_schema
+    from hyrank.pipeline.serving.artifact import BadRows
+
+    table = artifact.table_of(rows[:2])
+    logs = table.set_column(table.schema.get_field_index("user_id"), "user_id",
+                            table.column("user_id").cast(pa.float64()))
+    with pytest.raises(ValueError) as e:
+        check_schema(artifact.spec, logs.schema, "part-0.parquet")
+    training = str(e.value).removeprefix("part-0.parquet: column 'user_id' ")
+    assert training.startswith("has type double, but the feature spec reads it as a sparse column"), training
+    for value in (3.99, 3.0):
+        with pytest.raises(BadRows) as e:
+            artifact.table_of([rows[0], _with(rows[1], user_id=value)])
+        assert e.value.problems == [f"row 1: field 'user_id': {value} {training}"]
+
+
+@pytest.mark.dist
+def test_integers_for_float_fields_are_floats_as_in_training(artifact, rows):
+    """A dense column of integers is one training reads (schema.DENSE): JSON that writes 1.0 as 1 scores the same."""
+    dense = [f.name for f in artifact.spec.dense if f.name in artifact.features]
+    as_ints = [_with(r, **{k: (round(r[k]) if isinstance(r[k], float) else [round(x) for x in r[k]]) for k in dense})
+               for r in rows[:8]]
+    as_floats = [_with(r, **{k: (float(r[k]) if not isinstance(r[k], list) else [float(x) for x in r[k]])
+                             for k in dense}) for r in as_ints]
+    assert any(isinstance(r[k], int) for r in as_ints for k in dense)
+    np.testing.assert_array_equal(artifact.score_rows(as_ints), artifact.score_rows(as_floats))
 
 
 @pytest.mark.dist
@@ -144,8 +270,7 @@ def test_health_readiness_and_metrics(server, artifact, rows):
     assert _post(server, {"rows": rows[:4]})[0] == 200
     assert _post(server, b"not json")[0] == 400
     text = http_text(server.port, "/metrics")
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = _samples(text)
     assert samples['hyrank_requests_total{code="200"}'] >= 1 and samples['hyrank_requests_total{code="400"}'] >= 1
     assert samples['hyrank_request_errors_total{reason="bad_request"}'] >= 1
     assert samples["hyrank_request_duration_seconds_count"] >= 2
@@ -155,6 +280,72 @@ def test_health_readiness_and_metrics(server, artifact, rows):
     assert samples[f'hyrank_model_info{{version="{artifact.version}"}}'] == 1
     assert samples["hyrank_model_loaded"] == 1
     assert "# TYPE hyrank_request_duration_seconds histogram" in text
+
+
+@pytest.mark.dist
+def test_metrics_are_openmetrics_when_the_scraper_asks_for_it(server, rows):
+    """prometheus_client's content negotiation: a Prometheus server asks for OpenMetrics (typed families, # EOF)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    assert _post(server, {"rows": rows[:2]})[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("GET", "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    response = conn.getresponse()
+    content_type, text = response.getheader("Content-Type"), response.read().decode()
+    conn.close()
+    assert content_type.startswith("application/openmetrics-text"), content_type
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    kinds = {name: families[name].type for name in (
+        "hyrank_requests", "hyrank_request_errors", "hyrank_request_duration_seconds", "hyrank_batch_rows",
+        "hyrank_batch_requests", "hyrank_rows_scored", "hyrank_queued_rows", "hyrank_model_loaded",
+        "hyrank_model_info", "hyrank_model_reloads")}
+    assert kinds == {"hyrank_requests": "counter", "hyrank_request_errors": "counter",
+                     "hyrank_request_duration_seconds": "histogram", "hyrank_batch_rows": "histogram",
+                     "hyrank_batch_requests": "histogram", "hyrank_rows_scored": "counter",
+                     "hyrank_queued_rows": "gauge", "hyrank_model_loaded": "gauge", "hyrank_model_info": "gauge",
+                     "hyrank_model_reloads": "counter"}
+    ok = [s for s in families["hyrank_requests"].samples if s.name == "hyrank_requests_total"
+          and s.labels == {"code": "200"}]
+    assert ok and ok[0].value >= 1
+
+
+@pytest.mark.dist
+def test_two_servers_in_one_process_count_their_own_requests(made, rows):
+    """Each server's metrics live in its own registry: two apps in one process neither clash (prometheus_client's
+    default registry refuses a second metric of a name) nor count each other's requests."""
+    import uvicorn
+
+    from hyrank.bench.serve import free_port
+    from hyrank.pipeline.serving.server import ServeOptions, make_app
+
+    servers = []
+    for _ in range(2):
+        port = free_port()
+        config = uvicorn.Config(make_app(ServeOptions(made.root, port=port, reload_poll_s=0)), host="127.0.0.1",
+                                port=port, lifespan="on", log_config=None, access_log=False)
+        servers.append((uvicorn.Server(config), port))
+    threads = [threading.Thread(target=s.run, daemon=True) for s, _ in servers]
+    for t in threads:
+        t.start()
+    try:
+        for _, port in servers:
+            deadline = time.monotonic() + 60
+            while not (servers[0][0].started and servers[1][0].started) or \
+                    http_json(port, "GET", "/readyz")[0] != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        for _ in range(3):
+            assert http_json(servers[0][1], "POST", "/score", json.dumps({"rows": rows[:2]}).encode())[0] == 200
+        assert http_json(servers[1][1], "POST", "/score", b"{}")[0] == 400
+        first, second = (_samples(http_text(port, "/metrics")) for _, port in servers)
+    finally:
+        for s, _ in servers:
+            s.should_exit = True
+        for t in threads:
+            t.join(30)
+    assert first['hyrank_requests_total{code="200"}'] == 3 and 'hyrank_requests_total{code="400"}' not in first
+    assert second['hyrank_requests_total{code="400"}'] == 1 and 'hyrank_requests_total{code="200"}' not in second
+    assert first["hyrank_rows_scored_total"] == 6 and second["hyrank_rows_scored_total"] == 0
 
 
 @pytest.mark.dist
@@ -211,6 +402,41 @@ def test_unready_until_published_then_a_hot_reload_under_load_fails_nothing(made
     late_old = [r for r in records if r[0] > first_new_done and r[3] != "v2"]
     assert not late_old, f"{len(late_old)} requests sent after the swap were scored by the old version"
     assert 'hyrank_model_reloads_total{result="ok"} 2' in metrics and 'hyrank_model_info{version="v2"} 1' in metrics
+
+
+@pytest.mark.dist
+def test_a_latest_naming_no_version_is_logged_once_and_counted_as_a_failed_reload(made, tmp_path, caplog):
+    """Every poll finds the dangling pointer; one line says so per pointer, and it counts once. It must be seen on
+    two polls in a row: one poll can fall inside a re-export of the version it names (export removes the old
+    folder, then renames the new one into place)."""
+    from hyrank.pipeline.serving.artifact import resolve
+    from hyrank.pipeline.serving.server import Metrics, ModelSlot
+
+    root = tmp_path / "root"
+    version = resolve(made.root)
+    shutil.copytree(version, root / "versions" / version.name)
+    metrics = Metrics()
+    slot = ModelSlot(root, metrics)
+
+    def failed() -> float:
+        return metrics.registry.get_sample_value("hyrank_model_reloads_total", {"result": "failed"})
+
+    def poll(pointer: str, times: int) -> list[str]:
+        (root / "latest").write_text(pointer + "\n")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hyrank.pipeline.serving.server"):
+            for _ in range(times):
+                slot.refresh()
+        return [r.getMessage() for r in caplog.records]
+
+    assert poll("gone", 1) == [] and failed() == 0
+    assert poll("gone", 4) == [f"{root / 'latest'} names 'gone', which is not a published version under {root}; "
+                               "still serving nothing"]
+    assert failed() == 1 and slot.artifact is None
+    assert poll(version.name, 1) == [] and slot.artifact.version == version.name
+    assert poll("../../etc", 3) == [f"{root / 'latest'} names '../../etc', which is not a published version under "
+                                    f"{root}; still serving {version.name}"]
+    assert failed() == 2 and slot.artifact.version == version.name
 
 
 @pytest.mark.dist

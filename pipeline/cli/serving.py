@@ -27,6 +27,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="how long the oldest queued request waits for others to join its batch")
     p.add_argument("--max-request-rows", type=int, default=1024, help="rows one request may hold")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                   help="bytes one request body may hold (8 MiB: 1024 rows of the default feature spec fit); "
+                   "a larger one gets a 413 from its Content-Length, or as soon as a chunked body passes the limit, "
+                   "without the rest being read")
     p.add_argument("--reload-poll-s", type=float, default=5.0,
                    help="read `latest` this often and hot-swap a new version in (0: never)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
@@ -37,10 +41,10 @@ def serve(args: argparse.Namespace) -> int:
     """Serve a published model over HTTP: micro-batched scoring, hot reload of `latest`, graceful drain.
 
     POST /score {"rows": [{feature: value, ...}, ...]} -> {"probabilities": [...], "version": "..."}; a bad request
-    gets a 400 naming each bad row and field. GET /healthz, /readyz (503 until a model is loaded), /metrics
-    (Prometheus). Rows are checked and converted by the training code path, so the server scores exactly what
-    training read. A new version published under the root is loaded beside the serving one and swapped in between
-    two batches; SIGTERM drains the requests in flight and exits 0.
+    gets a 400 naming each bad row and field, a body over --max-body-bytes a 413 (before it is read). GET /healthz,
+    /readyz (503 until a model is loaded), /metrics (Prometheus). Rows are checked and converted by the training
+    code path, so the server scores exactly what training read. A new version published under the root is loaded
+    beside the serving one and swapped in between two batches; SIGTERM drains the requests in flight and exits 0.
 
     Examples:
       hyrank serve --artifact exports/default --port 8080
@@ -52,7 +56,8 @@ def serve(args: argparse.Namespace) -> int:
 
     return run_server(ServeOptions(args.artifact, host=args.host, port=args.port, max_batch_rows=args.max_batch_rows,
                               max_wait_ms=args.max_wait_ms, max_request_rows=args.max_request_rows,
-                              reload_poll_s=args.reload_poll_s, drain_timeout_s=args.drain_timeout_s))
+                              max_body_bytes=args.max_body_bytes, reload_poll_s=args.reload_poll_s,
+                              drain_timeout_s=args.drain_timeout_s))
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,11 +5,12 @@
     check_type(kinds["click"], arr.type, source="part-0.parquet", column="click")   # ValueError if refused
 
 pipeline/data/validate.py refuses a file whose column types are not accepted (check_schema, before any row is
-decoded); pipeline/data/convert.py refuses the same types with the same message, so a table that passes the
-schema check always converts, and one that fails it never half-converts. Values (0/1 labels, finite floats, id
-ranges, list lengths) are checked row by row in those modules, not here; what counts as a null value (`nulls`) is
-defined here, for both. A column read in two roles (the group column that is also a sparse feature) takes the types
-both roles accept.
+decoded); pipeline/data/convert.py refuses the same types with the same message, so a table that passes the schema
+check always converts, and one that fails it never half-converts. The scoring server holds each value of a request
+to the same rule (`refusal`): a float id is refused in a request as a float64 id column is in the logs. Values (0/1
+labels, finite floats, id ranges, list lengths) are checked row by row in those modules, not here; what counts as a
+null value (`nulls`) is defined here, for both. A column read in two roles (the group column that is also a sparse
+feature) takes the types both roles accept.
 """
 
 from __future__ import annotations
@@ -117,8 +118,17 @@ def both(*kinds: ColumnKind) -> ColumnKind:
                       lambda t: all(k.accepts(t) for k in kinds))
 
 
+def refusal(kind: ColumnKind, t: pa.DataType) -> str | None:
+    """Why `kind` refuses values of type `t`, or None if it accepts them: the words check_type raises for a log
+    file's column, and the scoring server gives for a request's value (pipeline/serving/artifact.py)."""
+    if kind.accepts(t):
+        return None
+    shown = str(t) if len(str(t)) <= 80 else str(t)[:77] + "..."  # a JSON value nested 900 deep has such a type
+    return f"has type {shown}, but the feature spec reads it as a {kind.name} column, which holds {kind.description}"
+
+
 def check_type(kind: ColumnKind, t: pa.DataType, *, source: str, column: str) -> None:
     """Raise ValueError naming `source`, the column and its type if `kind` does not accept `t`."""
-    if not kind.accepts(t):
-        raise ValueError(f"{source}: column {column!r} has type {t}, but the feature spec reads it as a "
-                         f"{kind.name} column, which holds {kind.description}")
+    why = refusal(kind, t)
+    if why is not None:
+        raise ValueError(f"{source}: column {column!r} {why}")

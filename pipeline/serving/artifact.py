@@ -9,10 +9,12 @@ An artifact folder (`<root>/versions/<version>/`, written by pipeline/serving/ex
   manifest.json  model name and options, the feature spec and the Arrow types of its columns, days trained,
                  metrics, the stack's versions, the git commit, the parity check it passed, sha256 of every file
 
-Requests go through the training path: raw rows -> the Arrow types training read -> validate_rows (the same
-checks, and the same reasons, as the training reader's) -> BatchConverter (id hashing and OOV policy, dense
-normalisation, sequence truncation and order) -> the exported program. Nothing is re-implemented for serving, so
-there is no training/serving skew to drift in. Loading verifies every file's sha256 before torch.export reads it.
+Requests go through the training path: raw rows -> the Arrow types training read (a value of a type training refuses
+for its column, such as a float or a bool id, is refused with the words check_schema gives a log file:
+pipeline/data/schema.py `refusal`) -> validate_rows (the same checks, and the same reasons, as the training
+reader's) -> BatchConverter (id hashing and OOV policy, dense normalisation, sequence truncation and order) -> the
+exported program. Nothing is re-implemented for serving, so there is no training/serving skew to drift in. Loading
+verifies every file's sha256 before torch.export reads it.
 
 Imports torch, torchrec (the program holds torchrec's ops) and pipeline.data, never pipeline.train
 (tests/test_layering.py).
@@ -23,6 +25,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import reprlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +38,25 @@ import torch
 from hyrank.pipeline.config import from_dict
 from hyrank.pipeline.data.convert import BatchConverter
 from hyrank.pipeline.data.features import FeatureSpec
+from hyrank.pipeline.data.schema import ColumnKind, column_kinds, is_list, refusal
 from hyrank.pipeline.data.validate import REASONS, validate_rows
 from hyrank.pipeline.files import sha256
 
 MANIFEST = "manifest.json"
 PROGRAM = "model.pt2"
 FORMAT_VERSION = 1
+_NOT_CONVERTED = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError)
+# torch.export.load deserializes through one global of torch's (_CURRENT_DESERIALIZER): two loads at once in one
+# process (two servers' loader threads) fail one of them with "already set"
+_LOADING = threading.Lock()
+
+
+class NoSuchVersion(FileNotFoundError):
+    """A publish root's `latest` names no published version (a broken publish, or a hand edit)."""
+
+    def __init__(self, pointer: Path, name: str):
+        super().__init__(f"{pointer} names {name!r}, which is not a published version under {pointer.parent}")
+        self.pointer, self.name = pointer, name
 
 
 class BadRows(ValueError):
@@ -67,6 +84,7 @@ class Artifact:
         # one of those is also a feature (group = "user_id"): then the request carries it, and it is not zeroed
         self.features = self.spec.input_columns()
         self._not_features = set(self.spec.columns()) - set(self.features)
+        self._kinds = column_kinds(self.spec)  # the types training accepts for each column (pipeline/data/schema.py)
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:
@@ -81,7 +99,8 @@ class Artifact:
                 raise ValueError(f"{path / name} does not match the sha256 in its manifest: the artifact is damaged")
         spec = from_dict(FeatureSpec, manifest["features"], source=str(path / MANIFEST), where="features")
         schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest["arrow_schema"])))
-        program = torch.export.load(str(path / PROGRAM)).module()
+        with _LOADING:
+            program = torch.export.load(str(path / PROGRAM)).module()
         return cls(path, manifest, program, spec, schema)
 
     # -- scoring -------------------------------------------------------------------------------------------------
@@ -108,14 +127,35 @@ class Artifact:
             raise BadRows(problems)
         columns = {}
         for name in self.features:
-            values = [row[name] for row in rows]
-            try:
-                columns[name] = pa.array(values, type=self.schema.field(name).type)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-                problems += _row_type_errors(values, name, self.schema.field(name).type)
+            column = self._column(name, [row[name] for row in rows])
+            if isinstance(column, list):
+                problems += column
+            else:
+                columns[name] = column
         if problems:
             raise BadRows(problems)
         return self._with_neutral_columns(pa.table(columns))
+
+    def _column(self, name: str, values: list) -> pa.Array | list[str]:
+        """One field of the rows as an array of the type training read, or the problems of the rows whose value
+        cannot be one: a value of a type training refuses for the column (schema.refusal: a float or a bool id, a
+        bool or a string number), or one that does not convert to the training type (a string for an integer id).
+
+        The JSON values' own types are checked, not what Arrow makes of them given the training type: it
+        truncates 3.99 to the id 3 and takes true as the number 1.0."""
+        want, kind = self.schema.field(name).type, self._kinds[name]
+        try:
+            given = pa.array(values)  # the common case, one call: integer ids, lists of them, strings, numbers
+        except _NOT_CONVERTED:
+            return _row_type_problems(values, name, kind, want)
+        if refusal(kind, _nulls_as(given.type, want)) is not None:
+            return _row_type_problems(values, name, kind, want)
+        if given.type == want:
+            return given
+        try:
+            return pa.array(values, type=want)  # ints for floats, float64 for float32, lists for fixed-size lists
+        except _NOT_CONVERTED:
+            return _row_type_problems(values, name, kind, want)
 
     def score_table(self, table: pa.Table) -> np.ndarray:
         """P(click) of every row of `table` (the spec's feature columns); BadRows names the rows validation
@@ -168,16 +208,42 @@ def resolve(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: neither an artifact (no {MANIFEST}) nor a publish root (no latest)")
     name = pointer.read_text().strip()
     if not re.fullmatch(r"[\w.-]+", name) or not (path / "versions" / name / MANIFEST).is_file():
-        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a published version under {path}")
+        raise NoSuchVersion(pointer, name)
     return path / "versions" / name
 
 
-def _row_type_errors(values: list, name: str, type_: pa.DataType) -> list[str]:
-    """The rows whose value of column `name` does not convert to its training type."""
+def _row_type_problems(values: list, name: str, kind: ColumnKind, want: pa.DataType) -> list[str]:
+    """The rows whose value of field `name` is of a type `kind` refuses, or does not convert to `want`."""
     problems = []
     for i, value in enumerate(values):
+        if value is None:
+            continue  # a null: validation names it, as it does in the logs
         try:
-            pa.array([value], type=type_)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-            problems.append(f"row {i}: field {name!r}: {value!r} is not a {type_}")
-    return problems
+            why = refusal(kind, _nulls_as(pa.array([value]).type, want))
+            if why is None:
+                pa.array([value], type=want)
+        except _NOT_CONVERTED:
+            why = f"is not a {want}"
+        if why is not None:
+            problems.append(f"row {i}: field {name!r}: {_shown(value)} {why}")
+    # the rows' values fit one by one but not together (a type no single value has): never a column half made
+    return problems or [f"field {name!r}: the rows' values do not make one column of type {want}"]
+
+
+def _nulls_as(t: pa.DataType, want: pa.DataType) -> pa.DataType:
+    """`t` with the null type of all-null values (and of the elements of empty lists) taken as `want`'s: nulls are
+    not a type training refuses, but a value validation refuses."""
+    if pa.types.is_null(t):
+        return want
+    if is_list(t) and is_list(want):
+        return pa.list_(_nulls_as(t.value_type, want.value_type))
+    return t
+
+
+def _shown(value: Any) -> str:
+    """A request's value as JSON spells it, cut short (an over-long list is not echoed back whole)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = reprlib.repr(value)  # bounded depth: a value nested too deeply for json.dumps
+    return text if len(text) <= 60 else text[:57] + "..."
