@@ -99,24 +99,25 @@ class Launcher:
             if check is not None:
                 check(self.nproc_per_node, False)
             return self._relaunch()
+        import torch.distributed as dist
+
+        from hyrank.pipeline.distributed.env import init_distributed
+
         try:
             if check is not None and under_torchrun() and self.launched_by is None:
                 # torchrun or torchx by hand: every rank reads the same footers and raises the same error, so none
                 # is left waiting in a collective
                 check(int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK") == "0")
-            from hyrank.pipeline.distributed.env import init_distributed
-
             die_with_launcher()
             env = init_distributed(backend, timeout_s)
-            code = job(env) or 0
+            return job(env) or 0
         except (ValueError, FileNotFoundError) as e:
             if self._relay(e):
                 return 2  # the launcher prints the message once for all ranks
             raise
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-        return code
+        finally:  # also after an error: a verb called in-process (tests, notebooks) leaves no group behind
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     # -- rank side -----------------------------------------------------------------------------------------------
 
