@@ -12,9 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-
-from hyrank.pipeline.distributed.collectives import Collectives
 
 
 @dataclass
@@ -96,15 +93,3 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray |
         calibration=float(p.mean() / ctr) if ctr > 0 else float("nan"),
         oracle_auc=auc(oracle_p, labels) if oracle_p is not None else None,
     )
-
-
-def metrics_over_ranks(comm: Collectives, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None,
-                       oracle_p: torch.Tensor | None = None) -> EvalMetrics:
-    """Exact metrics over every rank's rows, returned identically on every rank.
-
-    Predictions are gathered on rank 0 only (about 17 bytes a row: logit, label, group, oracle), which computes
-    and broadcasts the result: memory on rank 0 grows with the evaluation day (10M rows ~ 170 MB), the price of
-    an exact, unbinned AUC and of query-level AUC whose queries may be split across ranks.
-    """
-    gathered = [None if t is None else comm.gather_to_main(t) for t in (logits.float(), labels, groups, oracle_p)]
-    return comm.broadcast_object(compute_metrics(*gathered) if comm.is_main else None)

@@ -80,3 +80,16 @@ def latest_checkpoint_tensors(out_dir):
     from hyrank.pipeline.train.checkpoint import read_meta
 
     return flat, read_meta(latest)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """A test that leaves a default process group in this (parent) process breaks every forked 2-rank test after
+    it ("trying to initialize the default process group twice"): fail the test that left it, not the others."""
+    yield
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("the test left a default process group initialised in the pytest process")

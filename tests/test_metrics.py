@@ -51,14 +51,15 @@ def _metrics_on_rank(rank, world_size):
     import torch
 
     from hyrank.pipeline.distributed.collectives import Collectives
-    from hyrank.pipeline.metrics import metrics_over_ranks
+    from hyrank.pipeline.train.evaluate import metrics_over_ranks
 
     rng = np.random.default_rng(rank)
     n = 300 + 50 * rank  # unequal lengths per rank are allowed
     logits = torch.tensor(rng.normal(size=n).round(1), dtype=torch.float32)
     labels = torch.tensor(rng.integers(0, 2, n), dtype=torch.float32)
     groups = torch.tensor(rng.integers(0, 40, n))  # the same query ids on both ranks: queries span ranks
-    return metrics_over_ranks(Collectives.of_world(), logits, labels, groups), (logits.numpy(), labels.numpy(), groups.numpy())
+    metrics = metrics_over_ranks(Collectives.of_world(), logits, labels, groups)
+    return metrics, (logits.numpy(), labels.numpy(), groups.numpy())
 
 
 def test_metrics_over_two_ranks_equal_a_single_process_reference():

@@ -217,13 +217,14 @@ def _train_steps(rank: int, world_size: int, cfg, table, full_state: dict, dedup
     from hyrank.models import build_model
     from hyrank.pipeline.data.convert import BatchConverter
     from hyrank.pipeline.distributed.dmp import shard_model
+    from hyrank.pipeline.train.model import sharding_arguments
     from hyrank.pipeline.distributed.env import env_of_current_group
     from hyrank.pipeline.ranker import RankingModel
 
     spec = cfg.features
     tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
     model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=dedup)
-    sharded = shard_model(model, cfg, env_of_current_group())
+    sharded = shard_model(model, env_of_current_group(), **sharding_arguments(cfg))
     sharded.dmp.load_state_dict(full_state)  # DMP re-initialises EBC tables: both paths start from these
     convert = BatchConverter(spec, sequence_feed=model.sequence_feed)  # the model owns the dedup switch
     rows = cfg.data.batch_size_per_rank

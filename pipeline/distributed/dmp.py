@@ -1,13 +1,14 @@
 """Wrap a RankingModel in DistributedModelParallel: sharded tables with fused optimizers, DDP for the rest.
 
     wrapper, hook = make_data_parallel_wrapper(cfg.train.allreduce, ...)   # DDP, with the stale hook for "async"
-    sharded = shard_model(model, cfg, env, data_parallel_wrapper=wrapper)
+    sharded = shard_model(model, env, data_parallel_wrapper=wrapper, **sharding_arguments(cfg))   # train/model.py
     sharded.dmp, sharded.optimizer (fused sparse + dense, for checkpoints), sharded.dense_optimizer, sharded.plan
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,6 @@ from hyrank.embeddings.sharding import (
     plan_sharding,
     plan_to_dict,
 )
-from hyrank.pipeline.config import RunConfig
 from hyrank.pipeline.distributed.comm_hooks import Compression, StaleAllReduce, stale_allreduce_hook
 from hyrank.pipeline.distributed.env import DistEnv
 
@@ -46,25 +46,17 @@ class ShardedModel:
         return plan_to_dict(self.plan)
 
 
-def dense_optimizer_factory(cfg: RunConfig):
-    t = cfg.train
-    if t.dense_optimizer == "adamw":
-        return lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.dense_optimizer == "adam":
-        return lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return lambda params: torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def shard_model(model: nn.Module, cfg: RunConfig, env: DistEnv, *,
+def shard_model(model: nn.Module, env: DistEnv, *, sparse_optimizer: SparseOptimizer, batch_size_per_rank: int,
+                dense_optimizer: Callable[[list], torch.optim.Optimizer],
+                constraints: dict[str, TableConstraint] | None = None,
                 data_parallel_wrapper: DefaultDataParallelWrapper | None = None) -> ShardedModel:
-    """Plan, shard and wrap `model` (its sparse arch built on meta) for this process group."""
-    e = cfg.embeddings
-    apply_sparse_optimizer(model, SparseOptimizer(e.optimizer, e.lr, e.eps, e.weight_decay), env.device)
+    """Plan, shard and wrap `model` (its sparse arch built on meta) for this process group: the tables' fused
+    `sparse_optimizer`, the planner's `constraints` by table, `dense_optimizer(params)` for the rest."""
+    apply_sparse_optimizer(model, sparse_optimizer, env.device)
     sharders = make_sharders(env.device)
-    constraints = {t: TableConstraint(list(s.sharding_types), list(s.compute_kernels)) for t, s in e.sharding.items()}
     plan = plan_sharding(model, sharders=sharders, world_size=env.world_size,
                          local_world_size=env.local_world_size, device=env.device,
-                         batch_size_per_rank=cfg.data.batch_size_per_rank, constraints=constraints,
+                         batch_size_per_rank=batch_size_per_rank, constraints=constraints,
                          group=torch.distributed.GroupMember.WORLD)
     if env.is_main:
         log.info("sharding plan:\n%s", describe_plan(plan))
@@ -76,8 +68,7 @@ def shard_model(model: nn.Module, cfg: RunConfig, env: DistEnv, *,
         sharders=sharders,
         data_parallel_wrapper=data_parallel_wrapper or DefaultDataParallelWrapper(),
     )
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  dense_optimizer_factory(cfg))
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
     return ShardedModel(dmp=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), dense_optimizer=dense,
                         plan=plan)
 

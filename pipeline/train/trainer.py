@@ -32,24 +32,22 @@ from pathlib import Path
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from hyrank.models import build_model
 from hyrank.pipeline.config import RunConfig, save_resolved
 from hyrank.pipeline.data.days import Days
 from hyrank.pipeline.data.reader import DayReader
 from hyrank.pipeline.data.split import group_days
 from hyrank.pipeline.distributed.dense_sync import DenseSync
-from hyrank.pipeline.distributed.dmp import make_data_parallel_wrapper, shard_model
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.distributed.signals import GracefulStop
 from hyrank.pipeline.files import write_json
 from hyrank.pipeline.logs import progress
-from hyrank.pipeline.ranker import RankingModel
 from hyrank.pipeline.train.checkpoint import PROGRESS, RUN, Checkpointer
 from hyrank.pipeline.train.plan import (DayEnd, DayStats, RunPlan, RunResult, RunStopped, best_record, pass_order,
                                         passes_since_best, reader_seed)
-from hyrank.pipeline.train.evaluate import best_checkpoints, score_day
+from hyrank.pipeline.train.evaluate import best_checkpoints, metrics_over_ranks, score_day
+from hyrank.pipeline.train.model import build_run_model
 from hyrank.pipeline.train.pipelined import InputClock, pipelined_steps
-from hyrank.pipeline.metrics import EvalMetrics, metrics_over_ranks
+from hyrank.pipeline.metrics import EvalMetrics
 from hyrank.pipeline.train.resume import WarmStart, checkpoint_diff, checkpoint_to_resume
 from hyrank.pipeline.train.resume import warm_start as resume_warm
 from hyrank.pipeline.train.run_lock import hold_run_dir
@@ -64,16 +62,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, env: DistEnv, *, progress: bool = False):
         self.cfg, self.env, self.show_progress = cfg, env, progress and env.is_main
-        torch.manual_seed(cfg.seed)  # same dense init on every rank (DDP also broadcasts rank 0's)
-        spec = cfg.features
-        tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
-        model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
-                             init_scale=cfg.embeddings.init_scale)
-        self.sequence_feed = model.sequence_feed  # readers shape sequences the way this model's lookup reads them
-        t = cfg.train
-        wrapper, hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression,
-                                                   t.allreduce_delay_compensation, t.allreduce_weight_prediction)
-        self.sharded = shard_model(model, cfg, env, data_parallel_wrapper=wrapper)
+        built = build_run_model(cfg, env)
+        self.sequence_feed = built.sequence_feed  # readers shape sequences the way this model's lookup reads them
+        self.sharded, hook, t = built.sharded, built.hook, cfg.train
         self.model = self.sharded.dmp
         self.optimizer = self.sharded.optimizer  # fused sparse + dense, for checkpoints
         self.schedule = LRSchedule(self.sharded.dense_optimizer, t)
@@ -472,7 +463,7 @@ class Trainer:
         """Exact metrics over the whole day or span of days as one set (or `train.eval_max_batches`), identical on
         every rank; query-level AUC groups by the group column's value across the span's days.
 
-        See pipeline.metrics.metrics_over_ranks for where the predictions go and what that costs.
+        See pipeline.train.evaluate.metrics_over_ranks for where the predictions go and what that costs.
         """
         self.dense.flush()
         reader = self._reader(day, self.cfg.train.eval_max_batches, training=False)

@@ -1,0 +1,64 @@
+"""The model of a run, as its config describes it: the tower and the tables, sharded for this process group with
+their optimizers and the dense allreduce (pipeline/distributed/dmp.py does the wiring; this module reads the
+config for it, so the communication layer knows no run config).
+
+    built = build_run_model(cfg, env)     # built.sharded (DMP, optimizers, plan), built.hook, built.sequence_feed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hyrank.embeddings.dedup import SequenceFeed
+from hyrank.embeddings.sharding import SparseOptimizer, TableConstraint
+from hyrank.models import build_model
+from hyrank.pipeline.config import RunConfig, TrainConfig
+from hyrank.pipeline.distributed.comm_hooks import StaleAllReduce
+from hyrank.pipeline.distributed.dmp import ShardedModel, make_data_parallel_wrapper, shard_model
+from hyrank.pipeline.distributed.env import DistEnv
+from hyrank.pipeline.ranker import RankingModel
+
+
+@dataclass
+class RunModel:
+    sharded: ShardedModel
+    hook: StaleAllReduce | None  # the async allreduce's state, None for plain DDP
+    sequence_feed: SequenceFeed | None  # readers shape sequences the way this model's lookup reads them
+
+
+def build_run_model(cfg: RunConfig, env: DistEnv) -> RunModel:
+    """The configured tower and tables, sharded; the same dense init on every rank (DDP also broadcasts rank 0's)."""
+    torch.manual_seed(cfg.seed)
+    spec = cfg.features
+    tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
+    model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
+                         init_scale=cfg.embeddings.init_scale)
+    t = cfg.train
+    wrapper, hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression, t.allreduce_delay_compensation,
+                                               t.allreduce_weight_prediction)
+    sharded = shard_model(model, env, data_parallel_wrapper=wrapper, **sharding_arguments(cfg))
+    return RunModel(sharded, hook, model.sequence_feed)
+
+
+def sharding_arguments(cfg: RunConfig) -> dict[str, Any]:
+    """What shard_model takes from the run config: the tables' fused optimizer, the planner's constraints, the batch
+    size it plans for, and the dense optimizer."""
+    e = cfg.embeddings
+    return {"sparse_optimizer": SparseOptimizer(e.optimizer, e.lr, e.eps, e.weight_decay),
+            "constraints": {t: TableConstraint(list(s.sharding_types), list(s.compute_kernels))
+                            for t, s in e.sharding.items()},
+            "batch_size_per_rank": cfg.data.batch_size_per_rank,
+            "dense_optimizer": dense_optimizer_factory(cfg.train)}
+
+
+def dense_optimizer_factory(t: TrainConfig) -> Callable[[list], torch.optim.Optimizer]:
+    """The optimizer train.dense_optimizer names, at train.lr and train.weight_decay."""
+    if t.dense_optimizer == "adamw":
+        return lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.dense_optimizer == "adam":
+        return lambda params: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return lambda params: torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
