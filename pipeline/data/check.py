@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 from hyrank.pipeline.data.days import DayPartition, DayRange, missing_days, scan_days
 from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.data.options import ReaderOptions
-from hyrank.pipeline.data.schema import ColumnKind, check_type, column_kinds, is_list, is_string_id, nulls
+from hyrank.pipeline.data.schema import (ColumnKind, check_type, column_kinds, is_list, is_string_id, list_lengths,
+                                         nulls, plain)
 from hyrank.pipeline.data.split import RowRange, split_rows
 from hyrank.pipeline.data.validate import check_same_types, validate_rows
 
@@ -385,14 +386,6 @@ def _accumulators(spec: FeatureSpec) -> list[_Acc]:
     return accs + [_Acc(ColumnProfile(c, kind.name)) for c, kind in column_kinds(spec).items() if c not in known]
 
 
-def _plain(arr: pa.Array) -> pa.Array:
-    return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
-
-
-def _lengths(arr: pa.Array) -> np.ndarray:
-    return pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 class _Acc:
     """Accumulates one column's profile over row groups (one vectorised pass each), finished once at the end."""
 
@@ -406,7 +399,7 @@ class _Acc:
     def add(self, table: pa.Table) -> None:
         p = self.p
         col = table.column(p.column)
-        arr = _plain(col.chunk(0) if col.num_chunks == 1 else col.combine_chunks())
+        arr = plain(col.chunk(0) if col.num_chunks == 1 else col.combine_chunks())
         null = nulls(arr)
         p.rows += len(arr)
         p.null_rows += int(null.sum())
@@ -425,13 +418,13 @@ class _Acc:
     def _ids(self, table: pa.Table, arr: pa.Array, null: np.ndarray) -> None:
         p, values = self.p, arr
         if is_list(arr.type):
-            lengths = _lengths(arr)
+            lengths = list_lengths(arr)
             if p.kind == "sequence":
                 self.lengths.append(lengths[~null])
                 p.truncated_rows += int(np.count_nonzero(lengths[~null] > p.max_len))
             elif p.kind == "side":  # as validation compares them: a null list has length 0
-                p.misaligned_rows += int(np.count_nonzero(lengths != _lengths(table.column(self.ids_column))))
-            values = _plain(pc.list_flatten(arr))
+                p.misaligned_rows += int(np.count_nonzero(lengths != list_lengths(table.column(self.ids_column))))
+            values = plain(pc.list_flatten(arr))
         values = pc.drop_null(values)
         p.ids += len(values)
         if is_string_id(arr.type):
@@ -461,7 +454,7 @@ class _Acc:
     def _numbers(self, arr: pa.Array) -> None:
         p, values = self.p, arr
         if is_list(arr.type):
-            p.wrong_size_rows += int(np.count_nonzero(_lengths(pc.drop_null(arr)) != self.size))
+            p.wrong_size_rows += int(np.count_nonzero(list_lengths(pc.drop_null(arr)) != self.size))
             values = pc.list_flatten(arr)
         x = pc.drop_null(values).to_numpy(zero_copy_only=False).astype(np.float64)
         finite = np.isfinite(x)
