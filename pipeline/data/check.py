@@ -12,7 +12,8 @@ Schema: every column the spec reads must be in every file of every day with a ty
 (pipeline/data/schema.py `column_kinds`, `check_type`: the converter's rule), and a day's files must agree on them
 (`check_same_types`: the reader's rule). The reader (split.py `read_footers`) stops at the first problem; here every
 problem of every file is listed, and the same files pass both. Errors: what the reader refuses. Warnings: missing or
-incomplete days of a range, days that disagree on a type, ranks left less than a batch (`split_rows`).
+incomplete days of a range (one line for many), days that disagree on a type, ranks left less than a batch
+(`split_rows`).
 
 Profile: each row group read (all, or whole ones drawn until `max_rows_per_day`) goes through the reader's validation
 (`validate_rows`: the rows it drops, per reason) and one vectorised pass per column: null share; for ids the distinct
@@ -36,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hyrank.pipeline.data.days import DayPartition, DayRange, missing_days, scan_days
+from hyrank.pipeline.data.days import (MAX_NAMED_MISSING, DayPartition, DayRange, describe_missing, missing_days,
+                                       scan_days)
 from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.data.options import ReaderOptions
 from hyrank.pipeline.data.schema import (ColumnKind, check_type, column_kinds, is_list, is_string_id, list_lengths,
@@ -135,7 +137,8 @@ def check_range(spec: FeatureSpec, root: str | Path, days: DayRange | None, *, p
                 require_success: bool = True, options: ReaderOptions | None = None, world_size: int = 1,
                 batch_size: int = 0) -> SchemaReport:
     """`check_days` on the days of `days` under `root` (None: every day there), after a warning for each day of
-    the range that will not be read whole (no folder, no _SUCCESS marker) and an error when none is there."""
+    the range that will not be read whole (no folder, no _SUCCESS marker; one summary line when there are more than
+    MAX_NAMED_MISSING: a sparse calendar) and an error when none is there."""
     try:
         scan = scan_days(root, days, partition_key=partition_key, require_success=require_success)
     except FileNotFoundError as e:
@@ -143,9 +146,13 @@ def check_range(spec: FeatureSpec, root: str | Path, days: DayRange | None, *, p
     problems = [Problem("warning", f"skipped {s.path}: {s.reason}") for s in scan.skipped if s.day is None]
     span = days or (DayRange(scan.found[0].day, scan.found[-1].day) if scan.found else None)
     empty = {d.day for d in scan.empty}  # read, and refused: check_days names them
-    problems += [Problem("warning", f"day {g.day} of {span} is missing or incomplete: {g.reason}", day=str(g.day))
-                 for g in (missing_days(span, scan, partition_key=partition_key) if span else [])
-                 if g.day not in empty]
+    gaps = [g for g in (missing_days(span, scan, partition_key=partition_key) if span else []) if g.day not in empty]
+    if len(gaps) <= MAX_NAMED_MISSING:
+        problems += [Problem("warning", f"day {g.day} of {span} is missing or incomplete: {g.reason}", str(g.day))
+                     for g in gaps]
+    else:  # a sparse calendar: one line, not thousands
+        problems.append(Problem("warning", f"{len(gaps)} of the {len(span.dates())} day(s) of {span} are missing or "
+                                f"incomplete: {describe_missing(gaps)}"))
     if not scan.found:
         problems.append(Problem("error", f"no complete day in {days or 'any day'} under {root} "
                                 f"({partition_key}=YYYY-MM-DD folders with a _SUCCESS marker)"))
