@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from hyrank.pipeline.data.synth import generate_logs
 from hyrank.pipeline.data.validate import validate_rows
 from hyrank.pipeline.distributed.env import env_of_current_group
 from hyrank.pipeline.stream import StreamOptions, stream
+from hyrank.pipeline.train.checkpoint import read_meta
 from hyrank.pipeline.train.state import read_ledger
 
 from conftest import DEFAULT_CONFIG, TINY, latest_checkpoint_tensors, small_synth, tiny_cfg
@@ -141,6 +143,61 @@ def test_sigterm_while_following_exits_at_once_and_cleanly(three_days, tmp_path)
     assert time.monotonic() - start < 30
     assert json.loads(status.read_text())["state"] == "stopped"
     assert "stopped by SIGTERM" in log.read_text()
+
+
+# -- a data file replaced under a run ---------------------------------------------------------------------------------
+
+
+def _copy_days(src: Path, root: Path, days) -> Path:
+    for day in days:
+        shutil.copytree(src / f"day={day}", root / f"day={day}")
+    return root
+
+
+def _same_layout_other_rows(tmp_path) -> Path:
+    """A day file with the layout of the synthetic days' (3000 rows in 3 row groups) and other rows: another seed."""
+    other = tmp_path / "other"
+    generate_logs(small_synth(num_days=1, rows_per_day=3000, seed=8), other)
+    (file,) = (other / f"day={DAYS[0]}").glob("*.parquet")
+    return file
+
+
+def _mid_day_checkpoint(out_dir: Path) -> Path | None:
+    for path in sorted((out_dir / "checkpoints").glob("step-*[0-9]")):
+        if (path / "meta.json").is_file() and read_meta(path).progress.day is not None:
+            return path
+    return None
+
+
+def test_a_file_of_the_day_in_progress_replaced_after_a_kill_is_an_error_naming_it(three_days, tmp_path):
+    """Killed part-way through a day, the day's file replaced by one of the same row-group layout (which the reader's
+    cursor accepts): the resume refuses, naming the file and what changed, instead of finishing the day from rows
+    the ledger would count as the old file's."""
+    root = _copy_days(three_days, tmp_path / "data", DAYS[:1])
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(root, out, *KILLED), stdout=f, stderr=subprocess.STDOUT, env=_env(),
+                                start_new_session=True)
+    deadline = time.monotonic() + 180
+    while _mid_day_checkpoint(out) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.5)  # the ranks notice the launcher is gone
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert read_meta(latest).progress.day == str(DAYS[0]), "the kill came after the day's end"
+    (file,) = (root / f"day={DAYS[0]}").glob("*.parquet")
+    old_size, other = file.stat().st_size, _same_layout_other_rows(tmp_path)
+    shutil.copyfile(other, file)
+    done = subprocess.run(_cmd(root, out, *KILLED), capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert f"day {DAYS[0]}: its files changed since the run started the day" in said
+    assert f"{file}: size {old_size} -> {other.stat().st_size} bytes" in said
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and str(file) in status["last_error"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == latest.name  # nothing trained on the new rows
 
 
 # -- exactly once, through random kills ------------------------------------------------------------------------------
