@@ -200,6 +200,26 @@ def test_a_file_of_the_day_in_progress_replaced_after_a_kill_is_an_error_naming_
     assert (out / "checkpoints" / "latest").read_text().strip() == latest.name  # nothing trained on the new rows
 
 
+def test_a_trained_day_rewritten_later_is_reported_not_retrained(three_days, tmp_path):
+    """A completed day whose file was rewritten since: the next start says so in history.jsonl and status.json (the
+    ledger holds each trained file's fingerprint) and trains nothing; retraining it is the user's choice."""
+    root = _copy_days(three_days, tmp_path / "data", DAYS[:2])
+    cfg = _cfg(root, tmp_path / "run")
+    first, _ = run_distributed(_stream, cfg, StreamOptions(), timeout_s=300)
+    assert first["trained"] == [str(d) for d in DAYS[:2]]
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    (file,) = (root / f"day={DAYS[0]}").glob("*.parquet")
+    old_size, other = file.stat().st_size, _same_layout_other_rows(tmp_path)
+    shutil.copyfile(other, file)
+    again, _ = run_distributed(_stream, cfg, StreamOptions(), timeout_s=300)
+    assert again["trained"] == [] and (tmp_path / "run" / "checkpoints" / "latest").read_text() == latest
+    changed = {str(DAYS[0]): [f"{file.name}: size {old_size} -> {other.stat().st_size} bytes"]}
+    start = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()][-1]
+    assert start["event"] == "start" and start["changed_days"] == changed
+    assert "not retrained" in start["note"] and f"--from {DAYS[0]}" in start["note"]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["changed_days"] == changed
+
+
 # -- exactly once, through random kills ------------------------------------------------------------------------------
 
 # ~94 steps a day, a checkpoint every 4: kills land in steps, checkpoint writes, evaluations and between days
