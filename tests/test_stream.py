@@ -162,11 +162,13 @@ def _same_layout_other_rows(tmp_path) -> Path:
     return file
 
 
+def _checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first (a folder is renamed to step-N with its meta.json in it)."""
+    return sorted(p for p in (out_dir / "checkpoints").glob("step-*[0-9]") if (p / "meta.json").is_file())
+
+
 def _mid_day_checkpoint(out_dir: Path) -> Path | None:
-    for path in sorted((out_dir / "checkpoints").glob("step-*[0-9]")):
-        if (path / "meta.json").is_file() and read_meta(path).progress.day is not None:
-            return path
-    return None
+    return next((p for p in _checkpoints(out_dir) if read_meta(p).progress.day is not None), None)
 
 
 def test_a_file_of_the_day_in_progress_replaced_after_a_kill_is_an_error_naming_it(three_days, tmp_path):
@@ -185,7 +187,7 @@ def test_a_file_of_the_day_in_progress_replaced_after_a_kill_is_an_error_naming_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(1.5)  # the ranks notice the launcher is gone
-    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    latest = _checkpoints(out)[-1]  # what the resume starts from
     assert read_meta(latest).progress.day == str(DAYS[0]), "the kill came after the day's end"
     (file,) = (root / f"day={DAYS[0]}").glob("*.parquet")
     old_size, other = file.stat().st_size, _same_layout_other_rows(tmp_path)
@@ -197,7 +199,7 @@ def test_a_file_of_the_day_in_progress_replaced_after_a_kill_is_an_error_naming_
     assert f"{file}: size {old_size} -> {other.stat().st_size} bytes" in said
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and str(file) in status["last_error"]
-    assert (out / "checkpoints" / "latest").read_text().strip() == latest.name  # nothing trained on the new rows
+    assert _checkpoints(out)[-1] == latest  # nothing trained on the new rows
 
 
 def test_a_trained_day_rewritten_later_is_reported_not_retrained(three_days, tmp_path):
