@@ -17,6 +17,13 @@ per look (`env.comm`), so all ranks train the same day or wait, or stop, togethe
 while a later day is complete is a gap: `--follow` waits for D, `--skip-gaps` skips it (logged, and recorded in
 `history.jsonl`); without either it is an error. `history.jsonl` also gets one line per start: what the run found
 and where it continued.
+
+A data file replaced under the run: the ledger records each trained file's fingerprint (size and a hash of its
+Parquet footer: pipeline/data/fingerprint.py). A file of the day in progress that changed before a resume from a
+mid-day checkpoint stops the run, naming it (Ledger.begin_day). A day already trained whose files changed since is
+found at each start (a footer read per file of the days done) and reported in the start's line of `history.jsonl`
+and in `status.json` (`changed_days`), not retrained: the model keeps what it learned from the old files, and
+training on the new ones is the user's choice (a new run with --from).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pathlib import Path
 
 from hyrank.pipeline.config import RunConfig
 from hyrank.pipeline.data.days import DayPartition, find_day, scan_days
+from hyrank.pipeline.data.fingerprint import FileFingerprint, file_changes, file_fingerprint
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.files import write_json
 from hyrank.pipeline.train.resume import WarmStart, check_resumable
@@ -84,6 +92,7 @@ class StreamDays:
         self.out_dir = Path(self.cfg.out_dir)
         self.waiting_for = ""
         self.last_export, self.exported = "", ""
+        self.changed_days: dict[str, list[str]] = {}  # days done whose files changed since (rank 0, at the start)
 
     def __iter__(self) -> Iterator[DayPartition]:
         self._record_start()
@@ -175,10 +184,38 @@ class StreamDays:
 
     def _record_start(self) -> None:
         p = self.trainer.progress
-        self._history({"event": "start", "host": socket.gethostname(), "pid": os.getpid(),
-                       "command": " ".join(sys.argv), "checkpoint": str(self.trainer.checkpointer.latest() or ""),
-                       "step": p.global_step, "days_done": len(p.days_done), "last_day_done": _last(p.days_done),
-                       "day_in_progress": p.day})
+        entry = {"event": "start", "host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv),
+                 "checkpoint": str(self.trainer.checkpointer.latest() or ""), "step": p.global_step,
+                 "days_done": len(p.days_done), "last_day_done": _last(p.days_done), "day_in_progress": p.day}
+        if self.env.is_main and (changed := self._changed_days()):
+            self.changed_days = changed
+            note = (f"not retrained: the model keeps what it learned from the files as they were. To train on the "
+                    f"new ones, start a new run (another out_dir) with --from {min(changed)}")
+            listed = "; ".join(f"{day}: {', '.join(c)}" for day, c in list(changed.items())[:3])
+            log.warning("%d day(s) already trained have changed files since (history.jsonl and status.json list "
+                        "them all): %s%s. %s", len(changed), listed, " ..." if len(changed) > 3 else "", note)
+            entry |= {"changed_days": changed, "note": note}
+        self._history(entry)
+
+    def _changed_days(self) -> dict[str, list[str]]:
+        """The days done whose files are not the versions the run trained (the ledger's fingerprints: rewritten,
+        added or removed since), with what changed. A report, not a gate: a completed day is retrained only by the
+        user's choice. Days trained before the ledger recorded fingerprints are not checked. Costs a footer read
+        per file of the days done, once per start."""
+        d = self.cfg.data
+        recorded: dict[str, dict[str, FileFingerprint]] = {}  # partition folder -> file name -> as trained
+        for file, fp in self.trainer.ledger.recorded_files().items():
+            recorded.setdefault(Path(file).parent.name, {})[Path(file).name] = fp
+        changed = {}
+        try:
+            for day in sorted(set(self.trainer.progress.days_done)):
+                if (folder := f"{d.partition_key}={day}") in recorded:
+                    now = {f.name: file_fingerprint(f) for f in sorted((Path(d.root) / folder).glob("*.parquet"))}
+                    if changes := file_changes(recorded[folder], now):
+                        changed[day] = changes
+        except OSError as e:  # e.g. a file without read permission: the check is a report, not a reason to stop
+            log.warning("could not compare the files of the days done with the ledger's fingerprints: %s", e)
+        return changed
 
     def day_end(self, end: DayEnd) -> None:
         """The trainer's day-end step (every rank; the work is rank 0's): publish the day's model, rewrite the
@@ -229,7 +266,7 @@ class StreamDays:
             "last_day_done": last, "day_in_progress": p.day, "newest_complete_day": str(newest) if newest else None,
             "days_behind": behind, "global_step": p.global_step,
             "last_checkpoint": str(self.trainer.checkpointer.latest() or ""), "waiting_for": self.waiting_for,
-            "last_export": self.last_export, "last_error": error})
+            "last_export": self.last_export, "changed_days": self.changed_days, "last_error": error})
 
     def _report(self) -> None:
         if self.env.is_main:

@@ -166,6 +166,25 @@ def test_missing_and_incomplete_days_are_warnings_and_no_day_is_an_error(spec, t
     assert p.message.startswith("no complete day in 2026-12-01..2026-12-02 under")
 
 
+def test_a_sparse_calendar_is_one_warning_line_not_one_per_missing_day(config, spec, tmp_path, capsys):
+    """ml-latest-small's 22 years of daily partitions printed one warning per missing day (about 4,000 lines) before
+    the table: over many missing days, one line says how many, the first and last few and the longest gap."""
+    days = [dt.date(2001, 1, 1) + dt.timedelta(days=k) for k in (0, 1, 5, 40, 41, 400, 730)]
+    for day in days:
+        _day(tmp_path / "logs", str(day))
+    (p,) = check_range(spec, tmp_path / "logs", None).warnings  # every day there: the span first..last found
+    assert p.message == ("724 of the 731 day(s) of 2001-01-01..2003-01-01 are missing or incomplete: 724 days, first "
+                         "2001-01-03, 2001-01-04, 2001-01-05, last 2002-12-29, 2002-12-30, 2002-12-31; longest gap "
+                         "2001-02-12..2002-02-04 (358 day(s)); no folder: 724")
+    assert main(["check", "--config", str(config), "--schema-only"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("warning:")] == [f"warning: {p.message}"]
+    # a day or two missing are still named, each with its reason
+    names = [(w.day, w.message) for w in _check(spec, tmp_path, "2001-01-01..2001-01-06").warnings]
+    assert names == [(f"2001-01-0{d}", f"day 2001-01-0{d} of 2001-01-01..2001-01-06 is missing or incomplete: "
+                      f"no folder day=2001-01-0{d}") for d in (3, 4, 5)]
+
+
 def test_empty_and_corrupt_days(spec, tmp_path):
     root = tmp_path / "logs"
     empty = _day(root, "2026-11-01")

@@ -11,7 +11,7 @@ import pytest
 from hyrank.pipeline import cli
 from hyrank.pipeline.cli import run as cli_run
 from hyrank.pipeline.config import load_config
-from hyrank.pipeline.data.days import DayRange, MissingDay, discover_days, missing_days, scan_days
+from hyrank.pipeline.data.days import DayRange, MissingDay, describe_missing, discover_days, missing_days, scan_days
 
 from conftest import DEFAULT_CONFIG
 
@@ -77,6 +77,31 @@ def test_hyrank_train_names_the_holes_before_training(tmp_path, caplog):
     assert f"no complete day in 2026-11-03..2026-11-04 under {root}" in caplog.text
     with pytest.raises(FileNotFoundError, match="no complete day"):
         cli_run._training_days(cfg.data, "2026-11-03")
+
+
+def test_a_sparse_calendar_is_summarised_in_one_line(tmp_path, caplog):
+    """Over many missing days (ml-latest-small: 22 years of daily folders, most days without one) the warning says
+    how many, the first and last few, the longest gap and the reasons, in one line; one or two are still named."""
+    days = [dt.date(2001, 1, 1) + dt.timedelta(days=k) for k in (0, 1, 5, 40, 41, 400, 730)]
+    for day in days:
+        (tmp_path / f"day={day}").mkdir()
+        pq.write_table(pa.table({"x": [1]}), tmp_path / f"day={day}" / "part-0.parquet")
+        (tmp_path / f"day={day}" / "_SUCCESS").touch()
+    (tmp_path / "day=2001-06-01").mkdir()  # inside the longest gap, not complete
+    summary = ("724 days, first 2001-01-03, 2001-01-04, 2001-01-05, last 2002-12-29, 2002-12-30, 2002-12-31; "
+               "longest gap 2001-02-12..2002-02-04 (358 day(s)); no folder: 723; no _SUCCESS marker: the day is not "
+               "complete: 1")
+    cfg = load_config(DEFAULT_CONFIG, [f'data.root="{tmp_path}"'])
+    with caplog.at_level(logging.WARNING, logger="hyrank.pipeline.data.days"):
+        found = cli_run._training_days(cfg.data, "2001-01-01..2002-12-31")  # what `hyrank train --days` reads
+    assert [r.getMessage() for r in caplog.records] == [
+        f"724 of the 730 day(s) of 2001-01-01..2002-12-31 under {tmp_path} are missing or incomplete: {summary}"]
+    assert [d.day for d in found] == days[:6]
+    scan = scan_days(tmp_path)
+    assert describe_missing(missing_days(DayRange.parse("2001-01-01..2001-01-04"), scan)) == \
+        "2001-01-03: no folder day=2001-01-03; 2001-01-04: no folder day=2001-01-04"
+    assert describe_missing(missing_days(DayRange.parse("2001-05-31..2001-06-01"), scan)) == \
+        "2001-05-31: no folder day=2001-05-31; 2001-06-01: no _SUCCESS marker: the day is not complete"
 
 
 @pytest.mark.parametrize("rank, shown", [("0", True), ("1", False), (None, True)])

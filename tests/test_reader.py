@@ -3,6 +3,7 @@ quarantine, corrupt files, the error budget, streaming discovery. Crafted days a
 logs, with `query_id` replaced by a row index so every trained row can be identified (it is Batch.group_ids)."""
 
 import datetime as dt
+import os
 import threading
 import time
 
@@ -14,6 +15,7 @@ import torch
 
 from hyrank.pipeline.config import load_config
 from hyrank.pipeline.data.days import discover_days, next_complete_day, scan_days
+from hyrank.pipeline.data.fingerprint import file_changes, file_fingerprint
 from hyrank.pipeline.data.options import ReaderOptions
 from hyrank.pipeline.data.reader import DayReader
 
@@ -196,6 +198,31 @@ def test_state_of_another_layout_is_refused(source, tmp_path):
     state = DayReader(day, SPEC, batch_size=100).state_dict()
     with pytest.raises(ValueError, match="batch_size is 100 in the state, 50 here"):
         DayReader(day, SPEC, batch_size=50).load_state_dict(state)
+
+
+def test_a_file_replaced_with_the_same_layout_has_another_fingerprint(source, tmp_path):
+    """The cursor sees only the layout (row groups and their rows), which a file rewritten with other rows keeps: the
+    footers pass also takes each file's fingerprint (size, hash of its Parquet footer) for the trainer's ledger."""
+    day = write_day(tmp_path, [(source.slice(0, 1000), 500), (source.slice(1000, 1000), 500)])
+    file = str(day.path / "part-0.parquet")
+    before = DayReader(day, SPEC, batch_size=100)
+    assert sorted(before.fingerprints) == [file, str(day.path / "part-1.parquet")]
+    assert before.fingerprints[file] == file_fingerprint(file)
+    assert before.fingerprints[file].size == os.path.getsize(file)
+    pq.write_table(source.slice(2000, 1000), file, row_group_size=500)  # the same layout, other rows
+    after = DayReader(day, SPEC, batch_size=100)
+    after.load_state_dict(before.state_dict())  # what the cursor alone cannot tell
+    old_size, new_size = before.fingerprints[file].size, after.fingerprints[file].size
+    assert old_size != new_size and file_changes(before.fingerprints, after.fingerprints) == [
+        f"{file}: size {old_size} -> {new_size} bytes"]
+    # the same size, other values: the footer's statistics differ
+    plain = dict(compression="none", use_dictionary=False, row_group_size=50)
+    pq.write_table(pa.table({"x": pa.array(range(100), pa.int64())}), tmp_path / "x.parquet", **plain)
+    old = file_fingerprint(tmp_path / "x.parquet")
+    pq.write_table(pa.table({"x": pa.array(range(100, 200), pa.int64())}), tmp_path / "x.parquet", **plain)
+    assert file_changes({"x": old}, {"x": file_fingerprint(tmp_path / "x.parquet")}) == [
+        f"x: same size ({old.size} bytes), another Parquet footer (other row groups or values)"]
+    assert file_changes({"x": old}, {"y": old}) == ["x: removed", f"y: added ({old.size} bytes)"]
 
 
 def _bad_rows(source: pa.Table, max_len_row: int) -> tuple[pa.Table, dict[int, str]]:

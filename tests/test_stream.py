@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from hyrank.pipeline.data.synth import generate_logs
 from hyrank.pipeline.data.validate import validate_rows
 from hyrank.pipeline.distributed.env import env_of_current_group
 from hyrank.pipeline.stream import StreamOptions, stream
+from hyrank.pipeline.train.checkpoint import read_meta
 from hyrank.pipeline.train.state import read_ledger
 
 from conftest import DEFAULT_CONFIG, TINY, latest_checkpoint_tensors, small_synth, tiny_cfg
@@ -141,6 +143,83 @@ def test_sigterm_while_following_exits_at_once_and_cleanly(three_days, tmp_path)
     assert time.monotonic() - start < 30
     assert json.loads(status.read_text())["state"] == "stopped"
     assert "stopped by SIGTERM" in log.read_text()
+
+
+# -- a data file replaced under a run ---------------------------------------------------------------------------------
+
+
+def _copy_days(src: Path, root: Path, days) -> Path:
+    for day in days:
+        shutil.copytree(src / f"day={day}", root / f"day={day}")
+    return root
+
+
+def _same_layout_other_rows(tmp_path) -> Path:
+    """A day file with the layout of the synthetic days' (3000 rows in 3 row groups) and other rows: another seed."""
+    other = tmp_path / "other"
+    generate_logs(small_synth(num_days=1, rows_per_day=3000, seed=8), other)
+    (file,) = (other / f"day={DAYS[0]}").glob("*.parquet")
+    return file
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoints, oldest first (a folder is renamed to step-N with its meta.json in it)."""
+    return sorted(p for p in (out_dir / "checkpoints").glob("step-*[0-9]") if (p / "meta.json").is_file())
+
+
+def _mid_day_checkpoint(out_dir: Path) -> Path | None:
+    return next((p for p in _checkpoints(out_dir) if read_meta(p).progress.day is not None), None)
+
+
+def test_a_file_of_the_day_in_progress_replaced_after_a_kill_is_an_error_naming_it(three_days, tmp_path):
+    """Killed part-way through a day, the day's file replaced by one of the same row-group layout (which the reader's
+    cursor accepts): the resume refuses, naming the file and what changed, instead of finishing the day from rows
+    the ledger would count as the old file's."""
+    root = _copy_days(three_days, tmp_path / "data", DAYS[:1])
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(root, out, *KILLED), stdout=f, stderr=subprocess.STDOUT, env=_env(),
+                                start_new_session=True)
+    deadline = time.monotonic() + 180
+    while _mid_day_checkpoint(out) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.5)  # the ranks notice the launcher is gone
+    latest = _checkpoints(out)[-1]  # what the resume starts from
+    assert read_meta(latest).progress.day == str(DAYS[0]), "the kill came after the day's end"
+    (file,) = (root / f"day={DAYS[0]}").glob("*.parquet")
+    old_size, other = file.stat().st_size, _same_layout_other_rows(tmp_path)
+    shutil.copyfile(other, file)
+    done = subprocess.run(_cmd(root, out, *KILLED), capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert f"day {DAYS[0]}: its files changed since the run started the day" in said
+    assert f"{file}: size {old_size} -> {other.stat().st_size} bytes" in said
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and str(file) in status["last_error"]
+    assert _checkpoints(out)[-1] == latest  # nothing trained on the new rows
+
+
+def test_a_trained_day_rewritten_later_is_reported_not_retrained(three_days, tmp_path):
+    """A completed day whose file was rewritten since: the next start says so in history.jsonl and status.json (the
+    ledger holds each trained file's fingerprint) and trains nothing; retraining it is the user's choice."""
+    root = _copy_days(three_days, tmp_path / "data", DAYS[:2])
+    cfg = _cfg(root, tmp_path / "run")
+    first, _ = run_distributed(_stream, cfg, StreamOptions(), timeout_s=300)
+    assert first["trained"] == [str(d) for d in DAYS[:2]]
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    (file,) = (root / f"day={DAYS[0]}").glob("*.parquet")
+    old_size, other = file.stat().st_size, _same_layout_other_rows(tmp_path)
+    shutil.copyfile(other, file)
+    again, _ = run_distributed(_stream, cfg, StreamOptions(), timeout_s=300)
+    assert again["trained"] == [] and (tmp_path / "run" / "checkpoints" / "latest").read_text() == latest
+    changed = {str(DAYS[0]): [f"{file.name}: size {old_size} -> {other.stat().st_size} bytes"]}
+    start = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()][-1]
+    assert start["event"] == "start" and start["changed_days"] == changed
+    assert "not retrained" in start["note"] and f"--from {DAYS[0]}" in start["note"]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["changed_days"] == changed
 
 
 # -- exactly once, through random kills ------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def _check(args) -> int:
     kind accepts (an error names the file, the column, the type the spec needs and the type found); side-info
     lists are lists like their sequence's ids; the files of a day agree on the types; each day's rows, row groups
     and split over --world-size ranks (a warning when a rank gets fewer rows than data.batch_size_per_rank);
-    missing or incomplete days of the range (warnings).
+    missing or incomplete days of the range (warnings: one per day, or over a sparse calendar one line with how
+    many, the first and last few and the longest gap).
 
     Profile (reads the spec's columns; --max-rows-per-day samples whole row groups): per feature its null share;
     for ids the distinct count against the table's num_embeddings and the ids outside [0, num_embeddings): hashed

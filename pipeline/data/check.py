@@ -12,7 +12,8 @@ Schema: every column the spec reads must be in every file of every day with a ty
 (pipeline/data/schema.py `column_kinds`, `check_type`: the converter's rule), and a day's files must agree on them
 (`check_same_types`: the reader's rule). The reader (split.py `read_footers`) stops at the first problem; here every
 problem of every file is listed, and the same files pass both. Errors: what the reader refuses. Warnings: missing or
-incomplete days of a range, days that disagree on a type, ranks left less than a batch (`split_rows`).
+incomplete days of a range (one line for many), days that disagree on a type, ranks left less than a batch
+(`split_rows`).
 
 Profile: each row group read (all, or whole ones drawn until `max_rows_per_day`) goes through the reader's validation
 (`validate_rows`: the rows it drops, per reason) and one vectorised pass per column: null share; for ids the distinct
@@ -36,10 +37,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hyrank.pipeline.data.days import DayPartition, DayRange, missing_days, scan_days
+from hyrank.pipeline.data.days import (MAX_NAMED_MISSING, DayPartition, DayRange, describe_missing, missing_days,
+                                       scan_days)
 from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.data.options import ReaderOptions
-from hyrank.pipeline.data.schema import ColumnKind, check_type, column_kinds, is_list, is_string_id, nulls
+from hyrank.pipeline.data.schema import (ColumnKind, check_type, column_kinds, is_list, is_string_id, list_lengths,
+                                         nulls, plain)
 from hyrank.pipeline.data.split import RowRange, split_rows
 from hyrank.pipeline.data.validate import check_same_types, validate_rows
 
@@ -134,7 +137,8 @@ def check_range(spec: FeatureSpec, root: str | Path, days: DayRange | None, *, p
                 require_success: bool = True, options: ReaderOptions | None = None, world_size: int = 1,
                 batch_size: int = 0) -> SchemaReport:
     """`check_days` on the days of `days` under `root` (None: every day there), after a warning for each day of
-    the range that will not be read whole (no folder, no _SUCCESS marker) and an error when none is there."""
+    the range that will not be read whole (no folder, no _SUCCESS marker; one summary line when there are more than
+    MAX_NAMED_MISSING: a sparse calendar) and an error when none is there."""
     try:
         scan = scan_days(root, days, partition_key=partition_key, require_success=require_success)
     except FileNotFoundError as e:
@@ -142,9 +146,13 @@ def check_range(spec: FeatureSpec, root: str | Path, days: DayRange | None, *, p
     problems = [Problem("warning", f"skipped {s.path}: {s.reason}") for s in scan.skipped if s.day is None]
     span = days or (DayRange(scan.found[0].day, scan.found[-1].day) if scan.found else None)
     empty = {d.day for d in scan.empty}  # read, and refused: check_days names them
-    problems += [Problem("warning", f"day {g.day} of {span} is missing or incomplete: {g.reason}", day=str(g.day))
-                 for g in (missing_days(span, scan, partition_key=partition_key) if span else [])
-                 if g.day not in empty]
+    gaps = [g for g in (missing_days(span, scan, partition_key=partition_key) if span else []) if g.day not in empty]
+    if len(gaps) <= MAX_NAMED_MISSING:
+        problems += [Problem("warning", f"day {g.day} of {span} is missing or incomplete: {g.reason}", str(g.day))
+                     for g in gaps]
+    else:  # a sparse calendar: one line, not thousands
+        problems.append(Problem("warning", f"{len(gaps)} of the {len(span.dates())} day(s) of {span} are missing or "
+                                f"incomplete: {describe_missing(gaps)}"))
     if not scan.found:
         problems.append(Problem("error", f"no complete day in {days or 'any day'} under {root} "
                                 f"({partition_key}=YYYY-MM-DD folders with a _SUCCESS marker)"))
@@ -385,14 +393,6 @@ def _accumulators(spec: FeatureSpec) -> list[_Acc]:
     return accs + [_Acc(ColumnProfile(c, kind.name)) for c, kind in column_kinds(spec).items() if c not in known]
 
 
-def _plain(arr: pa.Array) -> pa.Array:
-    return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
-
-
-def _lengths(arr: pa.Array) -> np.ndarray:
-    return pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 class _Acc:
     """Accumulates one column's profile over row groups (one vectorised pass each), finished once at the end."""
 
@@ -406,7 +406,7 @@ class _Acc:
     def add(self, table: pa.Table) -> None:
         p = self.p
         col = table.column(p.column)
-        arr = _plain(col.chunk(0) if col.num_chunks == 1 else col.combine_chunks())
+        arr = plain(col.chunk(0) if col.num_chunks == 1 else col.combine_chunks())
         null = nulls(arr)
         p.rows += len(arr)
         p.null_rows += int(null.sum())
@@ -425,13 +425,13 @@ class _Acc:
     def _ids(self, table: pa.Table, arr: pa.Array, null: np.ndarray) -> None:
         p, values = self.p, arr
         if is_list(arr.type):
-            lengths = _lengths(arr)
+            lengths = list_lengths(arr)
             if p.kind == "sequence":
                 self.lengths.append(lengths[~null])
                 p.truncated_rows += int(np.count_nonzero(lengths[~null] > p.max_len))
             elif p.kind == "side":  # as validation compares them: a null list has length 0
-                p.misaligned_rows += int(np.count_nonzero(lengths != _lengths(table.column(self.ids_column))))
-            values = _plain(pc.list_flatten(arr))
+                p.misaligned_rows += int(np.count_nonzero(lengths != list_lengths(table.column(self.ids_column))))
+            values = plain(pc.list_flatten(arr))
         values = pc.drop_null(values)
         p.ids += len(values)
         if is_string_id(arr.type):
@@ -461,7 +461,7 @@ class _Acc:
     def _numbers(self, arr: pa.Array) -> None:
         p, values = self.p, arr
         if is_list(arr.type):
-            p.wrong_size_rows += int(np.count_nonzero(_lengths(pc.drop_null(arr)) != self.size))
+            p.wrong_size_rows += int(np.count_nonzero(list_lengths(pc.drop_null(arr)) != self.size))
             values = pc.list_flatten(arr)
         x = pc.drop_null(values).to_numpy(zero_copy_only=False).astype(np.float64)
         finite = np.isfinite(x)

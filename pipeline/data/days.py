@@ -2,6 +2,7 @@
 
     scan = scan_days(root, DayRange.parse("2026-11-01..2026-11-03"))    # found + skipped (and why)
     gaps = missing_days(DayRange.parse("2026-11-01..2026-11-03"), scan)  # days of the range not there whole, and why
+    describe_missing(gaps)                                                # them in one line, however many
     days = discover_days(root, DayRange.parse("2026-11-01..2026-11-03"))   # found; logs what was skipped or missing
     day = find_day(root, dt.date(2026, 11, 4))
 
@@ -17,6 +18,7 @@ import datetime as dt
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import pyarrow.dataset as ds
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
+MAX_NAMED_MISSING = 6  # missing days of a range named one by one, each with its reason; more are summarised
 
 @dataclass(frozen=True)
 class DayRange:
@@ -225,7 +228,7 @@ def discover_days(root: str | Path, days: DayRange | None = None, *, partition_k
             log.warning("%s is marked complete but holds no .parquet files", d.path)
     elif gaps := missing_days(days, scan, partition_key=partition_key):
         log.warning("%d of the %d day(s) of %s under %s are missing or incomplete: %s", len(gaps), len(days.dates()),
-                    days, root, "; ".join(f"{g.day}: {g.reason}" for g in gaps))
+                    days, root, describe_missing(gaps))
     log.info("%s", scan.summary().splitlines()[0])
     return scan.found
 
@@ -257,6 +260,26 @@ def missing_days(days: DayRange, scan: DayScan, *, partition_key: str = "day") -
         if reasons:
             out.append(MissingDay(day, "; ".join(reasons)))
     return out
+
+
+def describe_missing(gaps: list[MissingDay], *, edge: int = MAX_NAMED_MISSING // 2) -> str:
+    """Missing days in one line: each with its reason when there are at most MAX_NAMED_MISSING; else how many, the
+    first and last `edge`, the longest run of consecutive missing days and the count per reason. A sparse calendar
+    (22 years of daily folders with data on a few days) printed a line per missing day, thousands, before the rest.
+    """
+    if len(gaps) <= MAX_NAMED_MISSING:
+        return "; ".join(f"{g.day}: {g.reason}" for g in gaps)
+    longest = run = (gaps[0].day, gaps[0].day)
+    for g in gaps[1:]:
+        run = (run[0], g.day) if g.day == run[1] + dt.timedelta(days=1) else (g.day, g.day)
+        if run[1] - run[0] > longest[1] - longest[0]:
+            longest = run
+    length = (longest[1] - longest[0]).days + 1
+    # the reason without its day ("no folder day=2026-11-03" -> "no folder"), so that days of one reason count as one
+    reasons = Counter(re.sub(r" \S+=\d{4}-\d{2}-\d{2}", "", g.reason) for g in gaps)
+    return (f"{len(gaps)} days, first {', '.join(str(g.day) for g in gaps[:edge])}, last "
+            f"{', '.join(str(g.day) for g in gaps[-edge:])}; longest gap {longest[0]}..{longest[1]} ({length} "
+            f"day(s)); {'; '.join(f'{reason}: {n}' for reason, n in reasons.most_common())}")
 
 
 def find_day(root: str | Path, day: dt.date, *, partition_key: str = "day",

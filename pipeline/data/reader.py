@@ -86,6 +86,7 @@ class DayReader:
                                max_corrupt_files=opts.max_corrupt_files)
         self.corrupt_files, self.unknown_rows = footers.corrupt_files, footers.unknown_rows_note()
         self.refs = footers.refs
+        self.fingerprints = footers.fingerprints  # which version of each file this day is (the trainer's ledger)
         shares = split_rows(footers.refs, world_size)
         self.mine = self._order(shares[rank])
         rows = [sum(r.num_rows for r in share) for share in shares]

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hyrank.pipeline.data import features
 from hyrank.pipeline.data.features import DenseFeature, FeatureSpec
@@ -38,6 +39,16 @@ def nulls(arr: pa.Array) -> np.ndarray:
     if arr.null_count or (pa.types.is_dictionary(arr.type) and arr.dictionary.null_count):
         return arr.is_null().to_numpy(zero_copy_only=False)  # is_null() of a dictionary array follows the values
     return np.zeros(len(arr), dtype=bool)
+
+
+def plain(arr: pa.Array) -> pa.Array:
+    """`arr` with a dictionary encoding decoded (its values as a plain array)."""
+    return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
+
+
+def list_lengths(arr: pa.Array) -> np.ndarray:
+    """(len(arr),) int64: the length of each list of `arr`, 0 for a null list."""
+    return pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _decoded(t: pa.DataType) -> pa.DataType:

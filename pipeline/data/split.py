@@ -1,6 +1,7 @@
 """A day's row groups, from the Parquet footers alone, and their split across ranks.
 
-    footers = read_footers(day, spec, on_corrupt_file="fail")     # DayFooters: refs + files skipped as corrupt
+    footers = read_footers(day, spec, on_corrupt_file="fail")     # DayFooters: refs, files skipped as corrupt,
+                                                                   # each file's fingerprint (size, footer hash)
     shares = split_rows(footers.refs, world_size)                  # rank -> its RowRanges, in file order
     units = group_days(days, min_rows=32 * 512 * 2)                # small consecutive days read as one DaySpan
 
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 
 from hyrank.pipeline.data.days import DayPartition, Days, as_span
 from hyrank.pipeline.data.features import FeatureSpec
+from hyrank.pipeline.data.fingerprint import FileFingerprint, file_fingerprint
 from hyrank.pipeline.data.schema import is_string_id
 from hyrank.pipeline.data.validate import check_same_types, check_schema
 
@@ -66,10 +68,12 @@ class CorruptFile:
 
 @dataclass
 class DayFooters:
-    """Every readable row group of a day, and the files skipped as corrupt (on_corrupt_file = "skip")."""
+    """Every readable row group of a day, the files skipped as corrupt (on_corrupt_file = "skip"), and which
+    version of each file this is (a run's ledger records them: pipeline/data/fingerprint.py)."""
 
     refs: list[RowRange]  # whole row groups
     skipped: list[CorruptFile] = field(default_factory=list)
+    fingerprints: dict[str, FileFingerprint] = field(default_factory=dict)  # by path, every file that opens
 
     @property
     def corrupt_files(self) -> list[str]:
@@ -105,6 +109,7 @@ def read_footers(day: Days, spec: FeatureSpec | None = None, *,
     first: tuple[pa.Schema, str] | None = None  # the first readable file's schema: the day's reference
     for file in files:
         try:
+            out.fingerprints[str(file)] = file_fingerprint(file)  # two small reads beside the footer's
             pf = pq.ParquetFile(file)
         except (pa.ArrowException, OSError) as e:
             if on_corrupt_file == "fail":

@@ -6,7 +6,8 @@ besides the model, and how each refuses or adapts a checkpoint that does not fit
     Progress()                             meta: global step, finished days, the day in progress
     ReaderCursor()                         per rank: the reader's cursor in the day in progress
     RNGState()                             per rank: torch's CPU generator
-    Ledger(out_dir / "ledger", rank)       per rank: which rows this rank trained, segment files beside the run
+    Ledger(out_dir / "ledger", rank)       per rank: which rows this rank trained, from which version of each file,
+                                           segment files beside the run
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from hyrank.pipeline.config import RunConfig, to_dict
+from hyrank.pipeline.data.fingerprint import FileFingerprint, file_changes
 from hyrank.pipeline.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -167,48 +170,91 @@ class RNGState:
 
 
 class Ledger:
-    """Which rows this rank trained: (day, file, row group, start, stop, step) lines, in segment files under
-    `<out_dir>/ledger/rank-R/`, one written with each checkpoint.
+    """Which rows this rank trained, and from which version of each file: lines in segment files under
+    `<out_dir>/ledger/rank-R/`, one written with each checkpoint. A row line is (day, file, row group, start, stop,
+    step); when a day starts, a file line per file of the day gives its fingerprint (size, footer hash:
+    pipeline/data/fingerprint.py), at the top of the segment it lands in.
 
     A segment is written (atomically) when the checkpoint is saved, and the checkpoint lists this rank's segments,
     so the segments a checkpoint lists are exactly the rows its weights have seen. A segment written for a
     checkpoint that never completed (a crash in between) is an orphan: the next resume deletes it. The pipelined
     loop (train.pipeline = "sparse_dist") reads batches ahead, so there a row's step may be early by the pipeline's
     depth; which rows a day trained is exact either way.
+
+    A day resumed from a mid-day checkpoint must find the files it recorded (`begin_day`): its rows before the
+    checkpoint came from them, and a file replaced with another of the same layout would pass the reader's cursor
+    check. Every rank records every file of the day (each reads every footer), so every rank raises the same error.
     """
 
     def __init__(self, root: str | Path, rank: int):
         self.dir = Path(root) / f"rank-{rank}"
         self.segments: list[str] = []
-        self._pending: list[tuple[str, str, int, int, int, int]] = []
+        self._pending: list[dict[str, Any]] = []
+        self._pending_files: list[dict[str, Any]] = []
 
     def add(self, day: str, step: int, ranges: list[tuple[str, int, int, int]]) -> None:
-        self._pending += [(day, file, group, start, stop, step) for file, group, start, stop in ranges]
+        self._pending += [{"day": day, "file": file, "row_group": group, "start": start, "stop": stop, "step": step}
+                          for file, group, start, stop in ranges]
+
+    def begin_day(self, day: str, step: int, files: dict[str, FileFingerprint], *, resumed: bool) -> None:
+        """A day's reader starts at `step` (the first step it trains): a fresh day records its `files`; a day
+        resumed mid-way raises a ValueError naming each file that is not the version recorded when it started."""
+        recorded = self.files_of(day) if resumed else {}
+        changes = file_changes(recorded, files) if recorded else []
+        if changes:
+            raise ValueError(
+                f"day {day}: its files changed since the run started the day, and its checkpoint is part-way through "
+                f"it (the rows before it were trained from the files as they were): {'; '.join(changes)}. Put the "
+                "files back as they were to continue, or redo the day from a checkpoint taken at the end of the day "
+                "before (hyrank train --resume PATH; a stream resumes from its latest checkpoint: move the newer, "
+                "mid-day ones out of the checkpoint folder)")
+        if not recorded:  # a fresh day (or a resumed one whose start predates fingerprints in the ledger)
+            self._pending_files += [{"day": day, "file": file, **fp.to_dict(), "step": step}
+                                    for file, fp in files.items()]
+
+    def files_of(self, day: str) -> dict[str, FileFingerprint]:
+        """The files the latest start of `day` recorded in this rank's segments, by path ({} if none did)."""
+        for name in reversed(self.segments):
+            if found := {e["file"]: FileFingerprint.from_dict(e) for e in self._file_lines(name) if e["day"] == day}:
+                return found
+        return {}
+
+    def recorded_files(self) -> dict[str, FileFingerprint]:
+        """Every file recorded in this rank's segments, at its latest record: the versions the run trained."""
+        return {e["file"]: FileFingerprint.from_dict(e) for name in self.segments for e in self._file_lines(name)}
+
+    def _file_lines(self, name: str) -> Iterator[dict[str, Any]]:
+        """The file lines of a segment: they come first, so the rows after them are not read."""
+        with open(self.dir / name) as f:
+            for line in f:
+                entry = json.loads(line)
+                if "footer" not in entry:
+                    return
+                yield entry
 
     def state_dict(self) -> list[str]:
-        """Writes the rows since the last checkpoint as a segment; returns the segments so far."""
-        if self._pending:
-            first, last = self._pending[0][-1], self._pending[-1][-1]
-            name = f"seg-{first:09d}-{last:09d}.jsonl"
-            lines = "".join(json.dumps(dict(zip(("day", "file", "row_group", "start", "stop", "step"), entry))) + "\n"
-                            for entry in self._pending)
-            write_atomic(self.dir / name, lines)
+        """Writes the files and rows since the last checkpoint as a segment; returns the segments so far."""
+        if entries := self._pending_files + self._pending:
+            steps = [e["step"] for e in entries]
+            name = f"seg-{min(steps):09d}-{max(steps):09d}.jsonl"
+            write_atomic(self.dir / name, "".join(json.dumps(e) + "\n" for e in entries))
             self.segments.append(name)
-            self._pending = []
+            self._pending, self._pending_files = [], []
         return list(self.segments)
 
     def load_state_dict(self, segments: list[str]) -> None:
-        self.segments, self._pending = list(segments), []
+        self.segments, self._pending, self._pending_files = list(segments), [], []
         if self.dir.is_dir():
             for orphan in set(p.name for p in self.dir.glob("seg-*.jsonl")) - set(self.segments):
                 (self.dir / orphan).unlink()
 
 
 def read_ledger(out_dir: str | Path, segments_by_rank: list[list[str]]) -> list[dict[str, Any]]:
-    """The ledger lines of the segments a checkpoint lists (meta.json: ranks[r]["ledger"]), with their rank."""
+    """The row lines of the segments a checkpoint lists (meta.json: ranks[r]["ledger"]), with their rank (the file
+    lines are Ledger.recorded_files')."""
     lines = []
     for rank, segments in enumerate(segments_by_rank):
         for name in segments:
             with open(Path(out_dir) / "ledger" / f"rank-{rank}" / name) as f:
-                lines += [dict(json.loads(line), rank=rank) for line in f]
+                lines += [dict(entry, rank=rank) for line in f if "footer" not in (entry := json.loads(line))]
     return lines

@@ -324,10 +324,11 @@ class Trainer:
 
     def train_day(self, day: Days) -> DayStats:
         """One pass over the day's rows (or `train.max_steps_per_day` steps), flushed at the end; a day a loaded
-        checkpoint stopped in continues from its cursor. Checkpoints every `checkpoint.every_steps` steps and at the
-        end of the day, as configured."""
+        checkpoint stopped in continues from its cursor if its files are the versions the day started with (the
+        ledger's fingerprints). Checkpoints every `checkpoint.every_steps` steps and at the end of the day."""
         reader = self._day_reader(day)
         resumed = self.progress.day == day.label and self.cursor.loaded is not None
+        self.ledger.begin_day(day.label, self.global_step + 1, reader.fingerprints, resumed=resumed)  # or raises
         self._earlier_losses = list(self.progress.day_losses) if resumed else []  # before a mid-day checkpoint
         self.cursor.loaded = None
         self.schedule.plan(reader.num_remaining)  # no-op inside a curve planned over several days
