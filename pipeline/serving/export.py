@@ -17,9 +17,9 @@ torch, torchrec and fbgemm installed: the FastAPI server of this package, or a P
 AOTInductor-compiled package for a C++ runtime (`model.aoti.pt2`, loadable in Python with
 torch._inductor.aoti_load_package) is the same program put through `torch._inductor.aoti_compile_and_package`:
 `--aoti` builds it under the same parity gate (about a minute and a half for a small model on CPU, so not by
-default; fp32 tables only: AOTI trips on fbgemm's bounds check of quantized tables with torchrec 1.8). Tables too big for one host are out of scope: such a
-model would be exported as per-shard table files beside a dense program, with the lookup served by a sharded
-embedding service (the checkpoint's sharding plan names the shards).
+default; fp32 tables only: AOTI trips on fbgemm's bounds check of quantized tables with torchrec 1.8). Tables too
+big for one host are out of scope: such a model would be exported as per-shard table files beside a dense
+program, with the lookup served by a sharded embedding service (the checkpoint's sharding plan names the shards).
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ import torch
 import torch._inductor
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torchrec import EmbeddingCollection, KeyedJaggedTensor
-from torchrec.inference.modules import quantize_embeddings
-from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
+from torchrec import KeyedJaggedTensor
 
 from hyrank.embeddings.versions import installed_versions
 from hyrank.models import build_model
@@ -55,6 +53,7 @@ from hyrank.pipeline.files import sha256, write_atomic, write_json
 from hyrank.pipeline.metrics import auc
 from hyrank.pipeline.ranker import RankingModel
 from hyrank.pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, Artifact, model_inputs
+from hyrank.pipeline.serving.quantize import quantize_tables
 from hyrank.pipeline.train.checkpoint import CheckpointMeta, verified_meta
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,6 @@ PARITY_TOLERANCE = 1e-5  # the program against the eager model with the same tab
 # what quantized tables may cost against fp32 on the held-out rows (measured on the default model: fp16 moves
 # logits by ~4e-4 and the AUC by < 1e-4, int8 by ~3e-3 and ~2e-4)
 QUANTIZATION_BOUNDS = {"fp16": {"logit": 1e-2, "auc": 1e-3}, "int8": {"logit": 5e-2, "auc": 1e-3}}
-QUANTIZED = {"fp16": torch.float16, "int8": torch.qint8}
 
 
 class ParityError(ValueError):
@@ -155,9 +153,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
     with torch.no_grad():
         fp32 = scoring(*inputs).float()
         if tables != "fp32":
-            quantize_embeddings(scoring, dtype=QUANTIZED[tables], inplace=True,
-                                additional_qconfig_spec_keys=[EmbeddingCollection],
-                                additional_mapping={EmbeddingCollection: QuantEmbeddingCollection})
+            quantize_tables(scoring, tables)
         eager = scoring(*inputs).float()
     version = f"step-{meta.progress.global_step:09d}" + ("" if tables == "fp32" else f"-{tables}")
     staging = _write_staging(out, version, scoring, inputs, _manifest(cfg, meta, checkpoint, version, rows.schema,
