@@ -196,8 +196,9 @@ class StreamDays:
         from hyrank.pipeline.serving.export import ParityError, QualityGateError, export_checkpoint
 
         self.exported = checkpoint.name
-        try:
-            result = export_checkpoint(checkpoint, self.options.export_to, quality_margin=self.options.quality_margin)
+        try:  # trusted: the newest checkpoint of this run's own checkpointer
+            result = export_checkpoint(checkpoint, self.options.export_to, quality_margin=self.options.quality_margin,
+                                       trust_checkpoint=True)
         except (ParityError, QualityGateError) as e:
             log.warning("%s", e)
             self.last_export = f"not published: {e}"

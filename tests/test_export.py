@@ -1,9 +1,11 @@
 """Export to serving: a 2-rank checkpoint exports to an artifact that scores, in a process that never imports the
 training code, exactly what the trainer's evaluation scored; the parity gate refuses a corrupted program and
-publishes nothing; bad request rows are named; quantized tables are smaller."""
+publishes nothing; a checkpoint from outside its run needs --trust-checkpoint; bad request rows are named; quantized
+tables are smaller."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,6 +24,13 @@ from conftest import ROOT, small_synth, tiny_cfg
 from dist import run_distributed
 
 pytestmark = pytest.mark.dist
+
+def _hyrank(*args):
+    """`hyrank` in a process of its own, as a person runs it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "hyrank", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+
 
 def _train_and_score(rank, world_size, cfg):
     """Day 1 trained on this many ranks; each rank's logits of day 2 (the trainer's own evaluation path)."""
@@ -115,6 +124,18 @@ def test_bad_request_rows_are_named_by_row_and_field(trained):
         artifact.score_rows(broken)
     with pytest.raises(BadRows, match="more than the 3 one request may hold"):
         artifact.score_rows(rows, max_rows=3)
+
+
+def test_export_of_a_checkpoint_from_outside_its_run_needs_trust(trained, tmp_path):
+    _, _, checkpoint, _ = trained
+    copy = tmp_path / "copied" / os.path.basename(checkpoint)
+    shutil.copytree(checkpoint, copy)
+    refused = _hyrank("export", "--checkpoint", copy, "--out", tmp_path / "exports")
+    assert refused.returncode != 0
+    assert f"{copy} is not a checkpoint of its run" in refused.stderr and "--trust-checkpoint" in refused.stderr
+    assert not (tmp_path / "exports").exists()
+    result = export_checkpoint(copy, tmp_path / "exports", trust_checkpoint=True)
+    assert (tmp_path / "exports" / "latest").read_text().strip() == result.version
 
 
 @pytest.mark.parametrize("tables", ["fp16", "int8"])

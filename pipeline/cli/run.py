@@ -353,7 +353,8 @@ def _checkpoint_config(args, checkpoint: Path):
 def add_export(verbs) -> None:
     p = verb(verbs, "export", _export)
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a checkpoint folder (step-N) written on any number of ranks; checkpoints are trusted input")
+                   help="a checkpoint folder (step-N) written on any number of ranks, where its run keeps it (the "
+                   "checkpoint folder its config names); anywhere else needs --trust-checkpoint")
     p.add_argument("--out", required=True, type=Path, help="publish root: versions/<version>/ and `latest`")
     p.add_argument("--tables", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="table precision: fp16, or int8 row-wise (a scale and bias per row), each gated against "
@@ -362,6 +363,9 @@ def add_export(verbs) -> None:
     p.add_argument("--aoti", action="store_true",
                    help="also an AOTInductor package (model.aoti.pt2) for a C++ runtime, under the same parity gate "
                    "(fp32 tables; about a minute and a half of compiling for a small model on CPU)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that is not where its run keeps it: a checkpoint is code (DCP unpickles "
+                   "it), so only for checkpoints whose writer you trust")
 
 
 def _export(args) -> int:
@@ -376,10 +380,12 @@ def _export(args) -> int:
     Examples:
       hyrank export --checkpoint runs/default/checkpoints/step-000002344 --out exports/default
       hyrank export --checkpoint "runs/default/checkpoints/$(cat runs/default/checkpoints/latest)" --out exports/default
+      hyrank export --checkpoint /mnt/shared/step-000002344 --out exports/default --trust-checkpoint
     """
     from hyrank.pipeline.serving.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout, aoti=args.aoti)
+    result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout, aoti=args.aoti,
+                               trust_checkpoint=args.trust_checkpoint)
     p = result.parity
     print(f"published {result.path} ({args.out / 'latest'} -> {result.version})")
     print(f"parity on {p['rows']} held-out rows of {p['day']}: max |logit diff| {p['max_abs_logit_diff']:.3g} "

@@ -12,6 +12,10 @@ training converter -> program) and by the eager model, and the largest logit dif
 parity tolerance (1e-5 for fp32 tables). Only then is the version folder renamed into place and `latest`
 repointed; a failed gate leaves nothing published.
 
+Trust: a checkpoint is code (DCP unpickles it). It is loaded when it lies where its own run keeps it (a step-N folder
+of the checkpoint folder its config names), else only with trust_checkpoint (`--trust-checkpoint`), as `train
+--resume` loads only checkpoints of its run.
+
 Serving stacks: `model.pt2` is a `torch.export` ExportedProgram (torch.export.load in any Python process with
 torch, torchrec and fbgemm installed: the FastAPI server of this package, or a Python TorchServe-like stack). An
 AOTInductor-compiled package for a C++ runtime (`model.aoti.pt2`, loadable in Python with
@@ -54,7 +58,7 @@ from hyrank.pipeline.metrics import auc
 from hyrank.pipeline.ranker import RankingModel
 from hyrank.pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, Artifact, model_inputs
 from hyrank.pipeline.serving.quantize import quantize_tables
-from hyrank.pipeline.train.checkpoint import CheckpointMeta, verified_meta
+from hyrank.pipeline.train.checkpoint import CheckpointMeta, verified_in_its_run
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +101,11 @@ class ScoringModule(nn.Module):
         return self.model.tower(self.model.tokens(embedded, dense)).logits
 
 
-def load_model(checkpoint: Path) -> tuple[RunConfig, RankingModel, CheckpointMeta]:
+def load_model(checkpoint: Path, *, trust: bool = False) -> tuple[RunConfig, RankingModel, CheckpointMeta]:
     """The checkpoint's model, unsharded on the CPU, in eval mode, with its config and meta.json (no process group:
-    DCP reads the shards of any world size into whole tensors)."""
-    meta = verified_meta(checkpoint, trusted=True, root=checkpoint.parent)
+    DCP reads the shards of any world size into whole tensors). `trust`: also a checkpoint not where its run keeps
+    it."""
+    meta = verified_in_its_run(checkpoint, trust=trust)
     cfg = from_dict(RunConfig, meta.config, source=str(checkpoint / "meta.json"))
     tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("cpu"))  # plain lookups: serving has no
@@ -130,7 +135,8 @@ def holdout_rows(cfg: RunConfig, days_done: list[str], num_rows: int) -> tuple[p
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables = "fp32", holdout: int = 2048,
-                      quality_margin: float | None = None, aoti: bool = False) -> ExportResult:
+                      quality_margin: float | None = None, trust_checkpoint: bool = False,
+                      aoti: bool = False) -> ExportResult:
     """Export, check parity and publish (see the module docstring); raises ParityError with nothing published.
 
     `tables`: fp32, or fp16 / int8 (row-wise, a scale and bias per row, as fbgemm's and TorchRec's inference
@@ -138,13 +144,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
     `quality_margin`: also refuse (QualityGateError) a model whose AUC on the held-out rows is more than this below
     the AUC of the version `latest` names on the same rows. The held-out rows are the first complete day after the
     model's last one when there is one (a progressive comparison); else its last day, which favours the new model.
+    `trust_checkpoint`: also load a checkpoint that is not where its own run keeps it (DCP unpickles what it finds).
     `aoti`: also compile the program with AOTInductor (`model.aoti.pt2`, for a C++ runtime or
     torch._inductor.aoti_load_package; fp32 tables only), under the same parity gate.
     """
     if aoti and tables != "fp32":  # AOTI trips on fbgemm's bounds_check_indices for quantized tables (torchrec 1.8)
         raise ValueError(f"--aoti needs fp32 tables, not {tables}")
     checkpoint, out = Path(checkpoint), Path(out)
-    cfg, model, meta = load_model(checkpoint)
+    cfg, model, meta = load_model(checkpoint, trust=trust_checkpoint)
     rows, day = holdout_rows(cfg, meta.progress.days_done, holdout)
     labels = rows.column(cfg.features.label).to_numpy().astype(np.float64)
     batch = BatchConverter(cfg.features)(rows, source=str(day.path))
