@@ -44,6 +44,7 @@ from hyrank.pipeline.data.days import DayPartition, find_day, scan_days
 from hyrank.pipeline.data.fingerprint import FileFingerprint, file_changes, file_fingerprint
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.files import write_json
+from hyrank.pipeline.serving.publish import QUALITY_MARGIN
 from hyrank.pipeline.train.resume import WarmStart, check_resumable
 from hyrank.pipeline.train.plan import DayEnd
 from hyrank.pipeline.train.trainer import RunPlan, RunResult, Trainer
@@ -61,7 +62,7 @@ class StreamOptions:
     max_poll_s: float = 60.0
     warm_start: WarmStart | None = None  # the run's checkpoint is of another model: carry these weights
     export_to: Path | None = None  # publish each day's model there (pipeline/serving/export.py), gated
-    quality_margin: float = 0.01  # not published if its held-out AUC falls more than this below the published one's
+    quality_margin: float = QUALITY_MARGIN  # not published if its held-out AUC falls this far below the published one's
     eval_days: tuple = ()  # days or spans (pipeline.data.days.Days) scored as sets once the stream stops
 
 
@@ -230,18 +231,24 @@ class StreamDays:
         if self.options.export_to is None or not self.env.is_main or checkpoint is None or \
                 self.trainer.progress.day is not None or checkpoint.name == self.exported:
             return
-        from hyrank.pipeline.serving.export import ParityError, QualityGateError, export_checkpoint
+        from hyrank.pipeline.serving.export import export_checkpoint
+        from hyrank.pipeline.serving.publish import NotPublished
 
         self.exported = checkpoint.name
-        try:
-            result = export_checkpoint(checkpoint, self.options.export_to, quality_margin=self.options.quality_margin)
-        except (ParityError, QualityGateError) as e:
+        try:  # trusted: the newest checkpoint of this run's own checkpointer
+            result = export_checkpoint(checkpoint, self.options.export_to, quality_margin=self.options.quality_margin,
+                                       trust_checkpoint=True)
+        except NotPublished as e:
             log.warning("%s", e)
             self.last_export = f"not published: {e}"
             self._history({"event": "not_published", "checkpoint": str(checkpoint), "reason": str(e)})
             return
+        if result.already_published:  # a restart redoes the day's end its stop cut short
+            self.last_export = f"already published {result.version}"
+            return
         self.last_export = f"published {result.version}"
-        self._history({"event": "published", "version": result.version, "parity": result.parity})
+        self._history({"event": "published", "version": result.version, "parity": result.parity,
+                       "quality_gate": result.quality_gate})
 
     def finish(self, result: RunResult) -> None:
         if not result.stopped:

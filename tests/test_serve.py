@@ -407,8 +407,8 @@ def test_unready_until_published_then_a_hot_reload_under_load_fails_nothing(made
 @pytest.mark.dist
 def test_a_latest_naming_no_version_is_logged_once_and_counted_as_a_failed_reload(made, tmp_path, caplog):
     """Every poll finds the dangling pointer; one line says so per pointer, and it counts once. It must be seen on
-    two polls in a row: one poll can fall inside a re-export of the version it names (export removes the old
-    folder, then renames the new one into place)."""
+    two polls in a row: one poll can fall inside a hand-made publish that writes `latest` before its folder (export
+    itself writes the folder first and never removes a published one)."""
     from hyrank.pipeline.serving.artifact import resolve
     from hyrank.pipeline.serving.server import Metrics, ModelSlot
 

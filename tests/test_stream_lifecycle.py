@@ -4,6 +4,7 @@ and the best checkpoints kept by their progressive metric."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -128,9 +129,14 @@ def test_stream_publishes_each_day_behind_the_quality_gate(root, tmp_path):
     trained, _ = run_distributed(_stream, cfg, options, timeout_s=300)
     assert trained == ["2026-11-01", "2026-11-02"]
     first = (tmp_path / "exports" / "latest").read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{8}-step-\d{9}", first), first  # <run id>-step-N
     assert [p.name for p in (tmp_path / "exports" / "versions").iterdir()] == [first]
     events = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events if e["event"] in ("published", "not_published")] == \
         ["published", "not_published"]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
-    assert status["last_export"].startswith("not published: step-") and "below the published" in status["last_export"]
+    assert status["last_export"].startswith(f"not published: {first[:9]}step-") and \
+        "below the published" in status["last_export"]
+    # the publish root's own history holds the same two events, whoever published there
+    published = [json.loads(line) for line in (tmp_path / "exports" / "history.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in published] == ["published", "refused"]

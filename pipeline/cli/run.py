@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from hyrank.pipeline.cli import verb
+from hyrank.pipeline.serving.publish import QUALITY_MARGIN
 
 
 # -- train ---------------------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def add_stream(verbs) -> None:
     p.add_argument("--max-poll-s", type=float, default=60.0, help="longest wait between looks")
     p.add_argument("--export-to", type=Path, help="publish each day's model to this root (hyrank export's "
                    "parity gate, and a quality gate against the published one)")
-    p.add_argument("--quality-margin", type=float, default=0.01,
+    p.add_argument("--quality-margin", type=float, default=QUALITY_MARGIN,
                    help="with --export-to: do not publish a model whose held-out AUC is more than this below the "
                    "published one's on the same rows")
     p.add_argument("--eval-days", dest="eval_days", action="append", default=[], metavar="A..B",
@@ -353,8 +354,19 @@ def _checkpoint_config(args, checkpoint: Path):
 def add_export(verbs) -> None:
     p = verb(verbs, "export", _export)
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a checkpoint folder (step-N) written on any number of ranks; checkpoints are trusted input")
-    p.add_argument("--out", required=True, type=Path, help="publish root: versions/<version>/ and `latest`")
+                   help="a checkpoint folder (step-N) written on any number of ranks, where its run keeps it (the "
+                   "checkpoint folder its config names); anywhere else needs --trust-checkpoint")
+    p.add_argument("--out", required=True, type=Path,
+                   help="publish root: versions/<run id>-step-N/, `latest`, history.jsonl")
+    p.add_argument("--quality-margin", type=float, default=QUALITY_MARGIN,
+                   help="do not publish a model whose held-out AUC is more than this below that of the version "
+                   "`latest` names, on the same rows (as stream --export-to)")
+    p.add_argument("--skip-quality-gate", action="store_true",
+                   help="publish without comparing with the published version: recorded, with who chose it, in the "
+                   "manifest and the root's history.jsonl")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that is not where its run keeps it: a checkpoint is code (DCP unpickles "
+                   "it), so only for checkpoints whose writer you trust")
     p.add_argument("--tables", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="table precision: fp16, or int8 row-wise (a scale and bias per row), each gated against "
                    "the fp32 model on the held-out rows (pipeline/serving/export.py QUANTIZATION_BOUNDS)")
@@ -365,23 +377,41 @@ def add_export(verbs) -> None:
 
 
 def _export(args) -> int:
-    """Export a checkpoint to a serving artifact, check it scores like the model, publish it atomically.
+    """Export a checkpoint to a serving artifact, check it scores like the model and no worse than the published
+    one, publish it atomically.
 
     One process, no GPU or process group needed: the checkpoint's tables are gathered whole, the model is traced
     with torch.export (model.pt2, with manifest.json: model, feature spec and its Arrow types, days trained, the
     stack's versions, git commit, sha256 of every file), loaded back as a server loads it, and held-out rows are
     scored through it and through the eager model. Beyond the tolerance (fp32: 1e-5 on logits) nothing is
-    published; else the version folder is renamed into place and `latest` repointed.
+    published; nor when its held-out AUC is more than --quality-margin below that of the version `latest` names
+    (--skip-quality-gate publishes anyway, recorded). Else the version folder, versions/<run id>-step-N, is renamed
+    into place and `latest` repointed. A published version is never rewritten: the same checkpoint exported again
+    is left as it is. Every publish and refusal is a line of the root's history.jsonl.
 
     Examples:
       hyrank export --checkpoint runs/default/checkpoints/step-000002344 --out exports/default
       hyrank export --checkpoint "runs/default/checkpoints/$(cat runs/default/checkpoints/latest)" --out exports/default
+      hyrank export --checkpoint /mnt/shared/step-000002344 --out exports/default --trust-checkpoint
     """
     from hyrank.pipeline.serving.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout, aoti=args.aoti)
-    p = result.parity
+    result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout, aoti=args.aoti,
+                               quality_margin=args.quality_margin, skip_quality_gate=args.skip_quality_gate,
+                               trust_checkpoint=args.trust_checkpoint)
+    if result.already_published:
+        pointer = args.out / "latest"
+        latest = pointer.read_text().strip() if pointer.is_file() else "nothing"
+        print(f"{result.version} is already published ({result.path}) from this checkpoint: left as it is; "
+              f"{pointer} names {latest}")
+        return 0
+    p, gate = result.parity, result.quality_gate
     print(f"published {result.path} ({args.out / 'latest'} -> {result.version})")
+    if "auc_published" in gate:
+        print(f"quality gate: AUC {gate['auc']:.4f} against the published {gate['published']}'s "
+              f"{gate['auc_published']:.4f} on the same rows (margin {gate['margin']:g})")
+    else:
+        print(f"quality gate: {gate['result']}")
     print(f"parity on {p['rows']} held-out rows of {p['day']}: max |logit diff| {p['max_abs_logit_diff']:.3g} "
           f"(tolerance {p['tolerance']:g}), AUC model {p['auc_model']:.4f} artifact {p['auc_artifact']:.4f}")
     if "aoti_max_abs_logit_diff" in p:

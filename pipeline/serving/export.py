@@ -9,17 +9,24 @@ by any number of ranks loads whole tables here); `torch.export` traces model inp
 size; the artifact (pipeline/serving/artifact.py) is written into a temporary version folder and *loaded back the
 way a server loads it*; held-out rows are scored through that loaded artifact (raw rows -> validation -> the
 training converter -> program) and by the eager model, and the largest logit difference must be within the
-parity tolerance (1e-5 for fp32 tables). Only then is the version folder renamed into place and `latest`
-repointed; a failed gate leaves nothing published.
+parity tolerance (1e-5 for fp32 tables). Then the quality gate: the version `latest` names is scored on the same
+rows, and a model whose AUC falls more than the margin below it is refused (skipping the gate is an explicit choice,
+recorded in the manifest and the root's history). Only then is the version folder renamed into place and `latest`
+repointed; a failed gate leaves nothing published. Versions are named `<run id>-step-N` and never rewritten: the
+same checkpoint exported again is left as published (pipeline/serving/publish.py).
+
+Trust: a checkpoint is code (DCP unpickles it). It is loaded when it lies where its own run keeps it (a step-N folder
+of the checkpoint folder its config names), else only with trust_checkpoint (`--trust-checkpoint`), as `train
+--resume` loads only checkpoints of its run.
 
 Serving stacks: `model.pt2` is a `torch.export` ExportedProgram (torch.export.load in any Python process with
 torch, torchrec and fbgemm installed: the FastAPI server of this package, or a Python TorchServe-like stack). An
 AOTInductor-compiled package for a C++ runtime (`model.aoti.pt2`, loadable in Python with
 torch._inductor.aoti_load_package) is the same program put through `torch._inductor.aoti_compile_and_package`:
 `--aoti` builds it under the same parity gate (about a minute and a half for a small model on CPU, so not by
-default; fp32 tables only: AOTI trips on fbgemm's bounds check of quantized tables with torchrec 1.8). Tables too big for one host are out of scope: such a
-model would be exported as per-shard table files beside a dense program, with the lookup served by a sharded
-embedding service (the checkpoint's sharding plan names the shards).
+default; fp32 tables only: AOTI trips on fbgemm's bounds check of quantized tables with torchrec 1.8). Tables too
+big for one host are out of scope: such a model would be exported as per-shard table files beside a dense
+program, with the lookup served by a sharded embedding service (the checkpoint's sharding plan names the shards).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import json
 import logging
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -41,9 +48,7 @@ import torch
 import torch._inductor
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torchrec import EmbeddingCollection, KeyedJaggedTensor
-from torchrec.inference.modules import quantize_embeddings
-from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
+from torchrec import KeyedJaggedTensor
 
 from hyrank.embeddings.versions import installed_versions
 from hyrank.models import build_model
@@ -51,11 +56,14 @@ from hyrank.pipeline.config import RunConfig, from_dict, to_dict
 from hyrank.pipeline.data.convert import BatchConverter
 from hyrank.pipeline.data.days import DayPartition, discover_days
 from hyrank.pipeline.data.validate import validate_rows
-from hyrank.pipeline.files import sha256, write_atomic, write_json
+from hyrank.pipeline.files import sha256, write_json
 from hyrank.pipeline.metrics import auc
 from hyrank.pipeline.ranker import RankingModel
 from hyrank.pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, Artifact, model_inputs
-from hyrank.pipeline.train.checkpoint import CheckpointMeta, verified_meta
+from hyrank.pipeline.serving.publish import (QUALITY_MARGIN, NotPublished, VersionTaken, publish, published_manifest,
+                                             record, staging_folder, version_name, who)
+from hyrank.pipeline.serving.quantize import quantize_tables
+from hyrank.pipeline.train.checkpoint import CheckpointMeta, verified_in_its_run
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +73,13 @@ PARITY_TOLERANCE = 1e-5  # the program against the eager model with the same tab
 # what quantized tables may cost against fp32 on the held-out rows (measured on the default model: fp16 moves
 # logits by ~4e-4 and the AUC by < 1e-4, int8 by ~3e-3 and ~2e-4)
 QUANTIZATION_BOUNDS = {"fp16": {"logit": 1e-2, "auc": 1e-3}, "int8": {"logit": 5e-2, "auc": 1e-3}}
-QUANTIZED = {"fp16": torch.float16, "int8": torch.qint8}
 
 
-class ParityError(ValueError):
+class ParityError(NotPublished):
     """The exported program does not score like the trained model: nothing was published."""
 
 
-class QualityGateError(ValueError):
+class QualityGateError(NotPublished):
     """The model scores worse than the published one on the same held-out rows: nothing was published."""
 
 
@@ -81,6 +88,8 @@ class ExportResult:
     path: Path  # the published version folder
     version: str
     parity: dict  # rows, max_abs_logit_diff, tolerance, auc of both
+    quality_gate: dict = field(default_factory=dict)  # its result (passed, skipped), the AUCs compared
+    already_published: bool = False  # the same checkpoint was published before: nothing was written
 
 
 class ScoringModule(nn.Module):
@@ -99,17 +108,16 @@ class ScoringModule(nn.Module):
         return self.model.tower(self.model.tokens(embedded, dense)).logits
 
 
-def load_model(checkpoint: Path) -> tuple[RunConfig, RankingModel, CheckpointMeta]:
-    """The checkpoint's model, unsharded on the CPU, in eval mode, with its config and meta.json (no process group:
-    DCP reads the shards of any world size into whole tensors)."""
-    meta = verified_meta(checkpoint, trusted=True, root=checkpoint.parent)
+def load_model(checkpoint: Path, meta: CheckpointMeta) -> tuple[RunConfig, RankingModel]:
+    """The checkpoint's model, unsharded on the CPU, in eval mode, with its config (no process group: DCP reads the
+    shards of any world size into whole tensors); `meta` is its verified meta.json."""
     cfg = from_dict(RunConfig, meta.config, source=str(checkpoint / "meta.json"))
     tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("cpu"))  # plain lookups: serving has no
     state = {"model": model.state_dict()}                                      # dedup (the same tables, same loss)
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process, even inside a job (stream)
     model.load_state_dict(state["model"])
-    return cfg, model.eval(), meta
+    return cfg, model.eval()
 
 
 def holdout_rows(cfg: RunConfig, days_done: list[str], num_rows: int) -> tuple[pa.Table, DayPartition]:
@@ -132,21 +140,45 @@ def holdout_rows(cfg: RunConfig, days_done: list[str], num_rows: int) -> tuple[p
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables = "fp32", holdout: int = 2048,
-                      quality_margin: float | None = None, aoti: bool = False) -> ExportResult:
-    """Export, check parity and publish (see the module docstring); raises ParityError with nothing published.
+                      quality_margin: float = QUALITY_MARGIN, skip_quality_gate: bool = False,
+                      trust_checkpoint: bool = False, aoti: bool = False) -> ExportResult:
+    """Export, check parity and quality, publish (see the module docstring); raises a NotPublished error (ParityError,
+    QualityGateError, VersionTaken) with nothing published. Each publish and refusal is a line of out/history.jsonl.
 
     `tables`: fp32, or fp16 / int8 (row-wise, a scale and bias per row, as fbgemm's and TorchRec's inference
     kernels do) within QUANTIZATION_BOUNDS of the fp32 model on the held-out rows.
-    `quality_margin`: also refuse (QualityGateError) a model whose AUC on the held-out rows is more than this below
-    the AUC of the version `latest` names on the same rows. The held-out rows are the first complete day after the
+    `quality_margin`: refuse (QualityGateError) a model whose AUC on the held-out rows is more than this below the
+    AUC of the version `latest` names on the same rows. The held-out rows are the first complete day after the
     model's last one when there is one (a progressive comparison); else its last day, which favours the new model.
+    `skip_quality_gate`: publish without that comparison; recorded, with who chose it, in the manifest and history.
+    `trust_checkpoint`: also load a checkpoint that is not where its own run keeps it (DCP unpickles what it finds).
     `aoti`: also compile the program with AOTInductor (`model.aoti.pt2`, for a C++ runtime or
     torch._inductor.aoti_load_package; fp32 tables only), under the same parity gate.
+    A version published before from the same checkpoint is left as it is (`already_published`), never rewritten.
     """
     if aoti and tables != "fp32":  # AOTI trips on fbgemm's bounds_check_indices for quantized tables (torchrec 1.8)
         raise ValueError(f"--aoti needs fp32 tables, not {tables}")
     checkpoint, out = Path(checkpoint), Path(out)
-    cfg, model, meta = load_model(checkpoint)
+    meta = verified_in_its_run(checkpoint, trust=trust_checkpoint)
+    version = version_name(meta.run_id, meta.progress.global_step, tables)
+    event = {"version": version, "checkpoint": str(checkpoint), "checkpoint_sha256": meta.fingerprint, "by": who()}
+    try:
+        result = _already_published(out, version, meta) or _export(
+            checkpoint, meta, out, version, tables=tables, holdout=holdout, aoti=aoti,
+            quality_margin=None if skip_quality_gate else quality_margin)
+    except NotPublished as e:
+        record(out, {"event": "refused", **event, "reason": str(e)})
+        raise
+    if not result.already_published:
+        record(out, {"event": "published", **event, "tables": tables, "auc": result.parity["auc_artifact"],
+                     "quality_gate": result.quality_gate})
+    return result
+
+
+def _export(checkpoint: Path, meta: CheckpointMeta, out: Path, version: str, *, tables: Tables, holdout: int,
+            aoti: bool, quality_margin: float | None) -> ExportResult:
+    """Build `version` in a staging folder, check it (parity, quality unless the margin is None), publish it."""
+    cfg, model = load_model(checkpoint, meta)
     rows, day = holdout_rows(cfg, meta.progress.days_done, holdout)
     labels = rows.column(cfg.features.label).to_numpy().astype(np.float64)
     batch = BatchConverter(cfg.features)(rows, source=str(day.path))
@@ -155,30 +187,45 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
     with torch.no_grad():
         fp32 = scoring(*inputs).float()
         if tables != "fp32":
-            quantize_embeddings(scoring, dtype=QUANTIZED[tables], inplace=True,
-                                additional_qconfig_spec_keys=[EmbeddingCollection],
-                                additional_mapping={EmbeddingCollection: QuantEmbeddingCollection})
+            quantize_tables(scoring, tables)
         eager = scoring(*inputs).float()
-    version = f"step-{meta.progress.global_step:09d}" + ("" if tables == "fp32" else f"-{tables}")
-    staging = _write_staging(out, version, scoring, inputs, _manifest(cfg, meta, checkpoint, version, rows.schema,
-                                                                       tables), aoti=aoti)
-    # the gate scores through the artifact as a server loads it: raw rows, validation, converter, program
-    served = Artifact.load(staging).logits(rows)
-    parity = {**_parity(eager, served, labels), **_quantization(fp32, served, labels, tables), "day": str(day.day)}
+    manifest = _manifest(cfg, meta, checkpoint, version, rows.schema, tables)
+    staging = _write_staging(out, version, scoring, inputs, manifest, aoti=aoti)
     try:
+        # the gate scores through the artifact as a server loads it: raw rows, validation, converter, program
+        served = Artifact.load(staging).logits(rows)
+        parity = {**_parity(eager, served, labels), **_quantization(fp32, served, labels, tables), "day": str(day.day)}
         _check_parity(parity, tables, f"{checkpoint} ({tables} tables)")
-        if quality_margin is not None and (out / "latest").is_file():
-            parity["auc_published"] = _check_quality(out, rows, labels, parity, version, day, quality_margin)
+        gate = _quality_gate(out, rows, labels, parity, version, day, quality_margin)
         if aoti:
             parity["aoti_max_abs_logit_diff"] = _check_aoti(staging, inputs, eager, parity)
-    except (ParityError, QualityGateError):
-        shutil.rmtree(staging)
+        manifest = json.loads((staging / MANIFEST).read_text())
+        write_json(staging / MANIFEST, {**manifest, "parity": parity, "quality_gate": gate})
+        final = publish(out, staging, version)
+    except VersionTaken:  # another export published this name since we looked: the same checkpoint is no refusal
+        shutil.rmtree(staging, ignore_errors=True)
+        if (same := _already_published(out, version, meta)) is not None:
+            return same
         raise
-    manifest = json.loads((staging / MANIFEST).read_text())
-    write_json(staging / MANIFEST, {**manifest, "parity": parity})
-    final = _publish(out, staging, version)
+    except BaseException:  # nothing half-made stays behind (a staging folder is named for this export alone)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     log.info("published %s (max |logit diff| %.3g on %d rows)", final, parity["max_abs_logit_diff"], parity["rows"])
-    return ExportResult(final, version, parity)
+    return ExportResult(final, version, parity, gate)
+
+
+def _already_published(out: Path, version: str, meta: CheckpointMeta) -> ExportResult | None:
+    """The published `version` if it was exported from this very checkpoint (then it is left as it is), None if
+    there is none; VersionTaken if it holds another checkpoint's model."""
+    manifest = published_manifest(out, version)
+    if manifest is None:
+        return None
+    if manifest.get("checkpoint_sha256") != meta.fingerprint:
+        raise VersionTaken(f"{out / 'versions' / version} is already published from another checkpoint "
+                           f"({manifest.get('checkpoint')}): a published version is never rewritten")
+    log.info("%s is already published from %s: left as it is", version, meta.path)
+    return ExportResult(out / "versions" / version, version, manifest.get("parity", {}),
+                        manifest.get("quality_gate", {}), already_published=True)
 
 
 def _write_staging(out: Path, version: str, scoring: ScoringModule, inputs: tuple, manifest: dict, *,
@@ -190,9 +237,7 @@ def _write_staging(out: Path, version: str, scoring: ScoringModule, inputs: tupl
               {0: torch.export.Dim("sequence_ids", min=0)}, {0: len(scoring.sequence_keys) * rows_dim},
               {0: rows_dim})
     program = torch.export.export(scoring, inputs, dynamic_shapes=shapes, strict=False)
-    staging = out / "versions" / f".{version}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_folder(out, version)
     files = [PROGRAM]
     if aoti:  # (AOTInductor compiles from the example inputs, so before they are dropped)
         torch._inductor.aoti_compile_and_package(program, package_path=str(staging / AOTI_PROGRAM))
@@ -245,30 +290,27 @@ def _check_parity(parity: dict, tables: Tables, what: str) -> None:
                               f"(bounds {bound['logit']:g} and {bound['auc']:g}): nothing published")
 
 
-def _check_quality(out: Path, rows: pa.Table, labels: np.ndarray, parity: dict, version: str, day: DayPartition,
-                   margin: float) -> float:
-    """The published version's AUC on the same rows; QualityGateError if the new model falls more than `margin`
-    below it."""
+def _quality_gate(out: Path, rows: pa.Table, labels: np.ndarray, parity: dict, version: str, day: DayPartition,
+                  margin: float | None) -> dict:
+    """How the quality gate went, for the manifest and the history (margin None: skipped, by whom); QualityGateError
+    if the model's AUC falls more than `margin` below that of the version `latest` names, on the same rows."""
+    if margin is None:
+        return {"result": "skipped", "by": who()}
+    if not (out / "latest").is_file():
+        return {"result": "passed: nothing published to compare with", "margin": margin}
     published = Artifact.load(out)
     published_auc = auc(published.logits(rows).numpy(), labels)
+    gate = {"result": "passed", "margin": margin, "published": published.version, "auc_published": published_auc,
+            "auc": parity["auc_artifact"], "rows": parity["rows"], "day": str(day.day)}
     if parity["auc_artifact"] < published_auc - margin:
         raise QualityGateError(f"{version} not published: AUC {parity['auc_artifact']:.4f} on {parity['rows']} "
                                f"held-out rows of {day.day}, more than {margin:g} below the published "
                                f"{published.version}'s {published_auc:.4f} on the same rows")
-    return published_auc
+    return gate
 
 
-def _publish(out: Path, staging: Path, version: str) -> Path:
-    """Rename the checked version into place, then repoint `latest`: a reader sees the old version or the new."""
-    final = out / "versions" / version
-    if final.exists():  # the same step exported again: the new one replaces it
-        shutil.rmtree(final)
-    staging.rename(final)
-    write_atomic(out / "latest", version + "\n")
-    return final
-
-
-def _manifest(cfg: RunConfig, meta: CheckpointMeta, checkpoint: Path, version: str, schema: pa.Schema, tables: Tables) -> dict:
+def _manifest(cfg: RunConfig, meta: CheckpointMeta, checkpoint: Path, version: str, schema: pa.Schema,
+              tables: Tables) -> dict:
     progress = meta.progress
     return {
         "format": FORMAT_VERSION, "version": version,
@@ -276,8 +318,9 @@ def _manifest(cfg: RunConfig, meta: CheckpointMeta, checkpoint: Path, version: s
         "model": to_dict(cfg.model), "features": to_dict(cfg.features),
         "arrow_schema": base64.b64encode(schema.serialize().to_pybytes()).decode(),
         "max_list_len": cfg.data.max_list_len, "tables": tables,
-        "days_trained": progress.days_done, "global_step": progress.global_step,
-        "checkpoint": str(checkpoint), "versions": installed_versions(), "git_commit": _git_commit(),
+        "days_trained": progress.days_done, "global_step": progress.global_step, "run_id": meta.run_id,
+        "checkpoint": str(checkpoint), "checkpoint_sha256": meta.fingerprint,
+        "versions": installed_versions(), "git_commit": _git_commit(),
     }
 
 

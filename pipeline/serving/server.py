@@ -2,7 +2,7 @@
 
     hyrank serve --artifact exports/default --port 8080          # a publish root (follows `latest`) or a version
     curl -s localhost:8080/score -d '{"rows": [{"user_id": 3, "user_gender": 1, ...}]}'
-        -> {"probabilities": [0.0312], "version": "step-000002344"}
+        -> {"probabilities": [0.0312], "version": "3f9a0c1e-step-000002344"}
 
     app = make_app(ServeOptions(artifact=Path("exports/default")))   # the ASGI app (tests, another ASGI server)
     serve(options)                                                   # blocks; returns 0 after a drained SIGTERM
@@ -35,12 +35,12 @@ scored together, each gets its own slice back, and a bad request never fails the
 
 Loading and hot reload: the server listens at once and loads the model in a loader thread (/readyz says when it
 is ready; a publish root with no `latest` yet is waited for). Every --reload-poll-s seconds it reads `latest`;
-when it names another version (or the version folder was replaced by a re-export), the new artifact is loaded in
-the loader thread beside the one serving, which keeps scoring meanwhile; then one reference assignment swaps it
-in. The model thread reads that reference once per batch, so the swap falls between two batches: no request fails
-or waits for a load, and every response names the version that scored it. A version that fails to load (damaged
-files), or a `latest` that names no version (found on two polls in a row), is logged once and counted as a failed
-reload, and the old one keeps serving.
+when it names another version (or its folder's manifest changed: export never rewrites a version, a hand copy
+may), the new artifact is loaded in the loader thread beside the one serving, which keeps scoring meanwhile; then
+one reference assignment swaps it in. The model thread reads that reference once per batch, so the swap falls
+between two batches: no request fails or waits for a load, and every response names the version that scored it. A
+version that fails to load (damaged files), or a `latest` that names no version (found on two polls in a row), is
+logged once and counted as a failed reload, and the old one keeps serving.
 
 Shutdown: SIGTERM (or SIGINT) closes the listening socket, lets every request already received finish (uvicorn's
 graceful shutdown, up to --drain-timeout-s; the batcher keeps scoring meanwhile), then stops the batcher and the
@@ -123,7 +123,7 @@ class ModelSlot:
         except NoSuchVersion as e:
             self._dangling_pointer(e)
             return False
-        except FileNotFoundError as e:  # no `latest` yet, or a re-export removed the manifest after resolve saw it
+        except FileNotFoundError as e:  # no `latest` yet, or a folder removed by hand after resolve saw it
             if self.artifact is None and not self._waiting_logged:
                 log.warning("no model to serve yet (%s); waiting for one to be published", e)
                 self._waiting_logged = True
@@ -150,8 +150,8 @@ class ModelSlot:
 
     def _dangling_pointer(self, e: NoSuchVersion) -> None:
         """Log and count a `latest` that names no version once (not at every poll), when two polls in a row find
-        it: one poll may fall inside a re-export of the version it names (export removes the old folder, then
-        renames the new one into place), and the next one finds it there."""
+        it: one poll may fall inside a hand-made publish that writes `latest` before its folder (export writes the
+        folder first and never removes a published one), and the next one finds it there."""
         polls = self._dangling[1] + 1 if self._dangling[0] == e.name else 1
         self._dangling = (e.name, polls)
         if polls == 2:

@@ -33,6 +33,7 @@ line, and `load_latest` falls back to the newest one that verifies and loads. `l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -46,7 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.files import sha256, write_atomic
-from hyrank.pipeline.train.state import Progress
+from hyrank.pipeline.train.state import Progress, run_id_of
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,23 @@ class CheckpointMeta:
         progress = Progress()
         progress.load_state_dict(self.part(PROGRESS))
         return progress
+
+    @property
+    def run_id(self) -> str:
+        """The id of the run that wrote it, the same in all of that run's checkpoints (state.RunIdentity)."""
+        return run_id_of(self.part(RUN))
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of meta.json's content, which records the sha256 of every other file: the same fingerprint is
+        the same checkpoint, wherever it lies."""
+        return hashlib.sha256(json.dumps(self.data, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def run_root(self) -> Path:
+        """The checkpoint folder its own config names: where the run that wrote it keeps its checkpoints."""
+        checkpoint, out_dir = self.config.get("checkpoint", {}), self.config.get("out_dir", "")
+        return Path(checkpoint.get("dir") or Path(out_dir) / "checkpoints")
 
 
 class Stateful(Protocol):
@@ -173,8 +191,7 @@ class Checkpointer:
 
     def inside(self, path: str | Path) -> bool:
         """Whether `path` is a checkpoint folder of this checkpointer's root (not a link or `..` out of it)."""
-        path = Path(path).resolve()
-        return path.parent == self.root.resolve() and re.fullmatch(r"step-\d+", path.name) is not None
+        return _inside(self.root, path)
 
     # -- load ----------------------------------------------------------------------------------------------------
 
@@ -295,14 +312,14 @@ def read_meta(path: Path) -> CheckpointMeta:
     return CheckpointMeta(path, meta)
 
 
-def verified_meta(path: Path, *, trusted: bool, root: Path) -> CheckpointMeta:
+def verified_meta(path: Path, *, trusted: bool, root: Path, run: str = "this run",
+                  use: str = "resume from it") -> CheckpointMeta:
     """meta.json (plain JSON, safe to read), after the folder was found trusted and every file it lists was found
     with its recorded sha256 (and no unlisted file is there)."""
     meta = read_meta(path)
     if not trusted:
-        raise CheckpointError(f"{path} is not a checkpoint of this run ({root}): checkpoints are trusted input "
-                              "(DCP unpickles them); resume from it only if you trust who wrote it, with "
-                              "--trust-checkpoint")
+        raise CheckpointError(f"{path} is not a checkpoint of {run} ({root}): checkpoints are trusted input "
+                              f"(DCP unpickles them); {use} only if you trust who wrote it, with --trust-checkpoint")
     recorded = meta.files
     present = {p.name for p in path.iterdir() if p.is_file() and p.name != META}
     if set(recorded) != present:
@@ -312,6 +329,19 @@ def verified_meta(path: Path, *, trusted: bool, root: Path) -> CheckpointMeta:
         if sha256(path / name) != digest:
             raise CheckpointError(f"{path} is damaged: {name} does not match the sha256 recorded at save time")
     return meta
+
+
+def verified_in_its_run(path: Path, *, trust: bool) -> CheckpointMeta:
+    """verified_meta of a checkpoint loaded outside a run (export): trusted when it is a step-N folder of the
+    checkpoint folder its own config names, i.e. where the run that wrote it keeps it (a relative out_dir is read
+    from here, as the run read it from where it started), or when the caller trusts it."""
+    root = read_meta(path).run_root
+    return verified_meta(path, trusted=trust or _inside(root, path), root=root, run="its run", use="export it")
+
+
+def _inside(root: Path, path: str | Path) -> bool:
+    path = Path(path).resolve()
+    return path.parent == Path(root).resolve() and re.fullmatch(r"step-\d+", path.name) is not None
 
 
 def _hash_files(folder: Path) -> dict[str, str]:

@@ -13,8 +13,10 @@ besides the model, and how each refuses or adapts a checkpoint that does not fit
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,17 +74,31 @@ class OptimizerState:
 
 
 class RunIdentity:
-    """The resolved config of the run; a checkpoint of other tables or another tower is refused with a readable
-    diff (normally before any collective: see pipeline.train.resume.check_resumable)."""
+    """The resolved config of the run and its run id; a checkpoint of other tables or another tower is refused with
+    a readable diff (normally before any collective: see pipeline.train.resume.check_resumable).
+
+    The run id is drawn when a run starts fresh and carried by every resume, so two runs never share one even in
+    the same out_dir with the same config (their step numbers do collide: published versions are named
+    `<run id>-step-N`). A warm start (a changed model) does not load it: the new model's lineage gets its own."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.run_id = uuid.uuid4().hex[:8]  # only rank 0's is saved; every rank adopts the saved one on resume
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": to_dict(self.cfg), "allreduce": self.cfg.train.allreduce}
+        return {"config": to_dict(self.cfg), "allreduce": self.cfg.train.allreduce, "run_id": self.run_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_same_model(state["config"], json.loads(json.dumps(to_dict(self.cfg), default=str)))
+        self.run_id = run_id_of(state)
+
+
+def run_id_of(state: dict[str, Any]) -> str:
+    """The run id a RunIdentity saved; for a checkpoint from before run ids, a hash of its resolved config (two
+    such runs with the same config and out_dir share it: a published version of theirs is still never rewritten)."""
+    if state.get("run_id"):
+        return str(state["run_id"])
+    return hashlib.sha256(json.dumps(state["config"], sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def model_diff(saved: dict, current: dict) -> list[str]:
