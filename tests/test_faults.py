@@ -119,6 +119,7 @@ def test_sigterm_checkpoints_exits_0_and_the_resumed_run_ends_where_an_uninterru
     out = log.read_text()
     printed = re.search(r"stopped by SIGTERM at step (\d+): checkpoint", out)  # the launcher's line
     assert printed, out[-3000:]
+    assert "continue with the same command and --resume latest" in out
     stopped_at = int(printed.group(1))
     assert 20 <= stopped_at < 93  # mid-day: 6000 rows / (2 x 32) = 93 steps
     assert (run / "checkpoints" / f"step-{stopped_at:09d}" / "meta.json").is_file()

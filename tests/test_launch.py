@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,26 @@ def test_many_fast_runs_never_race_on_teardown():
     # while the other was still inside gloo's connectFullMesh ("Connection closed by peer" on a loaded machine)
     for i in range(10):
         assert run_local(_rank_and_size, i) == [(0, 2, i), (1, 2, i)]
+
+
+@pytest.mark.parametrize("hint,expected", [("and --resume latest", "the same command and --resume latest\n"),
+                                           ("", "the same command\n")])
+def test_the_stop_message_says_how_to_continue_for_each_verb(tmp_path, capsys, hint, expected):
+    """train continues with --resume latest; stream, which always resumes and refuses --resume, with the same
+    command alone (cli/run.py gives each verb's Launcher its hint)."""
+    import json
+
+    from hyrank.pipeline.distributed.launch import Launcher
+
+    (tmp_path / "stopped.json").write_text(json.dumps({"step": 7, "checkpoint": "runs/x/checkpoints/step-7"}))
+    assert Launcher(2, None, tmp_path, hint)._report_stop("SIGTERM", since=0) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stopped by SIGTERM at step 7: checkpoint runs/x/checkpoints/step-7; continue with")
+    assert out.endswith(expected)
+
+
+def test_stream_gives_no_resume_hint_and_train_does():
+    source = (Path(__file__).parents[1] / "pipeline" / "cli" / "run.py").read_text()
+    stream = source[source.index("def _stream("):source.index("def add_evaluate(")]
+    train = source[source.index("def _train("):source.index("def _training_days(")]
+    assert "resume_hint" not in stream and 'resume_hint="and --resume latest"' in train
