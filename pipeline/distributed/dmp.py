@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from hyrank.embeddings.dedup import dedup_key
 from hyrank.embeddings.sharding import (
     SparseOptimizer,
     TableConstraint,
@@ -46,6 +49,33 @@ class ShardedModel:
         return plan_to_dict(self.plan)
 
 
+@dataclass(frozen=True)
+class HeldBytes:
+    """The tensor bytes one rank holds after sharding, from the sharded module's state."""
+
+    tables: int  # its shards of the sharded tables, and whole data-parallel tables
+    optimizer: int  # the fused optimizer state of its shards (created with the shards, not at the first step)
+    dense: int  # the replicated rest: tower parameters and buffers
+
+
+def held_bytes(sharded: ShardedModel) -> HeldBytes:
+    """What this rank's sharded model holds: what `hyrank plan` predicts, measured (tests/test_plan.py)."""
+    def nbytes(value) -> int:
+        if isinstance(value, ShardedTensor):
+            return sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
+        return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+    tables = dense = 0
+    for name, value in sharded.dmp.state_dict().items():
+        if ".embedding_bags." in name or ".embeddings." in name:
+            tables += nbytes(value)
+        else:
+            dense += nbytes(value)
+    state = sharded.dmp.fused_optimizer.state_dict()["state"]
+    optimizer = sum(nbytes(v) for per_param in state.values() for v in per_param.values())
+    return HeldBytes(tables=tables, optimizer=optimizer, dense=dense)
+
+
 def dense_optimizer_factory(cfg: RunConfig):
     t = cfg.train
     if t.dense_optimizer == "adamw":
@@ -61,11 +91,10 @@ def shard_model(model: nn.Module, cfg: RunConfig, env: DistEnv, *,
     e = cfg.embeddings
     apply_sparse_optimizer(model, SparseOptimizer(e.optimizer, e.lr, e.eps, e.weight_decay), env.device)
     sharders = make_sharders(env.device)
-    constraints = {t: TableConstraint(list(s.sharding_types), list(s.compute_kernels)) for t, s in e.sharding.items()}
     plan = plan_sharding(model, sharders=sharders, world_size=env.world_size,
                          local_world_size=env.local_world_size, device=env.device,
-                         batch_size_per_rank=cfg.data.batch_size_per_rank, constraints=constraints,
-                         group=torch.distributed.GroupMember.WORLD)
+                         batch_size_per_rank=cfg.data.batch_size_per_rank,
+                         constraints=table_constraints(cfg, model), group=torch.distributed.GroupMember.WORLD)
     if env.is_main:
         log.info("sharding plan:\n%s", describe_plan(plan))
     dmp = DistributedModelParallel(
@@ -80,6 +109,28 @@ def shard_model(model: nn.Module, cfg: RunConfig, env: DistEnv, *,
                                   dense_optimizer_factory(cfg))
     return ShardedModel(dmp=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), dense_optimizer=dense,
                         plan=plan)
+
+
+def table_constraints(cfg: RunConfig, model: nn.Module) -> dict[str, TableConstraint]:
+    """The planner's per-table inputs of a run (what `hyrank plan` plans with too): embeddings.sharding's
+    constraints, and the ids a sample looks up per feature of each table: a sequence column its max_len (every
+    sequence full: the worst case, as models/accounting counts FLOPs), a pooled feature 1, a deduplicated table's
+    one key the sum of its features' (no saving from duplicates assumed)."""
+    max_len = {c: s.max_len for s in cfg.features.sequences for c in s.columns}
+    layout = cfg.features.embedding_layout()
+    out = {}
+    for _, sub in model.named_modules():
+        configs_of = getattr(sub, "embedding_bag_configs", None) or getattr(sub, "embedding_configs", None)
+        if not callable(configs_of) or not isinstance(sub, (EmbeddingBagCollection, EmbeddingCollection)):
+            continue
+        for table in configs_of():
+            ids = {f: float(max_len.get(f, 1)) for f in (lk.feature for lk in layout.lookups if lk.table == table.name)}
+            ids[dedup_key(table.name)] = sum(ids.values())
+            given = cfg.embeddings.sharding.get(table.name)
+            out[table.name] = TableConstraint(
+                list(given.sharding_types) if given else [], list(given.compute_kernels) if given else [],
+                pooling_factors=tuple(ids[f] for f in table.feature_names))
+    return out
 
 
 class HookedDataParallelWrapper(DefaultDataParallelWrapper):
