@@ -17,12 +17,14 @@ import torch
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.constants import DDR_CAP, HBM_CAP
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from hyrank.embeddings.planning import parameter_constraints
+from hyrank.embeddings.planning import Cluster, explain_no_fit, parameter_constraints
 
 SparseOptimizerName = Literal["rowwise_adagrad", "adagrad", "sgd", "adam"]
 
@@ -103,6 +105,8 @@ def plan_sharding(
     batch_size_per_rank: int,
     constraints: dict[str, TableConstraint | tuple[list[str], list[str]]] | None = None,
     group: Any = None,
+    hbm_bytes: int | None = None,
+    host_bytes: int | None = None,
 ) -> ShardingPlan:
     """Plan table placement; `constraints` maps table name -> TableConstraint or (sharding types, kernels).
 
@@ -110,17 +114,25 @@ def plan_sharding(
     (all ranks get the same plan even if the planner's heuristics were not deterministic); without one each
     process plans alone, which needs no process group. A planner error on rank 0 under a group
     leaves the other ranks waiting in the broadcast until the process group's timeout: keep it short in tests.
+    `hbm_bytes` / `host_bytes` are one rank's device and host memory (None: TorchRec's defaults, 32 and 128 GiB).
     """
-    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device.type)
+    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device.type,
+                        hbm_cap=hbm_bytes, ddr_cap=host_bytes)
     typed = {t: c if isinstance(c, TableConstraint) else TableConstraint(list(c[0]), list(c[1]))
              for t, c in (constraints or {}).items()}
     check_constraints(module, sharders, typed, device)
     planner = EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size_per_rank, constraints=parameter_constraints(typed), debug=False
     )
-    if group is not None:
-        return planner.collective_plan(module, sharders, group)
-    return planner.plan(module, sharders)
+    try:
+        if group is not None:
+            return planner.collective_plan(module, sharders, group)
+        return planner.plan(module, sharders)
+    except PlannerError as e:  # twenty lines naming no table: one naming the table and the way out
+        cluster = Cluster(hosts=max(1, world_size // local_world_size), gpus_per_host=local_world_size,
+                          hbm_bytes=hbm_bytes or HBM_CAP, host_bytes=(host_bytes or DDR_CAP) * local_world_size,
+                          device=device.type)
+        raise ValueError(explain_no_fit(module, planner, sharders, cluster, e)) from None
 
 
 def check_constraints(module: nn.Module, sharders: list[ModuleSharder[nn.Module]],

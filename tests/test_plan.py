@@ -170,3 +170,29 @@ def test_the_plan_for_2_cpu_ranks_is_the_runs_and_holds_what_it_predicts(config)
         assert held.tables == predicted.tables
         assert held.optimizer == pytest.approx(predicted.optimizer, rel=0.01)
         assert held.dense == pytest.approx(report.dense.params * 4, rel=0.01)  # fp32 weights (+ a few buffers)
+
+
+def test_a_run_that_does_not_fit_fails_with_the_same_one_line():
+    """shard_model's planning (plan_sharding) translates the planner's error as `hyrank plan` does."""
+    from hyrank.embeddings.sharding import make_sharders, plan_sharding
+    from hyrank.pipeline.distributed.cluster_plan import build_meta_model
+    from hyrank.pipeline.distributed.dmp import table_constraints
+
+    cpu = torch.device("cpu")
+    cfg = load_config(DEFAULT_CONFIG, ["features.tables.6.num_embeddings=50000000"])
+    model = build_meta_model(cfg, cpu)
+    with pytest.raises(ValueError) as e:
+        plan_sharding(model, sharders=make_sharders(cpu), world_size=2, local_world_size=2, device=cpu,
+                      batch_size_per_rank=128, constraints=table_constraints(cfg, model), host_bytes=GiB)
+    assert str(e.value).startswith("no sharding plan fits 1 host(s) x 2 ranks: the tables need 3.2 GiB of memory")
+    assert "'item': 50,000,000 x 16" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_run_plans_for_the_memory_of_its_machine():
+    import os
+
+    from hyrank.pipeline.distributed.dmp import rank_memory
+    from hyrank.pipeline.distributed.env import DistEnv
+
+    memory = rank_memory(DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu")))
+    assert memory == {"host_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2}

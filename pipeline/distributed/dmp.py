@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +95,8 @@ def shard_model(model: nn.Module, cfg: RunConfig, env: DistEnv, *,
     plan = plan_sharding(model, sharders=sharders, world_size=env.world_size,
                          local_world_size=env.local_world_size, device=env.device,
                          batch_size_per_rank=cfg.data.batch_size_per_rank,
-                         constraints=table_constraints(cfg, model), group=torch.distributed.GroupMember.WORLD)
+                         constraints=table_constraints(cfg, model), group=torch.distributed.GroupMember.WORLD,
+                         **rank_memory(env))
     if env.is_main:
         log.info("sharding plan:\n%s", describe_plan(plan))
     dmp = DistributedModelParallel(
@@ -109,6 +111,17 @@ def shard_model(model: nn.Module, cfg: RunConfig, env: DistEnv, *,
                                   dense_optimizer_factory(cfg))
     return ShardedModel(dmp=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), dense_optimizer=dense,
                         plan=plan)
+
+
+def rank_memory(env: DistEnv) -> dict[str, int]:
+    """This rank's share of the machine for the planner: its GPU's memory, and the host's memory over the ranks on
+    it. Without them TorchRec assumes 32 GiB of HBM and 128 GiB of host memory per rank whatever the machine, and a
+    run on 80 GiB GPUs would be planned unlike `hyrank plan --hbm-gb 80`."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, env.local_world_size)
+    out = {"host_bytes": host}
+    if env.device.type == "cuda":
+        out["hbm_bytes"] = torch.cuda.get_device_properties(env.device).total_memory
+    return out
 
 
 def table_constraints(cfg: RunConfig, model: nn.Module) -> dict[str, TableConstraint]:
