@@ -135,6 +135,14 @@ def test_paper_scale_plans_for_8x8_gpus_in_seconds():
     reserved = s.reserved_dense_bytes + s.reserved_input_bytes + s.reserved_margin_bytes
     assert max(r.hbm.planner for r in s.ranks) + reserved <= 80 * GiB
     assert abs(report.dense.params / 418e6 - 1) < 0.05
+    # the activations of a batch of 2048 with 3000-event sequences are counted, and the plan says when they take
+    # the busiest rank over its memory, which the planner alone does not
+    from hyrank.pipeline.distributed.cluster_plan import format_plan
+
+    busiest = max(r.hbm.tables + r.hbm.optimizer + r.hbm.io for r in s.ranks)
+    over = busiest + report.dense.bytes_per_rank + report.dense.activation_bytes > 80 * GiB
+    assert report.dense.activation_bytes > 10 * GiB
+    assert ("over the cap: rank" in format_plan(report)) == over
     assert seconds < 120, f"{seconds:.0f} s"  # ~4 s on a quiet 2-core machine
 
 

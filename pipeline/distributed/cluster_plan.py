@@ -9,7 +9,8 @@ device, embeddings.sharding's constraints, the ids per sample of every table, th
 rank), for the stated topology instead of the running one. The dense side is ours: the tower's parameters and
 training FLOPs counted on meta (models/accounting.py) at an achievable FLOP/s the caller states, its weights,
 gradients and optimizer state per rank, and an estimate of its gradient allreduce, which the planner leaves out.
-Activations are in none of the numbers: the planner's 15% margin is all it keeps for them.
+The activations a batch keeps for the backward are counted on meta too; the planner keeps only a 15% margin for
+them, so the plan says when they take a rank over its memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hyrank.embeddings.planning import GiB, Cluster, PlanReport, RankLoad, plan_cluster
+from hyrank.embeddings.planning import RESERVED_SHARE, GiB, Cluster, PlanReport, RankLoad, plan_cluster
 from hyrank.embeddings.sharding import SparseOptimizer, apply_sparse_optimizer, make_sharders
 from hyrank.pipeline.config import RunConfig
 from hyrank.pipeline.distributed.dmp import table_constraints
@@ -41,6 +42,7 @@ class DenseSide:
     batch_size_per_rank: int
     tflops: float  # achievable dense FLOP/s per device, x 1e12, as stated by the caller
     bytes_per_rank: int  # weights + gradients + optimizer state
+    activation_bytes: int  # what one batch's forward keeps for the backward (models/accounting.activation_bytes)
     allreduce_bytes: int  # gradient bytes each step reduces (bf16 with train.allreduce_compression = "bf16")
     allreduce_ms: float
     allreduce_mode: str  # train.allreduce: "async" overlaps it with the next step
@@ -91,7 +93,8 @@ def build_meta_model(cfg: RunConfig, device: torch.device):
 
 def plan_run(cfg: RunConfig, cluster: Cluster, *, dense_tflops: float) -> RunPlanReport:
     """Plan `cfg` for `cluster` as a run would be sharded there, and cost its dense side."""
-    from hyrank.models.accounting import model_cost
+    from hyrank.models import build_model
+    from hyrank.models.accounting import activation_bytes, model_cost
 
     if not dense_tflops > 0:
         raise ValueError(f"dense_tflops must be > 0, got {dense_tflops}")
@@ -103,12 +106,16 @@ def plan_run(cfg: RunConfig, cluster: Cluster, *, dense_tflops: float) -> RunPla
                               batch_size_per_rank=cfg.data.batch_size_per_rank, constraints=constraints)
     replicated = {t.name for t in sparse.tables if t.sharding_type == "data_parallel"}
     ids = sum(sum(c.pooling_factors) for table, c in constraints.items() if table not in replicated)
-    cost = model_cost(cfg.model.name, cfg.model.options, cfg.features.input_shape())
+    shape = cfg.features.input_shape()
+    cost = model_cost(cfg.model.name, cfg.model.options, shape)
+    with torch.device("meta"):
+        tower = build_model(cfg.model.name, cfg.model.config, shape)
     t = cfg.train
     grad_bytes = cost.params * (2 if t.allreduce_compression == "bf16" else 4)
     dense = DenseSide(model=cfg.model.name, params=cost.params, train_flops_per_sample=cost.train_flops_per_sample,
                       batch_size_per_rank=cfg.data.batch_size_per_rank, tflops=dense_tflops,
                       bytes_per_rank=cost.params * (8 + DENSE_OPTIMIZER_STATE_BYTES[t.dense_optimizer]),
+                      activation_bytes=activation_bytes(tower, shape, batch_size=cfg.data.batch_size_per_rank),
                       allreduce_bytes=grad_bytes, allreduce_ms=allreduce_ms(grad_bytes, cluster),
                       allreduce_mode=t.allreduce)
     return RunPlanReport(config_name=cfg.name, sparse=sparse, dense=dense, ids_per_sample=ids)
@@ -203,19 +210,21 @@ def _memory_lines(report: RunPlanReport, *, all_ranks: bool) -> list[str]:
     fast = "HBM" if c.device == "cuda" else "memory"
     reserved = s.reserved_dense_bytes + s.reserved_input_bytes + s.reserved_margin_bytes
     lines = [f"memory per rank, {unit} ({fast}: tables, their fused optimizer state, UVM cache, the planner's input/"
-             f"output buffer estimate, and the dense tower's weights + gradients + {report.dense.model} optimizer "
-             f"state; activations not included)"]
+             f"output buffer estimate, the dense tower's weights + gradients + optimizer state, and the activations "
+             f"its forward keeps for the backward at batch {d.batch_size_per_rank})"]
     cap = c.hbm_bytes if c.device == "cuda" else c.host_bytes // c.gpus_per_host
-    header = ("ranks", f"{fast} tables", "optimizer", "cache", "io", "dense", f"{fast} total", "planner's view")
+    header = ("ranks", f"{fast} tables", "optimizer", "cache", "io", "dense", "activations", f"{fast} total",
+              "planner's view")
     header += ("host tables+opt",) if c.device == "cuda" else ()
     rows, previous = [header], None
 
     def row_of(load: RankLoad) -> tuple:
         m = load.hbm if c.device == "cuda" else load.host
-        total = m.tables + m.optimizer + m.cache + m.io + d.bytes_per_rank
+        total = m.tables + m.optimizer + m.cache + m.io + d.bytes_per_rank + d.activation_bytes
         view = f"{_g(m.planner + reserved)} / {_g(cap)}"
         extra = (_g(load.host.tables + load.host.optimizer),) if c.device == "cuda" else ()
-        return (_g(m.tables), _g(m.optimizer), _g(m.cache), _g(m.io), _g(d.bytes_per_rank), _g(total), view) + extra
+        return (_g(m.tables), _g(m.optimizer), _g(m.cache), _g(m.io), _g(d.bytes_per_rank), _g(d.activation_bytes),
+                _g(total), view) + extra
 
     groups: list[list] = []
     for load in s.ranks:
@@ -229,7 +238,15 @@ def _memory_lines(report: RunPlanReport, *, all_ranks: bool) -> list[str]:
     lines += _table(rows)
     lines.append(f"planner's view = what it placed + what it reserves before placing: {_g(s.reserved_dense_bytes)} "
                  f"dense (6x the tower's parameter bytes), {_g(s.reserved_input_bytes)} input batches, "
-                 f"{_g(s.reserved_margin_bytes)} margin")
+                 f"{_g(s.reserved_margin_bytes)} margin; activations: saved tensors counted on meta, fp32, attention "
+                 f"weights included (a fused attention kernel keeps less)")
+    worst = max(report.sparse.ranks, key=lambda r: (r.hbm if c.device == "cuda" else r.host).planner)
+    m = worst.hbm if c.device == "cuda" else worst.host
+    peak = m.tables + m.optimizer + m.cache + m.io + d.bytes_per_rank + d.activation_bytes
+    if peak > cap:
+        lines.append(f"over the cap: rank {worst.rank} needs {_g(peak)} of {_g(cap)} {unit} with the activations, "
+                     f"which the planner does not count (it keeps {RESERVED_SHARE:.0%} margin); a smaller "
+                     f"data.batch_size_per_rank, bf16 activations or activation checkpointing would bring it under")
     return lines
 
 
