@@ -203,6 +203,8 @@ BENCHES = {
               "p50/p99, errors, served rows/s against the program called in-process"),
     "paper": ("hyrank.bench.papers", "the papers' experiments (HyFormer Tables 1-2, HHFT, Hiformer, scaling): "
               "table + plot"),
+    "tables": ("hyrank.bench.tables", "the sharding plan's memory against what CPU ranks hold, and training rows/s "
+               "and memory per rank as a table grows (1M, 10M, 40M rows)"),
     "quality": ("hyrank.bench.quality", "model-quality table: real train runs per (model, variant, seed), "
                 "AUC mean +- s.e."),
 }
