@@ -108,6 +108,8 @@ def add_plan(verbs) -> None:
     p.add_argument("--config", type=Path, required=True, help="run config (TOML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set features.tables.0.num_embeddings=1000000 (repeatable)")
+    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY",
+                   help="remove a config key, e.g. --unset embeddings.sharding: the planner's free choice (repeatable)")
     p.add_argument("--hosts", type=int, default=1, help="hosts (nodes)")
     p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs per host: ranks per host")
     p.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory per GPU, GiB")
@@ -139,7 +141,7 @@ def _plan(args) -> int:
     from hyrank.pipeline.config import load_config
     from hyrank.pipeline.distributed.cluster_plan import format_plan, plan_run
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, args.unsets)
     cluster = Cluster(hosts=args.hosts, gpus_per_host=args.gpus_per_host, hbm_bytes=int(args.hbm_gb * GiB),
                       host_bytes=int(args.ddr_gb * GiB), device=args.device)
     print(format_plan(plan_run(cfg, cluster, dense_tflops=args.dense_tflops), all_ranks=args.all_ranks))

@@ -16,6 +16,7 @@ them, so the plan says when they take a rank over its memory.
 from __future__ import annotations
 
 import logging
+import textwrap
 import warnings
 from dataclasses import dataclass
 
@@ -197,7 +198,16 @@ def format_plan(report: RunPlanReport, *, all_ranks: bool = False) -> str:
     rows.append(("total", "", f"{sum(t.rows for t in s.tables):,}", "", "", "", "",
                  _g(sum(t.table_bytes for t in s.tables)), _g(sum(t.optimizer_bytes for t in s.tables))))
     lines += _table(rows) + ["", *_memory_lines(report, all_ranks=all_ranks), "", *_time_lines(report)]
-    return "\n".join(lines)
+    return "\n".join(_wrap(line) for line in lines)
+
+
+def _wrap(line: str, width: int = 120) -> str:
+    """Prose at `width` columns; table rows (no run of words longer than a column gap) stay whole. A step line's
+    continuation aligns under its description."""
+    if len(line) <= width or "  " in line.strip() and not line.startswith("  "):
+        return line
+    indent = " " * 32 if line.startswith("  ") else "  "
+    return textwrap.fill(line, width=width, subsequent_indent=indent, break_on_hyphens=False)
 
 
 def _memory_lines(report: RunPlanReport, *, all_ranks: bool) -> list[str]:
@@ -250,18 +260,25 @@ def _memory_lines(report: RunPlanReport, *, all_ranks: bool) -> list[str]:
     return lines
 
 
+def _flops(flops: float) -> str:
+    for scale, name in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {name}"
+    return f"{flops:,.0f} FLOPs"
+
+
 def _time_lines(report: RunPlanReport) -> list[str]:
     s, d, c = report.sparse, report.dense, report.sparse.cluster
     r = s.critical_rank
     bw = INTER_HOST_BYTES_PER_S if c.hosts > 1 else INTRA_HOST_BYTES_PER_S
-    lines = [f"dense tower {d.model}: {d.params:,} parameters, {d.train_flops_per_sample / 1e9:.2f} GFLOPs per sample "
-             f"(forward + backward; {d.train_flops_per_sample * d.batch_size_per_rank / 1e12:.2f} TFLOPs per batch "
-             f"of {d.batch_size_per_rank})",
+    lines = [f"dense tower {d.model}: {d.params:,} parameters, {_flops(d.train_flops_per_sample)} per sample "
+             f"(forward + backward; {_flops(d.train_flops_per_sample * d.batch_size_per_rank)} per batch of "
+             f"{d.batch_size_per_rank})",
              f"estimated step, ms (rank {r.rank}, the one TorchRec's planner rates slowest; no overlap assumed):",
              f"  embedding lookup  {r.lookup_ms:9.2f}   forward + backward of its shards (planner)",
              f"  communication     {r.comms_ms:9.2f}   output all-to-all / reduce-scatter, forward + backward "
              f"(planner)",
-             f"  dense compute     {d.compute_ms:9.2f}   {d.train_flops_per_sample / 1e9:.2f} GFLOPs x "
+             f"  dense compute     {d.compute_ms:9.2f}   {_flops(d.train_flops_per_sample)} x "
              f"{d.batch_size_per_rank} at {d.tflops:g} TFLOP/s (--dense-tflops)",
              f"  total             {report.step_ms:9.2f}",
              f"  ids all-to-all    {report.ids_all_to_all_ms:9.2f}   the next batch's {report.ids_per_sample:,.0f} ids "
@@ -271,7 +288,7 @@ def _time_lines(report: RunPlanReport) -> list[str]:
     if c.device == "cuda" and c.world_size > 1:
         hidden = ("overlapped with the next step (train.allreduce = \"async\")" if d.allreduce_mode == "async"
                   else "on the step's critical path (train.allreduce = \"sync\")")
-        lines.append(f"  dense allreduce   {d.allreduce_ms:9.2f}   {d.allreduce_bytes / GiB:.2f} GiB of gradients, "
+        lines.append(f"  dense allreduce   {d.allreduce_ms:9.2f}   {d.allreduce_bytes / 2**20:,.1f} MiB of gradients, "
                      f"hierarchical ring at {INTRA_HOST_BYTES_PER_S / GiB:g} GiB/s in a host and "
                      f"{INTER_HOST_BYTES_PER_S / GiB:g} GiB/s per GPU across hosts (ours, not the planner's); "
                      + hidden)
