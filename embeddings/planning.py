@@ -174,7 +174,7 @@ def _capacity(planner: EmbeddingShardingPlanner, cluster: Cluster) -> tuple[int,
     return cluster.hbm_bytes - _margin(cluster) - dense - inputs, host
 
 
-def _bytes_per_row(so: ShardingOption) -> tuple[int, float]:
+def _element_and_optimizer_share(so: ShardingOption) -> tuple[int, float]:
     """(weight bytes per element, optimizer bytes per weight byte) of a table."""
     optimizer_class = getattr(so.tensor, "_optimizer_classes", [None])[0]
     return so.tensor.element_size(), float(_get_optimizer_multipler(optimizer_class, so.tensor.shape))
@@ -182,7 +182,7 @@ def _bytes_per_row(so: ShardingOption) -> tuple[int, float]:
 
 def _placement(so: ShardingOption) -> TablePlacement:
     rows, dim = so.tensor.shape
-    element, opt_share = _bytes_per_row(so)
+    element, opt_share = _element_and_optimizer_share(so)
     table = rows * dim * element
     caching = so.compute_kernel in CACHED_KERNELS
     return TablePlacement(module=so.path, name=so.name, rows=rows, dim=dim, sharding_type=so.sharding_type,
@@ -194,7 +194,7 @@ def _placement(so: ShardingOption) -> TablePlacement:
 def _rank_loads(options: list[ShardingOption], cluster: Cluster) -> list[RankLoad]:
     ranks = [RankLoad(rank=r) for r in range(cluster.world_size)]
     for so in options:
-        element, opt_share = _bytes_per_row(so)
+        element, opt_share = _element_and_optimizer_share(so)
         for shard in so.shards:
             load = ranks[shard.rank]
             weights = math.prod(shard.size) * element
