@@ -33,7 +33,16 @@ def _plan(config, *, overrides=(), **cluster):
     return plan_run(cfg, Cluster(**{**defaults, **cluster}), dense_tflops=300)
 
 
-def test_a_small_gpu_topology_plans_every_table_without_touching_cuda():
+def test_a_small_gpu_topology_plans_every_table_without_touching_cuda(monkeypatch):
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("planning touched CUDA")
+
+    import hyrank.pipeline.distributed.cluster_plan  # noqa: F401  (fbgemm asks torch.cuda.is_available at import)
+
+    # a CUDA context starts in the lazy initialisation, which every device call goes through (on this CPU build
+    # too); the device's memory is what a run would ask for, and a plan must not
+    for name in ("_lazy_init", "current_device", "get_device_properties", "mem_get_info", "device_count"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
     report = _plan(DEFAULT_CONFIG, hosts=2, gpus_per_host=2)
     s = report.sparse
     names = {t.name for t in load_config(DEFAULT_CONFIG).features.tables}
