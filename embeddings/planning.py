@@ -17,6 +17,7 @@ which adds its estimate of the lookup's input and output buffers (`io` = planner
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from torchrec.distributed.planner.constants import UVM_CACHING_RATIO
 from torchrec.distributed.planner.shard_estimators import _get_optimizer_multipler
 from torchrec.distributed.planner.types import PlannerError, ShardingOption
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingCollection
 
 GiB = 1024**3
 # TorchRec's HeuristicalStorageReservation (its planner's default): 15% of every device held back as a margin, and
@@ -132,10 +134,31 @@ def parameter_constraints(constraints: dict[str, Any]) -> dict[str, ParameterCon
             for table, c in constraints.items()}
 
 
+def without_ec_data_parallel(module: nn.Module, sharders: list[ModuleSharder[nn.Module]], constraints: dict[str, Any],
+                             device_type: str) -> dict[str, Any]:
+    """`constraints` with data_parallel taken out of the choices of every EmbeddingCollection table that states none.
+
+    TorchRec 1.8 offers it, and its data-parallel EmbeddingCollection lookup fails at the first forward (the
+    canary in tests/test_sharding.py; embeddings.sharding.check_constraints refuses it when asked for): left free,
+    the planner picks it for small sequence side tables on GPUs, and such a run would fail at its first step."""
+    out = dict(constraints)
+    for _, sub in module.named_modules():
+        sharder = next((s for s in sharders if type(sub) is s.module_type), None)
+        if not isinstance(sub, EmbeddingCollection) or sharder is None:
+            continue
+        allowed = [t for t in sharder.sharding_types(device_type) if t != "data_parallel"]
+        for cfg in sub.embedding_configs():
+            c = out.get(cfg.name)
+            if c is not None and not c.sharding_types:
+                out[cfg.name] = dataclasses.replace(c, sharding_types=allowed)
+    return out
+
+
 def plan_cluster(module: nn.Module, *, sharders: list[ModuleSharder[nn.Module]], cluster: Cluster,
                  batch_size_per_rank: int, constraints: dict[str, Any]) -> PlanReport:
     """Run TorchRec's planner for `cluster` on this machine and report memory and time per rank and placement per
     table; a ValueError of one line if no plan fits."""
+    constraints = without_ec_data_parallel(module, sharders, constraints, cluster.device)
     planner = EmbeddingShardingPlanner(topology=cluster.topology(), batch_size=batch_size_per_rank,
                                        constraints=parameter_constraints(constraints), debug=False)
     start = time.perf_counter()

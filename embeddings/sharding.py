@@ -24,7 +24,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from hyrank.embeddings.planning import Cluster, explain_no_fit, parameter_constraints
+from hyrank.embeddings.planning import Cluster, explain_no_fit, parameter_constraints, without_ec_data_parallel
 
 SparseOptimizerName = Literal["rowwise_adagrad", "adagrad", "sgd", "adam"]
 
@@ -121,6 +121,7 @@ def plan_sharding(
     typed = {t: c if isinstance(c, TableConstraint) else TableConstraint(list(c[0]), list(c[1]))
              for t, c in (constraints or {}).items()}
     check_constraints(module, sharders, typed, device)
+    typed = without_ec_data_parallel(module, sharders, typed, device.type)
     planner = EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size_per_rank, constraints=parameter_constraints(typed), debug=False
     )
