@@ -17,10 +17,14 @@ import torch
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.constants import DDR_CAP, HBM_CAP
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from hyrank.embeddings.planning import Cluster, explain_no_fit, parameter_constraints, without_ec_data_parallel
 
 SparseOptimizerName = Literal["rowwise_adagrad", "adagrad", "sgd", "adam"]
 
@@ -75,14 +79,18 @@ class _CPURowWiseEBCSharder(EmbeddingBagCollectionSharder):
 
 @dataclass(frozen=True)
 class TableConstraint:
-    """What the planner may choose for one table."""
+    """What the planner may choose for one table (an empty list: anything its sharder offers), and how many ids a
+    sample looks up in it per feature, in the order of the table's features (empty: TorchRec's default of 1)."""
 
     sharding_types: list[str]
     compute_kernels: list[str]
     min_partition: int | None = None  # narrowest column-wise shard; None keeps the planner's default
+    pooling_factors: tuple[float, ...] = ()
 
 
 def make_sharders(device: torch.device) -> list[ModuleSharder[nn.Module]]:
+    """TorchRec's sharders for `device`; for a CUDA device they only describe the GPU kernels (planning on a
+    machine without a GPU touches no CUDA: `hyrank plan`)."""
     ebc = EmbeddingBagCollectionSharder() if device.type == "cuda" else _CPURowWiseEBCSharder()
     return [ebc, EmbeddingCollectionSharder()]
 
@@ -97,6 +105,8 @@ def plan_sharding(
     batch_size_per_rank: int,
     constraints: dict[str, TableConstraint | tuple[list[str], list[str]]] | None = None,
     group: Any = None,
+    hbm_bytes: int | None = None,
+    host_bytes: int | None = None,
 ) -> ShardingPlan:
     """Plan table placement; `constraints` maps table name -> TableConstraint or (sharding types, kernels).
 
@@ -104,27 +114,31 @@ def plan_sharding(
     (all ranks get the same plan even if the planner's heuristics were not deterministic); without one each
     process plans alone, which needs no process group. A planner error on rank 0 under a group
     leaves the other ranks waiting in the broadcast until the process group's timeout: keep it short in tests.
+    `hbm_bytes` / `host_bytes` are one rank's device and host memory (None: TorchRec's defaults, 32 and 128 GiB).
     """
-    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device.type)
+    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device.type,
+                        hbm_cap=hbm_bytes, ddr_cap=host_bytes)
     typed = {t: c if isinstance(c, TableConstraint) else TableConstraint(list(c[0]), list(c[1]))
              for t, c in (constraints or {}).items()}
     check_constraints(module, sharders, typed, device)
-    param_constraints = {}
-    for table, c in typed.items():
-        param_constraints[table] = ParameterConstraints(sharding_types=list(c.sharding_types),
-                                                        compute_kernels=list(c.compute_kernels),
-                                                        min_partition=c.min_partition)
+    typed = without_ec_data_parallel(module, sharders, typed, device.type)
     planner = EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size_per_rank, constraints=param_constraints, debug=False
+        topology=topology, batch_size=batch_size_per_rank, constraints=parameter_constraints(typed), debug=False
     )
-    if group is not None:
-        return planner.collective_plan(module, sharders, group)
-    return planner.plan(module, sharders)
+    try:
+        if group is not None:
+            return planner.collective_plan(module, sharders, group)
+        return planner.plan(module, sharders)
+    except PlannerError as e:  # twenty lines naming no table: one naming the table and the way out
+        cluster = Cluster(hosts=max(1, world_size // local_world_size), gpus_per_host=local_world_size,
+                          hbm_bytes=hbm_bytes or HBM_CAP, host_bytes=(host_bytes or DDR_CAP) * local_world_size,
+                          device=device.type)
+        raise ValueError(explain_no_fit(module, planner, sharders, cluster, e)) from None
 
 
 def check_constraints(module: nn.Module, sharders: list[ModuleSharder[nn.Module]],
                       constraints: dict[str, TableConstraint], device: torch.device) -> None:
-    """Refuse, before planning, a table whose allowed sharding types its module's sharder cannot do.
+    """Refuse, before planning, a table whose allowed sharding types or kernels its module's sharder cannot do.
 
     The planner's own message ("No available sharding type and compute kernel combination") names neither the
     cause nor the way out, and under `collective_plan` it is raised on rank 0 only while the other ranks wait
@@ -143,11 +157,20 @@ def check_constraints(module: nn.Module, sharders: list[ModuleSharder[nn.Module]
             supported = [t for t in supported if t != ShardingType.DATA_PARALLEL.value]
         for cfg in configs:
             c = constraints.get(cfg.name)
-            if c is not None and not set(c.sharding_types) & set(supported):
+            if c is None:
+                continue
+            types = [t for t in c.sharding_types or supported if t in supported]
+            if not types:
                 raise ValueError(
                     f"embeddings.sharding[{cfg.name!r}] allows only {c.sharding_types}, but table {cfg.name!r} "
                     f"lives in a {type(sub).__name__} whose TorchRec sharder supports {supported} on "
                     f"{device.type}; pick one of those (e.g. row_wise instead of table_row_wise)")
+            kernels = {k for t in types for k in sharder.compute_kernels(t, device.type)}
+            if c.compute_kernels and not set(c.compute_kernels) & kernels:
+                raise ValueError(
+                    f"embeddings.sharding[{cfg.name!r}] allows only the kernels {c.compute_kernels}, but TorchRec "
+                    f"offers {sorted(kernels)} for table {cfg.name!r} on {device.type} (UVM kernels need CUDA); "
+                    f"pick one of those")
 
 
 def describe_plan(plan: ShardingPlan) -> str:

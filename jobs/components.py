@@ -28,6 +28,14 @@ from torchx.components.dist import ddp
 
 _CONFIG = "jobs/configs/default.toml"  # relative to the job's working directory: the checkout, or the image's /app
 _IMAGE = "hyrank:0.1.0"  # `docker build -t hyrank:0.1.0 .`; push it and name the pushed image in .torchxconfig
+# `docker build --build-arg FBGEMM=fbgemm-gpu -t hyrank:0.1.0-cuda .`: the image of a job with GPUs. The CPU image's
+# fbgemm-gpu-cpu has no CUDA kernels, so its ranks would fail at their first sharded lookup on a GPU node
+_CUDA_IMAGE = "hyrank:0.1.0-cuda"
+# Every rank of a job with GPUs: a collective that fails or times out on one rank ends that process (torchelastic
+# then restarts the job's ranks from the latest checkpoint) instead of leaving the others blocked in it; NCCL's
+# own reason for a failure reaches the rank's log. The fabric's settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...)
+# are the cluster's: pass them with --env, which wins over these.
+_NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "NCCL_DEBUG": "WARN"}
 _VERBS_WITH_OWN_LAUNCHER = ("--nproc-per-node",)  # -j decides the processes per node
 
 # The arguments every component takes, documented once: `_with_job_args` appends this to each docstring's Args
@@ -35,6 +43,7 @@ _VERBS_WITH_OWN_LAUNCHER = ("--nproc-per-node",)  # -j decides the processes per
 _JOB_ARGS_DOC = """
     j: {nnodes}x{nproc_per_node}, e.g. 2x8: nodes, and processes (ranks) on each. [{min}:]{max}x{nproc} is elastic
     image: container image holding hyrank (kubernetes, docker); local_cwd and slurm run this checkout instead
+    cuda_image: the image of a job with GPUs (built with --build-arg FBGEMM=fbgemm-gpu), used instead of image
     cpu: CPUs per node
     gpu: GPUs per node (nproc_per_node must not exceed it)
     memMB: memory per node in MB
@@ -56,11 +65,14 @@ def _with_job_args(fn):
     return fn
 
 
-def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, image: str, cpu: int, gpu: int,
-                memMB: int, h: Optional[str], env: Optional[Dict[str, str]], mounts: Optional[List[str]],
+def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, image: str, cuda_image: str, cpu: int,
+                gpu: int, memMB: int, h: Optional[str], env: Optional[Dict[str, str]], mounts: Optional[List[str]],
                 max_retries: int, rdzv_port: int, rdzv_backend: str) -> specs.AppDef:
     """dist.ddp running `python -m hyrank.pipeline.cli <verb> <verb_args> <extra>` under torchrun, with torchelastic
-    restarts; its one role is named after the verb."""
+    restarts; its one role is named after the verb. A role with GPUs (from --gpu or a named resource -h) runs
+    `cuda_image` with the NCCL environment; on Kubernetes torchx gives every pod a memory-backed /dev/shm without a
+    size limit (NCCL's shared-memory transport needs more than a container's default 64 MB; it counts against
+    memMB)."""
     for flag in _VERBS_WITH_OWN_LAUNCHER:
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise ValueError(f"{flag} is not a job argument: -j NNODESxNPROC sets the ranks of a job")
@@ -75,6 +87,9 @@ def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, im
               gpu=gpu, memMB=memMB, h=h, j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port,
               rdzv_backend=rdzv_backend, mounts=mounts)
     role = app.roles[0]
+    if role.resource.gpu > 0:
+        role.image = cuda_image
+        role.env = {**_NCCL_ENV, **role.env}  # role.env holds --env: the cluster's values win
     shell_flag, command = role.args
     if not command.startswith("torchrun "):
         raise ValueError(f"dist.ddp's command changed (expected `torchrun ...`): {command[:80]}")
@@ -87,9 +102,10 @@ def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, im
 
 @_with_job_args
 def train(*extra: str, days: str, config: str = _CONFIG, eval_day: str = "", resume: str = "latest-if-any",
-          j: str = "1x2", image: str = _IMAGE, cpu: int = 4, gpu: int = 0, memMB: int = 16384,
-          h: Optional[str] = None, env: Optional[Dict[str, str]] = None, mounts: Optional[List[str]] = None,
-          max_retries: int = 0, rdzv_port: int = 29500, rdzv_backend: str = "c10d") -> specs.AppDef:
+          j: str = "1x2", image: str = _IMAGE, cuda_image: str = _CUDA_IMAGE, cpu: int = 4, gpu: int = 0,
+          memMB: int = 16384, h: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+          mounts: Optional[List[str]] = None, max_retries: int = 0, rdzv_port: int = 29500,
+          rdzv_backend: str = "c10d") -> specs.AppDef:
     """Train on a range of days (`hyrank train`), on j nodes x processes.
 
     Runs `python -m hyrank.pipeline.cli train --config CONFIG --days DAYS ... --quiet` on every rank. Every attempt of
@@ -107,17 +123,17 @@ def train(*extra: str, days: str, config: str = _CONFIG, eval_day: str = "", res
     verb_args = ["--config", config, "--days", days, "--quiet"]
     verb_args += ["--eval-day", eval_day] if eval_day else []
     verb_args += ["--resume", resume] if resume else []
-    return _hyrank_job("train", verb_args, list(extra), j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-                       env=env, mounts=mounts, max_retries=max_retries, rdzv_port=rdzv_port,
+    return _hyrank_job("train", verb_args, list(extra), j=j, image=image, cuda_image=cuda_image, cpu=cpu, gpu=gpu,
+                       memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries, rdzv_port=rdzv_port,
                        rdzv_backend=rdzv_backend)
 
 
 @_with_job_args
 def stream(*extra: str, config: str = _CONFIG, from_day: str = "", until: str = "", follow: bool = False,
-           skip_gaps: bool = False, warm_start: str = "", j: str = "1x2", image: str = _IMAGE, cpu: int = 4,
-           gpu: int = 0, memMB: int = 16384, h: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-           mounts: Optional[List[str]] = None, max_retries: int = 0, rdzv_port: int = 29500,
-           rdzv_backend: str = "c10d") -> specs.AppDef:
+           skip_gaps: bool = False, warm_start: str = "", j: str = "1x2", image: str = _IMAGE,
+           cuda_image: str = _CUDA_IMAGE, cpu: int = 4, gpu: int = 0, memMB: int = 16384, h: Optional[str] = None,
+           env: Optional[Dict[str, str]] = None, mounts: Optional[List[str]] = None, max_retries: int = 0,
+           rdzv_port: int = 29500, rdzv_backend: str = "c10d") -> specs.AppDef:
     """Daily retraining (`hyrank stream`): evaluate each complete day with the current model, then train on it.
 
     Runs `python -m hyrank.pipeline.cli stream --config CONFIG ... --quiet` on every rank. It always warm-starts from the
@@ -140,14 +156,15 @@ def stream(*extra: str, config: str = _CONFIG, from_day: str = "", until: str = 
     verb_args += ["--follow"] if follow else []
     verb_args += ["--skip-gaps"] if skip_gaps else []
     verb_args += ["--warm-start", warm_start] if warm_start else []
-    return _hyrank_job("stream", verb_args, list(extra), j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-                       env=env, mounts=mounts, max_retries=max_retries, rdzv_port=rdzv_port,
+    return _hyrank_job("stream", verb_args, list(extra), j=j, image=image, cuda_image=cuda_image, cpu=cpu, gpu=gpu,
+                       memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries, rdzv_port=rdzv_port,
                        rdzv_backend=rdzv_backend)
 
 
-def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str = _IMAGE, cpu: int = 4, gpu: int = 0,
-           memMB: int = 16384, h: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-           mounts: Optional[List[str]] = None, max_retries: int = 0) -> specs.AppDef:
+def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str = _IMAGE,
+           cuda_image: str = _CUDA_IMAGE, cpu: int = 4, gpu: int = 0, memMB: int = 16384, h: Optional[str] = None,
+           env: Optional[Dict[str, str]] = None, mounts: Optional[List[str]] = None,
+           max_retries: int = 0) -> specs.AppDef:
     """Export a checkpoint for serving (`hyrank export`): one process on one node.
 
     Runs `python -m hyrank.pipeline.cli export --checkpoint CHECKPOINT --out OUT [--tables T]` as a 1x1 torchrun job.
@@ -158,6 +175,7 @@ def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str 
         out: the folder to publish the export to
         tables: embedding tables as fp32, fp16 or int8 ("" for the verb's default)
         image: container image holding hyrank (kubernetes, docker); local_cwd and slurm run this checkout instead
+        cuda_image: the image of a job with GPUs (built with --build-arg FBGEMM=fbgemm-gpu), used instead of image
         cpu: CPUs
         gpu: GPUs
         memMB: memory in MB
@@ -168,5 +186,6 @@ def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str 
     """
     verb_args = ["--checkpoint", checkpoint, "--out", out]
     verb_args += ["--tables", tables] if tables else []
-    return _hyrank_job("export", verb_args, list(extra), j="1x1", image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
-                       env=env, mounts=mounts, max_retries=max_retries, rdzv_port=29500, rdzv_backend="c10d")
+    return _hyrank_job("export", verb_args, list(extra), j="1x1", image=image, cuda_image=cuda_image, cpu=cpu,
+                       gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries, rdzv_port=29500,
+                       rdzv_backend="c10d")

@@ -60,6 +60,29 @@ def training_flops(model: nn.Module, shape: InputShape, *, batch_size: int = 2) 
     return count_training_flops(lambda: model(x).logits)
 
 
+def activation_bytes(model: nn.Module, shape: InputShape, *, batch_size: int) -> int:
+    """Bytes one training batch's forward pass keeps for the backward (the tensors autograd saves, each storage
+    once, parameters excepted), counted on the model's device: on `meta` nothing is allocated.
+
+    What a step holds at its peak beyond weights, gradients and optimizer state, in the model's dtype. Attention
+    counted this way saves its weights (queries x keys per head), which a fused (flash) kernel on a GPU does not:
+    for long sequences an upper bound there."""
+    # keyed by storage: a view (a transposed weight, a slice of an activation) is its base's bytes, counted once
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    x = meta_inputs(shape, batch_size, device=next(model.parameters()).device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).logits
+    return sum(saved.values())
+
+
 def model_cost(name: str, options: dict[str, Any], shape: InputShape, *, batch_size: int = 2) -> ModelCost:
     """Build a registered tower on `meta` and count its parameters and per-sample training FLOPs."""
     from hyrank.models import build_model  # late import: models/__init__ imports every tower

@@ -63,8 +63,13 @@ class DataConfig(ReaderOptions):
 class TableSharding:
     """Planner constraints for one table (see embeddings/sharding.py)."""
 
-    sharding_types: list[Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]]
-    compute_kernels: list[Literal["fused", "dense"]] = field(default_factory=lambda: ["fused"])
+    # empty: any sharding its TorchRec sharder offers
+    sharding_types: list[Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]] = field(
+        default_factory=list)
+    # fused_uvm_caching: the table in host memory with a share of its rows cached in HBM; fused_uvm: all in host
+    # memory (both CUDA only)
+    compute_kernels: list[Literal["fused", "dense", "fused_uvm_caching", "fused_uvm"]] = field(
+        default_factory=lambda: ["fused"])
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ import re
 import torch
 
 from hyrank.models import build_model
-from hyrank.models.accounting import count_training_flops, dense_params, model_cost, paper_table, training_flops
+from hyrank.models.accounting import (activation_bytes, count_training_flops, dense_params, model_cost, paper_table,
+                                      training_flops)
 from hyrank.models.inputs import InputShape, SequenceShape
 from hyrank.models.layers.attention import MultiHeadAttention
 
@@ -19,6 +20,16 @@ def test_mlp_flops_match_hand_count():
     # backward: grad w.r.t. input and w.r.t. weight of each layer, each as costly as the forward matmul
     assert training_flops(model, shape, batch_size=batch) == 3 * forward
     assert dense_params(model) == 8 * 16 + 16 + 16 * 1 + 1
+
+
+def test_activations_match_hand_count():
+    # Linear(8,16) -> ReLU -> Linear(16,1): the first linear keeps its input (B x 8), ReLU its output (B x 16),
+    # which the second linear keeps too (one storage, counted once); the weights are not activations
+    shape = InputShape(blocks={"a": 8}, dense_dim=0, sequences={})
+    with torch.device("meta"):
+        model = build_model("dlrm_mlp", {"hidden": [16]}, shape)
+    batch = 32
+    assert activation_bytes(model, shape, batch_size=batch) == 4 * batch * (8 + 16)
 
 
 def test_attention_flops_match_hand_count():

@@ -23,8 +23,10 @@ from hyrank.pipeline.cli import main
     ["bench", "e2e", "--rows", "1500", "--set", "data.batch_size_per_rank=64", "--models", "hyformer", "--set", "features.sequences.0.max_len=16"],
     ["bench", "torchrec", "--num-embeddings", "500", "--batch-size", "32", "--steps", "3", "--warmup", "1",
      "--rounds", "1", "--profile", "2"],
+    ["bench", "tables", "--sizes", "20000", "--steps", "4", "--set", "data.batch_size_per_rank=32",
+     "--set", "model.options.hidden=[16]", "--set", "features.sequences.0.max_len=16"],
 ], ids=["dedup", "reader", "async_plain_2_seeds", "async_default", "overlap", "model", "seqlen", "days", "e2e",
-        "torchrec"])
+        "torchrec", "tables"])
 def test_bench_runs(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -35,6 +37,8 @@ def test_bench_runs(argv, capsys):
         assert all(m in out for m in ("local (no", "sync (plain", "async (stale", "async, plain")), out
     if "model" in argv:  # both towers against the same measured matmul peak
         assert "GFLOP/s; default shapes" in out and "dlrm_mlp" in out and "hyformer" in out, out
+    if "tables" in argv:  # the shipped size and the one asked for, each measured against its plan
+        assert "as shipped" in out and "item 20,000 rows" in out and "rows/s" in out, out
     if "seqlen" in argv:  # each length, then 2x width and 2x depth, per tower
         table = out.split('{"bench"')[0]
         assert table.count("2x width") == 2 and table.count("L=32 ") == 2, out

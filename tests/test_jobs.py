@@ -219,7 +219,7 @@ def test_kubernetes_dryrun_is_a_volcano_job_with_every_field_set(capsys):
                                                                        ("PodFailed", "RestartJob")}
         pod = task["template"]["spec"]
         (container,) = pod["containers"]
-        assert container["image"] == "hyrank:0.1.0"  # .torchxconfig's [component:jobs/components.py:stream]
+        assert container["image"] == "hyrank:0.1.0-cuda"  # .torchxconfig's cuda_image: the job has GPUs
         assert container["command"][:2] == ["bash", "-c"]
         host = "TORCHX_RANK0_HOST" if node == 0 else "VC_STREAM_0_HOSTS"
         assert shlex.split(container["command"][2]) == [
@@ -231,7 +231,8 @@ def test_kubernetes_dryrun_is_a_volcano_job_with_every_field_set(capsys):
             "limits": {"cpu": "16000m", "memory": "64000M", "nvidia.com/gpu": "4"},
             "requests": {"cpu": "15900m", "memory": "62976M", "nvidia.com/gpu": "4"}}
         env = {e["name"]: e["value"] for e in container["env"]}
-        assert env["NCCL_DEBUG"] == "INFO" and "PATH" not in env  # the image's own PATH
+        assert env["NCCL_DEBUG"] == "INFO" and "PATH" not in env  # --env wins over the component's WARN
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
         assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # a store per rendezvous round (components.py)
         assert container["ports"] == [{"containerPort": 29555, "name": "c10d"}]
         mounts = {m["mountPath"]: (m["name"], m.get("readOnly")) for m in container["volumeMounts"]}
@@ -240,6 +241,63 @@ def test_kubernetes_dryrun_is_a_volcano_job_with_every_field_set(capsys):
         assert {path: (claims[name], ro) for path, (name, ro) in mounts.items() if name in claims} == {
             "/app/data": ("hyrank-data", True), "/app/runs": ("hyrank-runs", False)}
         assert pod["restartPolicy"] == "Never"
+
+
+PAPER_SCALE_JOB = ["train", "-j", "8x8", "--gpu", "8", "--cpu", "96", "--memMB", "1000000", "--max_retries", "3",
+                   "--config", "jobs/configs/paper_scale.toml", "--days", "2026-01-01..2026-03-11"]
+
+
+@pytest.mark.filterwarnings(VOLCANO_NOTE)
+def test_paper_scale_job_on_8_hosts_of_8_gpus(capsys):
+    """The multi-host job of jobs/configs/paper_scale.toml (its header's command), field by field: 8 pods of 8 GPUs
+    meeting at one rendezvous, the CUDA image, NCCL's environment, a memory-backed /dev/shm, elastic restarts."""
+    assert main(["submit", "--scheduler", "kubernetes", "--dryrun", *PAPER_SCALE_JOB]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    spec = job["spec"]
+    assert spec["maxRetry"] == 3  # Volcano resubmits a job that lost a node (a host's failure)
+    assert [t["name"] for t in spec["tasks"]] == [f"train-{i}" for i in range(8)]
+    torchx_ini = _torchxconfig()["component:jobs/components.py:train"]
+    for node, task in enumerate(spec["tasks"]):
+        assert (task["replicas"], task["minAvailable"], task["maxRetry"]) == (1, 1, 3)
+        assert {(p["event"], p["action"]) for p in task["policies"]} == {("PodEvicted", "RestartJob"),
+                                                                       ("PodFailed", "RestartJob")}
+        pod = task["template"]["spec"]
+        (container,) = pod["containers"]
+        # the image built with --build-arg FBGEMM=fbgemm-gpu (fbgemm's CUDA kernels), as the Dockerfile says
+        assert container["image"] == torchx_ini["cuda_image"] == "hyrank:0.1.0-cuda"
+        dockerfile = (ROOT / "Dockerfile").read_text()
+        assert f"--build-arg FBGEMM=fbgemm-gpu -t {torchx_ini['cuda_image']} ." in dockerfile
+        # every host's torchrun: 8 ranks, one c10d rendezvous on the first pod, torchelastic's restarts of all
+        # ranks (train resumes from the latest checkpoint: --resume latest-if-any)
+        host = "TORCHX_RANK0_HOST" if node == 0 else "VC_TRAIN_0_HOSTS"
+        assert shlex.split(container["command"][2]) == [
+            "torchrun", "--max-restarts", "3", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+            f"${{{host}:=localhost}}:29500", "--rdzv_id", job["metadata"]["name"], "--nnodes", "8",
+            "--nproc_per_node", "8", "--tee", "3", "--role", "", "-m", "hyrank.pipeline.cli", "train",
+            "--config", "jobs/configs/paper_scale.toml", "--days", "2026-01-01..2026-03-11", "--quiet",
+            "--resume", "latest-if-any"]
+        assert container["resources"]["limits"] == {"cpu": "96000m", "memory": "1000000M", "nvidia.com/gpu": "8"}
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"  # a failed collective ends its rank: a restart
+        assert env["NCCL_DEBUG"] == "WARN"
+        assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # a rendezvous store per restart round
+        # /dev/shm: a memory-backed volume without a size limit, in place of a container's 64 MB (NCCL's
+        # shared-memory transport and the loader threads use it; it counts against the pod's memory limit)
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert volumes[shm["name"]]["emptyDir"] == {"medium": "Memory"}
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/dev/shm", "/app/data", "/app/runs"}
+    # the config the job runs: the paper's batch per GPU, its async allreduce, and its 4.7 billion rows
+    cfg = load_config(ROOT / "jobs" / "configs" / "paper_scale.toml")
+    assert cfg.data.batch_size_per_rank == 2048 and cfg.train.allreduce == "async"
+    assert sum(t.num_embeddings for t in cfg.features.tables) > 4_000_000_000
+
+
+def test_a_cpu_job_runs_the_cpu_image_without_nccl():
+    with torchx_runner() as runner:
+        info = job_request(runner, "train", ["-j", "2x2", "--days", "2026-11-01"], "kubernetes")
+    (role,) = info._app.roles
+    assert role.image == "hyrank:0.1.0" and "NCCL_DEBUG" not in role.env
 
 
 def test_slurm_dryrun_is_an_sbatch_job_with_every_field_set():
@@ -375,6 +433,9 @@ def test_cronjob_submits_stream_once_a_day_with_the_jobs_image(capsys):
     task = yaml.safe_load(capsys.readouterr().out)["spec"]["tasks"][0]
     tokens = shlex.split(task["template"]["spec"]["containers"][0]["command"][2])
     assert tokens[tokens.index("-m"):tokens.index("-m") + 3] == ["-m", "hyrank.pipeline.cli", "stream"]
+    # its pods have GPUs, so they run the CUDA image, not the submitting pod's
+    assert task["template"]["spec"]["containers"][0]["image"] == \
+        _torchxconfig()["component:jobs/components.py:stream"]["cuda_image"]
 
 
 def test_slurm_crontab_line_submits_stream_once_a_day(capsys):

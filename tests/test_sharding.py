@@ -224,7 +224,7 @@ def _train_steps(rank: int, world_size: int, cfg, table, full_state: dict, dedup
     spec = cfg.features
     tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
     model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=dedup)
-    sharded = shard_model(model, env_of_current_group(), **sharding_arguments(cfg))
+    sharded = shard_model(model, env_of_current_group(), **sharding_arguments(cfg, model))
     sharded.dmp.load_state_dict(full_state)  # DMP re-initialises EBC tables: both paths start from these
     convert = BatchConverter(spec, sequence_feed=model.sequence_feed)  # the model owns the dedup switch
     rows = cfg.data.batch_size_per_rank

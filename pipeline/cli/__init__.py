@@ -2,7 +2,7 @@
 config, makes one call and prints; the verbs live beside this front door by what they run:
 
     run.py       train, stream, evaluate, export: the jobs that train and publish (launch torchrun themselves)
-    tools.py     gen-logs, models, report, bench (a benchmark's module is imported only when it runs)
+    tools.py     gen-logs, models, plan, report, bench (a benchmark's module is imported only when it runs)
     check.py     check: a run's feature spec against its logs
     importers.py import: public datasets as day-partitioned logs
     jobs.py      submit, status, logs: torchx
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_export(verbs)
     serving.add_verbs(verbs)
     tools.add_models(verbs)
+    tools.add_plan(verbs)
     tools.add_report(verbs)
     tools.add_bench(verbs)
     jobs.add_job_verbs(verbs, verb)  # submit, status, logs (imports torchx only when they run)

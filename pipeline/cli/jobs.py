@@ -177,8 +177,9 @@ def job_request(runner, component: str, component_args: list[str], scheduler: st
         if scheduler in _CHECKOUT_SCHEDULERS:
             role.env.setdefault("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         elif not role.image:
-            raise ValueError(f"{component}: {scheduler} runs containers and the job names no image: pass --image "
-                             f"REGISTRY/hyrank:TAG or set `image` in .torchxconfig's [component:{defaults_key}]")
+            key = "cuda_image" if role.resource.gpu > 0 else "image"  # jobs/components.py: GPUs run cuda_image
+            raise ValueError(f"{component}: {scheduler} runs containers and the job names no image: pass --{key} "
+                             f"REGISTRY/hyrank:TAG or set `{key}` in .torchxconfig's [component:{defaults_key}]")
     with _torchx_errors(f"{component} on {scheduler}"):
         return runner.dryrun(app, scheduler, cfg=cfg, workspace=None)
 

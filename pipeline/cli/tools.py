@@ -1,4 +1,5 @@
-"""The tool verbs: gen-logs (synthetic logs), models (towers and their cost), report (a run's days), bench."""
+"""The tool verbs: gen-logs (synthetic logs), models (towers and their cost), plan (a run's sharding plan for a
+cluster), report (a run's days), bench."""
 
 from __future__ import annotations
 
@@ -99,6 +100,54 @@ def _models(args) -> int:
     return 0
 
 
+# -- plan ----------------------------------------------------------------------------------------------------------
+
+
+def add_plan(verbs) -> None:
+    p = verb(verbs, "plan", _plan)
+    p.add_argument("--config", type=Path, required=True, help="run config (TOML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set features.tables.0.num_embeddings=1000000 (repeatable)")
+    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY",
+                   help="remove a config key, e.g. --unset embeddings.sharding: the planner's free choice (repeatable)")
+    p.add_argument("--hosts", type=int, default=1, help="hosts (nodes)")
+    p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs per host: ranks per host")
+    p.add_argument("--hbm-gb", type=float, default=80.0, help="GPU memory per GPU, GiB")
+    p.add_argument("--ddr-gb", type=float, default=1024.0, help="host memory per host, GiB (its GPUs share it)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: plan CPU ranks, as runs on this machine are planned (--gpus-per-host is then ranks "
+                        "per host and --hbm-gb is not used)")
+    p.add_argument("--dense-tflops", type=float, default=300.0,
+                   help="achievable dense training TFLOP/s per GPU, for the tower's compute time (300: about 30%% "
+                        "of an H100's 989 dense bf16 TFLOP/s)")
+    p.add_argument("--all-ranks", action="store_true", help="one line per rank (default: equal ranks share a line)")
+
+
+def _plan(args) -> int:
+    """A run config's sharding plan for a cluster: memory per rank, placement per table, the step estimated.
+
+    Runs TorchRec's EmbeddingShardingPlanner on this machine for HOSTS x GPUS-PER-HOST GPUs (no GPU needed: the
+    model is built on the meta device), with the inputs a run gives it (sharders, embeddings.sharding, ids per
+    sample, the fused optimizer, the batch per rank). Prints each table's sharding type and kernel (UVM caching
+    included), each rank's memory for tables, optimizer state and the dense tower, and the planner's step estimate
+    split into lookup, communication and dense compute (the tower's FLOPs at --dense-tflops). A plan that does not
+    fit is one line naming the table that decides it and what would make it fit.
+
+    Examples:
+      hyrank plan --config jobs/configs/paper_scale.toml --hosts 8 --gpus-per-host 8 --hbm-gb 80 --ddr-gb 1024
+      hyrank plan --config jobs/configs/default.toml --hosts 1 --gpus-per-host 2 --device cpu --ddr-gb 24
+    """
+    from hyrank.embeddings.planning import GiB, Cluster
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.train.cluster_plan import format_plan, plan_run
+
+    cfg = load_config(args.config, args.overrides, args.unsets)
+    cluster = Cluster(hosts=args.hosts, gpus_per_host=args.gpus_per_host, hbm_bytes=int(args.hbm_gb * GiB),
+                      host_bytes=int(args.ddr_gb * GiB), device=args.device)
+    print(format_plan(plan_run(cfg, cluster, dense_tflops=args.dense_tflops), all_ranks=args.all_ranks))
+    return 0
+
+
 # -- report --------------------------------------------------------------------------------------------------------
 
 
@@ -156,6 +205,8 @@ BENCHES = {
               "p50/p99, errors, served rows/s against the program called in-process"),
     "paper": ("hyrank.bench.papers", "the papers' experiments (HyFormer Tables 1-2, HHFT, Hiformer, scaling): "
               "table + plot"),
+    "tables": ("hyrank.bench.tables", "the sharding plan's memory against what CPU ranks hold, and training rows/s "
+               "and memory per rank as a table grows (1M, 10M, 40M rows)"),
     "quality": ("hyrank.bench.quality", "model-quality table: real train runs per (model, variant, seed), "
                 "AUC mean +- s.e."),
 }

@@ -1,18 +1,20 @@
 """Wrap a RankingModel in DistributedModelParallel: sharded tables with fused optimizers, DDP for the rest.
 
     wrapper, hook = make_data_parallel_wrapper(cfg.train.allreduce, ...)   # DDP, with the stale hook for "async"
-    sharded = shard_model(model, env, data_parallel_wrapper=wrapper, **sharding_arguments(cfg))   # train/model.py
+    sharded = shard_model(model, env, data_parallel_wrapper=wrapper, **sharding_arguments(cfg, model))  # train/model.py
     sharded.dmp, sharded.optimizer (fused sparse + dense, for checkpoints), sharded.dense_optimizer, sharded.plan
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -46,18 +48,46 @@ class ShardedModel:
         return plan_to_dict(self.plan)
 
 
+@dataclass(frozen=True)
+class HeldBytes:
+    """The tensor bytes one rank holds after sharding, from the sharded module's state."""
+
+    tables: int  # its shards of the sharded tables, and whole data-parallel tables
+    optimizer: int  # the fused optimizer state of its shards (created with the shards, not at the first step)
+    dense: int  # the replicated rest: tower parameters and buffers
+
+
+def held_bytes(sharded: ShardedModel) -> HeldBytes:
+    """What this rank's sharded model holds: what `hyrank plan` predicts, measured (tests/test_plan.py)."""
+    def nbytes(value) -> int:
+        if isinstance(value, ShardedTensor):
+            return sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
+        return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+    tables = dense = 0
+    for name, value in sharded.dmp.state_dict().items():
+        if ".embedding_bags." in name or ".embeddings." in name:
+            tables += nbytes(value)
+        else:
+            dense += nbytes(value)
+    state = sharded.dmp.fused_optimizer.state_dict()["state"]
+    optimizer = sum(nbytes(v) for per_param in state.values() for v in per_param.values())
+    return HeldBytes(tables=tables, optimizer=optimizer, dense=dense)
+
+
 def shard_model(model: nn.Module, env: DistEnv, *, sparse_optimizer: SparseOptimizer, batch_size_per_rank: int,
                 dense_optimizer: Callable[[list], torch.optim.Optimizer],
                 constraints: dict[str, TableConstraint] | None = None,
                 data_parallel_wrapper: DefaultDataParallelWrapper | None = None) -> ShardedModel:
     """Plan, shard and wrap `model` (its sparse arch built on meta) for this process group: the tables' fused
-    `sparse_optimizer`, the planner's `constraints` by table, `dense_optimizer(params)` for the rest."""
+    `sparse_optimizer`, the planner's `constraints` by table, `dense_optimizer(params)` for the rest; planned for
+    this rank's share of the machine's memory (rank_memory)."""
     apply_sparse_optimizer(model, sparse_optimizer, env.device)
     sharders = make_sharders(env.device)
     plan = plan_sharding(model, sharders=sharders, world_size=env.world_size,
                          local_world_size=env.local_world_size, device=env.device,
                          batch_size_per_rank=batch_size_per_rank, constraints=constraints,
-                         group=torch.distributed.GroupMember.WORLD)
+                         group=torch.distributed.GroupMember.WORLD, **rank_memory(env))
     if env.is_main:
         log.info("sharding plan:\n%s", describe_plan(plan))
     dmp = DistributedModelParallel(
@@ -71,6 +101,17 @@ def shard_model(model: nn.Module, env: DistEnv, *, sparse_optimizer: SparseOptim
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
     return ShardedModel(dmp=dmp, optimizer=CombinedOptimizer([dmp.fused_optimizer, dense]), dense_optimizer=dense,
                         plan=plan)
+
+
+def rank_memory(env: DistEnv) -> dict[str, int]:
+    """This rank's share of the machine for the planner: its GPU's memory, and the host's memory over the ranks on
+    it. Without them TorchRec assumes 32 GiB of HBM and 128 GiB of host memory per rank whatever the machine, and a
+    run on 80 GiB GPUs would be planned unlike `hyrank plan --hbm-gb 80`."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, env.local_world_size)
+    out = {"host_bytes": host}
+    if env.device.type == "cuda":
+        out["hbm_bytes"] = torch.cuda.get_device_properties(env.device).total_memory
+    return out
 
 
 class HookedDataParallelWrapper(DefaultDataParallelWrapper):

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from hyrank.embeddings.dedup import SequenceFeed
+from hyrank.embeddings.dedup import SequenceFeed, dedup_key
 from hyrank.embeddings.sharding import SparseOptimizer, TableConstraint
 from hyrank.models import build_model
 from hyrank.pipeline.config import RunConfig, TrainConfig
@@ -40,19 +42,41 @@ def build_run_model(cfg: RunConfig, env: DistEnv) -> RunModel:
     t = cfg.train
     wrapper, hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression, t.allreduce_delay_compensation,
                                                t.allreduce_weight_prediction)
-    sharded = shard_model(model, env, data_parallel_wrapper=wrapper, **sharding_arguments(cfg))
+    sharded = shard_model(model, env, data_parallel_wrapper=wrapper, **sharding_arguments(cfg, model))
     return RunModel(sharded, hook, model.sequence_feed)
 
 
-def sharding_arguments(cfg: RunConfig) -> dict[str, Any]:
+def sharding_arguments(cfg: RunConfig, model: nn.Module) -> dict[str, Any]:
     """What shard_model takes from the run config: the tables' fused optimizer, the planner's constraints, the batch
     size it plans for, and the dense optimizer."""
     e = cfg.embeddings
     return {"sparse_optimizer": SparseOptimizer(e.optimizer, e.lr, e.eps, e.weight_decay),
-            "constraints": {t: TableConstraint(list(s.sharding_types), list(s.compute_kernels))
-                            for t, s in e.sharding.items()},
+            "constraints": table_constraints(cfg, model),
             "batch_size_per_rank": cfg.data.batch_size_per_rank,
             "dense_optimizer": dense_optimizer_factory(cfg.train)}
+
+
+def table_constraints(cfg: RunConfig, model: nn.Module) -> dict[str, TableConstraint]:
+    """The planner's per-table inputs of a run (what `hyrank plan` plans with too): embeddings.sharding's
+    constraints, and the ids a sample looks up per feature of each table: a sequence column its max_len (every
+    sequence full: the worst case, as models/accounting counts FLOPs), a pooled feature 1, a deduplicated table's
+    one key the sum of its features' (no saving from duplicates assumed)."""
+    max_len = {c: s.max_len for s in cfg.features.sequences for c in s.columns}
+    layout = cfg.features.embedding_layout()
+    out = {}
+    for _, sub in model.named_modules():
+        configs_of = getattr(sub, "embedding_bag_configs", None) or getattr(sub, "embedding_configs", None)
+        if not callable(configs_of) or not isinstance(sub, (EmbeddingBagCollection, EmbeddingCollection)):
+            continue
+        for table in configs_of():
+            ids = {f: float(max_len.get(f, 1)) for f in (lk.feature for lk in layout.lookups if lk.table == table.name)}
+            ids[dedup_key(table.name)] = sum(ids.values())
+            given = cfg.embeddings.sharding.get(table.name)
+            out[table.name] = TableConstraint(
+                list(given.sharding_types) if given else [], list(given.compute_kernels) if given else [],
+                pooling_factors=tuple(ids[f] for f in table.feature_names))
+    return out
+
 
 
 def dense_optimizer_factory(t: TrainConfig) -> Callable[[list], torch.optim.Optimizer]:
