@@ -36,7 +36,7 @@ def build_run_model(cfg: RunConfig, env: DistEnv) -> RunModel:
     spec = cfg.features
     tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
     model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
-                         init_scale=cfg.embeddings.init_scale)
+                         init_scale=cfg.embeddings.init_scale, world_size=env.world_size)
     t = cfg.train
     wrapper, hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression, t.allreduce_delay_compensation,
                                                t.allreduce_weight_prediction)
@@ -48,9 +48,12 @@ def sharding_arguments(cfg: RunConfig) -> dict[str, Any]:
     """What shard_model takes from the run config: the tables' fused optimizer, the planner's constraints, the batch
     size it plans for, and the dense optimizer."""
     e = cfg.embeddings
+    constraints = {t: TableConstraint(list(s.sharding_types), list(s.compute_kernels)) for t, s in e.sharding.items()}
+    for t in cfg.features.tables:  # TorchRec shards a managed table row-wise or not at all: say so to the planner
+        if t.managed is not None:
+            constraints.setdefault(t.name, TableConstraint(["row_wise"], ["fused"]))
     return {"sparse_optimizer": SparseOptimizer(e.optimizer, e.lr, e.eps, e.weight_decay),
-            "constraints": {t: TableConstraint(list(s.sharding_types), list(s.compute_kernels))
-                            for t, s in e.sharding.items()},
+            "constraints": constraints,
             "batch_size_per_rank": cfg.data.batch_size_per_rank,
             "dense_optimizer": dense_optimizer_factory(cfg.train)}
 
