@@ -2,7 +2,7 @@
 
     layout = EmbeddingLayout(tables=(TableDef("item", 200_000, 16, ManagedTable("lru", 100)), ...), ...)
     mc_ebc = managed_collection(layout.ebc_configs(managed=True), layout.tables, bagged=True, device=..., num_buckets=2)
-    SparseArch(layout, ...)              # builds the MC-EBC / MC-EC of a layout's managed tables (embeddings/collection.py)
+    SparseArch(layout, ...)              # the MC-EBC / MC-EC of a layout's managed tables (embeddings/collection.py)
     shards = table_shards(dmp)           # each managed table's shard on this rank (embeddings/managed_lookup.py)
 
 How an id gets a row. Raw int64 ids (strings are hashed first: pipeline/data/convert.py stable_hash) reach the remap

@@ -49,9 +49,9 @@ def test_managed_table_refuses_oov_error_and_a_sharding_it_cannot_have():
 # -- ids: raw to the remap, mixed bijectively ---------------------------------------------------------------------
 
 
-def _spec(dedup_side: bool = False) -> FeatureSpec:
-    return FeatureSpec(label="y", tables=[TableSpec("item", 8, 4, LRU1), TableSpec("t", 4, 4)],
-                       sparse=[SparseFeature("item_id", "item"), SparseFeature("name", "item"), SparseFeature("a", "t")],
+def _spec() -> FeatureSpec:
+    sparse = [SparseFeature("item_id", "item"), SparseFeature("name", "item"), SparseFeature("a", "t")]
+    return FeatureSpec(label="y", tables=[TableSpec("item", 8, 4, LRU1), TableSpec("t", 4, 4)], sparse=sparse,
                        sequences=[SequenceFeature("hist", "hist_ids", "item", max_len=4)])
 
 
@@ -209,3 +209,41 @@ def test_canary_torchrec_managed_eviction_still_fails_on_cpu():
     # hyrank's reset (embeddings/managed_lookup.py) also covers the optimizers TorchRec skips, so keep it.
     results = run_distributed(_torchrec_evict, timeout_s=180, pg_timeout_s=60)
     assert all("fbgemm::reset_weight_momentum" in r for r in results), results
+
+
+# -- drifting logs: the feed managed tables are for ----------------------------------------------------------------
+
+
+def test_drift_logs_for_managed_tables_bring_new_63_bit_ids_at_the_stated_share():
+    import numpy as np
+
+    from hyrank.pipeline.data.synth import SynthConfig, World, generate_chunk
+
+    base = dict(rows_per_day=4000, num_users=3000, num_items=400, num_categories=20, long_len_min=8, long_len_max=16,
+                short_len=4)
+    world = World(SynthConfig(**base, drift=True, new_id_share=0.2, popularity_churn=0.0))
+    day1, day2 = (generate_chunk(world, d, 0, 4000, 0) for d in (0, 1))
+    plain = generate_chunk(World(SynthConfig(**base)), 1, 0, 4000, 0)
+    # without churn, drift renames ids and nothing else: the oracle (and every other column) is the plain world's
+    for name in plain.column_names:
+        if name not in ("user_id", "item_id", "long_item_ids", "click_item_ids"):
+            assert day2.column(name).equals(plain.column(name)), name
+    items = day2.column("item_id").to_numpy()
+    assert items.min() >= 0 and items.max() > 2**60  # 63-bit ids, not indices
+    seen = set(day1.column("item_id").to_pylist()) | set(day1.column("long_item_ids").combine_chunks().flatten()
+                                                         .to_pylist())
+    new_share = float(np.mean([i not in seen for i in items.tolist()]))  # a small catalogue: day 1 saw nearly all
+    assert 0.15 < new_share < 0.3, new_share
+    users = plain.column("user_id").to_numpy()  # internal indices: who was re-born on day 2
+    born = world.drift.born_on(1, 1)[users].mean()
+    assert 0.15 < born < 0.25, born
+    # and with churn, yesterday's most popular items lose their place (ids stable: no new ones)
+    def top_overlap(churn: float) -> int:
+        w = World(SynthConfig(**base, drift=True, new_id_share=0.0, popularity_churn=churn))
+        tops = []
+        for d in (0, 1):
+            ids, counts = np.unique(generate_chunk(w, d, 0, 4000, 0).column("item_id").to_numpy(), return_counts=True)
+            tops.append(set(ids[np.argsort(-counts)[:20]].tolist()))
+        return len(tops[0] & tops[1])
+
+    assert top_overlap(0.5) < 5 < 15 < top_overlap(0.0)
