@@ -155,6 +155,8 @@ BENCHES = {
             "input-wait share"),
     "torchrec": ("hyrank.bench.vs_torchrec", "hyrank's step against TorchRec's DLRM + TrainPipelineSparseDist on "
                  "identical batches, in memory and from Parquet"),
+    "managed": ("hyrank.bench.managed", "training rows/s with managed tables against plain tables of the same size "
+                "on the same drifting day"),
     "days": ("hyrank.bench.days", "1,000 days of 100 rows against one day of 100,000: training and evaluation rows/s"),
     "model": ("hyrank.bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
     "seqlen": ("hyrank.bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over "
