@@ -13,7 +13,9 @@ Each rank's shard of the table then holds a sorted array of the (mixed) ids that
 slot, which is kept free and zero (embeddings/managed_lookup.py), and is counted as a miss. Every
 `eviction_interval_steps` training steps the ids seen since the last time are admitted into free slots; when
 there are none, the least recently (LRU) or least frequently (LFU) used ids give up theirs, TorchRec's eviction
-policies deciding which. An admitted id's slot starts from fresh weights and zero optimizer state.
+policies deciding which. An admitted id's slot starts from fresh weights and zero optimizer state. With
+`embeddings.dedup` a sequence table's remap sees each distinct id of a batch once, so LFU counts the batches an id
+appears in rather than its events.
 
 What hyrank changes in TorchRec's module (ManagedRemap): `admit_after` (a new id needs more than that many
 occurrences in one interval; ids that already hold a slot are always refreshed, which TorchRec's experimental
