@@ -4,13 +4,13 @@
     hyrank bench managed --rows 20000 --rounds 5 --set data.batch_size_per_rank=256
 
 The data is two days of `hyrank gen-logs --drift` (63-bit user and item ids); both are trained and the second is
-timed, when the item table is full and admissions evict (the first day fills it). `managed`: jobs/configs/drift.toml, whose
-user and item tables are managed (embeddings/managed.py); `plain`: the same config with those tables plain, of the
-same sizes, their ids hashed modulo the table (and colliding). The two take turns `--rounds` times, so that load
-from other work on the machine hits both alike. Prints rows/s of each round and the best of each, the ratio of
+timed, when the item table is full and admissions evict (the first day fills it). `managed`: jobs/configs/drift.toml,
+whose user and item tables are managed (embeddings/managed.py); `plain`: the same config with those tables plain,
+of the same sizes, their ids hashed modulo the table (and colliding). The two take turns `--rounds` times, so that
+load from other work on the machine hits both alike. Prints rows/s of each round and the best of each, the ratio of
 each round's pair and their median (goal: managed >= 0.7x plain), and for the managed run the share of lookups
-that found no slot and the ids admitted and evicted.
-Checkpoints and evaluation are off: the timed part is the day loop (the second day of Trainer.run).
+that found no slot and the ids admitted and evicted. Checkpoints and evaluation are off: the timed part is the day
+loop (the second day of Trainer.run).
 """
 
 from __future__ import annotations
