@@ -247,3 +247,16 @@ def test_drift_logs_for_managed_tables_bring_new_63_bit_ids_at_the_stated_share(
         return len(tops[0] & tops[1])
 
     assert top_overlap(0.5) < 5 < 15 < top_overlap(0.0)
+
+
+def test_managed_model_diff_names_a_table_made_managed_or_given_another_eviction():
+    from hyrank.pipeline.train.state import model_diff
+
+    def cfg(item: dict) -> dict:
+        return {"features": {"tables": [{"name": "item", "num_embeddings": 10, "dim": 4, **item}]}, "model": {}}
+
+    lru, lfu = {"managed": {"eviction": "lru", "eviction_interval_steps": 100}}, {"managed": {"eviction": "lfu"}}
+    assert model_diff(cfg({}), cfg(lru)) == ["table 'item' managed eviction: off -> lru"]
+    assert model_diff(cfg(lru), cfg(lfu)) == ["table 'item' managed eviction: lru -> lfu"]
+    # admission settings are not state: a run may change them between resumes
+    assert model_diff(cfg(lru), cfg({"managed": {"eviction": "lru", "eviction_interval_steps": 5}})) == []
