@@ -12,6 +12,10 @@
 `dedup` is a switch of this module alone: the EC's keys and the feed that fills them come from it, and batch
 producers take `sequence_feed` from the model instead of a setting of their own, so they cannot disagree.
 
+Managed tables (embeddings/managed.py) live in `mc_ebc` / `mc_ec`, TorchRec's managed-collision twins of the EBC
+and EC, fed raw ids: `out = arch(pooled_kjt, ids.kjt, ids.index, managed_pooled_kjt, ids.managed_kjt)`. The sequence
+feed splits their keys off (SequenceIds.managed_kjt), deduplicated or not like the others.
+
 Legend: B batch rows, D embedding dim, N total events of a feature in the batch, U distinct ids of a table.
 """
 
@@ -24,7 +28,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from hyrank.embeddings.dedup import DedupIndex, SequenceFeed, expand_sequences
+from hyrank.embeddings.dedup import DedupIndex, SequenceFeed, dedup_key, expand_sequences
+from hyrank.embeddings.managed import managed_collection
 from hyrank.embeddings.tables import EmbeddingLayout
 
 
@@ -53,7 +58,8 @@ class SparseArch(nn.Module):
     """
 
     def __init__(self, layout: EmbeddingLayout, *, device: torch.device | None = None, dedup: bool = False,
-                 transforms: Mapping[str, nn.Module] | None = None):
+                 transforms: Mapping[str, nn.Module] | None = None, num_buckets: int = 1):
+        """`num_buckets`: the world size the managed tables will be sharded over (1 unsharded)."""
         super().__init__()
         # One switch feeds both sides: the host step batches go through, and the EC keys it fills.
         self.sequence_feed: SequenceFeed = layout.sequence_feed(dedup=dedup)
@@ -61,11 +67,18 @@ class SparseArch(nn.Module):
         ebc_configs, ec_configs = layout.ebc_configs(), layout.ec_configs(dedup=self.dedup)
         self.ebc = EmbeddingBagCollection(tables=ebc_configs, device=device) if ebc_configs else None
         self.ec = EmbeddingCollection(tables=ec_configs, device=device) if ec_configs else None
+        mc_ebc_configs = layout.ebc_configs(managed=True)
+        mc_ec_configs = layout.ec_configs(dedup=self.dedup, managed=True)
+        self.mc_ebc = managed_collection(mc_ebc_configs, layout.tables, bagged=True, device=device,
+                                         num_buckets=num_buckets) if mc_ebc_configs else None
+        self.mc_ec = managed_collection(mc_ec_configs, layout.tables, bagged=False, device=device,
+                                        num_buckets=num_buckets) if mc_ec_configs else None
         self.assemble = _Assemble(layout, self.dedup, transforms)
 
     def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor,
-                sequence_index: DedupIndex | None = None) -> SparseOutput:
-        # Only the two lookups and a call to a module without tables: TorchRec's TrainPipelineSparseDist
+                sequence_index: DedupIndex | None = None, managed_pooled: KeyedJaggedTensor | None = None,
+                managed_sequence: KeyedJaggedTensor | None = None) -> SparseOutput:
+        # Only the lookups and a call to a module without tables: TorchRec's TrainPipelineSparseDist
         # FX-traces this forward to find the sharded modules' inputs, and treats `assemble` as an opaque leaf.
         if self.dedup:
             _require_index(sequence_index)
@@ -73,7 +86,10 @@ class SparseArch(nn.Module):
             _refuse_index(sequence_index)
         ebc_out = self.ebc(pooled) if self.ebc is not None else None
         ec_out = self.ec(sequence) if self.ec is not None else None
-        return self.assemble(ebc_out, ec_out, sequence_index)
+        # (embeddings, remapped ids: None) tuples; the assembly reads the embeddings
+        mc_ebc_out = self.mc_ebc(managed_pooled) if self.mc_ebc is not None else None
+        mc_ec_out = self.mc_ec(managed_sequence) if self.mc_ec is not None else None
+        return self.assemble(ebc_out, ec_out, sequence_index, mc_ebc_out, mc_ec_out)
 
 
 class _Assemble(nn.Module):
@@ -82,6 +98,11 @@ class _Assemble(nn.Module):
     def __init__(self, layout: EmbeddingLayout, dedup: bool, transforms: Mapping[str, nn.Module] | None):
         super().__init__()
         self.layout, self.dedup = layout, dedup
+        # the EC's and the MC-EC's output keys: features, or one key of distinct ids per table
+        self._ec_keys = [dedup_key(t.name) for t in layout.plain_ec_tables] if dedup \
+            else layout.features_of(layout.plain_ec_tables)
+        self._mc_ec_keys = [dedup_key(t.name) for t in layout.mc_ec_tables] if dedup \
+            else layout.features_of(layout.mc_ec_tables)
         self._ec_pooled = [lk for lk in layout.lookups if lk.kind == "pooled" and lk.feature in layout.ec_features]
         self._sequence_features = [f for f in layout.ec_features if layout.lookup(f).kind == "sequence"]
         unknown = sorted(set(transforms or {}) - set(self._sequence_features))
@@ -90,8 +111,14 @@ class _Assemble(nn.Module):
         self.transforms = nn.ModuleDict(dict(transforms or {}))
 
     def forward(self, ebc_out: KeyedTensor | None, ec_out: dict[str, JaggedTensor] | None,
-                index: DedupIndex | None) -> SparseOutput:
+                index: DedupIndex | None, mc_ebc_out: tuple | None = None,
+                mc_ec_out: tuple | None = None) -> SparseOutput:
         out_pooled: dict[str, torch.Tensor] = ebc_out.to_dict() if ebc_out is not None else {}
+        if mc_ebc_out is not None:
+            out_pooled.update(mc_ebc_out[0].to_dict())
+        if mc_ec_out is not None:  # one dict of every sequence lookup, plain and managed
+            looked_up = mc_ec_out[0]
+            ec_out = {**{k: ec_out[k] for k in self._ec_keys}, **{k: looked_up[k] for k in self._mc_ec_keys}}
         seqs = self._sequences(ec_out, index) if ec_out is not None else {}
         for lk in self._ec_pooled:
             out_pooled[lk.feature] = pool_jagged(seqs[lk.feature], lk.pooling)

@@ -136,6 +136,9 @@ class SequenceIds:
 
     kjt: KeyedJaggedTensor  # every event's id (plain), or each table's distinct ids, keys dedup_key(table)
     index: DedupIndex | None  # how to rebuild every event from the distinct ids; None on the plain path
+    # the keys of managed tables (embeddings/managed.py), split off `kjt` for the managed-collision EC: raw ids, or
+    # their distinct ones; None without managed sequence tables. `index` covers both
+    managed_kjt: KeyedJaggedTensor | None = None
 
 
 @dataclass(frozen=True)
@@ -150,12 +153,25 @@ class SequenceFeed:
 
     table_of: dict[str, str]  # EC feature -> the table it reads (EmbeddingLayout.ec_table_of)
     dedup: bool
+    # managed tables (their keys come last: EmbeddingLayout.ec_tables), split off into SequenceIds.managed_kjt
+    managed: frozenset[str] = frozenset()
 
     def __call__(self, sequence: "KeyedJaggedTensor") -> SequenceIds:
         if not self.dedup:
-            return SequenceIds(sequence, None)
+            return self._split(SequenceIds(sequence, None))
         d = dedup_sequences(sequence, self.table_of)
-        return SequenceIds(d.unique, d.index)
+        return self._split(SequenceIds(d.unique, d.index))
+
+    def _split(self, ids: SequenceIds) -> SequenceIds:
+        if not self.managed:
+            return ids
+        keys = ids.kjt.keys()
+        tables = [k[: -len(DEDUP_SUFFIX)] if self.dedup else self.table_of[k] for k in keys]
+        num_plain = sum(t not in self.managed for t in tables)
+        if any(t in self.managed for t in tables[:num_plain]):
+            raise ValueError(f"managed sequence tables must come last (EmbeddingLayout.ec_tables), got {tables}")
+        plain, managed = ids.kjt.split([num_plain, len(keys) - num_plain])
+        return SequenceIds(plain, ids.index, managed)
 
 
 def expand_rows(unique_UD: torch.Tensor, inverse_N: torch.Tensor, *, impl: ExpandImpl = "auto") -> torch.Tensor:

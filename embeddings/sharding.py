@@ -89,10 +89,15 @@ class TableConstraint:
 
 
 def make_sharders(device: torch.device) -> list[ModuleSharder[nn.Module]]:
-    """TorchRec's sharders for `device`; for a CUDA device they only describe the GPU kernels (planning on a
-    machine without a GPU touches no CUDA: `hyrank plan`)."""
-    ebc = EmbeddingBagCollectionSharder() if device.type == "cuda" else _CPURowWiseEBCSharder()
-    return [ebc, EmbeddingCollectionSharder()]
+    """TorchRec's sharders of the EBC and EC for `device`, and of their managed-collision twins
+    (embeddings/managed_lookup.py); for a CUDA device they only describe the GPU kernels (planning on a machine
+    without a GPU touches no CUDA: `hyrank plan`)."""
+    from hyrank.embeddings.managed_lookup import managed_sharders
+
+    def ebc() -> EmbeddingBagCollectionSharder:
+        return EmbeddingBagCollectionSharder() if device.type == "cuda" else _CPURowWiseEBCSharder()
+
+    return [ebc(), EmbeddingCollectionSharder(), *managed_sharders(ebc(), EmbeddingCollectionSharder())]
 
 
 def plan_sharding(
@@ -144,8 +149,16 @@ def check_constraints(module: nn.Module, sharders: list[ModuleSharder[nn.Module]
     cause nor the way out, and under `collective_plan` it is raised on rank 0 only while the other ranks wait
     in the broadcast. This check runs on every rank from the same inputs, so all fail together.
     """
-    for _, sub in module.named_modules():
+    from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
+
+    managed_inner = set()  # the collection inside a managed one is sharded by the managed one's sharder
+    for name, sub in module.named_modules():
         sharder = next((s for s in sharders if type(sub) is s.module_type), None)
+        if isinstance(sub, BaseManagedCollisionEmbeddingCollection):
+            managed_inner.add(id(sub._embedding_module))
+            sub = sub._embedding_module
+        elif id(sub) in managed_inner:
+            continue
         configs_of = getattr(sub, "embedding_bag_configs", None) or getattr(sub, "embedding_configs", None)
         if sharder is None or configs_of is None:
             continue
@@ -160,6 +173,10 @@ def check_constraints(module: nn.Module, sharders: list[ModuleSharder[nn.Module]
             if c is None:
                 continue
             types = [t for t in c.sharding_types or supported if t in supported]
+            if not types and id(sub) in managed_inner:
+                raise ValueError(
+                    f"embeddings.sharding[{cfg.name!r}] allows only {c.sharding_types}, but table {cfg.name!r} is "
+                    f"managed (a managed-collision table) and TorchRec shards those {supported} only")
             if not types:
                 raise ValueError(
                     f"embeddings.sharding[{cfg.name!r}] allows only {c.sharding_types}, but table {cfg.name!r} "

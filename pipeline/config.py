@@ -221,9 +221,12 @@ class RunConfig:
                              "batches ahead of the step, so a mid-day reader cursor would skip them")
         if self.checkpoint.best_metric == "query_auc" and self.features.group is None:
             raise ValueError("checkpoint.best_metric = 'query_auc' needs a group column (features.group)")
-        for table in self.embeddings.sharding:
+        for table, sharding in self.embeddings.sharding.items():
             if table not in tables:
                 raise ValueError(f"embeddings.sharding names unknown table {table!r} (tables: {sorted(tables)})")
+            if self.features.table_by_name[table].managed is not None and "row_wise" not in sharding.sharding_types:
+                raise ValueError(f"embeddings.sharding[{table!r}] allows only {sharding.sharding_types}, but table "
+                                 f"{table!r} is managed and TorchRec shards managed tables row_wise only")
 
 
 def _check_positive(name: str, value: float) -> None:

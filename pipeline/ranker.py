@@ -36,11 +36,13 @@ class RankingModel(nn.Module):
     """Everything between a Batch and the loss; DMP shards `sparse`, DDP replicates the rest."""
 
     def __init__(self, spec: FeatureSpec, tower: nn.Module, *, sparse_device: torch.device | None = None,
-                 dedup: bool = False, init_scale: float = 0.0):
+                 dedup: bool = False, init_scale: float = 0.0, world_size: int = 1):
         super().__init__()
         # dedup (embeddings.dedup) is the sparse arch's switch; batches follow it through `sequence_feed`.
-        # init_scale (embeddings.init_scale) only sets how new tables start: a checkpoint's weights replace them
-        self.sparse = SparseArch(spec.embedding_layout(init_scale=init_scale), device=sparse_device, dedup=dedup)
+        # init_scale (embeddings.init_scale) only sets how new tables start: a checkpoint's weights replace them.
+        # world_size: what DMP will shard the managed tables over (their id space is cut in as many buckets)
+        self.sparse = SparseArch(spec.embedding_layout(init_scale=init_scale), device=sparse_device, dedup=dedup,
+                                 num_buckets=world_size)
         self.tokens = Tokenizer(spec)
         self.tower = tower
 
@@ -50,7 +52,8 @@ class RankingModel(nn.Module):
         return self.sparse.sequence_feed
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, RankingOutput]:
-        embedded = self.sparse(batch.pooled, batch.sequence, batch.sequence_index)
+        embedded = self.sparse(batch.pooled, batch.sequence, batch.sequence_index, batch.managed_pooled,
+                               batch.managed_sequence)
         logits = self.tower(self.tokens(embedded, batch.dense)).logits
         if batch.weights is None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)

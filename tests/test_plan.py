@@ -168,7 +168,7 @@ def _held(rank: int, world_size: int, config: str):
     cfg = load_config(config)
     tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
-                         init_scale=cfg.embeddings.init_scale)
+                         init_scale=cfg.embeddings.init_scale, world_size=world_size)
     sharded = shard_model(model, env_of_current_group(), **sharding_arguments(cfg, model))
     return sharded.plan_dict, held_bytes(sharded)
 
@@ -188,6 +188,7 @@ def test_the_plan_for_2_cpu_ranks_is_the_runs_and_holds_what_it_predicts(config)
         assert held.tables == predicted.tables
         assert held.optimizer == pytest.approx(predicted.optimizer, rel=0.01)
         assert held.dense == pytest.approx(report.dense.params * 4, rel=0.01)  # fp32 weights (+ a few buffers)
+        assert held.remap == report.remap_bytes  # managed tables' id remaps (drift.toml), 0 elsewhere
 
 
 def test_a_run_that_does_not_fit_fails_with_the_same_one_line():

@@ -114,7 +114,8 @@ def _columns_table(profile) -> str:
     rows = [("column", "kind", "null", "distinct / table", "hashed", "refused", "detail")]
     for c in profile.columns:
         ids = bool(c.table)
-        distinct = "-" if c.distinct is None else f"{c.distinct:,}" + (f" / {c.num_embeddings:,}" if ids else "")
+        size = "managed" if c.num_embeddings == (1 << 63) - 1 else f"{c.num_embeddings:,}"  # managed: a row per id
+        distinct = "-" if c.distinct is None else f"{c.distinct:,}" + (f" / {size}" if ids else "")
         rows.append((c.column, c.kind, f"{c.null_share:.2%}", distinct, f"{c.hashed:,}" if ids else "-",
                      f"{c.refused:,}" if ids else "-", _detail(c)))
     return _aligned(rows, left=2, last_free=True)

@@ -29,6 +29,13 @@ def add_gen_logs(verbs) -> None:
                    help="long sequence length per row, MIN..MAX (paper scale: 1000..3000)")
     p.add_argument("--short-len", type=int, default=d.short_len, help="length of the two short sequences")
     p.add_argument("--partition-key", default=d.partition_key, help="folder key: <key>=YYYY-MM-DD")
+    p.add_argument("--drift", action="store_true",
+                   help="ids drift: new users and items every day, churning popularity, 63-bit ids (for managed "
+                        "tables: jobs/configs/drift.toml)")
+    p.add_argument("--new-id-share", type=float, default=d.new_id_share,
+                   help="with --drift: expected share of a day's impressions on ids born that day")
+    p.add_argument("--popularity-churn", type=float, default=d.popularity_churn,
+                   help="with --drift: share of each popularity ranking that rotates away per day")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="days written in parallel processes (files are identical for any value)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -52,7 +59,8 @@ def _gen_logs(args) -> int:
 
     lo, hi = args.long_len
     cfg = SynthConfig(rows_per_day=args.rows_per_day, num_days=args.days, start_day=args.start_day, seed=args.seed,
-                      long_len_min=lo, long_len_max=hi, short_len=args.short_len, partition_key=args.partition_key)
+                      long_len_min=lo, long_len_max=hi, short_len=args.short_len, partition_key=args.partition_key,
+                      drift=args.drift, new_id_share=args.new_id_share, popularity_churn=args.popularity_churn)
     start = time.perf_counter()
     days = generate_logs(cfg, args.out, workers=min(args.workers, cfg.num_days), progress=not args.quiet)
     seconds = time.perf_counter() - start
@@ -196,6 +204,8 @@ BENCHES = {
             "input-wait share"),
     "torchrec": ("hyrank.bench.vs_torchrec", "hyrank's step against TorchRec's DLRM + TrainPipelineSparseDist on "
                  "identical batches, in memory and from Parquet"),
+    "managed": ("hyrank.bench.managed", "training rows/s with managed tables against plain tables of the same size "
+                "on the same drifting day"),
     "days": ("hyrank.bench.days", "1,000 days of 100 rows against one day of 100,000: training and evaluation rows/s"),
     "model": ("hyrank.bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
     "seqlen": ("hyrank.bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over "

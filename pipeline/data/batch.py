@@ -21,7 +21,9 @@ class Batch(Pipelineable):
     `pooled` feeds the EmbeddingBagCollection and `sequence` the EmbeddingCollection (keys in the order of
     embeddings.tables.EmbeddingLayout); sequences are truncated to their max length, oldest event first.
     With `embeddings.dedup` on, `sequence` holds each table's distinct ids instead (keys dedup_key(table)) and
-    `sequence_index` says how to rebuild every event from them (embeddings/dedup.py).
+    `sequence_index` says how to rebuild every event from them (embeddings/dedup.py). The features of managed tables
+    (embeddings/managed.py) come in `managed_pooled` and `managed_sequence` (raw ids, for the managed-collision
+    collections), None when the spec has none.
     """
 
     pooled: KeyedJaggedTensor
@@ -34,6 +36,8 @@ class Batch(Pipelineable):
     # (B,) float32: 1 for real rows, 0 for the filler rows that keep every rank's batch full (pipeline/data/reader.py);
     # None when every row is real
     weights: torch.Tensor | None = None
+    managed_pooled: KeyedJaggedTensor | None = None
+    managed_sequence: KeyedJaggedTensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -60,12 +64,17 @@ class Batch(Pipelineable):
             sequence_index=None if self.sequence_index is None
             else self.sequence_index.to(device=device, non_blocking=non_blocking),
             weights=None if self.weights is None else self.weights.to(device=device, non_blocking=non_blocking),
+            managed_pooled=None if self.managed_pooled is None
+            else self.managed_pooled.to(device=device, non_blocking=non_blocking),
+            managed_sequence=None if self.managed_sequence is None
+            else self.managed_sequence.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.pooled.record_stream(stream)
         self.sequence.record_stream(stream)
-        for t in (self.dense, self.labels, self.group_ids, self.oracle_p, self.sequence_index, self.weights):
+        for t in (self.dense, self.labels, self.group_ids, self.oracle_p, self.sequence_index, self.weights,
+                  self.managed_pooled, self.managed_sequence):
             if t is not None:
                 t.record_stream(stream)
 
@@ -79,4 +88,6 @@ class Batch(Pipelineable):
             oracle_p=None if self.oracle_p is None else self.oracle_p.pin_memory(),
             sequence_index=None if self.sequence_index is None else self.sequence_index.pin_memory(),
             weights=None if self.weights is None else self.weights.pin_memory(),
+            managed_pooled=None if self.managed_pooled is None else self.managed_pooled.pin_memory(),
+            managed_sequence=None if self.managed_sequence is None else self.managed_sequence.pin_memory(),
         )

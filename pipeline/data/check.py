@@ -379,15 +379,15 @@ def _sample(units: list, max_rows: int, rng: np.random.Generator) -> list:
 
 
 def _accumulators(spec: FeatureSpec) -> list[_Acc]:
-    tables = spec.table_by_name
+    tables = {t.name: _INT64_MAX if t.managed else t.num_embeddings for t in spec.tables}  # managed: no id shares
     accs = [_Acc(ColumnProfile(spec.label, "label"))]
     accs += [_Acc(ColumnProfile(spec.group, "group"))] if spec.group is not None else []
     accs += [_Acc(ColumnProfile(spec.oracle, "oracle"))] if spec.oracle is not None else []
-    accs += [_Acc(ColumnProfile(f.name, "sparse", table=f.table, num_embeddings=tables[f.table].num_embeddings,
+    accs += [_Acc(ColumnProfile(f.name, "sparse", table=f.table, num_embeddings=tables[f.table],
                                 oov=f.oov)) for f in spec.sparse]
     accs += [_Acc(ColumnProfile(f.name, "dense", norm=f.norm), size=f.size) for f in spec.dense]
     accs += [_Acc(ColumnProfile(c, "sequence" if c == s.ids else "side", table=s.table_of(c), oov=s.oov_of(c),
-                                num_embeddings=tables[s.table_of(c)].num_embeddings, max_len=s.max_len),
+                                num_embeddings=tables[s.table_of(c)], max_len=s.max_len),
                   ids_column=s.ids) for s in spec.sequences for c in s.columns]
     known = {a.p.column for a in accs}  # other columns (match candidates): their nulls
     return accs + [_Acc(ColumnProfile(c, kind.name)) for c, kind in column_kinds(spec).items() if c not in known]

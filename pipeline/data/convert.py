@@ -42,7 +42,8 @@ class BatchConverter:
         if self.sequence_feed.table_of != self.layout.ec_table_of:
             raise ValueError(f"the sequence feed reads {self.sequence_feed.table_of}, but this feature spec's "
                              f"sequence lookups are {self.layout.ec_table_of}: the model was built from another spec")
-        self._num_rows = {t.name: t.num_embeddings for t in spec.tables}
+        # a managed table's ids go to its remap raw (num_rows None): the table decides where they land
+        self._num_rows = {t.name: None if t.managed is not None else t.num_embeddings for t in spec.tables}
         self._kinds = column_kinds(spec)  # a column read in two roles is checked once, for both (schema.py)
         self._sequences = {s.name: s for s in spec.sequences}
 
@@ -59,10 +60,13 @@ class BatchConverter:
         for seq in self.spec.sequences:
             jagged.update(self._sequence(ids, seq))
         sequence = self.sequence_feed(_kjt(self.layout.ec_features, jagged))
+        managed_pooled = self.layout.mc_ebc_features
         return Batch(
             pooled=_kjt(self.layout.ebc_features, jagged),
             sequence=sequence.kjt,
             sequence_index=sequence.index,
+            managed_pooled=_kjt(managed_pooled, jagged) if managed_pooled else None,
+            managed_sequence=sequence.managed_kjt,
             dense=self._dense(table, ids, ctx),
             labels=labels_column(table.column(self.spec.label), ctx.at(self.spec.label)),
             group_ids=self._groups(table, ctx),
@@ -128,9 +132,12 @@ class _IdColumns:
             self._raw[column] = raw_ids(self.table.column(column), self.kinds[column], self.ctx.at(column))
         return self._raw[column]
 
-    def rows(self, column: str, num_embeddings: int, oov: OOVPolicy) -> tuple[np.ndarray, np.ndarray]:
-        """(lengths, ids mapped into [0, num_embeddings)); ids validation bounded inside the table skip the pass."""
+    def rows(self, column: str, num_embeddings: int | None, oov: OOVPolicy) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths, ids mapped into [0, num_embeddings)); ids validation bounded inside the table skip the pass.
+        `num_embeddings` None (a managed table): the ids as they are, any int64 >= 0 (a string's hash is one)."""
         lengths, values, hashed = self.raw(column)
+        if num_embeddings is None:
+            return lengths, map_ids(values, lengths, None, oov, self.ctx.at(column), hashed=hashed)
         known_max = self.id_max.get(column)
         if known_max is not None and not hashed and known_max < num_embeddings:
             return lengths, values
@@ -212,13 +219,14 @@ def raw_ids(col: pa.ChunkedArray | pa.Array, kind: ColumnKind, ctx: _Ctx) -> tup
     return lengths, values, is_string_id(arr.type)
 
 
-def map_ids(values: np.ndarray, lengths: np.ndarray, num_embeddings: int, oov: OOVPolicy, ctx: _Ctx,
+def map_ids(values: np.ndarray, lengths: np.ndarray, num_embeddings: int | None, oov: OOVPolicy, ctx: _Ctx,
             *, hashed: bool = False) -> np.ndarray:
-    """Apply the out-of-range policy: `hash` takes ids modulo the table size, `error` refuses them."""
+    """Apply the out-of-range policy: `hash` takes ids modulo the table size, `error` refuses them. A negative id is
+    an error whatever the policy; `num_embeddings` None (a managed table) keeps every other id as it is."""
     low, high = _min_max(values)
     if not hashed and low < 0:
         raise ctx.error(_row_of(np.flatnonzero(values < 0)[0], lengths), f"negative id {values[values < 0][0]}")
-    if 0 <= low and high < num_embeddings:  # the common case: skip the modulo, a division per id
+    if num_embeddings is None or (0 <= low and high < num_embeddings):  # the common case: no modulo
         return values
     if hashed or oov == "hash":
         return np.mod(values, num_embeddings)

@@ -7,6 +7,7 @@ Columns keep their names; the spec says what each one is:
     group = "query_id"              # optional: query-level AUC groups (may also be a sparse or dense feature)
     [[features.tables]]             # embedding tables; several features may share one
     name = "item"  num_embeddings = 100000  dim = 16
+    managed = { eviction = "lru", eviction_interval_steps = 100, admit_after = 0 }   # optional: raw ids, see below
     [[features.sparse]]             # int64 or string ids, scalar or list (multi-hot), pooled
     name = "item_id"  table = "item"  oov = "hash"
     [[features.dense]]              # float scalar or fixed-size float list
@@ -27,6 +28,11 @@ Match features (SIM-style target-aware statistics; MatchFeature) are floats comp
 (pipeline/data/convert.py), placed like dense features: in a block when `[features.blocks]` names them, else in the
 tower's separate dense input. Batch.dense holds every dense and match feature in `dense_order`.
 
+A managed table (`managed = {...}`, embeddings/managed.py) takes any id >= 0, raw int64 or a hashed string: each id
+gets a row of its own while the table has room, and when it is full the least recently (`lru`) or least frequently
+(`lfu`) used ids give theirs up; an id without a row reads zeros, and is counted. Every feature reading the table
+goes through its one remap. `oov` does not apply to its features (no id is out of range).
+
 A column is read once. It may play two roles only as the group column and a sparse or dense feature, the oracle
 and a dense feature, or a match candidate and a sparse feature; any other repeat is an error.
 """
@@ -36,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from hyrank.embeddings.tables import EmbeddingLayout, LookupDef, TableDef
+from hyrank.embeddings.tables import EmbeddingLayout, LookupDef, ManagedTable, TableDef
 from hyrank.models.inputs import InputShape, SequenceShape
 
 OOVPolicy = Literal["hash", "error"]
@@ -57,10 +63,13 @@ class TableSpec:
     name: str
     num_embeddings: int
     dim: int
+    managed: ManagedTable | None = None  # a managed-collision table (raw ids; embeddings/managed.py)
 
     def __post_init__(self) -> None:
         if self.num_embeddings <= 0 or self.dim <= 0:
             raise ValueError(f"table {self.name!r}: num_embeddings and dim must be > 0")
+        if self.managed is not None:
+            self.managed.check(self.name, self.num_embeddings)
 
 
 @dataclass
@@ -192,10 +201,11 @@ class FeatureSpec:
         self._check_unique_names()
         tables = self.table_by_name
         for feat in self.sparse:
-            _check_table(tables, feat.table, f"sparse feature {feat.name!r}")
+            _check_table(tables, feat.table, f"sparse feature {feat.name!r}", feat.oov)
         for seq in self.sequences:
             for column in seq.columns:
-                _check_table(tables, seq.table_of(column), f"sequence {seq.name!r} column {column!r}")
+                _check_table(tables, seq.table_of(column), f"sequence {seq.name!r} column {column!r}",
+                             seq.oov_of(column))
         self._check_match()
         self._check_blocks()
 
@@ -331,7 +341,7 @@ class FeatureSpec:
     def embedding_layout(self, *, init_scale: float = 0.0) -> EmbeddingLayout:
         """Tables and lookups for embeddings.collection.SparseArch; `init_scale`: embeddings.init_scale of the run
         config."""
-        tables = tuple(TableDef(t.name, t.num_embeddings, t.dim) for t in self.tables)
+        tables = tuple(TableDef(t.name, t.num_embeddings, t.dim, t.managed) for t in self.tables)
         lookups = [LookupDef(f.name, f.table, "pooled", f.pooling) for f in self.sparse]
         lookups += [LookupDef(c, s.table_of(c), "sequence") for s in self.sequences for c in s.columns]
         return EmbeddingLayout(tables=tables, lookups=tuple(lookups), init_scale=init_scale)
@@ -348,6 +358,9 @@ class FeatureSpec:
         return InputShape(blocks=blocks, dense_dim=sum(f.size for f in self.unblocked_dense), sequences=sequences)
 
 
-def _check_table(tables: dict[str, TableSpec], table: str, what: str) -> None:
+def _check_table(tables: dict[str, TableSpec], table: str, what: str, oov: str) -> None:
     if table not in tables:
         raise ValueError(f"{what} uses unknown table {table!r} (tables: {sorted(tables)})")
+    if tables[table].managed is not None and oov == "error":
+        raise ValueError(f"{what} reads managed table {table!r} with oov = 'error': a managed table takes any id "
+                         ">= 0 (it has no out-of-range ids to refuse); leave oov out")

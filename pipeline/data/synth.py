@@ -18,6 +18,11 @@ computable. Its logit sums four parts, each recoverable only by a model that loo
   (d) drift:     W rotates slowly from day to day and the base rate oscillates, so yesterday's model is a little
                  stale today (what daily retraining is for).
 Everything is a pure function of (seed, day index, chunk index): same seed, identical files.
+
+With `drift` (`hyrank gen-logs --drift`, pipeline/data/synth_drift.py) the ids drift too: every day brings new user
+and item ids (`new_id_share` of the impressions, in expectation), popularity churns (`popularity_churn`), and user and
+item ids are 63-bit hashes, not indices: the feed managed tables are for (jobs/configs/drift.toml). The oracle is
+unchanged: ids are names, the hidden attributes behind them decide the click.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hyrank.pipeline.data.synth_drift import Drift
 from hyrank.pipeline.logs import progress as progress_bar
 
 NUM_SEGMENTS = 16  # 2 genders x 8 age buckets
@@ -62,8 +68,15 @@ class SynthConfig:
     max_items_per_request: int = 8
     rows_per_chunk: int = 8192  # one Parquet row group per chunk
     chunks_per_file: int = 8
+    drift: bool = False  # new ids every day, churning popularity, 63-bit user and item ids (synth_drift.py)
+    new_id_share: float = 0.1  # with drift: the expected share of a day's impressions on ids born that day
+    popularity_churn: float = 0.05  # with drift: the share of each popularity ranking that rotates away per day
 
     def __post_init__(self) -> None:
+        if not 0 <= self.new_id_share < 1:
+            raise ValueError(f"new_id_share must be in [0, 1), got {self.new_id_share}")
+        if not 0 <= self.popularity_churn <= 1:
+            raise ValueError(f"popularity_churn must be in [0, 1], got {self.popularity_churn}")
         if not 0 < self.long_len_min <= self.long_len_max:
             raise ValueError("need 0 < long_len_min <= long_len_max")
         if not 0 < self.long_unique_frac <= 1:
@@ -105,15 +118,27 @@ class World:
         # the cross table rotates between two random tables as days pass (see _cross_tensor)
         self.w0 = _cross_tensor(rng, scale=0.7)
         self.w1 = _cross_tensor(rng, scale=0.7)
+        self.drift = Drift(seed=cfg.seed, num_users=cfg.num_users, num_items=cfg.num_items,
+                           new_id_share=cfg.new_id_share, popularity_churn=cfg.popularity_churn) if cfg.drift else None
 
     def cross_table(self, day_index: int) -> np.ndarray:
         theta = 0.08 * day_index
         return math.cos(theta) * self.w0 + math.sin(theta) * self.w1
 
-    def sample_items(self, rng: np.random.Generator, cats: np.ndarray) -> np.ndarray:
-        """Items of the given categories, Zipf-like within each category (rank r has weight ~ r^-0.67)."""
+    def sample_items(self, rng: np.random.Generator, cats: np.ndarray, day_index: int = 0) -> np.ndarray:
+        """Items of the given categories, Zipf-like within each category (rank r has weight ~ r^-0.67); with drift
+        the ranking of the day (churned)."""
         rank = np.floor(self.cat_count[cats] * rng.random(cats.shape) ** 3).astype(np.int64)
+        if self.drift is not None:
+            rank = self.drift.shifted(rank, self.cat_count[cats], day_index)
         return self.by_cat[self.cat_start[cats] + rank]
+
+    def sample_users(self, rng: np.random.Generator, num: int, day_index: int) -> np.ndarray:
+        """Users by popularity (rank r has weight ~ r^-0.6); with drift the ranking of the day (churned)."""
+        rank = np.floor(self.cfg.num_users * rng.random(num) ** 2.5).astype(np.int64)
+        if self.drift is not None:
+            rank = self.drift.shifted(rank, self.cfg.num_users, day_index)
+        return self.user_perm[rank]
 
     def sample_interest_cats(self, rng: np.random.Generator, users: np.ndarray, explore: float) -> np.ndarray:
         """One category per user: one of its 3 interests (0.5/0.3/0.2), or a random one w.p. `explore`."""
@@ -169,7 +194,7 @@ def generate_chunk(world: World, day_index: int, chunk_index: int, num_rows: int
     num_req = int(np.searchsorted(np.cumsum(k), num_rows)) + 1
     k = k[:num_req]
     k[-1] -= k.sum() - num_rows  # trim the last request so that the chunk has exactly num_rows rows
-    users = world.user_perm[np.floor(cfg.num_users * rng.random(num_req) ** 2.5).astype(np.int64)]
+    users = world.sample_users(rng, num_req, day_index)
     ts = day_start_s + np.sort(rng.integers(0, 86_400, num_req))
     hour = (ts // 3600) % 24
     device = np.where(rng.random(num_req) < 0.8, world.user_device[users], rng.integers(0, 4, num_req))
@@ -181,7 +206,7 @@ def generate_chunk(world: World, day_index: int, chunk_index: int, num_rows: int
     # drawing L events uniformly from m slots leaves ~2% of slots unused at L/m = 4, hence the 0.98
     pool_len = np.maximum(1, np.ceil(long_len * cfg.long_unique_frac / 0.98).astype(np.int64))
     pool_req = np.repeat(np.arange(num_req), pool_len)
-    pool_items = world.sample_items(rng, world.sample_interest_cats(rng, users[pool_req], explore=0.1))
+    pool_items = world.sample_items(rng, world.sample_interest_cats(rng, users[pool_req], explore=0.1), day_index)
     pool_items = _distinct_per_request(rng, pool_req, pool_items, cfg.num_items)
     pool_off = _offsets(pool_len)
     event_req = np.repeat(np.arange(num_req), long_len)
@@ -194,8 +219,8 @@ def generate_chunk(world: World, day_index: int, chunk_index: int, num_rows: int
 
     # -- short sequences: recent clicks (top interest), authors of recently watched items ---------------------
     short_users = np.repeat(users, cfg.short_len)
-    click_items = world.sample_items(rng, world.sample_interest_cats(rng, short_users, explore=0.05))
-    author_items = world.sample_items(rng, world.sample_interest_cats(rng, short_users, explore=0.3))
+    click_items = world.sample_items(rng, world.sample_interest_cats(rng, short_users, explore=0.05), day_index)
+    author_items = world.sample_items(rng, world.sample_interest_cats(rng, short_users, explore=0.3), day_index)
     short_authors = world.item_author[author_items]
 
     # -- candidates: half from the user's interests, half popular anywhere -------------------------------------
@@ -207,7 +232,7 @@ def generate_chunk(world: World, day_index: int, chunk_index: int, num_rows: int
         rng.integers(0, cfg.num_categories, num_rows),
         world.sample_interest_cats(rng, row_user, explore=0.0),
     )
-    items = world.sample_items(rng, cand_cats)
+    items = world.sample_items(rng, cand_cats, day_index)
     # a few candidates are re-recommendations of something already in the long sequence
     again = rng.random(num_rows) < 0.1
     pick = pool_off[row_req] + np.floor(rng.random(num_rows) * pool_len[row_req]).astype(np.int64)
@@ -244,28 +269,33 @@ def generate_chunk(world: World, day_index: int, chunk_index: int, num_rows: int
     short_rows = np.repeat(np.arange(num_req), k)
     short_idx = (short_rows[:, None] * cfg.short_len + np.arange(cfg.short_len)).ravel()
     click_rows = click_items[short_idx]
+    user_ids, item_ids, long_ids, click_ids = row_user, items, long_items[long_idx], click_rows
+    if world.drift is not None:  # the ids the logs show: 63-bit names of the day's generation of each entity
+        d = world.drift
+        user_ids, item_ids = d.user_ids(row_user, day_index), d.item_ids(items, day_index)
+        long_ids, click_ids = d.item_ids(long_ids, day_index), d.item_ids(click_ids, day_index)
     return pa.table(
         {
             "query_id": query_id[row_req],
             "ts": ts[row_req],
-            "user_id": row_user,
+            "user_id": user_ids,
             "user_gender": world.user_gender[row_user],
             "user_age_bucket": world.user_age[row_user],
             "user_city": world.city_names.take(world.user_city[row_user]),
             "user_activity": activity,
             "device": device[row_req],
             "hour": hour[row_req],
-            "item_id": items,
+            "item_id": item_ids,
             "item_category": cats,
             "item_top_category": cluster,
             "item_author": world.item_author[items],
             "item_tags": _list_array(_offsets(tags_len), tags),
             "item_ctr_prior": ctr_prior,
             "item_content": pa.FixedSizeListArray.from_arrays(pa.array(content.ravel()), CONTENT_DIM),
-            "long_item_ids": _list_array(long_off, long_items[long_idx]),
+            "long_item_ids": _list_array(long_off, long_ids),
             "long_item_cats": _list_array(long_off, world.item_cat[long_items][long_idx]),
             "long_ts": _list_array(long_off, long_ts[long_idx]),
-            "click_item_ids": _list_array(_offsets(short_l), click_rows),
+            "click_item_ids": _list_array(_offsets(short_l), click_ids),
             "click_item_cats": _list_array(_offsets(short_l), world.item_cat[click_rows]),
             "short_author_ids": _list_array(_offsets(short_l), short_authors[short_idx]),
             "click": click,

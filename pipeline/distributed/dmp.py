@@ -55,6 +55,7 @@ class HeldBytes:
     tables: int  # its shards of the sharded tables, and whole data-parallel tables
     optimizer: int  # the fused optimizer state of its shards (created with the shards, not at the first step)
     dense: int  # the replicated rest: tower parameters and buffers
+    remap: int = 0  # managed tables' id remaps (embeddings/managed.py): their rank's slots
 
 
 def held_bytes(sharded: ShardedModel) -> HeldBytes:
@@ -64,15 +65,17 @@ def held_bytes(sharded: ShardedModel) -> HeldBytes:
             return sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
         return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
-    tables = dense = 0
+    tables = dense = remap = 0
     for name, value in sharded.dmp.state_dict().items():
         if ".embedding_bags." in name or ".embeddings." in name:
             tables += nbytes(value)
+        elif "._managed_collision_collection." in name:
+            remap += nbytes(value)
         else:
             dense += nbytes(value)
     state = sharded.dmp.fused_optimizer.state_dict()["state"]
     optimizer = sum(nbytes(v) for per_param in state.values() for v in per_param.values())
-    return HeldBytes(tables=tables, optimizer=optimizer, dense=dense)
+    return HeldBytes(tables=tables, optimizer=optimizer, dense=dense, remap=remap)
 
 
 def shard_model(model: nn.Module, env: DistEnv, *, sparse_optimizer: SparseOptimizer, batch_size_per_rank: int,

@@ -20,6 +20,8 @@ CheckpointManager; the checkpointer knows nothing of what it saves. Three kinds:
   per_rank   plain data of each rank, gathered into meta.json; restored only on the same world size. A part with
              `same_world_only = True` refuses another world size when its saved state is not None (a reader
              cursor splits a day by world size); others are then left as they are (RNG state).
+A tensors part may define `after_load()`: called once every tensors part is loaded, for state that spans parts (a
+managed table's ids move between ranks with their rows and optimizer state: pipeline/distributed/managed_state.py).
 One checkpoint is a folder `<root>/step-000000123/`: DCP shards plus meta.json. All ranks write into `step-...tmp`;
 rank 0 writes meta.json last and renames the folder, so a crash leaves the previous checkpoint or the new one,
 never half of one. `latest` names the newest; `keep` bounds how many stay. On several hosts `root` must be storage
@@ -260,6 +262,7 @@ class Checkpointer:
         for name, part in self.tensors.items():
             if name in state:
                 part.load_state_dict(state[name])
+        self._after_load()
         if unsaved and self.env.is_main:
             log.warning("%d state entries are not in %s and start fresh (e.g. a table the plan on %d ranks "
                         "optimizes otherwise): %s", len(unsaved), path, self.env.world_size, ", ".join(unsaved[:6]))
@@ -279,7 +282,8 @@ class Checkpointer:
     def load_model_subset(self, path: str | Path, wanted) -> list[str]:
         """Load into the "model" part only the tensors `wanted(name, is_sharded)` accepts that the checkpoint holds
         with the same shape (a warm start of another model from a trusted checkpoint of this run); returns their
-        names. Collective."""
+        names. A model part with `resized_template(saved, wanted)` / `load_resized(loaded)` also takes what it can
+        of tensors of another size (a resized managed table's ids and rows). Collective."""
         path = Path(path)
         _agree(lambda: verified_meta(path, trusted=True, root=self.root), self.env)
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -291,9 +295,21 @@ class Checkpointer:
                 continue
             if wanted(name, hasattr(value, "local_shards")):
                 template[name] = value
-        dcp.load({"model": template}, checkpoint_id=str(path))
+        resized = {}
+        if hasattr(model, "resized_template"):
+            mine = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
+            resized = model.resized_template(mine, wanted)
+        dcp.load({"model": {**template, **resized}}, checkpoint_id=str(path))
         model.load_state_dict(template, strict=False)
-        return sorted(template)
+        if resized:
+            model.load_resized(resized)
+        self._after_load()
+        return sorted(template) + sorted(resized)
+
+    def _after_load(self) -> None:
+        for part in self.tensors.values():
+            if hasattr(part, "after_load"):
+                part.after_load()
 
 
 def read_meta(path: Path) -> CheckpointMeta:

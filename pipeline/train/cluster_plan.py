@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hyrank.embeddings.managed import remap_bytes_per_rank
 from hyrank.embeddings.planning import RESERVED_SHARE, GiB, Cluster, PlanReport, RankLoad, plan_cluster
 from hyrank.embeddings.sharding import SparseOptimizer, apply_sparse_optimizer, make_sharders
 from hyrank.pipeline.config import RunConfig
@@ -59,6 +60,7 @@ class RunPlanReport:
     sparse: PlanReport
     dense: DenseSide
     ids_per_sample: float  # ids a sample sends to sharded (not data-parallel) tables: the input all-to-all's load
+    remap_bytes: int = 0  # per rank: the managed tables' id remaps, which the planner does not count
 
     @property
     def ids_all_to_all_ms(self) -> float:
@@ -77,16 +79,16 @@ class RunPlanReport:
         return self.sparse.critical_rank.planner_ms + self.dense.compute_ms
 
 
-def build_meta_model(cfg: RunConfig, device: torch.device):
+def build_meta_model(cfg: RunConfig, device: torch.device, world_size: int = 1):
     """The run's RankingModel on the meta device with its fused sparse optimizer attached: nothing is allocated,
-    whatever the tables' size."""
+    whatever the tables' size; `world_size`: the ranks its managed tables' id space is cut for."""
     from hyrank.models import build_model
     from hyrank.pipeline.ranker import RankingModel
 
     with torch.device("meta"):
         tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
-                         init_scale=cfg.embeddings.init_scale)
+                         init_scale=cfg.embeddings.init_scale, world_size=world_size)
     e = cfg.embeddings
     apply_sparse_optimizer(model, SparseOptimizer(e.optimizer, e.lr, e.eps, e.weight_decay), device)
     return model
@@ -100,7 +102,7 @@ def plan_run(cfg: RunConfig, cluster: Cluster, *, dense_tflops: float) -> RunPla
     if not dense_tflops > 0:
         raise ValueError(f"dense_tflops must be > 0, got {dense_tflops}")
     device = torch.device(cluster.device)  # a device object only: no CUDA call is made
-    model = build_meta_model(cfg, device)
+    model = build_meta_model(cfg, device, cluster.world_size)
     constraints = table_constraints(cfg, model)
     with _quiet_torchrec():
         sparse = plan_cluster(model, sharders=make_sharders(device), cluster=cluster,
@@ -119,7 +121,8 @@ def plan_run(cfg: RunConfig, cluster: Cluster, *, dense_tflops: float) -> RunPla
                       activation_bytes=activation_bytes(tower, shape, batch_size=cfg.data.batch_size_per_rank),
                       allreduce_bytes=grad_bytes, allreduce_ms=allreduce_ms(grad_bytes, cluster),
                       allreduce_mode=t.allreduce)
-    return RunPlanReport(config_name=cfg.name, sparse=sparse, dense=dense, ids_per_sample=ids)
+    remap = remap_bytes_per_rank(cfg.features.tables, cluster.world_size)
+    return RunPlanReport(config_name=cfg.name, sparse=sparse, dense=dense, ids_per_sample=ids, remap_bytes=remap)
 
 
 def allreduce_ms(num_bytes: int, cluster: Cluster) -> float:
@@ -250,9 +253,11 @@ def _memory_lines(report: RunPlanReport, *, all_ranks: bool) -> list[str]:
                  f"dense (6x the tower's parameter bytes), {_g(s.reserved_input_bytes)} input batches, "
                  f"{_g(s.reserved_margin_bytes)} margin; activations: saved tensors counted on meta, fp32, attention "
                  f"weights included (a fused attention kernel keeps less)")
+    if report.remap_bytes:
+        lines.append(f"managed tables' id remaps: {_g(report.remap_bytes)} {unit} per rank on top (3 int64 a slot)")
     worst = max(report.sparse.ranks, key=lambda r: (r.hbm if c.device == "cuda" else r.host).planner)
     m = worst.hbm if c.device == "cuda" else worst.host
-    peak = m.tables + m.optimizer + m.cache + m.io + d.bytes_per_rank + d.activation_bytes
+    peak = m.tables + m.optimizer + m.cache + m.io + d.bytes_per_rank + d.activation_bytes + report.remap_bytes
     if peak > cap:
         lines.append(f"over the cap: rank {worst.rank} needs {_g(peak)} of {_g(cap)} {unit} with the activations, "
                      f"which the planner does not count (it keeps {RESERVED_SHARE:.0%} margin); a smaller "

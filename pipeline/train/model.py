@@ -38,7 +38,7 @@ def build_run_model(cfg: RunConfig, env: DistEnv) -> RunModel:
     spec = cfg.features
     tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
     model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
-                         init_scale=cfg.embeddings.init_scale)
+                         init_scale=cfg.embeddings.init_scale, world_size=env.world_size)
     t = cfg.train
     wrapper, hook = make_data_parallel_wrapper(t.allreduce, t.allreduce_compression, t.allreduce_delay_compensation,
                                                t.allreduce_weight_prediction)
@@ -63,6 +63,7 @@ def table_constraints(cfg: RunConfig, model: nn.Module) -> dict[str, TableConstr
     one key the sum of its features' (no saving from duplicates assumed)."""
     max_len = {c: s.max_len for s in cfg.features.sequences for c in s.columns}
     layout = cfg.features.embedding_layout()
+    managed = {t.name for t in cfg.features.tables if t.managed is not None}
     out = {}
     for _, sub in model.named_modules():
         configs_of = getattr(sub, "embedding_bag_configs", None) or getattr(sub, "embedding_configs", None)
@@ -72,11 +73,13 @@ def table_constraints(cfg: RunConfig, model: nn.Module) -> dict[str, TableConstr
             ids = {f: float(max_len.get(f, 1)) for f in (lk.feature for lk in layout.lookups if lk.table == table.name)}
             ids[dedup_key(table.name)] = sum(ids.values())
             given = cfg.embeddings.sharding.get(table.name)
-            out[table.name] = TableConstraint(
-                list(given.sharding_types) if given else [], list(given.compute_kernels) if given else [],
-                pooling_factors=tuple(ids[f] for f in table.feature_names))
+            if given is not None:
+                types, kernels = list(given.sharding_types), list(given.compute_kernels)
+            else:  # TorchRec shards a managed table row-wise or not at all: say so to the planner
+                types, kernels = (["row_wise"], ["fused"]) if table.name in managed else ([], [])
+            out[table.name] = TableConstraint(types, kernels,
+                                              pooling_factors=tuple(ids[f] for f in table.feature_names))
     return out
-
 
 
 def dense_optimizer_factory(t: TrainConfig) -> Callable[[list], torch.optim.Optimizer]:

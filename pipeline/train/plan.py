@@ -79,6 +79,9 @@ class DayStats:
     # of input_wait_s, the part inside the reader's per-batch agreement between ranks (DayReader.agree_wait_s):
     # waiting for the slowest rank, not for decode; the rest is the wait for the loader
     agree_wait_s: float = 0.0
+    # per managed table, this session's counts over all ranks (pipeline.distributed.managed_state.managed_stats):
+    # ids that found no slot and read zeros, admitted, evicted, refused; slots used at the day's end
+    managed: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def input_wait_share(self) -> float:
@@ -100,7 +103,8 @@ class DayStats:
                 "mean_loss": self.mean_loss,
                 "input_wait_s": round(self.input_wait_s, 3), "input_wait_share": round(self.input_wait_share, 4),
                 "agree_wait_s": round(self.agree_wait_s, 3), "loader_wait_share": round(self.loader_wait_share, 4),
-                "bad_rows": self.bad_rows, "losses": self.losses}
+                "bad_rows": self.bad_rows, **({"managed": self.managed} if self.managed else {}),
+                "losses": self.losses}
 
 
 @dataclass

@@ -114,6 +114,12 @@ def model_diff(saved: dict, current: dict) -> list[str]:
         for key in ("num_embeddings", "dim"):
             if old[name].get(key) != new[name].get(key):
                 lines.append(f"table {name!r} resized: {key} {old[name].get(key)} -> {new[name].get(key)}")
+        # a managed table's state is its remap (ids and eviction scores by slot): on or off, or scores of another
+        # policy, it does not fit; the admission settings (interval, admit_after) can change freely
+        evictions = [(t.get("managed") or {}).get("eviction", "lru") if t.get("managed") is not None else "off"
+                     for t in (old[name], new[name])]
+        if evictions[0] != evictions[1]:
+            lines.append(f"table {name!r} managed eviction: {evictions[0]} -> {evictions[1]}")
     m_old, m_new = saved.get("model", {}), current.get("model", {})
     if m_old.get("name") != m_new.get("name"):
         lines.append(f"model.name {m_old.get('name')!r} -> {m_new.get('name')!r}")

@@ -38,6 +38,7 @@ from hyrank.pipeline.data.reader import DayReader
 from hyrank.pipeline.data.split import group_days
 from hyrank.pipeline.distributed.dense_sync import DenseSync
 from hyrank.pipeline.distributed.env import DistEnv
+from hyrank.pipeline.distributed.managed_state import ModelState, describe_stats, managed_stats
 from hyrank.pipeline.distributed.signals import GracefulStop
 from hyrank.pipeline.files import write_json
 from hyrank.pipeline.logs import progress
@@ -77,7 +78,7 @@ class Trainer:
         self.ledger = Ledger(self.out_dir / "ledger", env.rank)
         self.checkpointer = Checkpointer(
             cfg.checkpoint.dir or self.out_dir / "checkpoints", env, keep=cfg.checkpoint.keep,
-            tensors={"model": self.model, "optim": OptimizerState(self.optimizer), "hook": self.dense},
+            tensors={"model": ModelState(self.model), "optim": OptimizerState(self.optimizer), "hook": self.dense},
             meta={RUN: RunIdentity(cfg), PROGRESS: self.progress, "schedule": self.schedule},
             per_rank={"reader": self.cursor, "rng": RNGState(), "ledger": self.ledger},
             info={"plan": self.sharded.plan_dict})
@@ -368,13 +369,15 @@ class Trainer:
         stats = DayStats(day.label, len(mean_losses), rows, seconds, mean_losses, step_seconds,
                          bad_rows=dict(reader.validation.bad), rows_per_s=session_rows / max(seconds, 1e-9),
                          pass_index=self.progress.pass_index, input_wait_s=batches.wait_s,
-                         agree_wait_s=reader.agree_wait_s)
+                         agree_wait_s=reader.agree_wait_s, managed=managed_stats(self.model, self.env.comm))
         if self.env.is_main:
             passes = f"pass-{self.progress.pass_index + 1}-" if self.cfg.train.passes > 1 else ""
             write_json(self.out_dir / "train" / f"{passes}day-{day.label}.json", stats.to_dict())
             log.info("train %s: %d steps, %d rows, mean loss %.4f, %.0f rows/s, input wait %.1f%% (rank 0; loader "
                      "%.1f%%, the rest waiting for the other ranks)", stats.day, stats.steps, stats.rows,
                      stats.mean_loss, stats.rows_per_s, 100 * stats.input_wait_share, 100 * stats.loader_wait_share)
+            if stats.managed:
+                log.info("train %s, managed tables: %s", stats.day, describe_stats(stats.managed))
         if self.cfg.checkpoint.at_day_end:
             self._save()
         return stats
