@@ -1,0 +1,283 @@
+"""The model process of the scoring server: one exported program, scoring the batches the HTTP process sends it.
+
+    model = ModelProcess.start(Path("exports/default/versions/step-1"))   # blocks until loaded (ModelLoadError)
+    model = ModelProcess.start(path, nice=10)    # a reload beside a serving model: loads at a lower CPU priority
+    outcomes = model.score([table_a, table_b])   # one Outcome per request table (RowSchema tables), in order
+    model.close()                                # after its last batch; the process exits
+
+    outcomes = LocalModel(Artifact.load(path)).score([table_a, table_b])   # the same, in this process (tests, bench)
+
+Why a process, not a thread of the server: the exported program is a Python graph of ~500 torch calls, and each
+gives the GIL away for its kernel and takes it back. Beside any other busy Python thread of the same process (the
+event loop parsing HTTP and JSON; a loader deserializing a new version, ~1 s of pure Python in torch.export.load),
+each take-back waits up to sys.getswitchinterval() (5 ms): a 256-row call of the demo's program took 8 ms alone and
+60 ms beside one busy Python thread (2 cores). In a process of its own the program never waits for the GIL, the HTTP
+process decodes requests on the other core meanwhile, and a new version loads in a new process, in a thread of
+lower CPU priority (`nice`: the server's --reload-nice, 10 by default; on a busy core it gets about a tenth of the
+share of a serving thread, so it hardly slows scoring, yet it still finishes on a saturated machine, where nice 19
+took 25-50 s): it takes the CPU the serving processes leave, not theirs. The
+process is warmed up (a few calls on rows made from the schema) before it says it is ready, so the first batches
+after a swap do not pay the program's slow first calls.
+
+In the model process a batch is scored as the old model thread scored it (`score_requests`): one validation pass
+over the whole batch (the training reader's checks), each problem given to its own request in its own row
+numbers, the good requests scored in one program call, each given its slice; should that call fail, each good
+request is scored alone, so one request the model cannot score fails nobody else's.
+
+Protocol, multiprocessing.connection over a socketpair (the child is `python -m hyrank.pipeline.serving.worker FD
+PATH NICE`): the child sends ("ready", manifest, seconds) or ("failed", why) once; then for each batch the
+parent sends ("score", rows per request) and the batch as an Arrow IPC stream, the child answers ("scored",
+outcomes); end of file on either side ends the other (a parent that dies takes its model processes with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from hyrank.pipeline.serving.rows import RowSchema, explain
+
+log = logging.getLogger(__name__)
+LOAD_TIMEOUT_S = 600.0  # a load at a low priority on a machine busy with other work can take minutes
+SCORE_TIMEOUT_S = 120.0  # a batch of the largest size takes well under a second: longer means the process hangs
+
+
+@dataclass
+class Outcome:
+    """What one request gets back: probabilities and the version that scored them, or why not."""
+
+    probabilities: np.ndarray | None = None  # float32, one per row
+    version: str | None = None
+    problems: list[str] = field(default_factory=list)  # the request's own fault (HTTP 400)
+    error: str | None = None  # the server's fault (HTTP 500), or no model to score with (503)
+    unavailable: bool = False
+
+
+class ModelLoadError(RuntimeError):
+    """A model process could not load its version (damaged files, a program torch cannot read)."""
+
+
+class ModelGone(RuntimeError):
+    """The model process exited (or stopped answering) while it had a batch."""
+
+
+def batch_table(tables: list[pa.Table]) -> pa.Table:
+    """The requests' tables as one table of one chunk: validation and the converter read each column as one array
+    (a column of many chunks would be put together by each of them)."""
+    return pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0].combine_chunks()
+
+
+def score_requests(artifact, table: pa.Table, sizes: list[int]) -> list[Outcome]:
+    """The outcome of each request, whose rows are `sizes[k]` consecutive rows of `table` (batch_table): one
+    validation pass over all the rows, one program call for the good requests, each bad request's problems in its
+    own row numbers (see the module docstring)."""
+    starts = np.cumsum([0] + list(sizes))
+    verdict = artifact.rows.verdict(table)
+    outcomes = [Outcome() for _ in sizes]
+    if verdict.num_bad:
+        for r, why in explain(verdict).items():
+            k = int(np.searchsorted(starts, r, side="right")) - 1
+            outcomes[k].problems.append(f"row {r - starts[k]}: {why}")
+    good = [k for k, o in enumerate(outcomes) if not o.problems]
+    if not good:
+        return outcomes
+    if len(good) < len(sizes):
+        keep = np.zeros(table.num_rows, dtype=bool)
+        for k in good:
+            keep[starts[k]:starts[k + 1]] = True
+        table = table.filter(pa.array(keep))
+    try:
+        probs = artifact.score_valid(table, id_max=verdict.id_max)
+    except Exception:  # noqa: BLE001 - find the request the model cannot score: each alone
+        log.exception("a batch of %d requests failed; scoring each alone", len(good))
+        start = 0
+        for k in good:
+            try:
+                outcomes[k] = Outcome(artifact.score_valid(table.slice(start, sizes[k])), artifact.version)
+            except Exception as e:  # noqa: BLE001
+                outcomes[k] = Outcome(error=f"{type(e).__name__}: {e}")
+            start += sizes[k]
+        return outcomes
+    start = 0
+    for k in good:
+        outcomes[k] = Outcome(probs[start:start + sizes[k]], artifact.version)
+        start += sizes[k]
+    return outcomes
+
+
+class LocalModel:
+    """An artifact scoring in this process, behind the interface of ModelProcess (tests, the benchmark)."""
+
+    def __init__(self, artifact):
+        self.artifact, self.rows, self.version = artifact, artifact.rows, artifact.version
+
+    def score(self, tables: list[pa.Table]) -> list[Outcome]:
+        return score_requests(self.artifact, batch_table(tables), [t.num_rows for t in tables])
+
+
+class ModelProcess:
+    """A model process (see the module docstring): start, score batches from one thread at a time, close."""
+
+    def __init__(self, process: subprocess.Popen, conn: Connection, manifest: dict[str, Any], path: Path):
+        self.process, self.conn, self.manifest, self.path = process, conn, manifest, path
+        self.version: str = manifest["version"]
+        self.rows = RowSchema.of(manifest, source=str(path))
+        self._lock = threading.Lock()  # one batch at a time; close waits for the one in flight
+
+    @classmethod
+    def start(cls, path: Path, *, nice: int = 0, timeout_s: float = LOAD_TIMEOUT_S) -> ModelProcess:
+        """A model process serving the version folder `path`, once it has loaded and warmed up; ModelLoadError
+        (with the child's reason) if it cannot. `nice`: the CPU priority of the loading (0: as the server's; more:
+        lower, for a reload beside a serving model); scoring afterwards runs at the server's."""
+        ours, theirs = socket.socketpair()
+        argv = [sys.executable, "-m", "hyrank.pipeline.serving.worker", str(theirs.fileno()), str(path),
+                str(nice)]
+        try:
+            process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        conn = Connection(ours.detach())
+        try:
+            message = conn.recv() if conn.poll(timeout_s) else ("failed", f"{path}: the model process did not load "
+                                                                          f"it in {timeout_s:.0f} s")
+        except (EOFError, OSError) as e:
+            process.wait(5)
+            message = ("failed", f"the model process exited ({_exit_status(process)}) before it had loaded {path}: "
+                                 f"{e or type(e).__name__}")
+        if message[0] != "ready":
+            _stop(process, conn)
+            raise ModelLoadError(message[1])
+        model = cls(process, conn, message[1], path)
+        log.info("model process %d loaded %s in %.1f s", process.pid, model.version, message[2])
+        return model
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def score(self, tables: list[pa.Table]) -> list[Outcome]:
+        """Each request table's outcome, scored in the model process; ModelGone if it is not there to answer."""
+        table = batch_table(tables)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        with self._lock:
+            try:
+                self.conn.send(("score", [t.num_rows for t in tables]))
+                self.conn.send_bytes(sink.getvalue())
+                if not self.conn.poll(SCORE_TIMEOUT_S):
+                    self.process.kill()
+                    raise ModelGone(f"the model process {self.process.pid} did not answer in {SCORE_TIMEOUT_S:.0f} "
+                                    "s; killed")
+                kind, outcomes = self.conn.recv()
+            except (EOFError, OSError) as e:
+                raise ModelGone(f"the model process {self.process.pid} exited ({_exit_status(self.process)}): "
+                                f"{e or type(e).__name__}") from e
+        return outcomes
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the process once the batch in flight (if any) has its answer."""
+        with self._lock:
+            _stop(self.process, self.conn, timeout_s)
+
+
+def _stop(process: subprocess.Popen, conn: Connection, timeout_s: float = 30.0) -> None:
+    conn.close()  # the child reads end of file and exits
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _exit_status(process: subprocess.Popen) -> str:
+    code = process.poll()
+    return "still running" if code is None else f"exit code {code}"
+
+
+# -- the child -----------------------------------------------------------------------------------------------------
+
+
+def _load(path: str, nice: int, out: dict) -> None:
+    """In the child's loading thread: import the stack and load the artifact, at `nice` more than the process's
+    (Linux gives each thread its own nice value: the thread that scores afterwards keeps the process's own)."""
+    try:
+        if nice:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        from hyrank.pipeline.serving.artifact import Artifact
+
+        out["artifact"] = Artifact.load(Path(path))
+    except BaseException as e:  # noqa: BLE001 - the parent logs it and keeps serving what it serves
+        out["error"] = f"could not load {path}: {type(e).__name__}: {e}"
+
+
+def warm_up(artifact, sizes: tuple[int, ...] = (16, 64, 256, 64, 16)) -> None:
+    """Program calls on rows made from the schema (ids 0, lists of one, dense zeros): the first calls of a program
+    in a fresh process are several times slower than the next ones (36, 8, 7, 3 ms, then 2.7 ms for 64 rows of the
+    demo's model: lazy kernel and allocator set-up), and would be paid by the first requests after a swap."""
+    def value(t: pa.DataType):
+        if pa.types.is_fixed_size_list(t):
+            return [value(t.value_type)] * t.list_size
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return [value(t.value_type)]
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return "0"
+        return 0.0 if pa.types.is_floating(t) else 0
+
+    row = {name: value(artifact.schema.field(name).type) for name in artifact.features}
+    for n in sizes:
+        artifact.score_valid(artifact.table_of([row] * n))
+
+
+def main(argv: list[str]) -> int:
+    fd, path, nice = int(argv[0]), argv[1], int(argv[2])
+    conn = Connection(fd)
+    from hyrank.pipeline.logs import setup_logging
+
+    setup_logging(verbose=False)
+    start = time.perf_counter()
+    loaded: dict[str, Any] = {}
+    loader = threading.Thread(target=_load, args=(path, nice, loaded), name="hyrank-load")
+    loader.start()
+    loader.join()
+    if "error" in loaded:
+        conn.send(("failed", loaded["error"]))
+        return 1
+    artifact = loaded["artifact"]
+    try:
+        warm_up(artifact)
+    except Exception:  # noqa: BLE001 - rows made up from the schema may be ones a spec refuses: serve all the same
+        log.warning("%s: the warm-up calls failed; its first requests will be slower", artifact.version,
+                    exc_info=True)
+    conn.send(("ready", artifact.manifest, time.perf_counter() - start))
+    while True:
+        try:
+            kind, sizes = conn.recv()
+            table = pa.ipc.open_stream(conn.recv_bytes()).read_all()
+        except (EOFError, OSError):
+            return 0  # the parent closed the connection (or died)
+        try:
+            outcomes = score_requests(artifact, table, sizes)
+        except Exception as e:  # noqa: BLE001 - a bug of ours: every request of the batch gets a 500
+            log.exception("scoring a batch of %d requests failed", len(sizes))
+            outcomes = [Outcome(error=f"{type(e).__name__}: {e}") for _ in sizes]
+        conn.send(("scored", outcomes))
+
+
+if __name__ == "__main__":  # run from the module's own name, so that Outcome pickles as the parent imports it
+    from hyrank.pipeline.serving.worker import main as _main
+
+    sys.exit(_main(sys.argv[1:]))
