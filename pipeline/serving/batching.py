@@ -32,7 +32,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from hyrank.pipeline.serving.rows import RowSchema
-from hyrank.pipeline.serving.worker import ModelGone, Outcome
+from hyrank.pipeline.serving.worker import ModelGone, ModelRetired, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +166,18 @@ class MicroBatcher:
 
     def _score_batch(self, batch: list[_Pending]) -> list[Outcome]:
         """In the model thread: one model for the whole batch (the requests decoded for its schema)."""
-        model = self.current()
-        if model is None:
-            return [Outcome(error="no model is loaded yet", unavailable=True) for _ in batch]
+        for _ in range(3):  # a reload may retire the model read here before the batch reaches it: read it again
+            model = self.current()
+            if model is None:
+                return [Outcome(error="no model is loaded yet", unavailable=True) for _ in batch]
+            try:
+                return self._score_with(model, batch)
+            except ModelRetired:
+                continue
+        return [Outcome(error="the model was replaced while scoring; send the request again", unavailable=True)
+                for _ in batch]
+
+    def _score_with(self, model: Model, batch: list[_Pending]) -> list[Outcome]:
         outcomes = [Outcome(error=f"the model was replaced by {model.version}, which reads other columns or "
                             "types, while the request waited: send it again", unavailable=True)
                     if p.rows is not model.rows and p.rows.schema != model.rows.schema else None for p in batch]
@@ -176,6 +185,8 @@ class MicroBatcher:
         if fit:
             try:
                 scored = model.score([batch[k].table for k in fit])
+            except ModelRetired:
+                raise
             except ModelGone as e:  # the slot starts it again; meanwhile, retry later
                 log.error("%s", e)
                 scored = [Outcome(error=str(e), unavailable=True) for _ in fit]

@@ -73,6 +73,10 @@ class ModelGone(RuntimeError):
     """The model process exited (or stopped answering) while it had a batch."""
 
 
+class ModelRetired(ModelGone):
+    """The model was closed (replaced by a reload) after the batch was handed to it: score it with the new one."""
+
+
 def batch_table(tables: list[pa.Table]) -> pa.Table:
     """The requests' tables as one table of one chunk: validation and the converter read each column as one array
     (a column of many chunks would be put together by each of them)."""
@@ -135,6 +139,7 @@ class ModelProcess:
         self.version: str = manifest["version"]
         self.rows = RowSchema.of(manifest, source=str(path))
         self._lock = threading.Lock()  # one batch at a time; close waits for the one in flight
+        self._closed = False
 
     @classmethod
     def start(cls, path: Path, *, nice: int = 0, timeout_s: float = LOAD_TIMEOUT_S) -> ModelProcess:
@@ -174,6 +179,8 @@ class ModelProcess:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         with self._lock:
+            if self._closed:  # the model thread read this model just before a reload swapped it out
+                raise ModelRetired(f"{self.version} was replaced")
             try:
                 self.conn.send(("score", [t.num_rows for t in tables]))
                 self.conn.send_bytes(sink.getvalue())
@@ -190,6 +197,7 @@ class ModelProcess:
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the process once the batch in flight (if any) has its answer."""
         with self._lock:
+            self._closed = True
             _stop(self.process, self.conn, timeout_s)
 
 
