@@ -36,6 +36,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reload-nice", type=int, default=10,
                    help="how much lower the CPU priority of loading a new version is than scoring's (0-19): the "
                    "load takes the CPU scoring leaves")
+    p.add_argument("--model-threads", type=int, default=1,
+                   help="torch's CPU threads in the model process (the HTTP process needs a core of its own)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, how long the requests in flight may take to finish")
 
@@ -62,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
     return run_server(ServeOptions(args.artifact, host=args.host, port=args.port, max_batch_rows=args.max_batch_rows,
                               max_wait_ms=args.max_wait_ms, max_request_rows=args.max_request_rows,
                               max_body_bytes=args.max_body_bytes, reload_poll_s=args.reload_poll_s,
-                              reload_nice=args.reload_nice,
+                              reload_nice=args.reload_nice, model_threads=args.model_threads,
                               drain_timeout_s=args.drain_timeout_s))
 
 

@@ -61,6 +61,7 @@ class RowSchema:
         self._not_features = [c for c in self.spec.columns() if c not in self._known]
         self._kinds = column_kinds(self.spec)  # the types training accepts for each column (pipeline/data/schema.py)
         self._refusals: dict[tuple[str, pa.DataType], str | None] = {}
+        self._zeros: dict[int, dict[str, pa.Array]] = {}  # the neutral columns, by number of rows
 
     def refusal(self, name: str, t: pa.DataType) -> str | None:
         """schema.refusal of type `t` for column `name`, remembered: every request asks it of every column."""
@@ -69,6 +70,19 @@ class RowSchema:
             if len(self._refusals) > 10_000:  # types of JSON values nested at will: no unbounded memory
                 self._refusals.clear()
             self._refusals[key] = refusal(self._kinds[name], t)
+        return self._refusals[key]
+
+    def _arrow_column(self, name: str, t: pa.DataType) -> str | None:
+        """Why an Arrow column `name` of type `t` cannot be taken (refused by training, or not the same values once
+        cast to the model's type), or None; remembered per column and type, like `refusal`."""
+        key = ("arrow", name, t)
+        if key not in self._refusals:
+            why = self.refusal(name, t)
+            want = self.schema.field(name).type
+            if why is None and not _same_values(t, want):
+                why = (f"has type {t}, which does not convert to the {want} the model read in training (a cast "
+                       "would parse or format the values: training hashes string ids and takes integer ids as rows)")
+            self._refusals[key] = why
         return self._refusals[key]
 
     @classmethod
@@ -159,15 +173,12 @@ class RowSchema:
             if counts.get(name) != 1:
                 continue
             given, want = table.schema.field(name).type, self.schema.field(name).type
-            why = self.refusal(name, given)
+            why = self._arrow_column(name, given)
             if why is not None:
                 problems.append(f"column {name!r}: {why}")
                 continue
             try:
-                if not _same_values(given, want):
-                    raise TypeError("a cast would parse or format them: training hashes string ids and takes "
-                                    "integer ids as rows")
-                columns[name] = table.column(name).cast(want)
+                columns[name] = table.column(name) if given == want else table.column(name).cast(want)
             except _NOT_CONVERTED as e:
                 problems.append(f"column {name!r}: has type {given}, which does not convert to the {want} the model "
                                 f"read in training ({e})")
@@ -180,9 +191,13 @@ class RowSchema:
     def _table(self, columns: dict[str, pa.Array | pa.ChunkedArray], num_rows: int) -> pa.Table:
         """The features, then the label, query id and oracle as zeros: one schema for every request, whatever its
         form, so that the requests of a batch concatenate."""
-        for name in self._not_features:
-            columns[name] = pa.array(np.zeros(num_rows), type=self.schema.field(name).type)
-        return pa.table(columns)
+        zeros = self._zeros.get(num_rows)
+        if zeros is None:  # made once per request size (requests of one client tend to have one)
+            if len(self._zeros) > 64:
+                self._zeros.clear()
+            zeros = self._zeros[num_rows] = {name: pa.array(np.zeros(num_rows), type=self.schema.field(name).type)
+                                             for name in self._not_features}
+        return pa.table({**columns, **zeros})
 
     def with_neutral_columns(self, table: pa.Table) -> pa.Table:
         """`table` (the features) with the label, query id and oracle as zeros where absent."""

@@ -142,15 +142,17 @@ class ModelProcess:
         self._closed = False
 
     @classmethod
-    def start(cls, path: Path, *, nice: int = 0, timeout_s: float = LOAD_TIMEOUT_S) -> ModelProcess:
+    def start(cls, path: Path, *, nice: int = 0, threads: int = 1, timeout_s: float = LOAD_TIMEOUT_S) -> ModelProcess:
         """A model process serving the version folder `path`, once it has loaded and warmed up; ModelLoadError
         (with the child's reason) if it cannot. `nice`: the CPU priority of the loading (0: as the server's; more:
-        lower, for a reload beside a serving model); scoring afterwards runs at the server's."""
+        lower, for a reload beside a serving model); scoring afterwards runs at the server's. `threads`: torch's
+        CPU threads for the program (OMP_NUM_THREADS)."""
         ours, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "hyrank.pipeline.serving.worker", str(theirs.fileno()), str(path),
                 str(nice)]
         try:
-            process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
         finally:
             theirs.close()
         conn = Connection(ours.detach())
