@@ -673,34 +673,6 @@ def test_an_arrow_body_over_max_body_bytes_gets_a_413(server, artifact, rows):
     assert status == 200 and answer.num_rows == 3, answer
 
 
-@pytest.mark.dist
-def test_json_rows_convert_as_the_reference_conversion_does(artifact, rows):
-    """The fast JSON -> Arrow conversion (numbers and lists cast in Arrow) against the reference (every column
-    converted from the Python values in its training type): the same tables, and the same problems."""
-    dense = [f.name for f in artifact.spec.dense if f.name in artifact.features]
-    variants = [rows[:30],
-                [_with(r, **{k: (round(r[k]) if isinstance(r[k], float) else [round(x) for x in r[k]])
-                             for k in dense}) for r in rows[:5]],  # integers for the float features
-                [_with(r, item_ctr_prior=v) for r, v in zip(rows, (1e300, -0.0, 2 ** 24, 2 ** 24 + 1, None))],
-                [_with(rows[0], item_content=[1, 2, 3]), rows[1]],  # a dense list of the wrong size
-                [_with(rows[0], item_content=[1.5] * 7 + [2 ** 60]), rows[1]],
-                [_with(rows[0], item_content=None), _with(rows[1], item_tags=[])],
-                [_with(rows[0], user_id=2 ** 63), rows[1]],  # an id int64 cannot hold
-                [_with(rows[0], user_city=3), rows[1]], [_with(rows[0], user_id="3"), rows[1]],  # no parsing
-                [_with(rows[0], user_city=None), _with(rows[1], user_city=None)]]
-    for variant in variants:
-        outcomes = []
-        for cast in (True, False):
-            try:
-                outcomes.append(artifact.rows.table_of(variant, cast=cast))
-            except ValueError as e:
-                outcomes.append(e.problems)
-        if isinstance(outcomes[0], pa.Table):
-            assert outcomes[0].equals(outcomes[1]), variant
-        else:
-            assert outcomes[0] == outcomes[1], variant
-
-
 def _model_process(server_pid: int) -> int:
     """The server's one child process (started by its loader thread: children are listed per thread)."""
     tasks = os.listdir(f"/proc/{server_pid}/task")

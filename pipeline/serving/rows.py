@@ -94,10 +94,8 @@ class RowSchema:
 
     # -- JSON rows -----------------------------------------------------------------------------------------------
 
-    def table_of(self, rows: list[dict[str, Any]], *, max_rows: int = 0, cast: bool = True) -> pa.Table:
-        """Raw request rows as an Arrow table of the training types; BadRows if a row is not a row of the spec.
-        `cast=False`: the reference conversion (every column converted from the Python values in its training
-        type), which the fast one (converted once in the type the values have, then cast) is tested against."""
+    def table_of(self, rows: list[dict[str, Any]], *, max_rows: int = 0) -> pa.Table:
+        """Raw request rows as an Arrow table of the training types; BadRows if a row is not a row of the spec."""
         if not isinstance(rows, list) or not rows:
             raise BadRows(["rows: expected a non-empty list of objects"])
         if max_rows and len(rows) > max_rows:
@@ -107,7 +105,7 @@ class RowSchema:
             raise BadRows(self._field_problems(rows))
         columns, problems = {}, []
         for name in self.features:
-            column = self._column(name, [row[name] for row in rows], cast=cast)
+            column = self._column(name, [row[name] for row in rows])
             if isinstance(column, list):
                 problems += column
             else:
@@ -126,7 +124,7 @@ class RowSchema:
             problems += [f"row {i}: missing field {k!r}" for k in self.features if k not in row]
         return problems
 
-    def _column(self, name: str, values: list, *, cast: bool) -> pa.Array | list[str]:
+    def _column(self, name: str, values: list) -> pa.Array | list[str]:
         """One field of the rows as an array of the type training read, or the problems of the rows whose value
         cannot be one: a value of a type training refuses for the column (schema.refusal: a float or a bool id, a
         bool or a string number), or one that does not convert to the training type (a string for an integer id).
@@ -142,11 +140,6 @@ class RowSchema:
             return _row_type_problems(values, name, kind, want)
         if given.type == want:
             return given
-        if cast and _numeric_cast(given.type, want):
-            try:  # numbers for float32, lists for fixed-size lists: a cast in Arrow, not a second pass in Python
-                return given.cast(want)
-            except _NOT_CONVERTED:
-                pass  # the reference below says which rows, or converts what the cast refuses as it always did
         try:
             return pa.array(values, type=want)  # ints for floats, float64 for float32, lists for fixed-size lists
         except _NOT_CONVERTED:
@@ -255,16 +248,6 @@ def _same_values(t: pa.DataType, want: pa.DataType) -> bool:
     if any(f(want) for f in numeric):
         return pa.types.is_null(t) or any(f(t) for f in numeric)
     return pa.types.is_null(t) or (_strings(t) and _strings(want))
-
-
-def _numeric_cast(t: pa.DataType, want: pa.DataType) -> bool:
-    """Whether Arrow's cast of `t` to `want` gives what converting the Python values to `want` gives: numbers (or
-    nulls) to numbers, lists of them to lists; not numbers to strings or strings to numbers, which a cast formats or
-    parses ("3" would be the id 3) where the conversion refuses them."""
-    if is_list(t) and is_list(want):
-        return _numeric_cast(t.value_type, want.value_type)
-    numeric = (pa.types.is_integer, pa.types.is_floating)
-    return (pa.types.is_null(t) or any(f(t) for f in numeric)) and any(f(want) for f in numeric)
 
 
 def _nulls_as(t: pa.DataType, want: pa.DataType) -> pa.DataType:

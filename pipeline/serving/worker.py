@@ -42,12 +42,11 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
-
-from hyrank.pipeline.serving.rows import RowSchema, explain
+if TYPE_CHECKING:  # the model process imports them in its loading thread, at the loading's priority (main)
+    import numpy as np
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 LOAD_TIMEOUT_S = 600.0  # a load at a low priority on a machine busy with other work can take minutes
@@ -80,6 +79,8 @@ class ModelRetired(ModelGone):
 def batch_table(tables: list[pa.Table]) -> pa.Table:
     """The requests' tables as one table of one chunk: validation and the converter read each column as one array
     (a column of many chunks would be put together by each of them)."""
+    import pyarrow as pa
+
     return pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0].combine_chunks()
 
 
@@ -87,6 +88,11 @@ def score_requests(artifact, table: pa.Table, sizes: list[int]) -> list[Outcome]
     """The outcome of each request, whose rows are `sizes[k]` consecutive rows of `table` (batch_table): one
     validation pass over all the rows, one program call for the good requests, each bad request's problems in its
     own row numbers (see the module docstring)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from hyrank.pipeline.serving.rows import explain
+
     starts = np.cumsum([0] + list(sizes))
     verdict = artifact.rows.verdict(table)
     outcomes = [Outcome() for _ in sizes]
@@ -135,6 +141,8 @@ class ModelProcess:
     """A model process (see the module docstring): start, score batches from one thread at a time, close."""
 
     def __init__(self, process: subprocess.Popen, conn: Connection, manifest: dict[str, Any], path: Path):
+        from hyrank.pipeline.serving.rows import RowSchema
+
         self.process, self.conn, self.manifest, self.path = process, conn, manifest, path
         self.version: str = manifest["version"]
         self.rows = RowSchema.of(manifest, source=str(path))
@@ -176,6 +184,8 @@ class ModelProcess:
 
     def score(self, tables: list[pa.Table]) -> list[Outcome]:
         """Each request table's outcome, scored in the model process; ModelGone if it is not there to answer."""
+        import pyarrow as pa
+
         table = batch_table(tables)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -221,17 +231,24 @@ def _exit_status(process: subprocess.Popen) -> str:
 
 
 def _load(path: str, nice: int, out: dict) -> None:
-    """In the child's loading thread: import the stack and load the artifact, at `nice` more than the process's
-    (Linux gives each thread its own nice value: the thread that scores afterwards keeps the process's own)."""
+    """In the child's loading thread: import the stack (torch, torchrec: seconds of CPU), load the artifact and warm
+    it up, at `nice` more than the process's (Linux gives each thread its own nice value: the main thread, which
+    scores afterwards, keeps the process's own)."""
     try:
         if nice:
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
         from hyrank.pipeline.serving.artifact import Artifact
 
-        out["artifact"] = Artifact.load(Path(path))
+        out["artifact"] = artifact = Artifact.load(Path(path))
     except BaseException as e:  # noqa: BLE001 - the parent logs it and keeps serving what it serves
         out["error"] = f"could not load {path}: {type(e).__name__}: {e}"
+        return
+    try:
+        warm_up(artifact)
+    except Exception:  # noqa: BLE001 - rows made up from the schema may be ones a spec refuses: serve all the same
+        log.warning("%s: the warm-up calls failed; its first requests will be slower", artifact.version,
+                    exc_info=True)
 
 
 def warm_up(artifact, sizes: tuple[int, ...] = (16, 64, 256, 64, 16)) -> None:
@@ -267,11 +284,8 @@ def main(argv: list[str]) -> int:
         conn.send(("failed", loaded["error"]))
         return 1
     artifact = loaded["artifact"]
-    try:
-        warm_up(artifact)
-    except Exception:  # noqa: BLE001 - rows made up from the schema may be ones a spec refuses: serve all the same
-        log.warning("%s: the warm-up calls failed; its first requests will be slower", artifact.version,
-                    exc_info=True)
+    import pyarrow as pa
+
     conn.send(("ready", artifact.manifest, time.perf_counter() - start))
     while True:
         try:
