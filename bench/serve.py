@@ -1,22 +1,23 @@
 """Benchmark: the scoring server under concurrent clients, JSON and Arrow bodies, steady and during a hot reload,
 against the same scoring path called in this process.
 
-    hyrank bench serve                        # trains a model like the demo's first (~1 min), then ~3 min of load
+    hyrank bench serve                        # trains a model like the demo's first (~1 min), then ~5 min of load
     hyrank bench serve --artifact exports/default --data data/synth --clients 1,8,32 --rows 16 --seconds 5
 
 Starts `hyrank serve` on 127.0.0.1 (a free port) in a subprocess and drives it over loopback from this process:
 --clients threads (each number in the list is one run of the load), each on its own keep-alive connection,
 posting requests of --rows rows of the logs as fast as answers come back, as JSON and as Arrow IPC streams (the
 answer in the same form). Per body form and number of clients:
-  steady     --seconds of load: rows/s, p50/p99 latency;
+  steady     --rounds rounds of --seconds of load each: rows/s, p50/p99 latency (medians of the rounds);
   reload     the load again, a new version published under the served root 0.5 s in (the same weights copied under
              a new version name, `latest` repointed atomically: what a reload costs does not depend on the
              weights), until the new version has answered for 1 s; p50/p99 of the requests in flight between the
              publish and the first answer of the new version, and how long that took;
-  in-process the same request bodies through the same scoring path called directly in this process, with the
-             server idle: decode each body (pipeline/serving/bodies.py), score them in batches of the server's
-             mean batch of the steady phase (worker.score_requests: validation, converter, program), encode each
-             answer; served rows/s over these rows/s says what serving over HTTP costs;
+  in-process after each steady round, the same request bodies through the same scoring path called directly in
+             this process, with the server idle: decode each body (pipeline/serving/bodies.py), score them in
+             batches of the server's mean batch of that round (worker.score_requests: validation, converter,
+             program), encode each answer; served / in-process rows/s of a round says what serving over HTTP
+             costs (the median of the rounds' ratios is reported: the machine's other work drifts);
   errors     any non-200 or transport failure, in both phases.
 The clients, the server's two processes and the in-process runs share this machine's cores: compare the ratios of
 one run, not numbers across machines.
@@ -57,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=None, help="logs to take request rows from (needed with --artifact)")
     p.add_argument("--clients", default="1,8,32", help="concurrent client threads: one load run per number")
     p.add_argument("--rows", type=int, default=16, help="rows per request")
-    p.add_argument("--seconds", type=float, default=4.0, help="length of the steady phase (and of in-process runs)")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of a steady round (and of its in-process run)")
+    p.add_argument("--rounds", type=int, default=3, help="steady and in-process rounds per cell (medians reported)")
     p.add_argument("--formats", default="json,arrow", help="request bodies to measure: json, arrow or both")
     p.add_argument("--max-batch-rows", type=int, default=512, help="the server's --max-batch-rows")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="the server's --max-wait-ms")
@@ -70,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--artifact needs --data: logs of its feature spec to take request rows from")
     clients = [int(c) for c in str(args.clients).split(",")]
     formats = [f.strip() for f in args.formats.split(",")]
-    if min(clients) < 1 or args.rows < 1 or args.seconds <= 0 or not set(formats) <= set(FORMATS):
-        raise ValueError("--clients and --rows must be >= 1, --seconds > 0, --formats json and/or arrow")
+    if min(clients) < 1 or args.rows < 1 or args.rounds < 1 or args.seconds <= 0 or not set(formats) <= set(FORMATS):
+        raise ValueError("--clients, --rows and --rounds must be >= 1, --seconds > 0, --formats json and/or arrow")
     from hyrank.pipeline.serving.artifact import resolve
 
     with tempfile.TemporaryDirectory(prefix="hyrank-bench-serve-") as tmp:
@@ -110,9 +112,7 @@ def _measure(args: argparse.Namespace, root: Path, data: Path, clients: list[int
         for fmt in formats:
             drive(server.port, bodies[fmt][:4], clients=1, seconds=0.5, arrow=fmt == "arrow")  # warm
             for n in clients:
-                cell = _cell(server.port, root, bodies[fmt], fmt, n, args, len(cells))
-                cell["in_process"] = in_process(artifact, bodies[fmt], fmt == "arrow",
-                                                max(1, round(cell["requests_per_batch"])), args.seconds)
+                cell = _cell(server.port, root, artifact, bodies[fmt], fmt, n, args, len(cells))
                 cells.append(cell)
                 print(_row(cell, args.rows), flush=True)
         exit_code = server.stop()
@@ -121,17 +121,25 @@ def _measure(args: argparse.Namespace, root: Path, data: Path, clients: list[int
             "version": artifact.version, "model": artifact.manifest["model"]}
 
 
-def _cell(port: int, root: Path, bodies: list[bytes], fmt: str, clients: int, args: argparse.Namespace,
+def _cell(port: int, root: Path, artifact, bodies: list[bytes], fmt: str, clients: int, args: argparse.Namespace,
           k: int) -> dict:
-    """One body form and number of clients: the steady phase, then the reload phase."""
+    """One body form and number of clients: --rounds rounds of the steady phase, each followed by the in-process
+    run at that round's batch size (the machine's other work drifts: a ratio is taken within a round, and the
+    medians are reported), then the reload phase."""
     arrow = fmt == "arrow"
-    before = http_text(port, "/metrics")
-    steady = drive(port, bodies, clients=clients, seconds=args.seconds, arrow=arrow)
-    after = http_text(port, "/metrics")
-    batches = _metric(after, "hyrank_batch_rows_count") - _metric(before, "hyrank_batch_rows_count")
-    batch_rows = (_metric(after, "hyrank_batch_rows_sum") - _metric(before, "hyrank_batch_rows_sum")) / max(1, batches)
-    batch_requests = (_metric(after, "hyrank_batch_requests_sum") - _metric(before, "hyrank_batch_requests_sum")) / \
-        max(1, batches)
+    rounds = []
+    for _ in range(args.rounds):
+        before = http_text(port, "/metrics")
+        steady = summarize(drive(port, bodies, clients=clients, seconds=args.seconds, arrow=arrow))
+        after = http_text(port, "/metrics")
+        batches = max(1.0, _metric(after, "hyrank_batch_rows_count") - _metric(before, "hyrank_batch_rows_count"))
+        steady["rows_per_batch"] = (_metric(after, "hyrank_batch_rows_sum") -
+                                    _metric(before, "hyrank_batch_rows_sum")) / batches
+        requests_per_batch = (_metric(after, "hyrank_batch_requests_sum") -
+                              _metric(before, "hyrank_batch_requests_sum")) / batches
+        steady["in_process"] = in_process(artifact, bodies, arrow, max(1, round(requests_per_batch)), args.seconds)
+        steady["ratio"] = steady["rows_per_s"] / steady["in_process"]["rows_per_s"]
+        rounds.append(steady)
     old = http_json(port, "GET", "/readyz")[1]["version"]
     new = f"{old.split('-reload')[0]}-reload{k + 1}"
     published: list[float] = []
@@ -145,9 +153,15 @@ def _cell(port: int, root: Path, bodies: list[bytes], fmt: str, clients: int, ar
     timer.start()
     reload_ = drive(port, bodies, clients=clients, seconds=1.0, until_version=new, arrow=arrow, start=start)
     timer.join()
-    return {"format": fmt, "clients": clients, "steady": summarize(steady),
-            "reload": summarize_reload(reload_, published[0], new), "rows_per_batch": batch_rows,
-            "requests_per_batch": batch_requests, "swapped": any(r[3] == new for r in reload_)}
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    steady = {key: median(key) for key in ("rows_per_s", "p50_ms", "p99_ms", "ratio", "rows_per_batch")}
+    steady["errors"] = sum(r["errors"] for r in rounds)
+    return {"format": fmt, "clients": clients, "steady": steady, "rounds": rounds,
+            "in_process_rows_per_s": statistics.median(r["in_process"]["rows_per_s"] for r in rounds),
+            "reload": summarize_reload(reload_, published[0], new), "swapped": any(r[3] == new for r in reload_)}
 
 
 def request_bodies(table, per_request: int) -> dict[str, list[bytes]]:
@@ -206,10 +220,10 @@ def summarize_reload(records: list[tuple], published_s: float, new_version: str)
 
 
 def _row(c: dict, rows: int) -> str:
-    steady, reload_, local = c["steady"], c["reload"], c["in_process"]["rows_per_s"]
+    steady, reload_, local = c["steady"], c["reload"], c["in_process_rows_per_s"]
     swap = "never" if reload_["swap_after_s"] is None else f"{reload_['swap_after_s']:.1f}"
     return (f"{c['format']:<6}{c['clients']:>8}{rows:>6}{local:>12,.0f}{steady['rows_per_s']:>10,.0f}"
-            f"{steady['rows_per_s'] / local:>8.2f}{c['rows_per_batch']:>8.0f}{steady['p50_ms']:>8.1f}"
+            f"{steady['ratio']:>8.2f}{steady['rows_per_batch']:>8.0f}{steady['p50_ms']:>8.1f}"
             f"{steady['p99_ms']:>8.1f}{reload_['p50_ms']:>8.1f}{reload_['p99_ms']:>8.1f}{swap:>7}"
             f"{steady['errors'] + reload_['errors']:>7}")
 
@@ -222,7 +236,8 @@ def _report(r: dict, args: argparse.Namespace) -> None:
     print(f"model {r['model']['name']} {r['model'].get('options', {})} ({r['version']}); {r['cpus']} CPUs, load "
           f"average {r['load_average_1min'][0]:.2f} before, {r['load_average_1min'][1]:.2f} after; server batches of "
           f"up to {args.max_batch_rows} rows, {args.max_wait_ms:g} ms wait")
-    print("rows/s in process and served; ratio = served / in-process; batch = mean rows per model call (steady);")
+    print(f"medians of {args.rounds} rounds of {args.seconds:g} s: rows/s in process and served, ratio = served / "
+          "in-process within a round, batch = mean rows per model call;")
     print("p50/p99 ms steady, then during a hot reload (rl); swap s = publish to the new version's first answer")
     print(HEADER)
     for c in r["cells"]:

@@ -426,7 +426,7 @@ def test_unready_until_published_then_a_hot_reload_under_load_fails_nothing(made
         server.wait_ready()
         publisher = threading.Timer(1.0, publish_copy, args=(root, "v2"))
         publisher.start()
-        records = drive(server.port, bodies, clients=4, seconds=1.0, until_version="v2", max_seconds=60)
+        records = drive(server.port, bodies, clients=4, seconds=1.0, until_version="v2", max_seconds=240)
         publisher.join()
         metrics = http_text(server.port, "/metrics")
         assert server.stop() == 0
