@@ -440,6 +440,38 @@ def test_unready_until_published_then_a_hot_reload_under_load_fails_nothing(made
 
 
 @pytest.mark.dist
+def test_a_damaged_version_fails_its_load_in_the_model_process_and_the_old_one_keeps_serving(made, rows, tmp_path):
+    """The child says why it could not load (the sha256 check), the parent logs it and counts a failed reload, and
+    the serving model process goes on; a repaired version is then loaded."""
+    from hyrank.pipeline.serving.artifact import resolve
+    from hyrank.pipeline.serving.server import Metrics, ModelSlot
+
+    root = tmp_path / "root"
+    version = resolve(made.root)
+    shutil.copytree(version, root / "versions" / version.name)
+    (root / "latest").write_text(version.name + "\n")
+    metrics = Metrics()
+    slot = ModelSlot(root, metrics)
+    try:
+        assert slot.refresh() and slot.model.version == version.name
+        serving = slot.model
+        publish_copy(root, "v2")
+        with open(root / "versions" / "v2" / "model.pt2", "r+b") as f:
+            f.seek(1000)
+            f.write(b"damaged")
+        assert not slot.refresh() and slot.model is serving and serving.alive
+        assert metrics.registry.get_sample_value("hyrank_model_reloads_total", {"result": "failed"}) == 1
+        assert not slot.refresh()  # not retried until it changes
+        outcome = serving.score([serving.rows.table_of(rows[:3])])[0]
+        assert outcome.version == version.name and len(outcome.probabilities) == 3
+        shutil.copy(version / "model.pt2", root / "versions" / "v2" / "model.pt2")
+        os.utime(root / "versions" / "v2" / "manifest.json")  # a re-export: the manifest is written again
+        assert slot.refresh() and slot.model.version == "v2" and not serving.alive
+    finally:
+        slot.close()
+
+
+@pytest.mark.dist
 def test_a_latest_naming_no_version_is_logged_once_and_counted_as_a_failed_reload(made, tmp_path, caplog):
     """Every poll finds the dangling pointer; one line says so per pointer, and it counts once. It must be seen on
     two polls in a row: one poll can fall inside a re-export of the version it names (export removes the old

@@ -169,7 +169,10 @@ class ModelProcess:
             message = conn.recv() if conn.poll(timeout_s) else ("failed", f"{path}: the model process did not load "
                                                                           f"it in {timeout_s:.0f} s")
         except (EOFError, OSError) as e:
-            process.wait(5)
+            try:
+                process.wait(5)  # for its exit code, in the message
+            except subprocess.TimeoutExpired:
+                pass
             message = ("failed", f"the model process exited ({_exit_status(process)}) before it had loaded {path}: "
                                  f"{e or type(e).__name__}")
         if message[0] != "ready":
@@ -201,7 +204,7 @@ class ModelProcess:
                     self.process.kill()
                     raise ModelGone(f"the model process {self.process.pid} did not answer in {SCORE_TIMEOUT_S:.0f} "
                                     "s; killed")
-                kind, outcomes = self.conn.recv()
+                _, outcomes = self.conn.recv()
             except (EOFError, OSError) as e:
                 raise ModelGone(f"the model process {self.process.pid} exited ({_exit_status(self.process)}): "
                                 f"{e or type(e).__name__}") from e
