@@ -410,6 +410,14 @@ def test_a_batch_reaching_a_model_a_reload_just_retired_is_scored_by_the_new_one
 
 
 @pytest.mark.dist
+def test_a_model_process_warms_its_program_up_on_rows_made_from_the_schema(artifact):
+    """The warm-up's failure is only logged (a model serves all the same): it failed so, unnoticed, on a NameError."""
+    from hyrank.pipeline.serving.worker import warm_up
+
+    warm_up(artifact, sizes=(3, 16))
+
+
+@pytest.mark.dist
 def test_unready_until_published_then_a_hot_reload_under_load_fails_nothing(made, rows, tmp_path):
     from hyrank.pipeline.serving.artifact import resolve
 
