@@ -33,7 +33,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "without the rest being read")
     p.add_argument("--reload-poll-s", type=float, default=5.0,
                    help="read `latest` this often and hot-swap a new version in (0: never)")
-    p.add_argument("--reload-nice", type=int, default=10,
+    p.add_argument("--reload-nice", type=int, default=19,
                    help="how much lower the CPU priority of loading a new version is than scoring's (0-19): the "
                    "load takes the CPU scoring leaves")
     p.add_argument("--model-threads", type=int, default=1,

@@ -100,7 +100,7 @@ class ServeOptions:
     # so no request can make the server hold more than this (the issue: 300 MB read whole, 0.9 GB more RSS)
     max_body_bytes: int = 8 * 1024 * 1024
     reload_poll_s: float = 5.0  # how often `latest` is read (0: load once, never reload)
-    reload_nice: int = 10  # how much lower the CPU priority of loading a new version is than scoring's (worker.py)
+    reload_nice: int = 19  # how much lower the CPU priority of loading a new version is than scoring's (worker.py)
     # torch's threads in the model process: the HTTP process needs a core too, and torch's OpenMP threads spin on
     # a shared core (on 2 cores with 2 threads, 8 clients x 16 rows got 17 requests/s, with 1 thread 310)
     model_threads: int = 1
@@ -124,7 +124,7 @@ class ServeOptions:
 class ModelSlot:
     """The model process serving, and the starting of the next one beside it (from the loader thread)."""
 
-    def __init__(self, source: Path, metrics: Metrics, *, reload_nice: int = 10, model_threads: int = 1):
+    def __init__(self, source: Path, metrics: Metrics, *, reload_nice: int = 19, model_threads: int = 1):
         self.source, self.metrics, self.reload_nice, self.model_threads = source, metrics, reload_nice, model_threads
         self.model: ModelProcess | None = None  # read once per batch by the model thread; replaced, never mutated
         self._loaded: tuple | None = None  # (version folder, manifest mtime) of the model serving
