@@ -1,24 +1,32 @@
-"""Benchmark: the scoring server under concurrent clients, before and during a hot reload, against the program.
+"""Benchmark: the scoring server under concurrent clients, JSON and Arrow bodies, steady and during a hot reload,
+against the same scoring path called in this process.
 
-    hyrank bench serve                                   # a tiny artifact trained here, 8 clients, 5 s per phase
-    hyrank bench serve --artifact exports/default --data data/synth --clients 16 --rows 32 --seconds 10
+    hyrank bench serve                        # trains a model like the demo's first (~1 min), then ~5 min of load
+    hyrank bench serve --artifact exports/default --data data/synth --clients 1,8,32 --rows 16 --seconds 5
 
-Starts `hyrank serve` on 127.0.0.1 (a free port) in a subprocess and drives it over loopback with --clients
-threads, each on its own keep-alive HTTP connection, posting requests of --rows rows taken from the logs, as fast
-as answers come back. Two phases: "steady" (--seconds), then "reload": a second version is published under the
-served root (the same weights copied under a new version name, `latest` repointed atomically: what a reload
-costs does not depend on the weights) and the clients keep going until the new version has answered for
---seconds (at most 120 s). Per phase: requests/s, rows/s, p50/p99 latency, errors (any non-200 or transport
-failure) and the versions that answered. Then, in this process with the server idle, the same artifact on the
-same rows in batches of the server's mean batch size (from its /metrics): the program alone (converted inputs ->
-logits) and the whole in-process path (raw rows -> validation -> converter -> program, Artifact.score_rows), and
-the ratio of served rows/s to each. Clients, server and the in-process runs share this machine's cores, so
-compare the ratios of one run, not numbers across machines.
+Starts `hyrank serve` on 127.0.0.1 (a free port) in a subprocess and drives it over loopback from this process:
+--clients threads (each number in the list is one run of the load), each on its own keep-alive connection,
+posting requests of --rows rows of the logs as fast as answers come back, as JSON and as Arrow IPC streams (the
+answer in the same form). Per body form and number of clients:
+  steady     --rounds rounds of --seconds of load each: rows/s, p50/p99 latency (medians of the rounds);
+  reload     the load again, a new version published under the served root 0.5 s in (the same weights copied under
+             a new version name, `latest` repointed atomically: what a reload costs does not depend on the
+             weights), until the new version has answered for 1 s; p50/p99 of the requests in flight between the
+             publish and the first answer of the new version, and how long that took;
+  in-process after each steady round, the same request bodies through the same scoring path called directly in
+             this process, with the server idle: decode each body (pipeline/serving/bodies.py), score them in
+             batches of the server's mean batch of that round (worker.score_requests: validation, converter,
+             program), encode each answer; served / in-process rows/s of a round says what serving over HTTP
+             costs (the median of the rounds' ratios is reported: the machine's other work drifts);
+  errors     any non-200 or transport failure, in both phases.
+The clients, the server's two processes and the in-process runs share this machine's cores: compare the ratios of
+one run, not numbers across machines.
 
-Without --artifact, it makes one first in a temporary folder (make_artifact: synthetic logs, one day trained on
-one rank, `export_checkpoint`; about 20 s). With --artifact, the version it names is copied into a temporary
-publish root, so the reload never touches the original; --data then names logs of its feature spec.
-tests/test_serve.py uses make_artifact, publish_copy, ServerProcess and drive from here.
+Without --artifact it first makes a model like the one the demo ships (scripts/demo.sh: jobs/configs/default.toml
+on generated logs of 100k rows a day; here one day trained on one rank, then exported and parity-gated). With
+--artifact, the version it names is copied into a temporary publish root, so the reloads never touch the
+original; --data then names logs of its feature spec. tests/test_serve.py uses make_artifact (a tiny model),
+publish_copy, ServerProcess and drive from here.
 """
 
 from __future__ import annotations
@@ -40,15 +48,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ARROW = "application/vnd.apache.arrow.stream"
+FORMATS = ("json", "arrow")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", type=Path, default=None,
-                   help="a publish root or version folder (default: make a tiny one in a temp dir)")
+                   help="a publish root or version folder (default: train and export one like the demo's)")
     p.add_argument("--data", type=Path, default=None, help="logs to take request rows from (needed with --artifact)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent client threads")
+    p.add_argument("--clients", default="1,8,32", help="concurrent client threads: one load run per number")
     p.add_argument("--rows", type=int, default=16, help="rows per request")
-    p.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of a steady round (and of its in-process run)")
+    p.add_argument("--rounds", type=int, default=3, help="steady and in-process rounds per cell (medians reported)")
+    p.add_argument("--formats", default="json,arrow", help="request bodies to measure: json, arrow or both")
     p.add_argument("--max-batch-rows", type=int, default=512, help="the server's --max-batch-rows")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="the server's --max-wait-ms")
     p.add_argument("--json", type=Path, default=None, help="also write the measurements here")
@@ -58,98 +70,198 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.artifact is not None and args.data is None:
         raise ValueError("--artifact needs --data: logs of its feature spec to take request rows from")
-    if args.clients < 1 or args.rows < 1 or args.seconds <= 0:
-        raise ValueError("--clients and --rows must be >= 1 and --seconds > 0")
+    clients = [int(c) for c in str(args.clients).split(",")]
+    formats = [f.strip() for f in args.formats.split(",")]
+    if min(clients) < 1 or args.rows < 1 or args.rounds < 1 or args.seconds <= 0 or not set(formats) <= set(FORMATS):
+        raise ValueError("--clients, --rows and --rounds must be >= 1, --seconds > 0, --formats json and/or arrow")
     from hyrank.pipeline.serving.artifact import resolve
 
     with tempfile.TemporaryDirectory(prefix="hyrank-bench-serve-") as tmp:
         tmp = Path(tmp)
         if args.artifact is None:
-            print("making a tiny artifact (synthetic logs, one day on one rank, export) ...", flush=True)
-            made = make_artifact(tmp / "made")
+            print("making a model like the demo's (default.toml, 100k rows of generated logs, one day, export) ...",
+                  flush=True)
+            made = make_demo_artifact(tmp / "made")
             root, data = made.root, made.data
-        else:  # serve a copy, so that publishing the reload's version leaves the original root alone
+        else:  # serve a copy, so that publishing the reloads' versions leaves the original root alone
             version = resolve(args.artifact)
             root, data = tmp / "served", args.data
             shutil.copytree(version, root / "versions" / version.name)
             (root / "latest").write_text(version.name + "\n")
-        result = _measure(args, root, data, tmp / "server.log")
+        result = _measure(args, root, data, clients, formats, tmp / "server.log")
     _report(result, args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    return 0 if result["exit_code"] == 0 and result["swapped"] else 1
+    ok = result["exit_code"] == 0 and all(c["swapped"] for c in result["cells"])
+    return 0 if ok else 1
 
 
-def _measure(args: argparse.Namespace, root: Path, data: Path, log: Path) -> dict:
+def _measure(args: argparse.Namespace, root: Path, data: Path, clients: list[int], formats: list[str],
+             log: Path) -> dict:
+    from hyrank.pipeline.serving.artifact import Artifact
+
     options = ["--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms),
-               "--reload-poll-s", "0.5"]
+               "--reload-poll-s", "0.2", "--max-request-rows", str(max(1024, args.rows))]
+    load = [os.getloadavg()[0]]
+    cells = []
     with ServerProcess(root, log, *options) as server:
         server.wait_ready()
-        rows = request_rows(data, http_json(server.port, "GET", "/readyz")[1]["features"], args.clients * args.rows * 4)
-        bodies = [json.dumps({"rows": rows[i:i + args.rows]}).encode() for i in range(0, len(rows), args.rows)]
-        drive(server.port, bodies[:1], clients=1, seconds=0.5)  # the program's first calls are slower
-        steady = drive(server.port, bodies, clients=args.clients, seconds=args.seconds)
-        old = http_json(server.port, "GET", "/readyz")[1]["version"]
-        new = publish_copy(root, f"{old}-reload")
-        reload_ = drive(server.port, bodies, clients=args.clients, seconds=args.seconds, until_version=new)
-        metrics = http_text(server.port, "/metrics")
+        features = http_json(server.port, "GET", "/readyz")[1]["features"]
+        bodies = request_bodies(request_table(data, features, max(clients) * args.rows * 4), args.rows)
+        artifact = Artifact.load(root)  # the same weights as every version the reloads publish
+        for fmt in formats:
+            drive(server.port, bodies[fmt][:4], clients=1, seconds=0.5, arrow=fmt == "arrow")  # warm
+            for n in clients:
+                cell = _cell(server.port, root, artifact, bodies[fmt], fmt, n, args, len(cells))
+                cells.append(cell)
+                print(_row(cell, args.rows), flush=True)
         exit_code = server.stop()
-    batch_rows = _metric(metrics, "hyrank_batch_rows_sum") / max(1.0, _metric(metrics, "hyrank_batch_rows_count"))
-    eager = _in_process(root, rows, max(2, round(batch_rows)), args.seconds)
-    phases = {"steady": summarize(steady), "reload": summarize(reload_, new_version=new)}
-    return {"phases": phases, "mean_batch_rows": batch_rows, "in_process": eager, "exit_code": exit_code,
-            "old_version": old, "new_version": new, "swapped": phases["reload"]["rows_by_version"].get(new, 0) > 0}
+    load.append(os.getloadavg()[0])
+    return {"cells": cells, "exit_code": exit_code, "load_average_1min": load, "cpus": os.cpu_count(),
+            "version": artifact.version, "model": artifact.manifest["model"]}
 
 
-def _in_process(root: Path, rows: list[dict], batch: int, seconds: float) -> dict:
-    """Rows/s of the artifact called in this process on the same rows, in batches of `batch` rows: the program
-    alone on converted inputs, and the whole path from raw rows (Artifact.score_rows)."""
-    import torch
+def _cell(port: int, root: Path, artifact, bodies: list[bytes], fmt: str, clients: int, args: argparse.Namespace,
+          k: int) -> dict:
+    """One body form and number of clients: --rounds rounds of the steady phase, each followed by the in-process
+    run at that round's batch size (the machine's other work drifts: a ratio is taken within a round, and the
+    medians are reported), then the reload phase."""
+    arrow = fmt == "arrow"
+    rounds = []
+    for _ in range(args.rounds):
+        before = http_text(port, "/metrics")
+        steady = summarize(drive(port, bodies, clients=clients, seconds=args.seconds, arrow=arrow))
+        after = http_text(port, "/metrics")
+        batches = max(1.0, _metric(after, "hyrank_batch_rows_count") - _metric(before, "hyrank_batch_rows_count"))
+        steady["rows_per_batch"] = (_metric(after, "hyrank_batch_rows_sum") -
+                                    _metric(before, "hyrank_batch_rows_sum")) / batches
+        requests_per_batch = (_metric(after, "hyrank_batch_requests_sum") -
+                              _metric(before, "hyrank_batch_requests_sum")) / batches
+        steady["in_process"] = in_process(artifact, bodies, arrow, max(1, round(requests_per_batch)), args.seconds)
+        steady["ratio"] = steady["rows_per_s"] / steady["in_process"]["rows_per_s"]
+        rounds.append(steady)
+    old = http_json(port, "GET", "/readyz")[1]["version"]
+    new = f"{old.split('-reload')[0]}-reload{k + 1}"
+    published: list[float] = []
+    start = time.perf_counter()
 
-    from hyrank.pipeline.data.convert import BatchConverter
-    from hyrank.pipeline.serving.artifact import Artifact, model_inputs
+    def publish() -> None:
+        publish_copy(root, new)
+        published.append(time.perf_counter() - start)
 
-    artifact = Artifact.load(root)
-    batches = [rows[i:i + batch] for i in range(0, len(rows) - batch + 1, batch)] or [rows]
-    converter = BatchConverter(artifact.spec)
-    inputs = [model_inputs(converter(artifact.table_of(b))) for b in batches]
-    with torch.no_grad():
-        program = _rate(lambda i: artifact.program(*inputs[i % len(inputs)]), [len(b) for b in batches], seconds)
-    full = _rate(lambda i: artifact.score_rows(batches[i % len(batches)]), [len(b) for b in batches], seconds)
-    return {"batch_rows": batch, "program_rows_per_s": program, "full_path_rows_per_s": full}
+    timer = threading.Timer(0.5, publish)
+    timer.start()
+    reload_ = drive(port, bodies, clients=clients, seconds=1.0, until_version=new, arrow=arrow, start=start)
+    timer.join()
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    steady = {key: median(key) for key in ("rows_per_s", "p50_ms", "p99_ms", "ratio", "rows_per_batch")}
+    steady["errors"] = sum(r["errors"] for r in rounds)
+    return {"format": fmt, "clients": clients, "steady": steady, "rounds": rounds,
+            "in_process_rows_per_s": statistics.median(r["in_process"]["rows_per_s"] for r in rounds),
+            "reload": summarize_reload(reload_, published[0], new), "swapped": any(r[3] == new for r in reload_)}
 
 
-def _rate(call, sizes: list[int], seconds: float) -> float:
-    call(0)  # warm
+def request_bodies(table, per_request: int) -> dict[str, list[bytes]]:
+    """The same rows as JSON bodies and as Arrow IPC streams (the logs' own types, as a client reading them has)."""
+    import pyarrow as pa
+
+    slices = [table.slice(i, per_request) for i in range(0, table.num_rows - per_request + 1, per_request)]
+    return {"json": [json.dumps({"rows": t.to_pylist()}).encode() for t in slices],
+            "arrow": [_ipc(t, pa) for t in slices]}
+
+
+def _ipc(table, pa) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def in_process(artifact, bodies: list[bytes], arrow: bool, batch_requests: int, seconds: float) -> dict:
+    """Rows/s of the server's scoring path called directly on the same bodies, `batch_requests` bodies a batch:
+    decode each (bodies.decode_request), score them together (worker.LocalModel: the model process's
+    score_requests, here: validation, converter, program), encode each answer (bodies.answer); for at most
+    `seconds` and 2,000 batches."""
+    from hyrank.pipeline.serving.bodies import answer, decode_request
+    from hyrank.pipeline.serving.worker import LocalModel
+
+    model = LocalModel(artifact)
+
+    def batch(i: int) -> int:
+        chosen = [bodies[(i * batch_requests + j) % len(bodies)] for j in range(batch_requests)]
+        tables = [decode_request(b, arrow=arrow, rows=artifact.rows, max_rows=1 << 20) for b in chosen]
+        outcomes = model.score(tables)
+        assert all(o.probabilities is not None for o in outcomes), [o.problems or o.error for o in outcomes]
+        for o in outcomes:
+            answer(o, arrow=arrow)
+        return sum(t.num_rows for t in tables)
+
+    batch(0)  # warm
     done, i, start = 0, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds / 2:
-        call(i)
-        done += sizes[i % len(sizes)]
+    while time.perf_counter() - start < seconds and i < 2000:
+        done += batch(i)
         i += 1
-    return done / (time.perf_counter() - start)
+    return {"batch_requests": batch_requests, "rows_per_s": done / (time.perf_counter() - start)}
+
+
+def summarize_reload(records: list[tuple], published_s: float, new_version: str) -> dict:
+    """Latency of the requests in flight while the reload happened: between the publish and the first answer of
+    the new version (the poll, the load beside the serving model, the swap)."""
+    first_new = min((r[0] + r[1] for r in records if r[3] == new_version), default=None)
+    end = first_new if first_new is not None else max((r[0] + r[1] for r in records), default=published_s)
+    during = [r for r in records if r[0] < end and r[0] + r[1] > published_s]
+    s = summarize(during, new_version)
+    s["errors"] = sum(1 for r in records if r[2] != 200)  # over the whole phase
+    s["swap_after_s"] = None if first_new is None else first_new - published_s
+    return s
+
+
+def _row(c: dict, rows: int) -> str:
+    steady, reload_, local = c["steady"], c["reload"], c["in_process_rows_per_s"]
+    swap = "never" if reload_["swap_after_s"] is None else f"{reload_['swap_after_s']:.1f}"
+    return (f"{c['format']:<6}{c['clients']:>8}{rows:>6}{local:>12,.0f}{steady['rows_per_s']:>10,.0f}"
+            f"{steady['ratio']:>8.2f}{steady['rows_per_batch']:>8.0f}{steady['p50_ms']:>8.1f}"
+            f"{steady['p99_ms']:>8.1f}{reload_['p50_ms']:>8.1f}{reload_['p99_ms']:>8.1f}{swap:>7}"
+            f"{steady['errors'] + reload_['errors']:>7}")
+
+
+HEADER = (f"{'body':<6}{'clients':>8}{'rows':>6}{'in-process':>12}{'served':>10}{'ratio':>8}{'batch':>8}"
+          f"{'p50':>8}{'p99':>8}{'rl p50':>8}{'rl p99':>8}{'swap s':>7}{'errors':>7}")
 
 
 def _report(r: dict, args: argparse.Namespace) -> None:
-    print(f"{args.clients} clients x {args.rows} rows/request; server batches of up to {args.max_batch_rows} rows, "
-          f"{args.max_wait_ms:g} ms wait; mean batch {r['mean_batch_rows']:.1f} rows")
-    print(f"{'phase':<8}{'seconds':>8}{'requests':>10}{'req/s':>9}{'rows/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'errors':>8}  versions (rows)")
-    for name, p in r["phases"].items():
-        versions = ", ".join(f"{v}: {n}" for v, n in p["rows_by_version"].items())
-        print(f"{name:<8}{p['seconds']:>8.1f}{p['requests']:>10}{p['requests_per_s']:>9.0f}{p['rows_per_s']:>10.0f}"
-              f"{p['p50_ms']:>9.1f}{p['p99_ms']:>9.1f}{p['errors']:>8}  {versions}")
-    reload_ = r["phases"]["reload"]
-    if r["swapped"]:
-        print(f"reload: {r['new_version']} answered {reload_['swap_after_s']:.1f} s after it was published; "
-              f"{reload_['errors']} failed requests during the reload")
-    else:
-        print(f"reload: {r['new_version']} never answered: the swap did not happen")
-    e, served = r["in_process"], r["phases"]["steady"]["rows_per_s"]
-    print(f"in process, batches of {e['batch_rows']} rows: program {e['program_rows_per_s']:,.0f} rows/s, whole "
-          f"path from raw rows {e['full_path_rows_per_s']:,.0f} rows/s")
-    print(f"served / program: {served / e['program_rows_per_s']:.3f}; served / whole path in process: "
-          f"{served / e['full_path_rows_per_s']:.3f}")
+    print(f"model {r['model']['name']} {r['model'].get('options', {})} ({r['version']}); {r['cpus']} CPUs, load "
+          f"average {r['load_average_1min'][0]:.2f} before, {r['load_average_1min'][1]:.2f} after; server batches of "
+          f"up to {args.max_batch_rows} rows, {args.max_wait_ms:g} ms wait")
+    print(f"medians of {args.rounds} rounds of {args.seconds:g} s: rows/s in process and served, ratio = served / "
+          "in-process within a round, batch = mean rows per model call;")
+    print("p50/p99 ms steady, then during a hot reload (rl); swap s = publish to the new version's first answer")
+    print(HEADER)
+    for c in r["cells"]:
+        print(_row(c, args.rows))
     print(f"server exit code after SIGTERM: {r['exit_code']}")
+
+
+def make_demo_artifact(workdir: Path, *, rows_per_day: int = 100_000) -> Made:
+    """A model like the one the demo ships (scripts/demo.sh): jobs/configs/default.toml as it is, on generated logs
+    of the default generator at 100k rows a day; day 1 trained on one gloo rank forked from here, exported and
+    published by export_checkpoint (its parity gate included); day 2 is where request rows come from."""
+    from hyrank.pipeline.config import load_config
+    from hyrank.pipeline.data.synth import SynthConfig, generate_logs
+    from hyrank.pipeline.distributed.local import run_local
+    from hyrank.pipeline.serving.export import export_checkpoint
+
+    data, run_dir = workdir / "data", workdir / "run"
+    generate_logs(SynthConfig(rows_per_day=rows_per_day, num_days=2, seed=0), data)
+    cfg = load_config(ROOT / "jobs" / "configs" / "default.toml",
+                      [f'data.root="{data}"', f'out_dir="{run_dir}"', "train.tensorboard=false"])
+    run_local(_train_first_day, cfg, world_size=1)
+    checkpoints = run_dir / "checkpoints"
+    export_checkpoint(checkpoints / (checkpoints / "latest").read_text().strip(), workdir / "export")
+    return Made(workdir / "export", data)
 
 
 # -- helpers shared with tests/test_serve.py -----------------------------------------------------------------------
@@ -212,13 +324,19 @@ def publish_copy(root: Path, version: str) -> str:
 
 def request_rows(data: Path, features: list[str], n: int) -> list[dict]:
     """`n` request rows (the features of the last day's first rows; repeated if the day has fewer)."""
+    return request_table(data, features, n).to_pylist()
+
+
+def request_table(data: Path, features: list[str], n: int):
+    """request_rows as the Arrow table the logs hold them in."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from hyrank.pipeline.data.days import discover_days
 
     day = discover_days(data)[-1]
-    rows = pq.read_table(day.files[0], columns=features).slice(0, n).to_pylist()
-    return (rows * (n // len(rows) + 1))[:n]
+    table = pq.read_table(day.files[0], columns=features).slice(0, n)
+    return pa.concat_tables([table] * (n // table.num_rows + 1)).slice(0, n).combine_chunks()
 
 
 def free_port() -> int:
@@ -291,14 +409,17 @@ def http_text(port: int, path: str) -> str:
 
 
 def drive(port: int, bodies: list[bytes], *, clients: int, seconds: float, until_version: str | None = None,
-          max_seconds: float = 120.0) -> list[tuple]:
+          max_seconds: float = 120.0, max_requests: int = 100_000, arrow: bool = False,
+          start: float | None = None) -> list[tuple]:
     """`clients` threads post `bodies` in turn for `seconds` (with until_version: until that version has answered
-    for `seconds`; at most max_seconds). Records (start offset s, latency s, status, version, rows), status 0 for
-    a transport failure."""
+    for `seconds`; at most max_seconds, and max_requests per client), as Arrow IPC streams asking for Arrow answers
+    when `arrow`. Records (start offset s from `start` (default: now), latency s, status, version, rows), status 0
+    for a transport failure."""
     records: list[tuple] = []
     lock = threading.Lock()
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     first_new: list[float] = []
+    headers = {"content-type": ARROW, "accept": ARROW} if arrow else {"content-type": "application/json"}
 
     def done() -> bool:
         now = time.perf_counter() - start
@@ -310,17 +431,16 @@ def drive(port: int, bodies: list[bytes], *, clients: int, seconds: float, until
 
     def client(k: int) -> None:
         conn, mine, i = http.client.HTTPConnection("127.0.0.1", port, timeout=60), [], k
-        while not done():
+        while not done() and i - k < max_requests:
             body = bodies[i % len(bodies)]
             i += 1
             t0 = time.perf_counter()
             try:
-                status, payload = http_json(port, "POST", "/score", body, conn)
+                status, version, rows = _post(conn, body, headers)
             except (OSError, http.client.HTTPException, ValueError):
                 conn.close()
-                conn, status, payload = http.client.HTTPConnection("127.0.0.1", port, timeout=60), 0, {}
-            version = payload.get("version")
-            mine.append((t0 - start, time.perf_counter() - t0, status, version, len(payload.get("probabilities", ()))))
+                conn, status, version, rows = http.client.HTTPConnection("127.0.0.1", port, timeout=60), 0, None, 0
+            mine.append((t0 - start, time.perf_counter() - t0, status, version, rows))
             if version == until_version and not first_new:
                 with lock:
                     first_new.append(time.perf_counter() - start)
@@ -334,6 +454,21 @@ def drive(port: int, bodies: list[bytes], *, clients: int, seconds: float, until
     for t in threads:
         t.join()
     return sorted(records)
+
+
+def _post(conn: http.client.HTTPConnection, body: bytes, headers: dict) -> tuple[int, str | None, int]:
+    """(status, version, rows scored) of one POST /score on a kept-alive connection."""
+    conn.request("POST", "/score", body=body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    if response.status != 200:
+        return response.status, None, 0
+    if response.getheader("content-type") == ARROW:
+        import pyarrow as pa
+
+        return 200, response.getheader("x-hyrank-version"), pa.ipc.open_stream(data).read_all().num_rows
+    payload = json.loads(data)
+    return 200, payload["version"], len(payload["probabilities"])
 
 
 def summarize(records: list[tuple], new_version: str | None = None) -> dict:

@@ -33,6 +33,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "without the rest being read")
     p.add_argument("--reload-poll-s", type=float, default=5.0,
                    help="read `latest` this often and hot-swap a new version in (0: never)")
+    p.add_argument("--reload-nice", type=int, default=19,
+                   help="how much lower the CPU priority of loading a new version is than scoring's (0-19): the "
+                   "load takes the CPU scoring leaves")
+    p.add_argument("--model-threads", type=int, default=1,
+                   help="torch's CPU threads in the model process (the HTTP process needs a core of its own)")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, how long the requests in flight may take to finish")
 
@@ -40,11 +45,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> int:
     """Serve a published model over HTTP: micro-batched scoring, hot reload of `latest`, graceful drain.
 
-    POST /score {"rows": [{feature: value, ...}, ...]} -> {"probabilities": [...], "version": "..."}; a bad request
-    gets a 400 naming each bad row and field, a body over --max-body-bytes a 413 (before it is read). GET /healthz,
-    /readyz (503 until a model is loaded), /metrics (Prometheus). Rows are checked and converted by the training
-    code path, so the server scores exactly what training read. A new version published under the root is loaded
-    beside the serving one and swapped in between two batches; SIGTERM drains the requests in flight and exits 0.
+    POST /score {"rows": [{feature: value, ...}, ...]} -> {"probabilities": [...], "version": "..."}, or the rows
+    as an Arrow IPC stream (content-type application/vnd.apache.arrow.stream; the answer in one with that Accept);
+    a bad request gets a 400 naming each bad row and field, a body over --max-body-bytes a 413 (before it is
+    read). GET /healthz, /readyz (503 until a model is loaded), /metrics (Prometheus). Rows are checked and
+    converted by the training code path, so the server scores exactly what training read; the model scores in a
+    process of its own. A new version published under the root is loaded beside the serving one (at a lower CPU
+    priority) and swapped in between two batches; SIGTERM drains the requests in flight and exits 0.
 
     Examples:
       hyrank serve --artifact exports/default --port 8080
@@ -57,6 +64,7 @@ def serve(args: argparse.Namespace) -> int:
     return run_server(ServeOptions(args.artifact, host=args.host, port=args.port, max_batch_rows=args.max_batch_rows,
                               max_wait_ms=args.max_wait_ms, max_request_rows=args.max_request_rows,
                               max_body_bytes=args.max_body_bytes, reload_poll_s=args.reload_poll_s,
+                              reload_nice=args.reload_nice, model_threads=args.model_threads,
                               drain_timeout_s=args.drain_timeout_s))
 
 

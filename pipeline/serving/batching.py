@@ -1,22 +1,22 @@
 """Micro-batching for the scoring server: one asyncio queue feeding one model thread.
 
-    batcher = MicroBatcher(lambda: slot.artifact, max_batch_rows=512, max_wait_ms=2)
+    batcher = MicroBatcher(lambda: slot.model, max_batch_rows=512, max_wait_ms=2)
     await batcher.start()                           # in the server's event loop
-    outcome = await batcher.submit(rows)            # -> Outcome(probabilities, version) or Outcome(problems=[...])
+    outcome = await batcher.submit(table, rows)     # a request decoded by RowSchema `rows` (pipeline/serving/rows.py)
+                                                    # -> Outcome(probabilities, version) or Outcome(problems=[...])
     await batcher.close()                           # after the last request: stops the loop and the model thread
 
 Requests wait in the queue; the batcher takes the oldest and keeps adding whole requests until the batch holds
 `max_batch_rows` rows or the oldest has waited `max_wait_ms`, then hands the batch to the model thread and, while
-that thread scores it, gathers the next one (so under load the wait costs nothing: batches fill while the model
-works). Every model call happens on that one thread: an exported program called from many threads has deadlocked
-in other stacks, and one thread keeps the CPU threads of torch for the model.
+that thread has it scored, gathers the next one (so under load the wait costs nothing: batches fill while the model
+works). The model thread hands each batch to the model (pipeline/serving/worker.py: a model process, or an artifact
+in this process) and waits for its outcomes, so one batch at a time reaches the model.
 
-In the model thread, a batch is scored against one artifact (read once per batch: a hot reload swaps between
-batches, never inside one). The batch's rows are checked first (the artifact's Arrow conversion, then the
-training reader's row validation: one pass over the whole batch, each problem given to its own request in that
-request's row numbers), so a bad row fails its own request with the row and field named, never the others of its
-batch; the good requests' rows are scored in one program call, and each request gets its slice back. Should the batched call itself fail, every request of the batch is retried alone, so one
-request the model cannot score takes down nobody else's.
+The model is read once per batch (a hot reload swaps between batches, never inside one); it validates the batch's
+rows in one pass, gives each problem to its own request in that request's row numbers, and scores the good
+requests in one program call (worker.score_requests). Requests arrive decoded into tables of the training types
+by the RowSchema of the model serving when they came; one decoded for another schema than the model's (a reload
+to a version whose feature spec differs swapped in while it waited) gets a 503 to retry, never a wrong score.
 """
 
 from __future__ import annotations
@@ -26,33 +26,36 @@ import collections
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 
-import numpy as np
 import pyarrow as pa
 
-from hyrank.pipeline.serving.artifact import Artifact, BadRows
+from hyrank.pipeline.serving.rows import RowSchema
+from hyrank.pipeline.serving.worker import ModelGone, ModelRetired, Outcome
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Outcome:
-    """What one request gets back: probabilities and the version that scored them, or why not."""
+class Model(Protocol):
+    """What the batcher scores with: worker.ModelProcess, or worker.LocalModel."""
 
-    probabilities: list[float] | None = None
-    version: str | None = None
-    problems: list[str] = field(default_factory=list)  # the request's own fault (HTTP 400)
-    error: str | None = None  # the server's fault (HTTP 500), or no model loaded (503)
-    unavailable: bool = False
+    rows: RowSchema
+    version: str
+
+    def score(self, tables: list[pa.Table]) -> list[Outcome]: ...
 
 
 @dataclass
 class _Pending:
-    rows: list[Any]
+    table: pa.Table
+    rows: RowSchema  # the one it was decoded by
     future: asyncio.Future
     received: float  # loop.time() when the request was queued
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
 
 
 class Overloaded(RuntimeError):
@@ -62,9 +65,9 @@ class Overloaded(RuntimeError):
 class MicroBatcher:
     """Requests in, one model thread, each request's slice out (see the module docstring)."""
 
-    def __init__(self, current: Callable[[], Artifact | None], *, max_batch_rows: int = 512, max_wait_ms: float = 2.0,
+    def __init__(self, current: Callable[[], Model | None], *, max_batch_rows: int = 512, max_wait_ms: float = 2.0,
                  max_queued_rows: int = 0, on_batch: Callable[[int, int], None] | None = None):
-        """`current`: the artifact to score the next batch with (None: no model yet). `max_queued_rows`: beyond
+        """`current`: the model to score the next batch with (None: no model yet). `max_queued_rows`: beyond
         this many rows waiting, submit raises Overloaded (0: 64 batches). `on_batch(requests, rows)`: called in
         the event loop after each batch (metrics)."""
         if max_batch_rows < 1 or max_wait_ms < 0:
@@ -87,16 +90,16 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hyrank-batcher")
 
-    async def submit(self, rows: list[Any]) -> Outcome:
-        """Queue one request's rows and wait for its outcome."""
+    async def submit(self, table: pa.Table, rows: RowSchema) -> Outcome:
+        """Queue one request (its table, decoded by `rows`) and wait for its outcome."""
         if self._task is None or self._task.done():
             raise RuntimeError("the batcher is not running")
-        if self._queued_rows + len(rows) > self.max_queued_rows and self._queue:
+        if self._queued_rows + table.num_rows > self.max_queued_rows and self._queue:
             raise Overloaded(f"{self._queued_rows} rows are already waiting (limit {self.max_queued_rows})")
         loop = asyncio.get_running_loop()
-        pending = _Pending(rows, loop.create_future(), loop.time())
+        pending = _Pending(table, rows, loop.create_future(), loop.time())
         self._queue.append(pending)
-        self._queued_rows += len(rows)
+        self._queued_rows += table.num_rows
         self._arrived.set()
         return await pending.future
 
@@ -117,9 +120,9 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch(loop)
-            rows = sum(len(p.rows) for p in batch)
+            rows = sum(p.num_rows for p in batch)
             try:
-                outcomes = await loop.run_in_executor(self._model_thread, self._score_batch, [p.rows for p in batch])
+                outcomes = await loop.run_in_executor(self._model_thread, self._score_batch, batch)
             except Exception as e:  # noqa: BLE001 - _score_batch catches per request; this is a last resort
                 log.exception("scoring a batch of %d requests failed", len(batch))
                 outcomes = [Outcome(error=f"{type(e).__name__}: {e}") for _ in batch]
@@ -137,14 +140,14 @@ class MicroBatcher:
             self._arrived.clear()
             await self._arrived.wait()
         batch = [self._take()]
-        rows = len(batch[0].rows)
+        rows = batch[0].num_rows
         deadline = batch[0].received + self.max_wait_s
         while rows < self.max_batch_rows:
             if self._queue:
-                if rows + len(self._queue[0].rows) > self.max_batch_rows:
+                if rows + self._queue[0].num_rows > self.max_batch_rows:
                     break
                 batch.append(self._take())
-                rows += len(batch[-1].rows)
+                rows += batch[-1].num_rows
                 continue
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -158,67 +161,35 @@ class MicroBatcher:
 
     def _take(self) -> _Pending:
         pending = self._queue.popleft()
-        self._queued_rows -= len(pending.rows)
+        self._queued_rows -= pending.num_rows
         return pending
 
-    def _score_batch(self, requests: list[list[Any]]) -> list[Outcome]:
-        """In the model thread: one artifact for the whole batch, each request's problems its own, the good
-        requests scored together."""
-        artifact = self.current()
-        if artifact is None:
-            return [Outcome(error="no model is loaded yet", unavailable=True) for _ in requests]
-        problems, table, good = check_requests(artifact, requests)
-        outcomes = [Outcome(problems=p) for p in problems]
-        if not good:
-            return outcomes
-        try:
-            probs = artifact.score_table(table)
-        except Exception:  # noqa: BLE001 - find the request the model cannot score: each alone
-            log.exception("a batch of %d requests failed; scoring each alone", len(good))
-            for i in good:
-                try:
-                    outcomes[i] = Outcome(artifact.score_table(artifact.table_of(requests[i])).tolist(), artifact.version)
-                except Exception as e:  # noqa: BLE001
-                    outcomes[i] = Outcome(error=f"{type(e).__name__}: {e}")
-            return outcomes
-        start = 0
-        for i in good:
-            n = len(requests[i])
-            outcomes[i] = Outcome(probs[start:start + n].tolist(), artifact.version)
-            start += n
-        return outcomes
-
-
-def check_requests(artifact: Artifact, requests: list[list[Any]]) -> tuple[list[list[str]], pa.Table | None,
-                                                                             list[int]]:
-    """Each request's rows checked as the training reader checks rows, the problems of each named in its own row
-    numbers: (problems per request, one Arrow table of the good requests' rows in order, the good requests'
-    indices). One conversion and one validation pass over the whole batch; a request whose rows do not convert
-    (a missing, unknown or ill-typed field) is found by converting each request alone."""
-    problems: list[list[str]] = [[] for _ in requests]
-    try:
-        tables = [artifact.table_of([row for rows in requests for row in rows])]
-        converted = list(range(len(requests)))
-    except BadRows:
-        tables, converted = [], []
-        for i, rows in enumerate(requests):
+    def _score_batch(self, batch: list[_Pending]) -> list[Outcome]:
+        """In the model thread: one model for the whole batch (the requests decoded for its schema)."""
+        for _ in range(3):  # a reload may retire the model read here before the batch reaches it: read it again
+            model = self.current()
+            if model is None:
+                return [Outcome(error="no model is loaded yet", unavailable=True) for _ in batch]
             try:
-                tables.append(artifact.table_of(rows))
-                converted.append(i)
-            except BadRows as e:
-                problems[i] = e.problems
-    if not converted:
-        return problems, None, []
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    bad = artifact.bad_rows(table)
-    if not bad:
-        return problems, table, converted
-    starts = np.cumsum([0] + [len(requests[i]) for i in converted])
-    keep = np.ones(table.num_rows, dtype=bool)
-    for r, why in bad.items():
-        k = int(np.searchsorted(starts, r, side="right")) - 1
-        problems[converted[k]].append(f"row {r - starts[k]}: {why}")
-    good = [i for i in converted if not problems[i]]
-    for k, i in enumerate(converted):
-        keep[starts[k]:starts[k + 1]] = not problems[i]
-    return problems, table.filter(pa.array(keep)) if good else None, good
+                return self._score_with(model, batch)
+            except ModelRetired:
+                continue
+        return [Outcome(error="the model was replaced while scoring; send the request again", unavailable=True)
+                for _ in batch]
+
+    def _score_with(self, model: Model, batch: list[_Pending]) -> list[Outcome]:
+        outcomes = [Outcome(error=f"the model was replaced by {model.version}, which reads other columns or "
+                            "types, while the request waited: send it again", unavailable=True)
+                    if p.rows is not model.rows and p.rows.schema != model.rows.schema else None for p in batch]
+        fit = [k for k, o in enumerate(outcomes) if o is None]
+        if fit:
+            try:
+                scored = model.score([batch[k].table for k in fit])
+            except ModelRetired:
+                raise
+            except ModelGone as e:  # the slot starts it again; meanwhile, retry later
+                log.error("%s", e)
+                scored = [Outcome(error=str(e), unavailable=True) for _ in fit]
+            for k, outcome in zip(fit, scored):
+                outcomes[k] = outcome
+        return outcomes

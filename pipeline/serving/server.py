@@ -8,18 +8,21 @@
     serve(options)                                                   # blocks; returns 0 after a drained SIGTERM
 
 Endpoints:
-  POST /score    {"rows": [{feature: value, ...}, ...]} -> 200 {"probabilities": [...], "version": "..."}.
-                 A row carries the artifact's features (Artifact.features: the spec's columns but the label, query
-                 id and oracle), in the JSON form of the training types (ids as numbers, string ids as strings,
-                 lists as arrays). Rows go through the training path (pipeline/serving/artifact.py), so a request
-                 is scored exactly as training read its logs. 400 {"error": "bad request", "problems": [...]} names
-                 each bad row and field ("row 3: field 'user_id': negative_id"): malformed JSON (nested too
-                 deeply too), not an object, a missing, unknown or ill-typed field, an over-long list, more than
-                 --max-request-rows rows. 413: a body over --max-body-bytes, refused from its Content-Length
-                 before it is read, or as soon as a chunked body passes the limit (the rest is never read; the
-                 connection is closed). 503: no model loaded yet, or more rows queued than the server admits
-                 (Retry-After). 500: the model failed on rows validation passed, or a bug of the server (logged
-                 with its traceback, counted in /metrics like every other answer).
+  POST /score    {"rows": [{feature: value, ...}, ...]} -> 200 {"probabilities": [...], "version": "..."}, or the
+                 same rows as an Arrow IPC stream (content-type application/vnd.apache.arrow.stream; answered in
+                 one when Accept asks: pipeline/serving/bodies.py). A row carries the artifact's features (the
+                 spec's columns but the label, query id and oracle), in the JSON form of the training types (ids as
+                 numbers, string ids as strings, lists as arrays) or in Arrow types training accepts for them. Rows
+                 go through the training path (pipeline/serving/rows.py, then the model process), so a request is
+                 scored exactly as training read its logs. 400 {"error": "bad request", "problems": [...]} names
+                 each bad row and field ("row 3: field 'user_id': negative_id") or column: a body that does not
+                 parse (JSON nested too deeply too), not an object, a missing, unknown or ill-typed field or
+                 column, an over-long list, more than --max-request-rows rows. 413: a body over --max-body-bytes,
+                 refused from its Content-Length before it is read, or as soon as a chunked body passes the limit
+                 (the rest is never read; the connection is closed). 503: no model loaded yet, the model process
+                 being restarted, or more rows queued than the server admits (Retry-After). 500: the model failed
+                 on rows validation passed, or a bug of the server (logged with its traceback, counted in /metrics
+                 like every other answer).
   GET /healthz   200 {"status": "alive"}: the process serves HTTP.
   GET /readyz    200 {"status": "ready", "version": ...} once a model is loaded, else 503 {"status": "loading"}.
   GET /metrics   prometheus_client's exposition of the server's own registry (Prometheus text, or OpenMetrics when
@@ -30,21 +33,26 @@ Endpoints:
                  hyrank_model_reloads_total{result: ok, failed}; counters and histograms also have the library's
                  *_created series.
 
-Batching (pipeline/serving/batching.py): one asyncio queue feeding one model thread; concurrent requests are
-scored together, each gets its own slice back, and a bad request never fails the others of its batch.
+Two processes: this one (HTTP, decoding each request into Arrow in the event loop, batching) and a model process
+(pipeline/serving/worker.py: validation, conversion and the exported program), so that the program never waits
+for the GIL behind HTTP parsing, and both use a core. Batching (pipeline/serving/batching.py): one asyncio queue
+feeding one model thread, which hands each batch to the model process; concurrent requests are scored together,
+each gets its own slice back, and a bad request never fails the others of its batch.
 
-Loading and hot reload: the server listens at once and loads the model in a loader thread (/readyz says when it
-is ready; a publish root with no `latest` yet is waited for). Every --reload-poll-s seconds it reads `latest`;
-when it names another version (or its folder's manifest changed: export never rewrites a version, a hand copy
-may), the new artifact is loaded in the loader thread beside the one serving, which keeps scoring meanwhile; then
-one reference assignment swaps it in. The model thread reads that reference once per batch, so the swap falls
-between two batches: no request fails or waits for a load, and every response names the version that scored it. A
-version that fails to load (damaged files), or a `latest` that names no version (found on two polls in a row), is
-logged once and counted as a failed reload, and the old one keeps serving.
+Loading and hot reload: the server listens at once and starts a model process for the version `latest` names
+(/readyz says when it is ready; a publish root with no `latest` yet is waited for). Every --reload-poll-s seconds it
+reads `latest`; when it names another version (or its folder's manifest changed: export never rewrites a version, a
+hand copy may), a new model process loads it beside the one serving, at a lower CPU priority (--reload-nice), and
+warms it up; then one reference assignment swaps it in and the old process exits once its batch in flight is
+answered. The model thread reads that reference once per batch, so the swap falls between two batches: no request
+fails or waits for a load, and every response names the version that scored it. A version that fails to load
+(damaged files), or a `latest` that names no version (found on two polls in a row), is logged once and counted as a
+failed reload, and the old one keeps serving. A model process that dies is logged, counted as a failed reload and
+started again (its requests meanwhile get 503s).
 
 Shutdown: SIGTERM (or SIGINT) closes the listening socket, lets every request already received finish (uvicorn's
-graceful shutdown, up to --drain-timeout-s; the batcher keeps scoring meanwhile), then stops the batcher and the
-model thread and exits 0.
+graceful shutdown, up to --drain-timeout-s; the batcher keeps scoring meanwhile), then stops the batcher, the
+model thread and the model process, and exits 0.
 
 Never imports pipeline.train: a serving process holds the artifact and the data path only (tests/test_layering.py
 and tests/test_serve.py check it).
@@ -53,7 +61,7 @@ and tests/test_serve.py check it).
 from __future__ import annotations
 
 import asyncio
-import json
+import gc
 import logging
 import signal
 import time
@@ -70,8 +78,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from starlette.requests import ClientDisconnect
 
-from hyrank.pipeline.serving.artifact import MANIFEST, Artifact, NoSuchVersion, resolve
+from hyrank.pipeline.serving.artifact import MANIFEST, NoSuchVersion, resolve
 from hyrank.pipeline.serving.batching import MicroBatcher, Overloaded
+from hyrank.pipeline.serving.bodies import ARROW_STREAM, NoModel, answer, decode_request, is_arrow
+from hyrank.pipeline.serving.rows import BadRows
+from hyrank.pipeline.serving.worker import ModelLoadError, ModelProcess
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +100,19 @@ class ServeOptions:
     # so no request can make the server hold more than this (the issue: 300 MB read whole, 0.9 GB more RSS)
     max_body_bytes: int = 8 * 1024 * 1024
     reload_poll_s: float = 5.0  # how often `latest` is read (0: load once, never reload)
+    reload_nice: int = 19  # how much lower the CPU priority of loading a new version is than scoring's (worker.py)
+    # torch's threads in the model process: the HTTP process needs a core too, and torch's OpenMP threads spin on
+    # a shared core (on 2 cores with 2 threads, 8 clients x 16 rows got 17 requests/s, with 1 thread 310)
+    model_threads: int = 1
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
 
     def __post_init__(self) -> None:
         self.artifact = Path(self.artifact)
-        for name in ("max_batch_rows", "max_request_rows", "max_body_bytes"):
+        for name in ("max_batch_rows", "max_request_rows", "max_body_bytes", "model_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.reload_nice <= 19:
+            raise ValueError(f"reload_nice must be in 0..19, got {self.reload_nice}")
         for name in ("max_wait_ms", "reload_poll_s", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -105,18 +122,18 @@ class ServeOptions:
 
 
 class ModelSlot:
-    """The artifact being served, and the loading of the next one beside it (in the loader thread)."""
+    """The model process serving, and the starting of the next one beside it (from the loader thread)."""
 
-    def __init__(self, source: Path, metrics: Metrics):
-        self.source, self.metrics = source, metrics
-        self.artifact: Artifact | None = None  # read once per batch by the model thread; replaced, never mutated
-        self._loaded: tuple | None = None  # (version folder, manifest mtime) of the artifact serving
+    def __init__(self, source: Path, metrics: Metrics, *, reload_nice: int = 19, model_threads: int = 1):
+        self.source, self.metrics, self.reload_nice, self.model_threads = source, metrics, reload_nice, model_threads
+        self.model: ModelProcess | None = None  # read once per batch by the model thread; replaced, never mutated
+        self._loaded: tuple | None = None  # (version folder, manifest mtime) of the model serving
         self._failed: tuple | None = None  # ... of the last one that failed to load: not retried until it changes
         self._waiting_logged = False
         self._dangling: tuple[str | None, int] = (None, 0)  # what `latest` named that is not there, polls in a row
 
     def refresh(self) -> bool:
-        """Load the version `latest` names if it is not the one serving; True if a new one was swapped in."""
+        """Start the version `latest` names if it is not the one serving; True if a new one was swapped in."""
         try:
             path = resolve(self.source)
             key = (path, (path / MANIFEST).stat().st_mtime_ns)
@@ -124,29 +141,55 @@ class ModelSlot:
             self._dangling_pointer(e)
             return False
         except FileNotFoundError as e:  # no `latest` yet, or a folder removed by hand after resolve saw it
-            if self.artifact is None and not self._waiting_logged:
+            if self.model is None and not self._waiting_logged:
                 log.warning("no model to serve yet (%s); waiting for one to be published", e)
                 self._waiting_logged = True
             return False
         self._dangling = (None, 0)
+        if self.model is not None and not self.model.alive:
+            self._lost()
         if key in (self._loaded, self._failed):
             return False
+        return self._start(path, key)
+
+    def revive(self) -> bool:
+        """Without following `latest` (--reload-poll-s 0): start the version serving again if its process died."""
+        if self.model is None or self.model.alive:
+            return False
+        path, key = self.model.path, self._loaded
+        self._lost()
+        return self._start(path, key)
+
+    def _lost(self) -> None:
+        log.error("the model process of %s exited (code %s); starting it again", self.model.version,
+                  self.model.process.poll())
+        self.metrics.reload(ok=False)
+        self._loaded = None
+
+    def _start(self, path: Path, key: tuple) -> bool:
         start = time.perf_counter()
-        try:
-            artifact = Artifact.load(path)
-        except Exception:  # noqa: BLE001 - damaged or half-written: keep serving what serves
+        previous = self.model if self.model is not None and self.model.alive else None
+        try:  # a reload beside a serving model loads at a lower priority: it takes the CPU scoring leaves
+            model = ModelProcess.start(path, nice=self.reload_nice if previous is not None else 0,
+                                       threads=self.model_threads)
+        except ModelLoadError as e:  # damaged or half-written: keep serving what serves
             self._failed = key
             self.metrics.reload(ok=False)
-            log.exception("could not load %s; still serving %s", path,
-                          self.artifact.version if self.artifact else "nothing")
+            log.error("could not load %s (%s); still serving %s", path, e,
+                      previous.version if previous else "nothing")
             return False
-        previous = self.artifact
-        self.artifact, self._loaded = artifact, key  # the swap: the next batch scores with the new version
+        old = self.model
+        self.model, self._loaded = model, key  # the swap: the next batch is scored by the new version
         self.metrics.reload(ok=True)
-        log.info("serving %s from %s (loaded in %.1f s; was %s)", artifact.version, path,
-                 time.perf_counter() - start, previous.version if previous else "nothing")
+        log.info("serving %s from %s (loaded in %.1f s; was %s)", model.version, path, time.perf_counter() - start,
+                 old.version if old else "nothing")
+        if old is not None:
+            old.close()  # once its batch in flight, if any, is answered
         return True
 
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.close()
 
     def _dangling_pointer(self, e: NoSuchVersion) -> None:
         """Log and count a `latest` that names no version once (not at every poll), when two polls in a row find
@@ -156,16 +199,15 @@ class ModelSlot:
         self._dangling = (e.name, polls)
         if polls == 2:
             self.metrics.reload(ok=False)
-            log.error("%s; still serving %s", e, self.artifact.version if self.artifact else "nothing")
+            log.error("%s; still serving %s", e, self.model.version if self.model else "nothing")
 
 
 async def _follow(slot: ModelSlot, poll_s: float, loader: ThreadPoolExecutor) -> None:
-    """Load the first model, then follow `latest` every poll_s seconds (until one is loaded when poll_s is 0)."""
+    """Start the first model, then follow `latest` every poll_s seconds (with poll_s 0: keep the one loaded, and
+    start it again should its process die)."""
     loop = asyncio.get_running_loop()
     while True:
-        await loop.run_in_executor(loader, slot.refresh)
-        if poll_s == 0 and slot.artifact is not None:
-            return
+        await loop.run_in_executor(loader, slot.refresh if poll_s or slot.model is None else slot.revive)
         await asyncio.sleep(poll_s or 1.0)
 
 
@@ -228,13 +270,13 @@ class _Holding:
         self.slot, self.batcher = slot, batcher
 
     def collect(self):
-        artifact = self.slot.artifact
+        model = self.slot.model
         yield GaugeMetricFamily("hyrank_queued_rows", "rows waiting for the model thread",
                                 value=self.batcher.queued_rows)
-        yield GaugeMetricFamily("hyrank_model_loaded", "1 once a model serves", value=int(artifact is not None))
+        yield GaugeMetricFamily("hyrank_model_loaded", "1 once a model serves", value=int(model is not None))
         info = GaugeMetricFamily("hyrank_model_info", "the model version serving (1)", labels=["version"])
-        if artifact is not None:
-            info.add_metric([artifact.version], 1)
+        if model is not None:
+            info.add_metric([model.version], 1)
         yield info
 
 
@@ -244,14 +286,18 @@ class _Holding:
 def make_app(options: ServeOptions) -> FastAPI:
     """The ASGI app: endpoints, batcher, loader; its lifespan starts and stops them (see the module docstring)."""
     metrics = Metrics()
-    slot = ModelSlot(options.artifact, metrics)
-    batcher = MicroBatcher(lambda: slot.artifact, max_batch_rows=options.max_batch_rows,
+    slot = ModelSlot(options.artifact, metrics, reload_nice=options.reload_nice, model_threads=options.model_threads)
+    batcher = MicroBatcher(lambda: slot.model, max_batch_rows=options.max_batch_rows,
                            max_wait_ms=options.max_wait_ms, on_batch=metrics.batch)
     metrics.watch(slot, batcher)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hyrank-loader")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # the imports (FastAPI, pyarrow, torch through the data path) leave ~370k objects, which each full pass of
+        # the garbage collector would walk with the event loop stopped (0.5 s on 2 busy cores): out of its way
+        gc.collect()
+        gc.freeze()
         await batcher.start()
         follower = asyncio.get_running_loop().create_task(_follow(slot, options.reload_poll_s, loader))
         try:
@@ -259,13 +305,14 @@ def make_app(options: ServeOptions) -> FastAPI:
         finally:  # uvicorn has drained the requests in flight by now
             follower.cancel()
             await batcher.close()
-            loader.shutdown(wait=False, cancel_futures=True)
+            loader.shutdown(wait=True, cancel_futures=True)  # a model process being started is waited for
+            slot.close()
 
     app = FastAPI(title="hyrank scoring", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.slot, app.state.metrics = slot, metrics
 
     @app.post("/score")
-    async def score(request: Request) -> JSONResponse:
+    async def score(request: Request) -> Response:
         start = time.perf_counter()
         try:
             response, rows = await _score(request)
@@ -275,23 +322,20 @@ def make_app(options: ServeOptions) -> FastAPI:
         metrics.request(response.status_code, time.perf_counter() - start, rows)
         return response
 
-    async def _score(request: Request) -> tuple[JSONResponse, int]:
+    async def _score(request: Request) -> tuple[Response, int]:
         body = await read_body(request, options.max_body_bytes)
-        if isinstance(body, JSONResponse):
+        if isinstance(body, Response):
             return body, 0
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _bad([f"body: not JSON ({e})"]), 0
-        except RecursionError:  # '[' * 100000: json's parser recurses once per level and gives up at Python's limit
-            return _bad(["body: not JSON (nested too deeply)"]), 0
-        problems = request_problems(payload, options.max_request_rows)
-        if problems:
-            return _bad(problems), 0
-        if slot.artifact is None:
+        model = slot.model
+        try:  # in the event loop: the model process scores meanwhile (worker.py)
+            table = decode_request(body, arrow=is_arrow(request.headers.get("content-type")),
+                                   rows=model.rows if model else None, max_rows=options.max_request_rows)
+        except BadRows as e:
+            return _bad(e.problems), 0
+        except NoModel:
             return _unavailable("no model is loaded yet"), 0
         try:
-            outcome = await batcher.submit(payload["rows"])
+            outcome = await batcher.submit(table, model.rows)
         except Overloaded as e:
             return _unavailable(f"overloaded: {e}"), 0
         if outcome.problems:
@@ -300,7 +344,7 @@ def make_app(options: ServeOptions) -> FastAPI:
             return _unavailable(outcome.error), 0
         if outcome.error:
             return JSONResponse({"error": outcome.error}, status_code=500), 0
-        return JSONResponse({"probabilities": outcome.probabilities, "version": outcome.version}), \
+        return answer(outcome, arrow=ARROW_STREAM in request.headers.get("accept", "").lower()), \
             len(outcome.probabilities)
 
     @app.get("/healthz")
@@ -309,10 +353,10 @@ def make_app(options: ServeOptions) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        artifact = slot.artifact
-        if artifact is None:
+        model = slot.model
+        if model is None:
             return JSONResponse({"status": "loading", "artifact": str(options.artifact)}, status_code=503)
-        return JSONResponse({"status": "ready", "version": artifact.version, "features": artifact.features})
+        return JSONResponse({"status": "ready", "version": model.version, "features": model.rows.features})
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
@@ -345,29 +389,6 @@ def _too_large(what: str, max_bytes: int) -> JSONResponse:
     # throwing away) the rest of a body this large to reach the next request on it
     return JSONResponse({"error": f"request body too large: {what}, over the {max_bytes} bytes a request may hold "
                          "(hyrank serve --max-body-bytes)"}, status_code=413, headers={"Connection": "close"})
-
-
-def request_problems(payload: Any, max_rows: int) -> list[str]:
-    """What is wrong with a request body's shape (not with its rows: the batcher checks those against the model)."""
-    if not isinstance(payload, dict):
-        return [f'body: expected a JSON object {{"rows": [...]}}, got {_json_type(payload)}']
-    problems = [f"body: unknown field {k!r} (a request is {{\"rows\": [...]}})" for k in payload if k != "rows"]
-    rows = payload.get("rows")
-    if "rows" not in payload:
-        problems.append("body: missing field 'rows'")
-    elif not isinstance(rows, list) or not rows:
-        problems.append(f"rows: expected a non-empty array of objects, got {_json_type(rows)}")
-    elif len(rows) > max_rows:
-        problems.append(f"rows: {len(rows)} rows, more than the {max_rows} one request may hold")
-    return problems
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, list) and not value:
-        return "an empty array"
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _bad(problems: list[str]) -> JSONResponse:
