@@ -18,7 +18,10 @@ answer in the same form). Per body form and number of clients:
              batches of the server's mean batch of that round (worker.score_requests: validation, converter,
              program), encode each answer; served / in-process rows/s of a round says what serving over HTTP
              costs (the median of the rounds' ratios is reported: the machine's other work drifts);
-  errors     any non-200 or transport failure, in both phases.
+  errors     any non-200 or transport failure, in both phases;
+  CPU        CPU seconds per 1000 rows of the HTTP process, the model process and the clients (this process) while
+             served, and of the in-process path (Linux /proc): what serving costs beyond scoring, whatever share
+             of the cores the machine's other work leaves.
 The clients, the server's two processes and the in-process runs share this machine's cores: compare the ratios of
 one run, not numbers across machines.
 
@@ -112,7 +115,7 @@ def _measure(args: argparse.Namespace, root: Path, data: Path, clients: list[int
         for fmt in formats:
             drive(server.port, bodies[fmt][:4], clients=1, seconds=0.5, arrow=fmt == "arrow")  # warm
             for n in clients:
-                cell = _cell(server.port, root, artifact, bodies[fmt], fmt, n, args, len(cells))
+                cell = _cell(server.port, server.process.pid, root, artifact, bodies[fmt], fmt, n, args, len(cells))
                 cells.append(cell)
                 print(_row(cell, args.rows), flush=True)
         exit_code = server.stop()
@@ -121,8 +124,8 @@ def _measure(args: argparse.Namespace, root: Path, data: Path, clients: list[int
             "version": artifact.version, "model": artifact.manifest["model"]}
 
 
-def _cell(port: int, root: Path, artifact, bodies: list[bytes], fmt: str, clients: int, args: argparse.Namespace,
-          k: int) -> dict:
+def _cell(port: int, server_pid: int, root: Path, artifact, bodies: list[bytes], fmt: str, clients: int,
+          args: argparse.Namespace, k: int) -> dict:
     """One body form and number of clients: --rounds rounds of the steady phase, each followed by the in-process
     run at that round's batch size (the machine's other work drifts: a ratio is taken within a round, and the
     medians are reported), then the reload phase."""
@@ -130,7 +133,12 @@ def _cell(port: int, root: Path, artifact, bodies: list[bytes], fmt: str, client
     rounds = []
     for _ in range(args.rounds):
         before = http_text(port, "/metrics")
+        pids = {"http": server_pid, **{"model": c for c in _children(server_pid)}}
+        cpu = {name: _cpu_s(pid) for name, pid in pids.items()} | {"clients": _own_cpu_s()}
         steady = summarize(drive(port, bodies, clients=clients, seconds=args.seconds, arrow=arrow))
+        cpu = {name: (_cpu_s(pids[name]) if name in pids else _own_cpu_s()) - used for name, used in cpu.items()}
+        steady["cpu_s_per_1000_rows"] = {name: used / max(1e-9, steady["rows_per_s"] * steady["seconds"] / 1000)
+                                         for name, used in cpu.items()}
         after = http_text(port, "/metrics")
         batches = max(1.0, _metric(after, "hyrank_batch_rows_count") - _metric(before, "hyrank_batch_rows_count"))
         steady["rows_per_batch"] = (_metric(after, "hyrank_batch_rows_sum") -
@@ -159,6 +167,10 @@ def _cell(port: int, root: Path, artifact, bodies: list[bytes], fmt: str, client
 
     steady = {key: median(key) for key in ("rows_per_s", "p50_ms", "p99_ms", "ratio", "rows_per_batch")}
     steady["errors"] = sum(r["errors"] for r in rounds)
+    steady["cpu_s_per_1000_rows"] = {name: statistics.median(r["cpu_s_per_1000_rows"][name] for r in rounds)
+                                     for name in rounds[0]["cpu_s_per_1000_rows"]}
+    steady["cpu_s_per_1000_rows"]["in-process"] = statistics.median(r["in_process"]["cpu_s_per_1000_rows"]
+                                                                    for r in rounds)
     return {"format": fmt, "clients": clients, "steady": steady, "rounds": rounds,
             "in_process_rows_per_s": statistics.median(r["in_process"]["rows_per_s"] for r in rounds),
             "reload": summarize_reload(reload_, published[0], new), "swapped": any(r[3] == new for r in reload_)}
@@ -200,11 +212,35 @@ def in_process(artifact, bodies: list[bytes], arrow: bool, batch_requests: int, 
         return sum(t.num_rows for t in tables)
 
     batch(0)  # warm
-    done, i, start = 0, 0, time.perf_counter()
+    done, i, start, cpu = 0, 0, time.perf_counter(), _own_cpu_s()
     while time.perf_counter() - start < seconds and i < 2000:
         done += batch(i)
         i += 1
-    return {"batch_requests": batch_requests, "rows_per_s": done / (time.perf_counter() - start)}
+    return {"batch_requests": batch_requests, "rows_per_s": done / (time.perf_counter() - start),
+            "cpu_s_per_1000_rows": (_own_cpu_s() - cpu) / (done / 1000)}
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc (0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (its model process), from /proc; children are listed per thread."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return [int(c) for t in tasks for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def summarize_reload(records: list[tuple], published_s: float, new_version: str) -> dict:
@@ -242,6 +278,13 @@ def _report(r: dict, args: argparse.Namespace) -> None:
     print(HEADER)
     for c in r["cells"]:
         print(_row(c, args.rows))
+    print("CPU seconds per 1000 rows served (medians; /proc): where a served row's CPU goes, and the in-process path's")
+    print(f"{'body':<6}{'clients':>8}{'http':>8}{'model':>8}{'clients':>9}{'served':>8}{'in-process':>12}")
+    for c in r["cells"]:
+        cpu = c["steady"]["cpu_s_per_1000_rows"]
+        served = sum(v for k, v in cpu.items() if k != "in-process")
+        print(f"{c['format']:<6}{c['clients']:>8}{cpu.get('http', 0):>8.3f}{cpu.get('model', 0):>8.3f}"
+              f"{cpu['clients']:>9.3f}{served:>8.3f}{cpu['in-process']:>12.3f}")
     print(f"server exit code after SIGTERM: {r['exit_code']}")
 
 
