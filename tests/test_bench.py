@@ -71,7 +71,7 @@ def test_bench_serve_runs_end_to_end(tmp_path, capsys):
     counts, tiny sizes: every cell has its in-process and served rates, a reload that swapped, and no error."""
     import json
 
-    from hyrank.bench.serve import make_artifact
+    from hyrank.bench.serve_load import make_artifact
 
     made = make_artifact(tmp_path / "made")
     out = tmp_path / "serve.json"
