@@ -75,18 +75,19 @@ def test_bench_serve_runs_end_to_end(tmp_path, capsys):
     counts, tiny sizes: every cell has its in-process and served rates, a reload that swapped, and no error."""
     import json
 
-    from hyrank.bench.serve import make_artifact
+    from hyrank.bench.serve_load import make_artifact
 
     made = make_artifact(tmp_path / "made")
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--artifact", str(made.root), "--data", str(made.data), "--seconds", "0.5",
                  "--rounds", "2", "--clients", "1,2", "--rows", "4", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "ratio = served / in-process" in text, text
+    assert "ratio = served / in-process" in text and "CPU seconds per 1000 rows served" in text, text
     assert "server exit code after SIGTERM: 0" in text, text
     cells = json.loads(out.read_text())["cells"]
     assert [(c["format"], c["clients"]) for c in cells] == [("json", 1), ("json", 2), ("arrow", 1), ("arrow", 2)]
     for c in cells:
         assert c["swapped"] and c["steady"]["errors"] == 0 and c["reload"]["errors"] == 0, c
         assert c["in_process_rows_per_s"] > 0 and c["steady"]["rows_per_s"] > 0 and len(c["rounds"]) == 2, c
+        assert set(c["steady"]["cpu_s_per_1000_rows"]) == {"http", "model", "clients", "in-process"}, c
     assert sorted(p.name for p in (made.root / "versions").iterdir()) == [(made.root / "latest").read_text().strip()]

@@ -1,7 +1,7 @@
 """The scoring server and batch prediction: what a client sees, against the artifact scoring the same rows.
 
-One tiny artifact per module (bench/serve.py make_artifact: synthetic logs, one day trained on one forked gloo
-rank, export). Servers run as real `hyrank serve` subprocesses on 127.0.0.1 (bench.serve.ServerProcess).
+One tiny artifact per module (bench/serve_load.py make_artifact: synthetic logs, one day trained on one forked gloo
+rank, export). Servers run as real `hyrank serve` subprocesses on 127.0.0.1 (bench.serve_load.ServerProcess).
 """
 
 import asyncio
@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hyrank.bench.serve import ServerProcess, drive, http_json, http_text, make_artifact, publish_copy, request_rows
+from hyrank.bench.serve_load import (ServerProcess, drive, http_json, http_text, make_artifact, publish_copy,
+                                     request_rows)
 from conftest import ROOT
 from hyrank.pipeline.cli import build_parser, main
 
@@ -319,7 +320,7 @@ def test_two_servers_in_one_process_count_their_own_requests(made, rows):
     default registry refuses a second metric of a name) nor count each other's requests."""
     import uvicorn
 
-    from hyrank.bench.serve import free_port
+    from hyrank.bench.serve_load import free_port
     from hyrank.pipeline.serving.server import ServeOptions, make_app
 
     servers = []
