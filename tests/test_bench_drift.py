@@ -21,7 +21,7 @@ def test_bench_drift_managed_against_hashed_tables_end_to_end(tmp_path, capsys):
     assert (out / "drift_auc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "drift.md").read_text()
     assert table.startswith("| day | managed |") and table.split("load average")[0].strip() in printed
-    assert "managed / hashed equal" in printed and "oracle" in printed
+    assert "managed / hashed equal" in printed and "oracle" in printed and "From the third day on" in printed
     record = json.loads((out / "drift.json").read_text())
 
     # days 2 and 3 are scored before they are trained on (day 1 has no model yet), by all three setups
