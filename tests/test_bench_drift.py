@@ -22,6 +22,7 @@ def test_bench_drift_managed_against_hashed_tables_end_to_end(tmp_path, capsys):
     table = (out / "drift.md").read_text()
     assert table.startswith("| day | managed |") and table.split("load average")[0].strip() in printed
     assert "managed / hashed equal" in printed and "oracle" in printed and "From the third day on" in printed
+    assert not (out / "data" / "seed-0").exists()  # the generated days go once their runs are done
     record = json.loads((out / "drift.json").read_text())
 
     # days 2 and 3 are scored before they are trained on (day 1 has no model yet), by all three setups
