@@ -7,7 +7,10 @@
 An artifact folder (`<root>/versions/<version>/`, written by pipeline/serving/export.py) holds:
   model.pt2      a torch.export program: model inputs (the converter's tensors) -> logits, dynamic batch size
   manifest.json  model name and options, the feature spec and the Arrow types of its columns, days trained,
-                 metrics, the stack's versions, the git commit, the parity check it passed, sha256 of every file
+                 metrics, the stack's versions, the git commit, the parity check it passed, sha256 of every file;
+                 with managed tables their names and fallback row (pipeline/serving/managed.py)
+or, for a delta version (pipeline/serving/delta.py), delta.pt instead of model.pt2: the tensors that changed since
+the base version its manifest names (with the sha256 of the base's manifest); loading loads the base and applies it.
 
 Requests go through the training path: raw rows (or an Arrow request) -> the Arrow types training read
 (pipeline/serving/rows.py: a value of a type training refuses for its column is refused with the words check_schema

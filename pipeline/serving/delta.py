@@ -5,11 +5,11 @@
     apply_delta(state_of(base_program), load_delta(folder / DELTA))      # the loaded base now scores as the new model
 
 A delta holds, for a program whose graph is its base's (the same model, features and table precision):
-  rows    each embedding table's rows whose bits changed: their indices and values (a day of training moves the rows
-          of the ids it saw; rows of ids not seen, and of free slots (zero in an artifact), stay as they were);
-  remap   each managed table's slots whose id changed (an id admitted, evicted or moved), as (slot, mixed id): the
-          sorted arrays TorchRec looks ids up in are rebuilt from the slots exactly as export builds them
-          (ManagedRemap.set_slots: a stable sort), so the remap is bit for bit a full export's;
+  rows    each embedding table's rows whose bits changed: which (a bit per row) and their values (a day of training
+          moves the rows of the ids it saw; rows of ids not seen, and of free slots (zero in an artifact), stay);
+  remap   each managed table's slots whose id changed (an id admitted, evicted or moved): which (a bit per slot) and
+          their new mixed ids; the sorted arrays TorchRec looks ids up in are rebuilt from the slots exactly as
+          export builds them (ManagedRemap.set_slots: a stable sort), so the remap is bit for bit a full export's;
   whole   every other tensor that changed, whole: the dense weights (the tower) and small buffers.
 Every comparison is of bits (-0.0 is not 0.0, a NaN equals itself), so the base with its delta applied holds
 exactly the new program's tensors. A delta's manifest names its base version and the sha256 of the base's manifest
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hyrank.embeddings.managed import by_slot
@@ -77,15 +78,15 @@ def make_delta(base: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> d
     for prefix in _remap_prefixes(new):
         old_slots = by_slot(base[prefix + SORTED], base[prefix + MAPPING])
         new_slots = by_slot(new[prefix + SORTED], new[prefix + MAPPING])
-        slots = (old_slots != new_slots).nonzero().flatten()
-        delta["remap"][prefix] = {"slots": slots, "ids": new_slots[slots].clone()}
+        changed = old_slots != new_slots
+        delta["remap"][prefix] = {"changed": _pack(changed), "ids": new_slots[changed].clone()}
         done |= {prefix + SORTED, prefix + MAPPING}
     for key, value in new.items():
         if key in done:
             continue
         if _is_table(key, value):
-            rows = (_bits(value) != _bits(base[key])).any(dim=1).nonzero().flatten()
-            delta["rows"][key] = {"indices": rows, "values": value.detach()[rows].clone()}
+            changed = (_bits(value) != _bits(base[key])).any(dim=1)
+            delta["rows"][key] = {"changed": _pack(changed), "values": value.detach()[changed].clone()}
         elif not torch.equal(_bits(value), _bits(base[key])):
             delta["whole"][key] = value.detach().clone()
     return delta
@@ -99,11 +100,11 @@ def apply_delta(state: dict[str, torch.Tensor], delta: dict) -> None:
     if unknown:
         raise DeltaMismatch(f"the delta names tensors its base does not hold: {unknown[:5]}")
     for key, change in delta["rows"].items():
-        state[key][change["indices"]] = change["values"].to(state[key].dtype)
+        state[key][_unpack(change["changed"], state[key].shape[0])] = change["values"].to(state[key].dtype)
     for prefix, change in delta["remap"].items():
         ids, mapping = state[prefix + SORTED], state[prefix + MAPPING]
         slots = by_slot(ids, mapping)
-        slots[change["slots"]] = change["ids"]
+        slots[_unpack(change["changed"], slots.numel())] = change["ids"]
         order = torch.argsort(slots, stable=True)  # as ManagedRemap.set_slots builds them (an unsharded remap)
         ids.copy_(slots[order])
         mapping.copy_(order)
@@ -118,6 +119,15 @@ def load_delta(path: Path) -> dict:
 
 def describe(delta: dict) -> dict[str, int]:
     """How much a delta carries: rows, remapped slots, whole tensors."""
-    return {"rows": sum(int(c["indices"].numel()) for c in delta["rows"].values()),
-            "remapped_slots": sum(int(c["slots"].numel()) for c in delta["remap"].values()),
+    return {"rows": sum(int(c["values"].shape[0]) for c in delta["rows"].values()),
+            "remapped_slots": sum(int(c["ids"].numel()) for c in delta["remap"].values()),
             "whole_tensors": len(delta["whole"])}
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """(N,) bool -> N/8 bytes, a bit each: a day changes most rows of a hot table, and a bit is 1/64 of an index."""
+    return torch.from_numpy(np.packbits(mask.numpy()))
+
+
+def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))

@@ -13,7 +13,10 @@ parity tolerance (1e-5 for fp32 tables). Then the quality gate: the version `lat
 rows, and a model whose AUC falls more than the margin below it is refused (skipping the gate is an explicit choice,
 recorded in the manifest and the root's history). Only then is the version folder renamed into place and `latest`
 repointed; a failed gate leaves nothing published. Versions are named `<run id>-step-N` and never rewritten: the
-same checkpoint exported again is left as published (pipeline/serving/publish.py).
+same checkpoint exported again is left as published (pipeline/serving/publish.py). With `delta_from` the version
+holds only what changed since a published one (pipeline/serving/delta.py), and the gates score it as a server loads
+it: its base, then the delta. Managed tables: pipeline/serving/managed.py (the remap rebuilt whole, eval mode,
+unknown ids counted and read as a zero row).
 
 Trust: a checkpoint is code (DCP unpickles it). It is loaded when it lies where its own run keeps it (a step-N folder
 of the checkpoint folder its config names), else only with trust_checkpoint (`--trust-checkpoint`), as `train
