@@ -196,7 +196,20 @@ def test_a_server_hot_reloads_a_managed_delta_onto_its_base_and_counts_unknown_i
         assert status == 200 and answer["version"] == second, (tmp_path / "server.log").read_text()[-3000:]
         np.testing.assert_array_equal(np.float32(answer["probabilities"]), full.score_rows(rows))  # bit for bit
         metrics = _samples(http_text(server.port, "/metrics"))
+        # a delta made on another base than the one published under its name: refused, the served one stays
+        bad = root / "versions" / (second + "-bad")
+        shutil.copytree(root / "versions" / second, bad)
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["delta"]["base_manifest_sha256"] = "0" * 64
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+        write_atomic(root / "latest", bad.name + "\n")
+        while _samples(http_text(server.port, "/metrics"))['hyrank_model_reloads_total{result="failed"}'] < 1:
+            assert time.monotonic() < deadline + 120, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        status, answer = http_json(server.port, "POST", "/score", json.dumps({"rows": rows}).encode())
+        assert status == 200 and answer["version"] == second
         assert server.stop() == 0
+    assert "not the one the delta was made on" in (tmp_path / "server.log").read_text()
     calls = metrics['hyrank_rows_scored_total'] / len(rows)
     assert metrics['hyrank_unknown_ids_total{table="user"}'] >= calls  # row 0's user, at every call
     assert metrics['hyrank_managed_ids_total{table="user"}'] == calls * len(rows)
