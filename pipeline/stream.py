@@ -230,7 +230,8 @@ class StreamDays:
 
     def _export(self) -> None:
         """Publish the newest day-end checkpoint (rank 0; the others wait at the next look): parity and quality
-        gated, and a refusal is recorded (history.jsonl, status.json), not an error of the run."""
+        gated, and a refusal is recorded (history.jsonl, status.json), not an error of the run. With export_delta,
+        a delta of the version `latest` names while its chain is short enough (publish.delta_base)."""
         checkpoint = self.trainer.checkpointer.latest()
         if self.options.export_to is None or not self.env.is_main or checkpoint is None or \
                 self.trainer.progress.day is not None or checkpoint.name == self.exported:
