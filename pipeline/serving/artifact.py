@@ -173,7 +173,9 @@ def load_program(path: Path, manifest: dict[str, Any], depth: int = 0) -> torch.
         with _LOADING:
             return torch.export.load(str(path / PROGRAM))
     base = path.parent / str(delta["base"])
-    if not re.fullmatch(r"[\w.-]+", str(delta["base"])) or not (base / MANIFEST).is_file() or depth > MAX_CHAIN:
+    if depth > MAX_CHAIN:
+        raise DeltaBaseError(f"{path}: more than {MAX_CHAIN} deltas lie on each other: not loaded (export one in full)")
+    if not re.fullmatch(r"[\w.-]+", str(delta["base"])) or not (base / MANIFEST).is_file():
         raise DeltaBaseError(f"{path} is a delta of {delta['base']!r}, which is not a version published beside it "
                              f"({base}): it cannot be loaded")
     if sha256(base / MANIFEST) != delta["base_manifest_sha256"]:
