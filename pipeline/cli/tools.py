@@ -206,6 +206,8 @@ BENCHES = {
                  "identical batches, in memory and from Parquet"),
     "managed": ("hyrank.bench.managed", "training rows/s with managed tables against plain tables of the same size "
                 "on the same drifting day"),
+    "drift": ("hyrank.bench.drift", "a 7-day drifting stream: progressive AUC per day of managed tables against "
+              "hashed tables of the same and twice the memory, with the oracle; training rows/s"),
     "days": ("hyrank.bench.days", "1,000 days of 100 rows against one day of 100,000: training and evaluation rows/s"),
     "model": ("hyrank.bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
     "seqlen": ("hyrank.bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over "
