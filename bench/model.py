@@ -87,6 +87,7 @@ class Step:
                  autocast: torch.dtype = torch.float32):
         from hyrank.models import build_model
         from hyrank.models.accounting import meta_inputs
+        from hyrank.pipeline.train.compile import compile_tower
 
         torch.manual_seed(0)
         self.model = build_model(name, dict(options), shape).to(device)
@@ -94,7 +95,7 @@ class Step:
         kind = {"foreach": False} if variant.reference else {"fused": True}
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **kind)
         if variant.compile:
-            self.model.compile()  # in place: parameter names (and so checkpoints) stay the plain module's
+            compile_tower(self.model, report=False)  # as train.compile does
         self.variant, self.device, self.autocast = variant, device, autocast
         self.x = meta_inputs(shape, batch_size, device=device)
         g = torch.Generator(device=device).manual_seed(1)

@@ -136,6 +136,10 @@ class TrainConfig:
     lr_min_ratio: float = 0.05
     grad_clip_norm: float = 0.0  # clip the dense gradient norm; 0: off
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the forward on CUDA (ignored on CPU)
+    # torch.compile (inductor) of the dense tower, applied in place from outside (models/ stay plain modules, so
+    # checkpoints, resume and export are unchanged); its compile time is logged once. Off by default: on the 2-core
+    # CPU machine of docs/results.md it costs minutes of compiling for at most ~1.1x on HyFormer's step
+    compile: bool = False
     # sync: plain DDP. async: HyFormer's one-step-stale allreduce (pipeline/distributed/comm_hooks.py)
     allreduce: Literal["sync", "async"] = "sync"
     allreduce_compression: Literal["none", "bf16"] = "none"

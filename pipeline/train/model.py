@@ -23,6 +23,7 @@ from hyrank.pipeline.distributed.comm_hooks import StaleAllReduce
 from hyrank.pipeline.distributed.dmp import ShardedModel, make_data_parallel_wrapper, shard_model
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.ranker import RankingModel
+from hyrank.pipeline.train.compile import compile_tower
 
 
 @dataclass
@@ -37,6 +38,8 @@ def build_run_model(cfg: RunConfig, env: DistEnv) -> RunModel:
     torch.manual_seed(cfg.seed)
     spec = cfg.features
     tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
+    if cfg.train.compile:
+        compile_tower(tower, report=env.is_main)
     model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
                          init_scale=cfg.embeddings.init_scale, world_size=env.world_size)
     t = cfg.train
