@@ -7,7 +7,7 @@
 A tower's FLOPs per sample come from the accounting (models/accounting.py: forward + backward, matmuls and
 attention, counted on `meta`); its step time is measured on real tensors (forward, backward, AdamW step) after
 warm-up. Achieved FLOP/s = FLOPs per sample x batch / step time; the ratio to a square matmul in the compute dtype
-(fp32, or bf16 under `--autocast bf16`) measured in the same process says how much of the machine a tower uses
+(fp32, or bf16 under `--autocast bf16`), timed in the same turns as the steps, says how much of the machine a tower uses
 (1.0 = as busy as a plain GEMM). Torch only: it runs on any GPU machine with `models/` and nothing else.
 
 Variants of one tower, each a model built from the same seed, timed step by step in turn (interleaved: a load
@@ -52,21 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time the reference paths with the per-parameter AdamW (the step before the fast paths)")
     p.add_argument("--compile", action="store_true", help="also time the tower under torch.compile (inductor)")
     p.add_argument("--json", type=Path, help="also write the record here")
-
-
-def matmul_flops_per_s(device: torch.device, *, dtype: torch.dtype = torch.float32, n: int | None = None,
-                       reps: int = 10) -> float:
-    """FLOP/s of an n x n matmul in `dtype` on `device`: the dense peak the towers are measured against."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
 @dataclass
@@ -122,9 +107,33 @@ class Step:
         return time.perf_counter() - start
 
 
+class MatmulProbe:
+    """A square matmul in the compute dtype, timed in the same turns as the towers' steps: the peak they are
+    measured against sees the same load (on a shared machine a peak measured once, apart, is off by up to 10x)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, n: int | None = None):
+        self.n = n or (8192 if device.type == "cuda" else 1024)
+        self.device = device
+        self.a, self.b = (torch.randn(self.n, self.n, device=device, dtype=dtype) for _ in range(2))
+        self.times: list[float] = []
+
+    def run(self) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(3):
+            self.a @ self.b
+        _sync(self.device)
+        return (time.perf_counter() - start) / 3
+
+    def flops_per_s(self) -> float:
+        return 2 * self.n ** 3 / median(self.times)
+
+
 def time_variants(name: str, options: dict, shape, batch_size: int, device: torch.device, steps: int,
-                  variants: list[Variant], autocast: torch.dtype = torch.float32) -> list[Variant]:
-    """Each variant's median step, the variants taking turns step by step (first step: `first_s`, 2 warm-up)."""
+                  variants: list[Variant], autocast: torch.dtype = torch.float32,
+                  probe: MatmulProbe | None = None) -> list[Variant]:
+    """Each variant's median step, the variants (and the matmul probe) taking turns step by step (first step:
+    `first_s`, 2 warm-up)."""
     runs = [Step(name, options, shape, batch_size, device, v, autocast) for v in variants]
     for i in range(steps + 2):
         for r in runs:
@@ -133,6 +142,8 @@ def time_variants(name: str, options: dict, shape, batch_size: int, device: torc
                 r.variant.first_s = seconds
             elif i >= 2:
                 r.variant.times.append(seconds)
+        if probe is not None and i >= 2:
+            probe.times.append(probe.run())
     return variants
 
 
@@ -173,38 +184,38 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.autocast]
     names = sorted(MODELS) if args.models == "all" else args.models.split(",")
     shape = shapes(args)
-    peak = matmul_flops_per_s(device, dtype=dtype)
     load = os.getloadavg()[0]
-    print(f"dense {'fp32' if args.autocast == 'none' else args.autocast} matmul on {device}: {peak / 1e9:,.1f} GFLOP/s; "
-          f"{args.shape} shapes, batch {args.batch_size}, autocast {args.autocast}; load average {load:.2f} "
-          f"({os.cpu_count()} cores)")
+    precision = "fp32" if args.autocast == "none" else args.autocast
+    print(f"{args.shape} shapes, batch {args.batch_size}, autocast {args.autocast} on {device}; load average {load:.2f} "
+          f"({os.cpu_count()} cores); 'of matmul': against a dense {precision} matmul timed in the same turns")
     print(f"{'tower':<18} {'variant':<10} {'params':>11} {'GFLOPs/sample':>14} {'step ms':>9} {'GFLOP/s':>9} "
-          f"{'of matmul':>10} {'speed-up':>9}")
+          f"{'matmul':>8} {'of matmul':>10} {'speed-up':>9}")
     rows = []
     for name in names:
         options = options_of(name, args.shape)
         cost = model_cost(name, options, shape)
         variants = ([Variant("reference", reference=True)] if args.compare else []) + [Variant("eager")]
         variants += [Variant("compiled", compile=True)] if args.compile else []
-        time_variants(name, options, shape, args.batch_size, device, args.steps, variants, dtype)
-        base = median(variants[0].times)
+        probe = MatmulProbe(device, dtype)
+        time_variants(name, options, shape, args.batch_size, device, args.steps, variants, dtype, probe)
+        peak, base = probe.flops_per_s(), median(variants[0].times)
         for v in variants:
             seconds = median(v.times)
             achieved = cost.train_flops_per_sample * args.batch_size / seconds
             row = {"model": name, "variant": v.label, "params": cost.params,
                    "flops_per_sample": cost.train_flops_per_sample, "step_s": seconds, "flops_per_s": achieved,
-                   "ratio": achieved / peak, "speedup": base / seconds}
+                   "matmul_flops_per_s": peak, "ratio": achieved / peak, "speedup": base / seconds}
             note = ""
             if v.compile:
                 row["compile_s"] = v.first_s - seconds
                 note = f"  (compile {row['compile_s']:.0f} s)"
             rows.append(row)
             print(f"{name:<18} {v.label:<10} {cost.params:>11,} {cost.train_flops_per_sample / 1e9:>14.3f} "
-                  f"{seconds * 1e3:>9.1f} {achieved / 1e9:>9.1f} {achieved / peak:>10.2f} {base / seconds:>8.2f}x"
-                  f"{note}")
+                  f"{seconds * 1e3:>9.1f} {achieved / 1e9:>9.1f} {peak / 1e9:>8.1f} {achieved / peak:>10.2f} "
+                  f"{base / seconds:>8.2f}x{note}")
     print(f"load average after {os.getloadavg()[0]:.2f}; speed-up: against the tower's first variant, same run")
     record = {"bench": "model", "device": str(device), "shape": args.shape, "batch_size": args.batch_size,
-              "autocast": args.autocast, "matmul_flops_per_s": peak, "load_before": load, "rows": rows}
+              "autocast": args.autocast, "load_before": load, "rows": rows}
     print(json.dumps(record))
     if args.json:
         args.json.write_text(json.dumps(record, indent=2))

@@ -37,7 +37,7 @@ def test_bench_runs(argv, capsys):
     if "overlap" in argv:  # every mode ran, and each one's gradients were checked reduced (or not, for local)
         assert all(m in out for m in ("local (no", "sync (plain", "async (stale", "async, plain")), out
     if "model" in argv:  # both towers against the same measured matmul peak
-        assert "GFLOP/s; default shapes" in out and "autocast bf16" in out, out
+        assert "default shapes, batch 4, autocast bf16" in out, out
         table = out.split('{"bench"')[0]
         assert all(f"{m} {v}" in " ".join(table.split()) for m in ("dlrm_mlp", "hyformer") for v in ("reference", "eager"))
     if "tables" in argv:  # the shipped size and the one asked for, each measured against its plan
