@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             for m, cfg in cfgs.items():
                 run_local(_train, cfg, args.profile / f"{m}.trace.json", world_size=args.nproc, timeout_s=3600)
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
-    width = max(18, *(len(m) + 2 for m in best))
+    width = max([18, *(len(m) + 2 for m in best)])
     print(f"{'tower':<{width}}{'rows':>9}{'train rows/s':>14}{'first step s':>14}{'steady rows/s':>15}"
           f"{'reader rows/s':>15}{'train/reader':>14}{'input wait':>12}{'loader':>8}{'ranks':>8}")
     for m, r in best.items():
