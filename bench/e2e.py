@@ -2,11 +2,15 @@
 
     hyrank bench e2e                                  # HyFormer and DLRM-MLP, one generated 40k-row day, 2 gloo ranks
     hyrank bench e2e --data data/synth --models hyformer --rounds 2 --set data.num_workers=2
+    hyrank bench e2e --models hyformer --compare train.compile=true      # eager and compiled rows, same run
 
 For each tower, side by side in one run (the towers take turns, `--rounds` times, and the best round is kept):
   reader   DayReader alone on every rank over the day, exactly as training builds it (same split, options and the
            tower's sequence feed), batches consumed as fast as they come: the input side's ceiling.
   train    `Trainer.run` over the same day on the same ranks: reader, sharded embeddings, tower, dense step.
+`--compare KEY=VALUE` (repeatable) adds, per tower, a variant with those overrides too, taking its turn in every
+round beside the plain one, so the two rows of the table are measured side by side. The first step's time is
+printed apart (the compile, with train.compile), and `steady rows/s` is training without it.
 Prints training rows/s, the reader's rows/s, their ratio, and the input-wait share: the wall time the trainer spent
 inside `next()` of its batches (pipeline.train.pipelined.InputClock: decode its loader threads had not finished,
 the reader's per-batch flags) over the day's wall time, on the rank that waited most (goal: under 5%), and its two
@@ -37,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="turns of (reader, train) per tower; the best is kept")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, as for `hyrank train`")
+    p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run every tower with these overrides (e.g. train.compile=true), in turns with the plain "
+                        "runs: before/after rows in one table")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="after the timed rounds, train each tower once more under torch.profiler on rank 0: "
                         "DIR/<tower>.trace.json (chrome://tracing, Perfetto) and the top operators by self CPU time")
@@ -86,7 +93,7 @@ def _train(rank: int, world_size: int, cfg, profile: Path | None = None) -> dict
         print(f"rank 0 profile of {cfg.model.name} ({stats.steps} steps, input wait "
               f"{100 * stats.input_wait_share:.1f}%), trace {profile}; top operators by self CPU time:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
-    return {"rows": stats.rows, "seconds": stats.seconds, "steps": stats.steps,
+    return {"rows": stats.rows, "seconds": stats.seconds, "steps": stats.steps, "first_step_s": stats.step_seconds[0],
             "input_wait_share": stats.input_wait_share, "loader_wait_share": stats.loader_wait_share}
 
 
@@ -118,8 +125,11 @@ def measure(cfg, nproc: int) -> dict:
     trains = run_local(_train, cfg, world_size=nproc, timeout_s=3600)
     read_rows = sum(r["rows"] for r in reads)
     most = max(trains, key=lambda t: t["input_wait_share"])
+    seconds, first = max(t["seconds"] for t in trains), max(t["first_step_s"] for t in trains)
+    rows, steps = trains[0]["rows"], trains[0]["steps"]
     return {"reader_rows_per_s": read_rows / max(r["seconds"] for r in reads),
-            "train_rows_per_s": trains[0]["rows"] / max(t["seconds"] for t in trains),
+            "train_rows_per_s": rows / seconds, "first_step_s": first,
+            "steady_rows_per_s": rows * (steps - 1) / steps / max(seconds - first, 1e-9),
             "input_wait_share": most["input_wait_share"], "loader_wait_share": most["loader_wait_share"],
             "rows": trains[0]["rows"], "reader_rows": read_rows, "steps": trains[0]["steps"]}
 
@@ -130,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     models = [m for m in args.models.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="hyrank-bench-e2e-") as tmp:
         root = args.data or _generate(Path(tmp) / "data", args.rows)
-        cfgs = {m: _config(config, root, Path(tmp), m, args.overrides) for m in models}
+        variants = {"": []} | ({" + " + ",".join(args.compare): args.compare} if args.compare else {})
+        cfgs = {m + label: _config(config, root, Path(tmp) / f"{m}{i}", m, [*args.overrides, *extra])
+                for m in models for i, (label, extra) in enumerate(variants.items())}
         load_before = os.getloadavg()
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
@@ -148,10 +160,12 @@ def run(args: argparse.Namespace) -> int:
             for m, cfg in cfgs.items():
                 run_local(_train, cfg, args.profile / f"{m}.trace.json", world_size=args.nproc, timeout_s=3600)
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
-    print(f"{'tower':<18}{'rows':>9}{'train rows/s':>14}{'reader rows/s':>15}{'train/reader':>14}{'input wait':>12}"
-          f"{'loader':>8}{'ranks':>8}")
+    width = max([18, *(len(m) + 2 for m in best)])
+    print(f"{'tower':<{width}}{'rows':>9}{'train rows/s':>14}{'first step s':>14}{'steady rows/s':>15}"
+          f"{'reader rows/s':>15}{'train/reader':>14}{'input wait':>12}{'loader':>8}{'ranks':>8}")
     for m, r in best.items():
-        print(f"{m:<18}{r['rows']:>9,}{r['train_rows_per_s']:>14,.0f}{r['reader_rows_per_s']:>15,.0f}"
+        print(f"{m:<{width}}{r['rows']:>9,}{r['train_rows_per_s']:>14,.0f}{r['first_step_s']:>14.1f}"
+              f"{r['steady_rows_per_s']:>15,.0f}{r['reader_rows_per_s']:>15,.0f}"
               f"{r['train_rows_per_s'] / r['reader_rows_per_s']:>14.3f}{100 * r['input_wait_share']:>11.1f}%"
               f"{100 * r['loader_wait_share']:>7.1f}%"
               f"{100 * (r['input_wait_share'] - r['loader_wait_share']):>7.1f}%")

@@ -10,7 +10,9 @@ pairwise dot products of the 27 vectors, top MLP 415 -> 512 -> 512 -> 256 -> 1);
 as `DLRMTrain(DLRM(EmbeddingBagCollection))`, sharded by TorchRec's own planner and sharders, the tables' fused
 RowWiseAdagrad applied in backward (`apply_optimizer_in_backward`), AdamW on the dense part, stepped through
 `TrainPipelineSparseDist`: the recipe of TorchRec's DLRM example. hyrank: `Trainer` with its planner, DenseSync
-and the config's loop (`train.pipeline`, plain by default). Same optimizers and learning rates on both sides.
+and the config's loop (`train.pipeline`, plain by default). Same optimizers and learning rates on both sides;
+hyrank's dense AdamW runs fused (pipeline/train/model.py), TorchRec's as its example builds it (the per-parameter
+loop), unless `--torchrec-fused-adamw` gives TorchRec the fused one too.
 
 Two settings, each side taking turns within a round (`--rounds`; the best round of each is kept):
   in memory     every rank first reads its share of the day into a list of hyrank Batches; each side then trains on
@@ -52,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2, help="turns of every measurement; the best is kept")
     p.add_argument("--lr", type=float, default=1e-3, help="dense AdamW learning rate (both sides)")
     p.add_argument("--sparse-lr", type=float, default=0.05, help="fused RowWiseAdagrad learning rate (both sides)")
+    p.add_argument("--torchrec-fused-adamw", action="store_true",
+                   help="give TorchRec's side hyrank's fused AdamW too (its example's default is AdamW's "
+                        "per-parameter loop): the pipelines alone, same optimizer kernels")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override of hyrank's side, e.g. train.pipeline=\"sparse_dist\" or data.num_workers=2")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -127,7 +132,8 @@ sparse = [{members}]
 """
 
 
-def torchrec_dlrm(world_size: int, batch_size: int, lr: float, sparse_lr: float, num_embeddings: int = NUM_ROWS):
+def torchrec_dlrm(world_size: int, batch_size: int, lr: float, sparse_lr: float, num_embeddings: int = NUM_ROWS,
+                  fused_adamw: bool = False):
     """TorchRec's DLRMTrain, planned, sharded and optimised the way its DLRM example does it; returns the DMP
     model and the optimizer to hand TrainPipelineSparseDist."""
     import torch
@@ -158,7 +164,8 @@ def torchrec_dlrm(world_size: int, batch_size: int, lr: float, sparse_lr: float,
     dmp = DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan,
                                    env=ShardingEnv.from_process_group(dist.GroupMember.WORLD))
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+                                  lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0,
+                                                                   fused=fused_adamw or None))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
 
 
@@ -173,7 +180,8 @@ def _torchrec_pipeline(world_size: int, args: dict):
     import torch
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    dmp, opt = torchrec_dlrm(world_size, args["batch_size"], args["lr"], args["sparse_lr"], args["num_embeddings"])
+    dmp, opt = torchrec_dlrm(world_size, args["batch_size"], args["lr"], args["sparse_lr"], args["num_embeddings"],
+                             args["torchrec_fused_adamw"])
     return TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
 
 
@@ -338,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
                                     args.num_embeddings))
         cfg = load_config(path, list(args.overrides))
         spec = {k: getattr(args, k)
-                for k in ("batch_size", "steps", "warmup", "rounds", "lr", "sparse_lr", "num_embeddings", "profile")}
+                for k in ("batch_size", "steps", "warmup", "rounds", "lr", "sparse_lr", "num_embeddings", "profile",
+                          "torchrec_fused_adamw")}
         load_before = os.getloadavg()[0]
         rank0 = run_local(_worker, cfg, spec, world_size=args.nproc, timeout_s=7200)[0]
     best = rank0["best"]

@@ -68,8 +68,7 @@ class NullSlotAttention(MultiHeadAttention):
         self.null_v_HE = nn.Parameter(torch.zeros(num_heads, head_dim))
 
     def forward(self, x_BQD: torch.Tensor, kv_BLC: torch.Tensor, mask_BL: torch.Tensor | None = None) -> torch.Tensor:
-        out_BHQE = attend_null_slot(self._heads(self.q(x_BQD)), self._heads(self.k(kv_BLC)),
-                                    self._heads(self.v(kv_BLC)), mask_BL, self.null_k_HE, self.null_v_HE)
+        out_BHQE = attend_null_slot(*self.project(x_BQD, kv_BLC), mask_BL, self.null_k_HE, self.null_v_HE)
         return self.o(out_BHQE.transpose(1, 2).flatten(2))
 
 

@@ -136,6 +136,11 @@ class TrainConfig:
     lr_min_ratio: float = 0.05
     grad_clip_norm: float = 0.0  # clip the dense gradient norm; 0: off
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the forward on CUDA (ignored on CPU)
+    # torch.compile (inductor) of the dense tower, applied in place from outside (models/ stay plain modules, so
+    # checkpoints, resume and export are unchanged); its compile time is logged once. Off by default: on the 2-core
+    # CPU machine it cost 4.5 min of compiling per run for 1.06x HyFormer rows/s after it, and DLRM-MLP ran slower
+    # compiled (docs/results.md, issue 31); HHFT's tower step gained 1.5x over eager
+    compile: bool = False
     # sync: plain DDP. async: HyFormer's one-step-stale allreduce (pipeline/distributed/comm_hooks.py)
     allreduce: Literal["sync", "async"] = "sync"
     allreduce_compression: Literal["none", "bf16"] = "none"

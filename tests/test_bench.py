@@ -16,7 +16,8 @@ from hyrank.pipeline.cli import main
      "--set", "model.options.hidden=[16]", "--set", "train.allreduce_sync_steps=2"],  # ~10 steps: most async
     ["bench", "overlap", "--config", "jobs/configs/hyformer.toml", "--batch-size", "16", "--steps", "2",
      "--warmup", "1", "--rounds", "1"],
-    ["bench", "model", "--models", "dlrm_mlp,hyformer", "--batch-size", "4", "--steps", "1"],
+    ["bench", "model", "--models", "dlrm_mlp,hyformer", "--batch-size", "4", "--steps", "1", "--compare",
+     "--autocast", "bf16"],  # the GPU path's bf16 autocast, run on CPU
     ["bench", "seqlen", "--models", "hyformer,longer_rankmixer", "--lengths", "16,32", "--batch-size", "2", "--steps", "1"],
     ["bench", "days", "--small-days", "6", "--rows-per-day", "60", "--set", "data.batch_size_per_rank=16",
      "--set", "model.options.hidden=[16]", "--set", "features.sequences.0.max_len=16"],
@@ -36,7 +37,9 @@ def test_bench_runs(argv, capsys):
     if "overlap" in argv:  # every mode ran, and each one's gradients were checked reduced (or not, for local)
         assert all(m in out for m in ("local (no", "sync (plain", "async (stale", "async, plain")), out
     if "model" in argv:  # both towers against the same measured matmul peak
-        assert "GFLOP/s; default shapes" in out and "dlrm_mlp" in out and "hyformer" in out, out
+        assert "default shapes, batch 4, autocast bf16" in out, out
+        table = out.split('{"bench"')[0]
+        assert all(f"{m} {v}" in " ".join(table.split()) for m in ("dlrm_mlp", "hyformer") for v in ("reference", "eager"))
     if "tables" in argv:  # the shipped size and the one asked for, each measured against its plan
         assert "as shipped" in out and "item 20,000 rows" in out and "rows/s" in out, out
     if "seqlen" in argv:  # each length, then 2x width and 2x depth, per tower

@@ -294,3 +294,56 @@ def test_onetrans_rejects_bad_schedules():
         build_model("onetrans", {"num_layers": 3, "seq_queries": [4]}, SHAPE)
     with pytest.raises(ValueError, match="first_layer"):
         build_model("onetrans", {"first_layer": "sparse"}, SHAPE)
+
+
+# -- fast paths against their plain references (models/layers/fastpath.py) ---------------------------------------
+
+def _logits_and_grads(model: torch.nn.Module, x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    logits = model(x).logits
+    logits.square().sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fast_paths_match_the_reference_paths_on_every_tower(variant):
+    """Batched projections (Q/K/V in one GEMM, per-token weights in one bmm, Hiformer's composite K/V) give the
+    reference's logits and gradients to float rounding."""
+    from hyrank.models.layers.fastpath import reference_paths
+
+    model = build(variant).eval()  # eval: dropout off, so both passes see the same function
+    x = make_input(batch_size=2)
+    fast_logits, fast_grads = _logits_and_grads(model, x)
+    with reference_paths():
+        ref_logits, ref_grads = _logits_and_grads(model, x)
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batched_projection_helpers_match_layer_by_layer():
+    from hyrank.models.layers.hetero import CompositeProjection, composite_pair
+    from hyrank.models.layers.mlp import linears
+    from hyrank.models.layers.token_mixing import PerTokenLinear, TokenLinear, token_linears
+
+    torch.manual_seed(0)
+    x_BTD = torch.randn(5, 4, 8)
+    for shared in (False, True):
+        layers = [TokenLinear(4, 8, w, shared=shared) for w in (8, 6, 8)]
+        for tokens in (slice(None), slice(0, 1)):
+            got = token_linears(x_BTD[:, tokens], layers, tokens)
+            for g, layer in zip(got, layers):
+                torch.testing.assert_close(g, layer(x_BTD[:, tokens], tokens))
+    one = PerTokenLinear(4, 8, 3, bias=False)
+    torch.testing.assert_close(one(x_BTD), torch.stack([x_BTD[:, t] @ one.weight_TIO[t] for t in range(4)], dim=1))
+    plain = [torch.nn.Linear(8, 5), torch.nn.Linear(8, 7)]
+    for g, layer in zip(linears(x_BTD, plain), plain):
+        torch.testing.assert_close(g, layer(x_BTD))
+    for rank in (0, 6):
+        k, v = CompositeProjection(4, 8, rank=rank), CompositeProjection(4, 8, rank=rank)
+        got_k, got_v = composite_pair(x_BTD, k, v)
+        torch.testing.assert_close(got_k, k(x_BTD))
+        torch.testing.assert_close(got_v, v(x_BTD))
+    with pytest.raises(ValueError, match="shared or per-token"):
+        token_linears(x_BTD, [TokenLinear(4, 8, 8), TokenLinear(4, 8, 8, shared=True)])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyrank.models.inputs import SequenceInput
+from hyrank.models.layers.mlp import linears
 
 
 def attend(q_BHQE: torch.Tensor, k_BHLE: torch.Tensor, v_BHLE: torch.Tensor,
@@ -53,9 +54,15 @@ class MultiHeadAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
 
     def forward(self, x_BQD: torch.Tensor, kv_BLC: torch.Tensor, mask_BL: torch.Tensor | None = None) -> torch.Tensor:
-        out_BHQE = attend(self._heads(self.q(x_BQD)), self._heads(self.k(kv_BLC)), self._heads(self.v(kv_BLC)),
-                          mask_BL)
-        return self.o(out_BHQE.transpose(1, 2).flatten(2))
+        return self.o(attend(*self.project(x_BQD, kv_BLC), mask_BL).transpose(1, 2).flatten(2))
+
+    def project(self, x_BQD: torch.Tensor, kv_BLC: torch.Tensor) -> list[torch.Tensor]:
+        """Q, K, V split into heads, (B, H, *, E): one GEMM for all three in self-attention (x is kv), one for K
+        and V in cross-attention (`linears`; the three Linears one by one under models.layers.fastpath's
+        reference_paths)."""
+        if x_BQD is kv_BLC:
+            return [self._heads(t) for t in linears(x_BQD, [self.q, self.k, self.v])]
+        return [self._heads(self.q(x_BQD)), *(self._heads(t) for t in linears(kv_BLC, [self.k, self.v]))]
 
     def _heads(self, x_BLD: torch.Tensor) -> torch.Tensor:
         return x_BLD.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from hyrank.models.layers.attention import attend
-from hyrank.models.layers.token_mixing import TokenFFN, TokenLinear
+from hyrank.models.layers.fastpath import fast
+from hyrank.models.layers.mlp import linears
+from hyrank.models.layers.token_mixing import TokenFFN, TokenLinear, token_linears
 
 
 def _heads(x_BTD: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -36,7 +38,7 @@ class HeteroTransformerLayer(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x_BTD)
-        q, k, v = (_heads(proj(h), self.num_heads) for proj in (self.q, self.k, self.v))
+        q, k, v = (_heads(t, self.num_heads) for t in token_linears(h, [self.q, self.k, self.v]))
         x = x_BTD + self.o(_merge_heads(attend(q, k, v)))
         return x + self.ffn(self.norm2(x))
 
@@ -59,6 +61,19 @@ class CompositeProjection(nn.Module):
         return self.up(flat if self.down is None else self.down(flat)).view_as(x_BTD)
 
 
+def composite_pair(x_BTD: torch.Tensor, k: CompositeProjection, v: CompositeProjection
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k(x), v(x)) with each stage of the two projections in one GEMM (weights joined along the output)."""
+    if not fast():
+        return k(x_BTD), v(x_BTD)
+    flat = x_BTD.flatten(1)
+    if k.down is not None:
+        kd, vd = linears(flat, [k.down, v.down])
+        return k.up(kd).view_as(x_BTD), v.up(vd).view_as(x_BTD)
+    kf, vf = linears(flat, [k.up, v.up])
+    return kf.view_as(x_BTD), vf.view_as(x_BTD)
+
+
 class HiformerLayer(nn.Module):
     """Hiformer layer: token-specific queries, composite keys/values over all tokens, token-specific output and FFN.
 
@@ -72,7 +87,7 @@ class HiformerLayer(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"token width {dim} is not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
+        self.num_heads, self.composite = num_heads, composite
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q, self.o = TokenLinear(num_tokens, dim, dim), TokenLinear(num_tokens, dim, dim)
         if composite:
@@ -86,6 +101,7 @@ class HiformerLayer(nn.Module):
         rows = slice(0, 1) if task_only else slice(None)
         h = self.norm1(x_BTD)
         q = _heads(self.q(h[:, rows], rows), self.num_heads)
-        k, v = _heads(self.k(h), self.num_heads), _heads(self.v(h), self.num_heads)
+        kv = composite_pair(h, self.k, self.v) if self.composite else token_linears(h, [self.k, self.v])
+        k, v = (_heads(t, self.num_heads) for t in kv)
         x = x_BTD[:, rows] + self.o(_merge_heads(attend(q, k, v)), rows)
         return x + self.ffn(self.norm2(x), rows)

@@ -6,9 +6,13 @@ Legend: B batch rows, T tokens, D token width, I/O input/output widths, H hidden
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from hyrank.models.layers.fastpath import fast
+from hyrank.models.layers.mlp import linears
 
 
 def token_mix(x_BTD: torch.Tensor) -> torch.Tensor:
@@ -33,8 +37,18 @@ class PerTokenLinear(nn.Module):
         self.bias_TO = nn.Parameter(torch.empty(num_tokens, out_dim).uniform_(-bound, bound)) if bias else None
 
     def forward(self, x_BTI: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
-        out = torch.einsum("bti,tio->bto", x_BTI, self.weight_TIO[tokens])
-        return out if self.bias_TO is None else out + self.bias_TO[tokens]
+        bias = None if self.bias_TO is None else self.bias_TO[tokens]
+        if not fast():  # the plain reference: what the einsum says
+            out = torch.einsum("bti,tio->bto", x_BTI, self.weight_TIO[tokens])
+            return out if bias is None else out + bias
+        return per_token_matmul(x_BTI, self.weight_TIO[tokens], bias)
+
+
+def per_token_matmul(x_BTI: torch.Tensor, w_TIO: torch.Tensor, b_TO: torch.Tensor | None) -> torch.Tensor:
+    """out[:, t] = x[:, t] @ w[t] + b[t]: one bmm over tokens, the bias added inside it (baddbmm)."""
+    x_TBI = x_BTI.transpose(0, 1)
+    out_TBO = torch.bmm(x_TBI, w_TIO) if b_TO is None else torch.baddbmm(b_TO.unsqueeze(1), x_TBI, w_TIO)
+    return out_TBO.transpose(0, 1)
 
 
 class TokenLinear(nn.Module):
@@ -47,6 +61,27 @@ class TokenLinear(nn.Module):
 
     def forward(self, x_BTI: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
         return self.shared(x_BTI) if self.shared is not None else self.per_token(x_BTI, tokens)
+
+
+def token_linears(x_BTI: torch.Tensor, layers: Sequence[TokenLinear], tokens: slice = slice(None)
+                  ) -> list[torch.Tensor]:
+    """[layer(x, tokens) for layer in layers] in one matmul: their weights joined along the output width.
+
+    The small per-block projections of an attention layer (Q, K, V of every token) become one GEMM/bmm; the
+    weights stay separate parameters (same names, same init), concatenated per call (a few KiB).
+    """
+    if len(layers) == 1 or not fast():
+        return [layer(x_BTI, tokens) for layer in layers]
+    if all(layer.shared is not None for layer in layers):
+        return list(linears(x_BTI, [layer.shared for layer in layers]))
+    if any(layer.shared is not None for layer in layers):
+        raise ValueError("token_linears joins either shared or per-token layers, not both")
+    per = [layer.per_token for layer in layers]
+    w = torch.cat([p.weight_TIO[tokens] for p in per], dim=-1)
+    b = None if any(p.bias_TO is None for p in per) else torch.cat([p.bias_TO[tokens] for p in per], dim=-1)
+    if b is None and any(p.bias_TO is not None for p in per):
+        raise ValueError("token_linears joins layers that all have a bias or none")
+    return list(per_token_matmul(x_BTI, w, b).split([p.weight_TIO.shape[-1] for p in per], dim=-1))
 
 
 class TokenFFN(nn.Module):

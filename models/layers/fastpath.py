@@ -1,0 +1,28 @@
+"""One switch for the towers' fast paths (batched projections), so the plain reference of each stays runnable in
+the whole model: tests compare a tower's outputs and gradients both ways, and `hyrank bench model --compare`
+times the two side by side in one run.
+
+    with reference_paths():
+        logits = model(x).logits      # every fast path runs its plain reference
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+_fast = True
+
+
+def fast() -> bool:
+    return _fast
+
+
+@contextlib.contextmanager
+def reference_paths() -> Iterator[None]:
+    global _fast
+    before, _fast = _fast, False
+    try:
+        yield
+    finally:
+        _fast = before

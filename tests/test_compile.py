@@ -1,0 +1,82 @@
+"""train.compile (pipeline/train/compile.py): a tower under torch.compile (inductor) gives the eager tower's logits
+and gradients; a 2-rank run with it (DMP tables, DDP tower, the async dense sync with weight prediction) trains like
+the eager run, resumes from its checkpoint, and exports from it.
+
+Inductor fuses kernels and reorders float reductions, so "the same" is within TOL, not bit for bit. Compiling is
+slow on a small machine (tens of seconds a tower): the default run covers HHFT (attention, per-token bmm, batched
+projections); `-m heavy` covers every other registered tower.
+"""
+
+import pytest
+import torch
+
+from hyrank.models import MODELS
+from hyrank.pipeline.config import with_values
+from hyrank.pipeline.data.days import discover_days
+from hyrank.pipeline.data.synth import generate_logs
+from hyrank.pipeline.distributed.env import env_of_current_group
+from hyrank.pipeline.train.compile import compile_tower
+
+from conftest import small_synth, tiny_cfg
+from dist import run_distributed
+from test_models import _logits_and_grads, build, make_input
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def _compiled_matches_eager(name):
+    eager, compiled = build(name).eval(), build(name).eval()  # eval: no dropout, one function both ways
+    compile_tower(compiled, report=False)
+    x = make_input(batch_size=2)
+    want_logits, want_grads = _logits_and_grads(eager, x)
+    got_logits, got_grads = _logits_and_grads(compiled, x)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the plain names
+    torch.testing.assert_close(got_logits, want_logits, **TOL)
+    assert got_grads.keys() == want_grads.keys()
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], **TOL, msg=n)
+
+
+def test_compiled_tower_matches_eager_logits_and_gradients():
+    _compiled_matches_eager("hhft")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"hhft"}))
+def test_every_registered_tower_compiled_matches_eager(name):
+    _compiled_matches_eager(name)
+
+
+def _train_resume_score(rank, world_size, cfg):
+    """Day 1 trained from scratch, then a new trainer resumes its checkpoint and trains day 2; day 2's logits."""
+    from hyrank.pipeline.train.evaluate import score_day
+    from hyrank.pipeline.train.trainer import RunPlan, Trainer
+
+    days = discover_days(cfg.data.root)
+    first = Trainer(cfg, env_of_current_group()).run(RunPlan(train_days=days[:1]))
+    trainer = Trainer(cfg, env_of_current_group())
+    result = trainer.run(RunPlan(train_days=days[1:2], resume=str(first.checkpoint)))
+    scores = score_day(trainer.model, trainer._reader(days[1], 0), device=torch.device("cpu"),
+                       autocast=trainer._autocast)
+    losses = first.trained[0].losses + result.trained[0].losses
+    compiled = hasattr(trainer.model.module.tower.forward, "_torchdynamo_orig_callable")  # torch.compile's wrapper
+    assert compiled == cfg.train.compile
+    return str(result.checkpoint), losses, scores.logits
+
+
+@pytest.mark.dist
+def test_a_compiled_two_rank_run_trains_resumes_and_exports_like_the_eager_one(tmp_path):
+    from hyrank.pipeline.serving.export import export_checkpoint
+
+    generate_logs(small_synth(num_days=2, rows_per_day=1000), tmp_path / "data")
+    async_sync = {"train.allreduce": "async", "train.allreduce_weight_prediction": 1.0,
+                  "train.allreduce_sync_steps": 2}
+    eager = with_values(tiny_cfg(tmp_path / "data", tmp_path / "eager"), async_sync)
+    compiled = with_values(tiny_cfg(tmp_path / "data", tmp_path / "compiled"), async_sync | {"train.compile": True})
+    (_, want_losses, want0), (_, _, want1) = run_distributed(_train_resume_score, eager, timeout_s=600)
+    (checkpoint, losses, got0), (_, losses1, got1) = run_distributed(_train_resume_score, compiled, timeout_s=600)
+    assert losses == losses1 and len(losses) == len(want_losses) == 2 * -(-500 // 64)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(torch.cat([got0, got1]), torch.cat([want0, want1]), rtol=1e-3, atol=1e-4)
+    result = export_checkpoint(checkpoint, tmp_path / "exports")  # the export's own parity gate against the trainer
+    assert result.parity["max_abs_logit_diff"] <= 1e-5 and result.parity["rows"] == 1000
