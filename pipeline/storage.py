@@ -81,6 +81,13 @@ def arrow_s3():
     return _arrow_s3(endpoint_url(), os.getpid())
 
 
+def fsspec_options() -> dict[str, Any]:
+    """What fsspec.url_to_fs (DCP's FsspecWriter/FsspecReader) needs to reach the configured store, listings
+    uncached."""
+    endpoint = endpoint_url()
+    return {"use_listings_cache": False, **({"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {})}
+
+
 def fsspec_of(loc: str | Path | S3Path) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) of a location: s3fs for s3://, the local filesystem otherwise."""
     if is_remote(loc):
@@ -122,8 +129,7 @@ class _clear_errors:
         low = text.lower()
         if _is_bucket_error(e):
             raise StorageError(f"{self.path}: bucket {self.path.bucket!r} does not exist") from e
-        if isinstance(e, PermissionError) or any(w in low for w in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied",
-                                  "forbidden", "403", "nocredentials", "unable to locate credentials")):
+        if isinstance(e, PermissionError) or any(w in low for w in _DENIED):
             raise StorageError(f"{self.path}: access denied (credentials from the standard AWS chain: "
                                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, or the instance/pod role): "
                                f"{_first_line(text)}") from e
@@ -131,6 +137,10 @@ class _clear_errors:
             raise StorageError(f"{self.path}: cannot reach the object store at {endpoint_url() or 'AWS'}: "
                                f"{_first_line(text)}") from e
         return False
+
+
+_DENIED = ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "forbidden", "403",
+           "nocredentials", "unable to locate credentials")
 
 
 def _is_bucket_error(e: BaseException) -> bool:

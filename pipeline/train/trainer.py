@@ -117,7 +117,7 @@ class Trainer:
         current step with a checkpoint (`RunResult.stopped`); a second signal stops the process at once.
         """
         result = RunResult([], {}, None, None)
-        with hold_run_dir(self.out_dir, self.env), GracefulStop(self.env.comm) as self._stop:
+        with hold_run_dir(self.out_dir, self.env, self.checkpointer.root), GracefulStop(self.env.comm) as self._stop:
             try:
                 if self.env.is_main:
                     save_resolved(self.cfg, self.out_dir)
