@@ -21,10 +21,12 @@ bucket or refused credentials are one line naming the location (StorageError).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -196,6 +198,10 @@ class S3Path:
     def parent(self) -> S3Path:
         return S3Path(SCHEME + self.key_path.rsplit("/", 1)[0]) if "/" in self.key_path else self
 
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
     def with_name(self, name: str) -> S3Path:
         return self.parent / name
 
@@ -327,6 +333,26 @@ def _boto(endpoint: str | None, pid: int):
 def _client():
     """boto3's S3 client for what s3fs does not expose (a conditional PUT)."""
     return _boto(endpoint_url(), os.getpid())
+
+
+@contextlib.contextmanager
+def local_copy(folder: Path | S3Path) -> Iterator[Path]:
+    """A local folder holding `folder`'s files: itself when local, else a temporary download of the prefix
+    (torch.export.load reads a local file), removed on exit."""
+    if not isinstance(folder, S3Path):
+        yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="hyrank-s3-") as tmp:
+        for entry in folder.glob("*"):
+            with _clear_errors(entry):
+                s3fs_fs().get_file(entry.key_path, str(Path(tmp) / entry.name))
+        yield Path(tmp)
+
+
+def upload(local: Path, dest: S3Path) -> None:
+    """One local file to an object (multipart for large files), whole or not at all."""
+    with _clear_errors(dest):
+        s3fs_fs().put_file(str(local), dest.key_path)
 
 
 def rmtree(path: Path | S3Path) -> None:

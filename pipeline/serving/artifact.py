@@ -36,6 +36,7 @@ import torch
 from hyrank.pipeline.data.convert import BatchConverter
 from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.files import sha256
+from hyrank.pipeline.storage import S3Path, local_copy, location
 from hyrank.pipeline.serving.rows import BadRows, RowSchema, explain
 
 MANIFEST = "manifest.json"
@@ -56,7 +57,7 @@ class NoSuchVersion(FileNotFoundError):
 
 @dataclass
 class Artifact:
-    path: Path
+    path: Path | S3Path
     manifest: dict[str, Any]
     program: torch.nn.Module
     rows: RowSchema  # what a request row holds, and the checks it goes through
@@ -84,16 +85,18 @@ class Artifact:
     def load(cls, path: str | Path) -> Artifact:
         """The artifact at `path`: a version folder, or a publish root whose `latest` names one."""
         path = resolve(path)
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path / MANIFEST}: artifact format {manifest.get('format')}, this code reads "
-                             f"{FORMAT_VERSION}")
-        for name, digest in manifest["files"].items():
-            if sha256(path / name) != digest:
-                raise ValueError(f"{path / name} does not match the sha256 in its manifest: the artifact is damaged")
-        rows = RowSchema.of(manifest, source=str(path / MANIFEST))
-        with _LOADING:
-            program = torch.export.load(str(path / PROGRAM)).module()
+        with local_copy(path) as local:  # on object storage: a download, verified here like a local folder
+            manifest = json.loads((local / MANIFEST).read_text())
+            if manifest.get("format") != FORMAT_VERSION:
+                raise ValueError(f"{path / MANIFEST}: artifact format {manifest.get('format')}, this code reads "
+                                 f"{FORMAT_VERSION}")
+            for name, digest in manifest["files"].items():
+                if sha256(local / name) != digest:
+                    raise ValueError(f"{path / name} does not match the sha256 in its manifest: the artifact is "
+                                     "damaged")
+            rows = RowSchema.of(manifest, source=str(path / MANIFEST))
+            with _LOADING:
+                program = torch.export.load(str(local / PROGRAM)).module()
         return cls(path, manifest, program, rows)
 
     # -- scoring -------------------------------------------------------------------------------------------------
@@ -142,9 +145,9 @@ def model_inputs(batch) -> tuple[torch.Tensor, ...]:
             batch.dense)
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path | S3Path) -> Path | S3Path:
     """A version folder, or the one a publish root's `latest` names (never a path out of the root)."""
-    path = Path(path)
+    path = location(path)
     if (path / MANIFEST).is_file():
         return path
     pointer = path / "latest"

@@ -63,7 +63,8 @@ from hyrank.pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, 
 from hyrank.pipeline.serving.publish import (QUALITY_MARGIN, NotPublished, VersionTaken, publish, published_manifest,
                                              record, staging_folder, version_name, who)
 from hyrank.pipeline.serving.quantize import quantize_tables
-from hyrank.pipeline.train.checkpoint import CheckpointMeta, verified_in_its_run
+from hyrank.pipeline.storage import location, open_input
+from hyrank.pipeline.train.checkpoint import CheckpointMeta, dcp_args, verified_in_its_run
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def load_model(checkpoint: Path, meta: CheckpointMeta) -> tuple[RunConfig, Ranki
     tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("cpu"))  # plain lookups: serving has no
     state = {"model": model.state_dict()}                                      # dedup (the same tables, same loss)
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process, even inside a job (stream)
+    dcp.load(state, **dcp_args(checkpoint), no_dist=True)  # one process, even inside a job (stream)
     model.load_state_dict(state["model"])
     return cfg, model.eval()
 
@@ -130,7 +131,7 @@ def holdout_rows(cfg: RunConfig, days_done: list[str], num_rows: int) -> tuple[p
     day = later[0] if later else next(day for day in days if str(day.day) == last)
     parts, have = [], 0
     for file in day.files:
-        table = pq.read_table(file, columns=cfg.features.columns())
+        table = pq.read_table(open_input(file), columns=cfg.features.columns())
         good = validate_rows(table, cfg.features, max_list_len=d.max_list_len).good_B
         parts.append(table.filter(pa.array(good)))
         have += parts[-1].num_rows
@@ -158,7 +159,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
     """
     if aoti and tables != "fp32":  # AOTI trips on fbgemm's bounds_check_indices for quantized tables (torchrec 1.8)
         raise ValueError(f"--aoti needs fp32 tables, not {tables}")
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = location(checkpoint), location(out)
     meta = verified_in_its_run(checkpoint, trust=trust_checkpoint)
     version = version_name(meta.run_id, meta.progress.global_step, tables)
     event = {"version": version, "checkpoint": str(checkpoint), "checkpoint_sha256": meta.fingerprint, "by": who()}

@@ -78,6 +78,7 @@ from prometheus_client.exposition import choose_encoder
 from starlette.requests import ClientDisconnect
 
 from hyrank.pipeline.serving.artifact import MANIFEST, NoSuchVersion, resolve
+from hyrank.pipeline.storage import location, mtime_ns
 from hyrank.pipeline.serving.batching import MicroBatcher, Overloaded
 from hyrank.pipeline.serving.bodies import ARROW_STREAM, NoModel, answer, decode_request, is_arrow
 from hyrank.pipeline.serving.rows import BadRows
@@ -106,7 +107,7 @@ class ServeOptions:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
 
     def __post_init__(self) -> None:
-        self.artifact = Path(self.artifact)
+        self.artifact = location(self.artifact)  # a local path or s3://bucket/prefix
         for name in ("max_batch_rows", "max_request_rows", "max_body_bytes", "model_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -135,7 +136,7 @@ class ModelSlot:
         """Start the version `latest` names if it is not the one serving; True if a new one was swapped in."""
         try:
             path = resolve(self.source)
-            key = (path, (path / MANIFEST).stat().st_mtime_ns)
+            key = (path, mtime_ns(path / MANIFEST))
         except NoSuchVersion as e:
             self._dangling_pointer(e)
             return False

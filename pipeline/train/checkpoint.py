@@ -159,7 +159,7 @@ class Checkpointer:
             rmtree(tmp)
             tmp.mkdir(parents=True)
         env.comm.barrier()
-        dcp.save({name: part.state_dict() for name, part in self.tensors.items()}, **_dcp(tmp, write=True))
+        dcp.save({name: part.state_dict() for name, part in self.tensors.items()}, **dcp_args(tmp, write=True))
         ranks = env.comm.gather_objects({name: part.state_dict() for name, part in self.per_rank.items()})
         if env.is_main:
             meta = {"format": FORMAT_VERSION, "step": step, "world_size": env.world_size,
@@ -270,7 +270,7 @@ class Checkpointer:
                 unsaved += [f"{name}.{k}" for k in missing]
             if template is not None:
                 state[name] = template
-        dcp.load(state, **_dcp(path))
+        dcp.load(state, **dcp_args(path))
         for name, part in self.tensors.items():
             if name in state:
                 part.load_state_dict(state[name])
@@ -311,7 +311,7 @@ class Checkpointer:
         if hasattr(model, "resized_template"):
             mine = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
             resized = model.resized_template(mine, wanted)
-        dcp.load({"model": {**template, **resized}}, **_dcp(path))
+        dcp.load({"model": {**template, **resized}}, **dcp_args(path))
         model.load_state_dict(template, strict=False)
         if resized:
             model.load_resized(resized)
@@ -375,7 +375,7 @@ def _inside(root: Path | S3Path, path: str | Path | S3Path) -> bool:
     return path.parent == root.resolve() and re.fullmatch(r"step-\d+", path.name) is not None
 
 
-def _dcp(path: Path | S3Path, *, write: bool = False) -> dict[str, Any]:
+def dcp_args(path: Path | S3Path, *, write: bool = False) -> dict[str, Any]:
     """dcp.save/load's storage arguments: its fsspec storage on object storage, its file system one on disk."""
     if not is_remote(path):
         return {"checkpoint_id": str(path)}
