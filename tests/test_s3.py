@@ -66,3 +66,13 @@ def test_s3_missing_bucket_and_bad_credentials_are_one_clear_line(s3, monkeypatc
     finally:
         s3.server.check_credentials(False)
     assert str(e.value).startswith(f"{s3.url}/logs: access denied") and "\n" not in str(e.value), str(e.value)
+
+
+def test_s3_bench_storage_runs(s3, capsys):
+    from hyrank.pipeline.cli import main
+
+    assert main(["bench", "storage", "--bucket", s3.name, "--rows", "1000", "--checkpoint-mb", "2",
+                 "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reader rows/s (DayReader)" in out and "checkpoint save s" in out and "checkpoint load s" in out, out
+    assert s3.keys("checkpoints/latest") and s3.keys("logs/day=2026-11-01/_SUCCESS")
