@@ -307,20 +307,44 @@ class S3Path:
                 h.update(chunk)
         return h.hexdigest()
 
-    def create_exclusive(self, data: bytes) -> bool:
-        """PUT only if no object has this key (If-None-Match: *, S3's conditional write): True if this call
-        created it, False if one was there."""
+    def create_exclusive(self, data: bytes) -> str | None:
+        """PUT only if no object has this key (If-None-Match: *, S3's conditional write): the new object's ETag if
+        this call created it, None if one was there."""
+        return self._put_if(data, IfNoneMatch="*")
+
+    def replace_if(self, data: bytes, etag: str) -> str | None:
+        """PUT only if the object is still the version `etag` names (If-Match): the new ETag, or None if another
+        writer replaced or deleted it since."""
+        return self._put_if(data, IfMatch=etag)
+
+    def read_with_etag(self) -> tuple[bytes, str] | None:
+        """The object's content and ETag (None if there is none): what replace_if compares with."""
         from botocore.exceptions import ClientError
 
         try:
             with _clear_errors(self):
-                _client().put_object(Bucket=self.bucket, Key=self.key_path.split("/", 1)[1], Body=data,
-                                     IfNoneMatch="*")
+                got = _client().get_object(Bucket=self.bucket, Key=self._key)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
             raise
-        return True
+        return got["Body"].read(), got["ETag"]
+
+    @property
+    def _key(self) -> str:
+        return self.key_path.split("/", 1)[1]
+
+    def _put_if(self, data: bytes, **condition: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            with _clear_errors(self):
+                return _client().put_object(Bucket=self.bucket, Key=self._key, Body=data, **condition)["ETag"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                             "NoSuchKey"):
+                return None
+            raise
 
 
 @functools.cache

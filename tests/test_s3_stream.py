@@ -162,4 +162,8 @@ def test_s3_run_lock_is_one_writer_and_a_silent_holder_is_taken_over(s3, monkeyp
     second = ObjectLock(records)
     second.acquire()
     assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # taken over while it holds it (it fell silent past the lease): it stops beating and leaves the new lock alone
+    s3.put("run/checkpoints/.lock", json.dumps({"host": "node-8", "pid": 2, "heartbeat": time.time()}).encode())
+    time.sleep(0.5)
     second.release()
+    assert json.loads(lock.read_text())["host"] == "node-8"

@@ -36,8 +36,8 @@ import torch
 from hyrank.pipeline.data.convert import BatchConverter
 from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.files import sha256
-from hyrank.pipeline.storage import S3Path, local_copy, location
 from hyrank.pipeline.serving.rows import BadRows, RowSchema, explain
+from hyrank.pipeline.storage import S3Path, local_copy, location
 
 MANIFEST = "manifest.json"
 PROGRAM = "model.pt2"

@@ -78,11 +78,11 @@ from prometheus_client.exposition import choose_encoder
 from starlette.requests import ClientDisconnect
 
 from hyrank.pipeline.serving.artifact import MANIFEST, NoSuchVersion, resolve
-from hyrank.pipeline.storage import location, mtime_ns
 from hyrank.pipeline.serving.batching import MicroBatcher, Overloaded
 from hyrank.pipeline.serving.bodies import ARROW_STREAM, NoModel, answer, decode_request, is_arrow
 from hyrank.pipeline.serving.rows import BadRows
 from hyrank.pipeline.serving.worker import ModelLoadError, ModelProcess
+from hyrank.pipeline.storage import location, mtime_ns
 
 log = logging.getLogger(__name__)
 

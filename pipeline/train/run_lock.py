@@ -85,41 +85,58 @@ HEARTBEAT_S, LEASE_S = 15.0, 90.0  # a holder silent for LEASE_S is gone (six he
 
 
 class ObjectLock:
-    """The run lock on object storage: a conditionally created `.lock` object with a heartbeat (module docstring)."""
+    """The run lock on object storage: a conditionally created `.lock` object with a heartbeat (module docstring).
+    Every write after the create is conditional on the ETag this holder last wrote (If-Match), so of two starts
+    that find the same gone holder only one takes over, and a holder whose lock was taken over stops beating."""
 
     def __init__(self, records: S3Path):
         self.path = records / ".lock"
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._etag: str | None = None
 
     def acquire(self) -> None:
         me = _me()
-        if not self.path.create_exclusive(_encode(me)):
-            holder = _loads(self.path)
+        self._etag = self.path.create_exclusive(_encode(me))
+        while self._etag is None:
+            found = self.path.read_with_etag()
+            if found is None:  # released since: create it again
+                self._etag = self.path.create_exclusive(_encode(me))
+                continue
+            holder = _decode(found[0])
             if not _gone(holder):
                 raise RunDirInUse(f"{self.path.parent} is in use by {_describe(holder)} (lock {self.path}, heartbeat "
                                   f"{holder.get('heartbeat_age', '?')} s ago); stop that run first, or give this one "
                                   "another checkpoint.dir")
+            self._etag = self.path.replace_if(_encode(me), found[1])
+            if self._etag is None:  # another start took it over first
+                raise RunDirInUse(f"{self.path.parent} is in use by another start that took over from "
+                                  f"{_describe(holder)}")
             log.warning("%s: taking over from %s, which is gone", self.path.parent, _describe(holder))
-            self.path.unlink(missing_ok=True)
-            if not self.path.create_exclusive(_encode(me)):  # another start took it over first
-                raise RunDirInUse(f"{self.path.parent} is in use by {_describe(_loads(self.path))}")
         self._beat = threading.Thread(target=self._heartbeat, args=(me,), name="run-lock-heartbeat", daemon=True)
         self._beat.start()
 
     def _heartbeat(self, me: dict) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                self.path.write_bytes(_encode(me))
+                etag = self.path.replace_if(_encode(me), self._etag)
             except OSError as e:  # a store briefly unreachable: the lease allows several missed beats
                 log.warning("%s: heartbeat not written: %s", self.path, e)
+                continue
+            if etag is None:
+                log.error("%s: the run lock was taken over by another start (this run was silent for longer than "
+                          "%.0f s): two writers may now share %s", self.path, LEASE_S, self.path.parent)
+                self._etag = None
+                return
+            self._etag = etag
 
     def release(self) -> None:
         if self._beat is not None:
             self._stop.set()
             self._beat.join()
             self._beat = None
-            self.path.unlink(missing_ok=True)
+            if self._etag is not None:  # still ours: a lock taken over is the new holder's to delete
+                self.path.unlink(missing_ok=True)
 
 
 def _me() -> dict:
@@ -131,10 +148,10 @@ def _encode(me: dict) -> bytes:
     return (json.dumps({**me, "heartbeat": time.time()}) + "\n").encode()
 
 
-def _loads(path: S3Path) -> dict:
+def _decode(data: bytes) -> dict:
     try:
-        holder = json.loads(path.read_text() or "{}")
-    except (ValueError, FileNotFoundError):
+        holder = json.loads(data.decode() or "{}")
+    except ValueError:
         return {}
     holder["heartbeat_age"] = round(time.time() - float(holder.get("heartbeat", 0)))
     return holder
