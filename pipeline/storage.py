@@ -6,10 +6,11 @@ S3-compatible stores: MinIO, Ceph, OSS, R2).
     day.is_dir(); day.glob("*.parquet"); (day / "_SUCCESS").exists(); (root / "latest").read_text()
     write_atomic(root / "latest", "step-000000012\\n")   # pipeline.files: readers see the old object or the new one
     pq.ParquetFile(open_input(file))              # pyarrow's own S3 filesystem for Parquet
-    fs, path = fsspec_of(root)                     # s3fs, for DCP's FsspecWriter / FsspecReader
+    FsspecWriter(str(root / "step-1"), **fsspec_options())   # DCP through s3fs (pipeline/train/checkpoint.py)
 
 S3Path is the few pathlib calls the pipeline makes, each one call of s3fs (listing, head, get, put, delete), not a
-client of our own. Object storage has no folders and no rename: a "folder" exists while an object has its prefix,
+client of our own; the conditional PUTs (If-None-Match / If-Match: the run lock, a published version's manifest) go
+through boto3's client, as s3fs does not expose them. Object storage has no folders and no rename: a "folder" exists while an object has its prefix,
 and a single PUT is atomic per object (readers see the whole old object or the whole new one), which is what
 `write_atomic` promises; a set of objects (a checkpoint, an exported version) is made visible by writing its
 pointer (meta.json, `latest`) last, after the others are uploaded and verified.
@@ -90,15 +91,6 @@ def fsspec_options() -> dict[str, Any]:
     return {"use_listings_cache": False, **({"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {})}
 
 
-def fsspec_of(loc: str | Path | S3Path) -> tuple[Any, str]:
-    """(fsspec filesystem, path inside it) of a location: s3fs for s3://, the local filesystem otherwise."""
-    if is_remote(loc):
-        return s3fs_fs(), S3Path(str(loc)).key_path
-    from fsspec.implementations.local import LocalFileSystem
-
-    return LocalFileSystem(), str(loc)
-
-
 def open_input(file: str | Path | S3Path) -> Any:
     """What pq.ParquetFile reads: a local path as it is, an s3:// file opened through pyarrow's S3 filesystem."""
     if not is_remote(file):
@@ -141,13 +133,14 @@ class _clear_errors:
         return False
 
 
-_DENIED = ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "forbidden", "403",
-           "nocredentials", "unable to locate credentials")
+# botocore's error codes, s3fs's and pyarrow's (AWS SDK for C++) words for refused credentials
+_DENIED = ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "access_denied",
+           "forbidden", "nocredentials", "unable to locate credentials")
 
 
 def _is_bucket_error(e: BaseException) -> bool:
     text = f"{type(e).__name__}: {e}".lower()
-    return "nosuchbucket" in text or "bucket does not exist" in text or "specified bucket does not exist" in text
+    return any(w in text for w in ("nosuchbucket", "no_such_bucket", "bucket does not exist"))
 
 
 def _first_line(text: str) -> str:
