@@ -196,7 +196,7 @@ def stream(*extra: str, config: str = _CONFIG, from_day: str = "", until: str = 
 def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str = _IMAGE,
            cuda_image: str = _CUDA_IMAGE, cpu: int = 4, gpu: int = 0, memMB: int = 16384, h: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, mounts: Optional[List[str]] = None,
-           max_retries: int = 0) -> specs.AppDef:
+           max_retries: int = 0, storage_secret: str = "") -> specs.AppDef:
     """Export a checkpoint for serving (`hyrank export`): one process on one node.
 
     Runs `python -m hyrank.pipeline.cli export --checkpoint CHECKPOINT --out OUT [--tables T]` as a 1x1 torchrun job.
@@ -213,11 +213,14 @@ def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str 
         memMB: memory in MB
         h: a torchx named resource (e.g. gpu.small); if set, it takes precedence over cpu, gpu and memMB
         env: environment variables, e.g. LOGLEVEL=INFO
-        mounts: volumes holding the checkpoint and the output folder, e.g. type=volume,src=hyrank-runs,dst=/app/runs
+        mounts: volumes holding the checkpoint and the output folder, e.g. type=volume,src=hyrank-runs,dst=/app/runs;
+            none when both are on object storage (s3://)
         max_retries: restarts after a failure (torchelastic), and resubmissions by the scheduler
+        storage_secret: a Kubernetes Secret whose keys become the pod's environment (the object store's credentials
+            and endpoint); "" for none
     """
     verb_args = ["--checkpoint", checkpoint, "--out", out]
     verb_args += ["--tables", tables] if tables else []
     return _hyrank_job("export", verb_args, list(extra), j="1x1", image=image, cuda_image=cuda_image, cpu=cpu,
                        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries, rdzv_port=29500,
-                       rdzv_backend="c10d")
+                       rdzv_backend="c10d", storage=[checkpoint, out], storage_secret=storage_secret)

@@ -323,6 +323,16 @@ def test_s3_kubernetes_dryrun_has_data_and_checkpoints_on_object_storage_and_no_
     assert any("persistentVolumeClaim" in v for v in pod["volumes"])
 
 
+@pytest.mark.filterwarnings(VOLCANO_NOTE)
+def test_s3_kubernetes_dryrun_of_an_export_from_and_to_object_storage_mounts_nothing(capsys):
+    assert main(["submit", "--scheduler", "kubernetes", "--dryrun", "export", "--checkpoint",
+                 "s3://models/run/checkpoints/step-000000100", "--out", "s3://models/serving",
+                 "--storage_secret", "hyrank-s3"]) == 0
+    pod = yaml.safe_load(capsys.readouterr().out)["spec"]["tasks"][0]["template"]["spec"]
+    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "hyrank-s3"}}]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+
 def test_s3_storage_secret_is_kubernetes_only(caplog):
     assert main(["submit", "--scheduler", "slurm", "--dryrun", "train", "--days", "2026-11-01",
                  "--storage_secret", "hyrank-s3"]) == 2
