@@ -166,6 +166,29 @@ class ManagedRemap(MCHManagedCollisionModule):
         self._current_iter, self._last_eviction_iter = -1, -1
         self._current_history_buffer_offset, self._evicted = 0, False
 
+    # -- slot state: per slot (row of this remap's range), as checkpoints and artifacts keep it ------------------
+
+    def slot_ids(self) -> torch.Tensor:
+        """(N,) the mixed id holding each slot, FREE for a free one (the last slot always)."""
+        return by_slot(self._mch_sorted_raw_ids, self._mch_remapped_ids_mapping, self._output_global_offset)
+
+    def slot_scores(self) -> torch.Tensor:
+        """(N,) each slot's eviction score (last access step for LRU, count for LFU: higher stays longer)."""
+        return by_slot(self._mch_metadata[self.score_name], self._mch_remapped_ids_mapping,
+                       self._output_global_offset)
+
+    @torch.no_grad()
+    def set_slots(self, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """Make (N,) ids and scores per slot the remap's state: TorchRec's arrays sorted by id. The last slot must be
+        free: sorting is stable, so the last of the free slots (the miss row TorchRec reads for unknown ids) ends
+        last."""
+        assert int(ids[-1]) == FREE, f"table {self._name!r}: the last slot of a shard must stay free"
+        order = torch.argsort(ids, stable=True)
+        self._mch_sorted_raw_ids.copy_(ids[order])
+        self._mch_remapped_ids_mapping.copy_(order + self._output_global_offset)
+        for name, buf in self._mch_metadata.items():
+            buf.copy_(scores[order] if name == self.score_name else torch.zeros_like(buf))
+
     def take_stats(self) -> dict[str, int]:
         """Counts since the last call (then reset), and the slots in use now."""
         looked_up, missed = (int(v) for v in self._looked_up.tolist())
@@ -184,6 +207,13 @@ class ManagedRemap(MCHManagedCollisionModule):
                           input_hash_size=self._input_hash_size, input_hash_func=self._input_hash_func,
                           output_global_offset=output_id_range[0], output_segments=output_segments,
                           buckets=len(output_segments) - 1)
+
+
+def by_slot(sorted_values: torch.Tensor, mapping: torch.Tensor, first_slot: int = 0) -> torch.Tensor:
+    """TorchRec's arrays in sorted-id order (`mapping`: the global row of each position) -> the same per slot."""
+    out = torch.empty_like(sorted_values)
+    out[mapping - first_slot] = sorted_values
+    return out
 
 
 def remap_bytes_per_rank(tables: Sequence[TableDef], world_size: int) -> int:

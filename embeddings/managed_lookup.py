@@ -32,7 +32,7 @@ from torchrec.distributed.mc_embedding import (ManagedCollisionEmbeddingCollecti
 from torchrec.distributed.mc_embeddingbag import (ManagedCollisionEmbeddingBagCollectionSharder,
                                                   ShardedManagedCollisionEmbeddingBagCollection)
 
-from hyrank.embeddings.managed import FREE, ManagedRemap, reset_seed
+from hyrank.embeddings.managed import ManagedRemap, reset_seed
 
 
 @dataclass
@@ -81,29 +81,15 @@ class TableShard:
 
     def slot_ids(self) -> torch.Tensor:
         """(N,) the mixed id holding each slot, FREE for a free one (the last slot always)."""
-        return self._by_slot(self.remap._mch_sorted_raw_ids)
+        return self.remap.slot_ids()
 
     def slot_scores(self) -> torch.Tensor:
         """(N,) each slot's eviction score (last access step for LRU, count for LFU: higher stays longer)."""
-        return self._by_slot(self.remap._mch_metadata[self.remap.score_name])
+        return self.remap.slot_scores()
 
-    def _by_slot(self, sorted_values: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(sorted_values)
-        out[self.remap._mch_remapped_ids_mapping - self.first_slot] = sorted_values
-        return out
-
-    @torch.no_grad()
     def set_slots(self, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        """Make (N,) ids and scores per slot the remap's state: TorchRec's arrays sorted by id. The last slot must be
-        free: sorting is stable, so the last of the free slots (the miss row TorchRec reads for unknown ids) ends
-        last."""
-        assert int(ids[-1]) == FREE, f"table {self.name!r}: the last slot of a shard must stay free"
-        r = self.remap
-        order = torch.argsort(ids, stable=True)
-        r._mch_sorted_raw_ids.copy_(ids[order])
-        r._mch_remapped_ids_mapping.copy_(order + self.first_slot)
-        for name, buf in r._mch_metadata.items():
-            buf.copy_(scores[order] if name == r.score_name else torch.zeros_like(buf))
+        """Make (N,) ids and scores per slot the remap's state (ManagedRemap.set_slots)."""
+        self.remap.set_slots(ids, scores)
 
     def row_payload(self, slots: torch.Tensor) -> torch.Tensor:
         """(k, D + state widths) float: the weights and optimizer state of local `slots`, side by side."""

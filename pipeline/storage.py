@@ -10,10 +10,10 @@ S3-compatible stores: MinIO, Ceph, OSS, R2).
 
 S3Path is the few pathlib calls the pipeline makes, each one call of s3fs (listing, head, get, put, delete), not a
 client of our own; the conditional PUTs (If-None-Match / If-Match: the run lock, a published version's manifest) go
-through boto3's client, as s3fs does not expose them. Object storage has no folders and no rename: a "folder" exists while an object has its prefix,
-and a single PUT is atomic per object (readers see the whole old object or the whole new one), which is what
-`write_atomic` promises; a set of objects (a checkpoint, an exported version) is made visible by writing its
-pointer (meta.json, `latest`) last, after the others are uploaded and verified.
+through boto3's client, as s3fs does not expose them. Object storage has no folders and no rename: a "folder"
+exists while an object has its prefix, and a single PUT is atomic per object (readers see the whole old object or
+the whole new one), which is what `write_atomic` promises; a set of objects (a checkpoint, an exported version) is
+made visible by writing its pointer (meta.json, `latest`) last, after the others are uploaded and verified.
 
 Credentials come from the standard AWS chain (environment, ~/.aws config, instance or pod role). An S3-compatible
 store is named by the standard `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` (e.g. http://minio:9000). A missing
@@ -384,3 +384,7 @@ def rmtree(path: Path | S3Path) -> None:
 
 def mtime_ns(path: Path | S3Path) -> int:
     return path.mtime_ns() if isinstance(path, S3Path) else path.stat().st_mtime_ns
+
+
+def size(path: Path | S3Path) -> int:
+    return path.size() if isinstance(path, S3Path) else path.stat().st_size

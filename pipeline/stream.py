@@ -29,6 +29,7 @@ training on the new ones is the user's choice (a new run with --from).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -64,6 +65,9 @@ class StreamOptions:
     warm_start: WarmStart | None = None  # the run's checkpoint is of another model: carry these weights
     export_to: Path | None = None  # publish each day's model there (pipeline/serving/export.py), gated
     quality_margin: float = QUALITY_MARGIN  # not published if its held-out AUC falls this far below the published one's
+    # publish a delta of the version `latest` names (pipeline/serving/delta.py) while its chain of deltas is shorter
+    # than this, else a full export (0: always full)
+    export_delta: int = 0
     eval_days: tuple = ()  # days or spans (pipeline.data.days.Days) scored as sets once the stream stops
 
 
@@ -227,18 +231,25 @@ class StreamDays:
 
     def _export(self) -> None:
         """Publish the newest day-end checkpoint (rank 0; the others wait at the next look): parity and quality
-        gated, and a refusal is recorded (history.jsonl, status.json), not an error of the run."""
+        gated, and a refusal is recorded (history.jsonl, status.json), not an error of the run. With export_delta,
+        a delta of the version `latest` names while its chain is short enough (publish.delta_base)."""
         checkpoint = self.trainer.checkpointer.latest()
         if self.options.export_to is None or not self.env.is_main or checkpoint is None or \
                 self.trainer.progress.day is not None or checkpoint.name == self.exported:
             return
-        from hyrank.pipeline.serving.export import export_checkpoint
-        from hyrank.pipeline.serving.publish import NotPublished
+        from hyrank.pipeline.serving.export import DeltaRefused, export_checkpoint
+        from hyrank.pipeline.serving.publish import NotPublished, delta_base
 
         self.exported = checkpoint.name
-        try:  # trusted: the newest checkpoint of this run's own checkpointer
-            result = export_checkpoint(checkpoint, self.options.export_to, quality_margin=self.options.quality_margin,
-                                       trust_checkpoint=True)
+        export = functools.partial(export_checkpoint, checkpoint, self.options.export_to, trust_checkpoint=True,
+                                   quality_margin=self.options.quality_margin)  # trusted: this run's own checkpoint
+        try:
+            base = delta_base(self.options.export_to, self.options.export_delta)
+            try:
+                result = export(delta_from=base)
+            except DeltaRefused as e:  # e.g. the published model is another one (a warm start): a full export
+                log.warning("%s; exporting in full", e)
+                result = export()
         except NotPublished as e:
             log.warning("%s", e)
             self.last_export = f"not published: {e}"

@@ -1,7 +1,7 @@
 """Export and serving on object storage (a real S3-protocol server started by the tests: tests/s3.py): `hyrank
 stream` runs the demo's 4 days with the logs, the checkpoints and --export-to on S3, `hyrank serve --artifact
-s3://...` scores requests and hot-reloads the next published version, and an upload cut short is never
-published."""
+s3://...` scores requests and hot-reloads the next published version (a delta: its base downloaded and verified
+too, scoring bit for bit as the full export of its checkpoint), and an upload cut short is never published."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from hyrank.bench.serve_load import ServerProcess, http_json, request_rows
 from hyrank.pipeline.data.days import DayRange
 from hyrank.pipeline.data.synth import generate_logs
 from hyrank.pipeline.serving import publish as publish_module
 from hyrank.pipeline.serving.artifact import Artifact, resolve
+from hyrank.pipeline.serving.export import export_checkpoint
 from hyrank.pipeline.serving.predict import predict
 from hyrank.pipeline.storage import local_copy, location
 
@@ -28,11 +30,12 @@ from conftest import DEFAULT_CONFIG, TINY, small_synth
 pytestmark = pytest.mark.dist
 
 
-def _stream(root: str, out_dir, checkpoints: str, export_to: str) -> subprocess.CompletedProcess:
+def _stream(root: str, out_dir, checkpoints: str, export_to: str, *extra: str) -> subprocess.CompletedProcess:
     sets = [a for item in [*TINY, "train.allreduce_sync_steps=0"] for a in ("--set", item)]
     argv = [sys.executable, "-m", "hyrank.pipeline.cli", "stream", "--config", str(DEFAULT_CONFIG), "--quiet",
             "--nproc-per-node", "2", "--set", f'data.root="{root}"', "--set", f'out_dir="{out_dir}"',
-            "--set", f'checkpoint.dir="{checkpoints}"', "--export-to", export_to, "--quality-margin", "1", *sets]
+            "--set", f'checkpoint.dir="{checkpoints}"', "--export-to", export_to, "--quality-margin", "1",
+            *sets, *extra]
     done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -67,12 +70,20 @@ def test_s3_stream_exports_and_serve_hot_reloads_from_s3_and_a_partial_upload_is
         np.testing.assert_allclose(body["probabilities"], Artifact.load(exports).score_rows(rows), rtol=1e-5)
 
         s3.upload(data / "day=2026-11-04", "logs/day=2026-11-04")  # the fourth day lands; the stream goes on
-        _stream(root, tmp_path / "run", checkpoints, exports)
+        _stream(root, tmp_path / "run", checkpoints, exports, "--export-delta", "1")  # published as a delta
         second = resolve(exports)
         assert second != first and second.name.endswith("step-000000048")
+        delta = Artifact.load(exports)
+        assert delta.manifest["delta"]["base"] == first.name and set(delta.manifest["files"]) == {"delta.pt"}
         _wait_for_version(server.port, second.name)  # hot reload: the server follows `latest` on S3
         status, body = http_json(server.port, "POST", "/score", json.dumps({"rows": rows}).encode())
         assert status == 200 and body["version"] == second.name
+        # the same checkpoint exported in full: the delta on its base (both fetched from S3) scores bit for bit so
+        full = Artifact.load(export_checkpoint(delta.manifest["checkpoint"], tmp_path / "full").path)
+        assert full.version == second.name and "delta" not in full.manifest
+        table = full.table_of(rows)
+        assert torch.equal(delta.valid_logits(table), full.valid_logits(table))
+        np.testing.assert_array_equal(np.float32(body["probabilities"]), full.score_rows(rows))
 
         # an upload cut short (the connection drops after the first file): files without a manifest, never named
         # by `latest`, never served
@@ -99,7 +110,7 @@ def test_s3_stream_exports_and_serve_hot_reloads_from_s3_and_a_partial_upload_is
                 publish_module.publish(location(exports), staging, "partial")
         finally:
             publish_module.upload = original
-        assert s3.keys("exports/versions/partial/") == ["exports/versions/partial/extra.bin"]  # part of it is there
+        assert s3.keys("exports/versions/partial/") == [location(uploaded[0]).key_path.split("/", 1)[1]]  # a part
         assert resolve(exports) == second  # and `latest` never named it
         time.sleep(1.0)
         assert http_json(server.port, "GET", "/readyz")[1]["version"] == second.name

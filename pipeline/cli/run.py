@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hyrank.pipeline.cli import verb
 from hyrank.pipeline.serving.publish import QUALITY_MARGIN
-from hyrank.pipeline.storage import location
+from hyrank.pipeline.storage import location, size
 
 
 # -- train ---------------------------------------------------------------------------------------------------------
@@ -206,6 +206,10 @@ def add_stream(verbs) -> None:
     p.add_argument("--quality-margin", type=float, default=QUALITY_MARGIN,
                    help="with --export-to: do not publish a model whose held-out AUC is more than this below the "
                    "published one's on the same rows")
+    p.add_argument("--export-delta", type=int, default=0, metavar="N",
+                   help="with --export-to: publish each day as a delta of the version `latest` names (the table rows "
+                   "and remap slots that changed, the dense weights: hyrank export --delta-from), and in full once "
+                   "N deltas lie on the last full export (0: always in full)")
     p.add_argument("--eval-days", dest="eval_days", action="append", default=[], metavar="A..B",
                    help="once the stream stops (--until reached, or no --follow and no complete day left), evaluate "
                    "the model on these days as one set (repeatable: one result per span)")
@@ -242,6 +246,7 @@ def _stream(args) -> int:
         options = StreamOptions(first=args.first, until=args.until, follow=args.follow, skip_gaps=args.skip_gaps,
                                 poll_s=args.poll_s, max_poll_s=args.max_poll_s, warm_start=args.warm_start,
                                 export_to=args.export_to, quality_margin=args.quality_margin,
+                                export_delta=args.export_delta,
                                 eval_days=tuple(_span(cfg.data, text, "--eval-days") for text in args.eval_days))
         result = stream(cfg, env, options, progress=not args.quiet)
         if env.is_main:
@@ -372,6 +377,10 @@ def add_export(verbs) -> None:
                    help="table precision: fp16, or int8 row-wise (a scale and bias per row), each gated against "
                    "the fp32 model on the held-out rows (pipeline/serving/export.py QUANTIZATION_BOUNDS)")
     p.add_argument("--holdout", type=int, default=2048, help="held-out rows the parity gate scores both ways")
+    p.add_argument("--delta-from", metavar="VERSION",
+                   help="publish a delta of this version of --out (its base): only the table rows and managed remap "
+                   "slots that changed since, and the dense weights; a server loads the base, then the delta; the "
+                   "gates score it so (pipeline/serving/delta.py)")
     p.add_argument("--aoti", action="store_true",
                    help="also an AOTInductor package (model.aoti.pt2) for a C++ runtime, under the same parity gate "
                    "(fp32 tables; about a minute and a half of compiling for a small model on CPU)")
@@ -388,18 +397,21 @@ def _export(args) -> int:
     published; nor when its held-out AUC is more than --quality-margin below that of the version `latest` names
     (--skip-quality-gate publishes anyway, recorded). Else the version folder, versions/<run id>-step-N, is renamed
     into place and `latest` repointed. A published version is never rewritten: the same checkpoint exported again
-    is left as it is. Every publish and refusal is a line of the root's history.jsonl.
+    is left as it is. Every publish and refusal is a line of the root's history.jsonl. --delta-from VERSION publishes
+    only what changed since that published version (a server loads it on top of its base).
 
     Examples:
       hyrank export --checkpoint runs/default/checkpoints/step-000002344 --out exports/default
       hyrank export --checkpoint "runs/default/checkpoints/$(cat runs/default/checkpoints/latest)" --out exports/default
       hyrank export --checkpoint /mnt/shared/step-000002344 --out exports/default --trust-checkpoint
+      hyrank export --checkpoint runs/drift/checkpoints/step-000004688 --out exports/drift \
+          --delta-from "$(cat exports/drift/latest)"
     """
     from hyrank.pipeline.serving.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.out, tables=args.tables, holdout=args.holdout, aoti=args.aoti,
                                quality_margin=args.quality_margin, skip_quality_gate=args.skip_quality_gate,
-                               trust_checkpoint=args.trust_checkpoint)
+                               trust_checkpoint=args.trust_checkpoint, delta_from=args.delta_from)
     if result.already_published:
         pointer = args.out / "latest"
         latest = pointer.read_text().strip() if pointer.is_file() else "nothing"
@@ -408,6 +420,10 @@ def _export(args) -> int:
         return 0
     p, gate = result.parity, result.quality_gate
     print(f"published {result.path} ({args.out / 'latest'} -> {result.version})")
+    if args.delta_from:
+        carries = json.loads((result.path / "manifest.json").read_text())["delta"]["carries"]
+        print(f"a delta of {args.delta_from}: {carries['rows']} table rows, {carries['remapped_slots']} remap slots, "
+              f"{carries['whole_tensors']} whole tensors; {_bytes(result.path)} bytes")
     if "auc_published" in gate:
         print(f"quality gate: AUC {gate['auc']:.4f} against the published {gate['published']}'s "
               f"{gate['auc_published']:.4f} on the same rows (margin {gate['margin']:g})")
@@ -430,3 +446,7 @@ def _newest_day(d) -> list:
     if not Path(d.root).is_dir():
         return []
     return scan_days(d.root, partition_key=d.partition_key, require_success=d.require_success).found[-1:]
+
+
+def _bytes(folder) -> int:
+    return sum(size(p) for p in folder.iterdir() if p.is_file())

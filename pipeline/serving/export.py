@@ -13,7 +13,10 @@ parity tolerance (1e-5 for fp32 tables). Then the quality gate: the version `lat
 rows, and a model whose AUC falls more than the margin below it is refused (skipping the gate is an explicit choice,
 recorded in the manifest and the root's history). Only then is the version folder renamed into place and `latest`
 repointed; a failed gate leaves nothing published. Versions are named `<run id>-step-N` and never rewritten: the
-same checkpoint exported again is left as published (pipeline/serving/publish.py).
+same checkpoint exported again is left as published (pipeline/serving/publish.py). With `delta_from` the version
+holds only what changed since a published one (pipeline/serving/delta.py), and the gates score it as a server loads
+it: its base, then the delta. Managed tables: pipeline/serving/managed.py (the remap rebuilt whole, eval mode,
+unknown ids counted and read as a zero row).
 
 Trust: a checkpoint is code (DCP unpickles it). It is loaded when it lies where its own run keeps it (a step-N folder
 of the checkpoint folder its config names), else only with trust_checkpoint (`--trust-checkpoint`), as `train
@@ -59,7 +62,11 @@ from hyrank.pipeline.data.validate import validate_rows
 from hyrank.pipeline.files import sha256, write_json
 from hyrank.pipeline.metrics import auc
 from hyrank.pipeline.ranker import RankingModel
-from hyrank.pipeline.serving.artifact import FORMAT_VERSION, MANIFEST, PROGRAM, Artifact, model_inputs
+from hyrank.pipeline.serving.artifact import (FORMAT_MANAGED_OR_DELTA, FORMAT_VERSION, MANIFEST, PROGRAM, Artifact,
+                                              load_version, model_inputs)
+from hyrank.pipeline.serving.delta import DELTA, DeltaBaseError, DeltaMismatch, describe, make_delta, state_of
+from hyrank.pipeline.serving.managed import (FALLBACK, ManagedScoringModule, load_loaded, load_template,
+                                             managed_tables)
 from hyrank.pipeline.serving.publish import (QUALITY_MARGIN, NotPublished, VersionTaken, publish, published_manifest,
                                              record, staging_folder, version_name, who)
 from hyrank.pipeline.serving.quantize import quantize_tables
@@ -78,6 +85,10 @@ QUANTIZATION_BOUNDS = {"fp16": {"logit": 1e-2, "auc": 1e-3}, "int8": {"logit": 5
 
 class ParityError(NotPublished):
     """The exported program does not score like the trained model: nothing was published."""
+
+
+class DeltaRefused(NotPublished):
+    """--delta-from names a version that is not published, is damaged, or is another model: nothing published."""
 
 
 class QualityGateError(NotPublished):
@@ -115,10 +126,24 @@ def load_model(checkpoint: Path, meta: CheckpointMeta) -> tuple[RunConfig, Ranki
     cfg = from_dict(RunConfig, meta.config, source=str(checkpoint / "meta.json"))
     tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("cpu"))  # plain lookups: serving has no
-    state = {"model": model.state_dict()}                                      # dedup (the same tables, same loss)
+    state = {"model": load_template(model)}                                    # dedup (the same tables, same loss)
     dcp.load(state, **dcp_args(checkpoint), no_dist=True)  # one process, even inside a job (stream)
-    model.load_state_dict(state["model"])
+    load_loaded(model, state["model"], str(checkpoint))  # managed remaps rebuilt whole (pipeline/serving/managed.py)
     return cfg, model.eval()
+
+
+def scoring_module(model: RankingModel, batch) -> nn.Module:
+    """The module torch.export traces: model inputs (artifact.model_inputs of `batch`'s kind) -> logits, and with
+    managed tables their ids' counts (ManagedScoringModule)."""
+    if batch.managed_pooled is None and batch.managed_sequence is None:
+        return ScoringModule(model, batch.pooled.keys(), batch.sequence.keys()).eval()
+    keys = [kjt.keys() if kjt is not None else [] for kjt in (batch.managed_pooled, batch.managed_sequence)]
+    return ManagedScoringModule(model, batch.pooled.keys(), batch.sequence.keys(), *keys).eval()
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits of a scoring module's output (ManagedScoringModule's is a tuple)."""
+    return (out[0] if isinstance(out, tuple) else out).float()
 
 
 def holdout_rows(cfg: RunConfig, days_done: list[str], num_rows: int) -> tuple[pa.Table, DayPartition]:
@@ -142,7 +167,8 @@ def holdout_rows(cfg: RunConfig, days_done: list[str], num_rows: int) -> tuple[p
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables = "fp32", holdout: int = 2048,
                       quality_margin: float = QUALITY_MARGIN, skip_quality_gate: bool = False,
-                      trust_checkpoint: bool = False, aoti: bool = False) -> ExportResult:
+                      trust_checkpoint: bool = False, aoti: bool = False,
+                      delta_from: str | None = None) -> ExportResult:
     """Export, check parity and quality, publish (see the module docstring); raises a NotPublished error (ParityError,
     QualityGateError, VersionTaken) with nothing published. Each publish and refusal is a line of out/history.jsonl.
 
@@ -155,18 +181,24 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
     `trust_checkpoint`: also load a checkpoint that is not where its own run keeps it (DCP unpickles what it finds).
     `aoti`: also compile the program with AOTInductor (`model.aoti.pt2`, for a C++ runtime or
     torch._inductor.aoti_load_package; fp32 tables only), under the same parity gate.
+    `delta_from`: a version published under `out`: write only what changed since it (pipeline/serving/delta.py:
+    table rows, remap slots, the dense weights); the gates score the delta as a server loads it (its base, then the
+    delta). DeltaRefused if that version is not there, is damaged or is another model.
     A version published before from the same checkpoint is left as it is (`already_published`), never rewritten.
     """
+    if aoti and delta_from is not None:
+        raise ValueError("--aoti needs a full export (an AOTInductor package holds its weights): drop --delta-from")
     if aoti and tables != "fp32":  # AOTI trips on fbgemm's bounds_check_indices for quantized tables (torchrec 1.8)
         raise ValueError(f"--aoti needs fp32 tables, not {tables}")
     checkpoint, out = location(checkpoint), location(out)
     meta = verified_in_its_run(checkpoint, trust=trust_checkpoint)
     version = version_name(meta.run_id, meta.progress.global_step, tables)
-    event = {"version": version, "checkpoint": str(checkpoint), "checkpoint_sha256": meta.fingerprint, "by": who()}
+    event = {"version": version, "checkpoint": str(checkpoint), "checkpoint_sha256": meta.fingerprint, "by": who(),
+             **({"delta_from": delta_from} if delta_from else {})}
     try:
         result = _already_published(out, version, meta) or _export(
             checkpoint, meta, out, version, tables=tables, holdout=holdout, aoti=aoti,
-            quality_margin=None if skip_quality_gate else quality_margin)
+            quality_margin=None if skip_quality_gate else quality_margin, delta_from=delta_from)
     except NotPublished as e:
         record(out, {"event": "refused", **event, "reason": str(e)})
         raise
@@ -177,24 +209,26 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
 
 
 def _export(checkpoint: Path, meta: CheckpointMeta, out: Path, version: str, *, tables: Tables, holdout: int,
-            aoti: bool, quality_margin: float | None) -> ExportResult:
+            aoti: bool, quality_margin: float | None, delta_from: str | None) -> ExportResult:
     """Build `version` in a staging folder, check it (parity, quality unless the margin is None), publish it."""
     cfg, model = load_model(checkpoint, meta)
     rows, day = holdout_rows(cfg, meta.progress.days_done, holdout)
     labels = rows.column(cfg.features.label).to_numpy().astype(np.float64)
     batch = BatchConverter(cfg.features)(rows, source=str(day.path))
     inputs = model_inputs(batch)
-    scoring = ScoringModule(model, batch.pooled.keys(), batch.sequence.keys()).eval()
+    scoring = scoring_module(model, batch)
     with torch.no_grad():
-        fp32 = scoring(*inputs).float()
+        fp32 = logits_of(scoring(*inputs))
         if tables != "fp32":
             quantize_tables(scoring, tables)
-        eager = scoring(*inputs).float()
+        eager = logits_of(scoring(*inputs))
     manifest = _manifest(cfg, meta, checkpoint, version, rows.schema, tables)
-    staging = _write_staging(out, version, scoring, inputs, manifest, aoti=aoti)
+    if isinstance(scoring, ManagedScoringModule):
+        manifest.update(format=FORMAT_MANAGED_OR_DELTA, managed={"tables": managed_tables(model), "fallback": FALLBACK})
+    staging = _write_staging(out, version, scoring, inputs, manifest, aoti=aoti, delta_from=delta_from)
     try:
         # the gate scores through the artifact as a server loads it: raw rows, validation, converter, program
-        served = Artifact.load(staging).logits(rows)
+        served = Artifact.load(staging, bases=out / "versions").logits(rows)  # (a delta's bases: published ones)
         parity = {**_parity(eager, served, labels), **_quantization(fp32, served, labels, tables), "day": str(day.day)}
         _check_parity(parity, tables, f"{checkpoint} ({tables} tables)")
         gate = _quality_gate(out, rows, labels, parity, version, day, quality_margin)
@@ -229,31 +263,64 @@ def _already_published(out: Path, version: str, meta: CheckpointMeta) -> ExportR
                         manifest.get("quality_gate", {}), already_published=True)
 
 
-def _write_staging(out: Path, version: str, scoring: ScoringModule, inputs: tuple, manifest: dict, *,
-                   aoti: bool) -> Path:
+def _write_staging(out: Path, version: str, scoring: nn.Module, inputs: tuple, manifest: dict, *, aoti: bool,
+                   delta_from: str | None = None) -> Path:
     """torch.export the scoring module (one dynamic batch size) into a fresh staging folder with its manifest, and
-    with `aoti` its AOTInductor package."""
+    with `aoti` its AOTInductor package; with `delta_from` (a published version) the program is written as a delta
+    of that version (pipeline/serving/delta.py)."""
     rows_dim = torch.export.Dim("rows", min=1, max=1 << 20)
     shapes = ({0: torch.export.Dim("pooled_ids", min=0)}, {0: len(scoring.pooled_keys) * rows_dim},
               {0: torch.export.Dim("sequence_ids", min=0)}, {0: len(scoring.sequence_keys) * rows_dim},
               {0: rows_dim})
+    if isinstance(scoring, ManagedScoringModule):
+        shapes += ({0: torch.export.Dim("managed_ids", min=0)}, {0: len(scoring.managed_keys) * rows_dim})
     program = torch.export.export(scoring, inputs, dynamic_shapes=shapes, strict=False)
     staging = staging_folder(out, version)
-    files = [PROGRAM]
-    if aoti:  # (AOTInductor compiles from the example inputs, so before they are dropped)
-        torch._inductor.aoti_compile_and_package(program, package_path=str(staging / AOTI_PROGRAM))
-        files.append(AOTI_PROGRAM)
-    program._example_inputs = None  # torch.export.save would ship the held-out rows (real data) with the model
-    torch.export.save(program, str(staging / PROGRAM))
-    write_json(staging / MANIFEST, {**manifest, "files": {name: sha256(staging / name) for name in files}})
+    files = []
+    try:
+        if aoti:  # (AOTInductor compiles from the example inputs, so before they are dropped)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(staging / AOTI_PROGRAM))
+            files.append(AOTI_PROGRAM)
+        program._example_inputs = None  # torch.export.save would ship the held-out rows (real data) with the model
+        if delta_from is None:
+            torch.export.save(program, str(staging / PROGRAM))
+            files.append(PROGRAM)
+        else:
+            manifest = {**manifest, "format": FORMAT_MANAGED_OR_DELTA,
+                        "delta": _write_delta(out, delta_from, program, manifest, staging)}
+            files.append(DELTA)
+        write_json(staging / MANIFEST, {**manifest, "files": {name: sha256(staging / name) for name in files}})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging
+
+
+def _write_delta(out: Path, base: str, program: torch.export.ExportedProgram, manifest: dict, staging: Path) -> dict:
+    """Write the delta of `program` from the published version `base` into `staging` (pipeline/serving/delta.py);
+    its manifest entry. DeltaRefused if `base` is not published there, is damaged, or is another model."""
+    path = out / "versions" / base
+    published = published_manifest(out, base)
+    if published is None:
+        raise DeltaRefused(f"--delta-from {base}: no such version is published under {out}")
+    try:
+        for key in ("model", "features", "tables", "arrow_schema"):  # before loading it: another model is no base
+            if published.get(key) != manifest[key]:
+                raise DeltaMismatch(f"its {key} differs from this model's")
+        base_manifest, base_program = load_version(path)  # verified as a server loads it (downloaded on S3)
+        delta = make_delta(state_of(base_program), state_of(program))
+    except (DeltaMismatch, DeltaBaseError, ValueError) as e:
+        raise DeltaRefused(f"no delta of {manifest['version']} from {base} ({path}): {e}") from e
+    torch.save(delta, staging / DELTA)
+    return {"base": base, "base_manifest_sha256": sha256(path / MANIFEST),
+            "chain": base_manifest.get("delta", {}).get("chain", 0) + 1, "carries": describe(delta)}
 
 
 def _check_aoti(staging: Path, inputs: tuple, eager: torch.Tensor, parity: dict) -> float:
     """The AOTInductor package scored on the held-out inputs; ParityError beyond tolerance."""
     path = staging / AOTI_PROGRAM
     with torch.no_grad():
-        compiled = torch._inductor.aoti_load_package(str(path))(*inputs).float()
+        compiled = logits_of(torch._inductor.aoti_load_package(str(path))(*inputs))
     diff = float((compiled - eager).abs().max())
     if diff > PARITY_TOLERANCE:
         raise ParityError(f"the AOTInductor program's logits differ from the model's by up to {diff:.3g} on "

@@ -101,6 +101,20 @@ def published_manifest(root: Path | S3Path, version: str) -> dict[str, Any] | No
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def delta_base(root: Path | S3Path, max_chain: int) -> str | None:
+    """The version a new export is a delta of (`stream --export-delta`): the one `latest` names, while fewer than
+    `max_chain` deltas lie between it and a full export; None (export in full) otherwise, or with nothing published
+    or `max_chain` 0. A long chain costs each load one more base to read and apply: a full export bounds it."""
+    pointer = root / "latest"
+    if max_chain <= 0 or not pointer.is_file():
+        return None
+    version = pointer.read_text().strip()
+    manifest = published_manifest(root, version)
+    if manifest is None:
+        return None
+    return version if manifest.get("delta", {}).get("chain", 0) < max_chain else None
+
+
 def record(root: Path | S3Path, event: dict[str, Any]) -> None:
     """One line of the root's history (append-only), stamped with the time."""
     line = json.dumps({"at": dt.datetime.now().isoformat(timespec="seconds"), **event}, default=str) + "\n"

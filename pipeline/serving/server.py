@@ -30,8 +30,10 @@ Endpoints:
                  bad_request, too_large, internal, unavailable}, hyrank_request_duration_seconds (histogram),
                  hyrank_batch_rows / hyrank_batch_requests (histograms), hyrank_rows_scored_total,
                  hyrank_queued_rows, hyrank_model_loaded, hyrank_model_info{version} 1,
-                 hyrank_model_reloads_total{result: ok, failed}; counters and histograms also have the library's
-                 *_created series.
+                 hyrank_model_reloads_total{result: ok, failed}; with managed tables (pipeline/serving/managed.py)
+                 hyrank_managed_ids_total{table} and hyrank_unknown_ids_total{table}, the ids scored and those the
+                 model has no row for (they read the table's zero fallback row); counters and histograms also have
+                 the library's *_created series.
 
 Two processes: this one (HTTP, decoding each request into Arrow in the event loop, batching) and a model process
 (pipeline/serving/worker.py: validation, conversion and the exported program), so that the program never waits
@@ -81,7 +83,7 @@ from hyrank.pipeline.serving.artifact import MANIFEST, NoSuchVersion, resolve
 from hyrank.pipeline.serving.batching import MicroBatcher, Overloaded
 from hyrank.pipeline.serving.bodies import ARROW_STREAM, NoModel, answer, decode_request, is_arrow
 from hyrank.pipeline.serving.rows import BadRows
-from hyrank.pipeline.serving.worker import ModelLoadError, ModelProcess
+from hyrank.pipeline.serving.worker import ModelLoadError, ModelProcess, Outcome
 from hyrank.pipeline.storage import location, mtime_ns
 
 log = logging.getLogger(__name__)
@@ -234,6 +236,10 @@ class Metrics:
         self.batch_requests = Histogram("hyrank_batch_requests", "requests per model call",
                                         buckets=tuple(float(2 ** i) for i in range(9)), registry=r)
         self.rows_scored = Counter("hyrank_rows_scored_total", "rows scored", registry=r)
+        self.managed_ids = Counter("hyrank_managed_ids_total", "ids of managed tables in the rows scored, by table",
+                                   ["table"], registry=r)
+        self.unknown_ids = Counter("hyrank_unknown_ids_total", "ids of managed tables the model holds no row for, by "
+                                   "table: scored through the table's zero fallback row", ["table"], registry=r)
         self.reloads = Counter("hyrank_model_reloads_total", "model versions loaded, or that failed to load (a "
                                "damaged version, or a `latest` naming none)", ["result"], registry=r)
         # every reason and result shows from the start, at 0: an alert on their rate needs the series to exist
@@ -250,6 +256,13 @@ class Metrics:
         else:
             self.rows_scored.inc(rows)
         self.latency.observe(seconds)
+
+    def ids(self, outcome: Outcome) -> None:
+        """Count a scored request's ids of managed tables, and those without a slot."""
+        for table, count in outcome.managed_ids.items():
+            self.managed_ids.labels(table).inc(count)
+        for table, count in outcome.unknown_ids.items():
+            self.unknown_ids.labels(table).inc(count)
 
     def batch(self, requests: int, rows: int) -> None:
         self.batch_requests.observe(requests)
@@ -344,6 +357,7 @@ def make_app(options: ServeOptions) -> FastAPI:
             return _unavailable(outcome.error), 0
         if outcome.error:
             return JSONResponse({"error": outcome.error}, status_code=500), 0
+        metrics.ids(outcome)
         return answer(outcome, arrow=ARROW_STREAM in request.headers.get("accept", "").lower()), \
             len(outcome.probabilities)
 

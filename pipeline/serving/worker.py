@@ -63,6 +63,9 @@ class Outcome:
     problems: list[str] = field(default_factory=list)  # the request's own fault (HTTP 400)
     error: str | None = None  # the server's fault (HTTP 500), or no model to score with (503)
     unavailable: bool = False
+    # a model of managed tables: per table, the request's ids looked up and those without a slot (the fallback row)
+    managed_ids: dict[str, int] = field(default_factory=dict)
+    unknown_ids: dict[str, int] = field(default_factory=dict)
 
 
 class ModelLoadError(RuntimeError):
@@ -110,22 +113,34 @@ def score_requests(artifact, table: pa.Table, sizes: list[int]) -> list[Outcome]
             keep[starts[k]:starts[k + 1]] = True
         table = table.filter(pa.array(keep))
     try:
-        probs = artifact.score_valid(table, id_max=verdict.id_max)
+        out = artifact.valid_outputs(table, id_max=verdict.id_max)
     except Exception:  # noqa: BLE001 - find the request the model cannot score: each alone
         log.exception("a batch of %d requests failed; scoring each alone", len(good))
         start = 0
         for k in good:
             try:
-                outcomes[k] = Outcome(artifact.score_valid(table.slice(start, sizes[k])), artifact.version)
+                outcomes[k] = _outcome(artifact, artifact.valid_outputs(table.slice(start, sizes[k])), 0, sizes[k])
             except Exception as e:  # noqa: BLE001
                 outcomes[k] = Outcome(error=f"{type(e).__name__}: {e}")
             start += sizes[k]
         return outcomes
     start = 0
     for k in good:
-        outcomes[k] = Outcome(probs[start:start + sizes[k]], artifact.version)
+        outcomes[k] = _outcome(artifact, out, start, start + sizes[k])
         start += sizes[k]
     return outcomes
+
+
+def _outcome(artifact, out, start: int, stop: int) -> Outcome:
+    """The outcome of rows start:stop of a program call's outputs (Artifact.valid_outputs)."""
+    import torch
+
+    outcome = Outcome(torch.sigmoid(out.logits[start:stop]).numpy(), artifact.version)
+    if out.unknown_ids is not None:
+        tables = artifact.managed_tables
+        outcome.managed_ids = dict(zip(tables, out.managed_ids[start:stop].sum(0).tolist()))
+        outcome.unknown_ids = dict(zip(tables, out.unknown_ids[start:stop].sum(0).tolist()))
+    return outcome
 
 
 class LocalModel:
