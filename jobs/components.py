@@ -11,8 +11,13 @@ the first node) running `python -m hyrank.pipeline.cli <verb> ... --quiet`, so t
 scheduler and per component (image, mounts) live in `.torchxconfig` at the repository root.
 
 Every host reads the run's files: the data root and `checkpoint.dir` (default `<out_dir>/checkpoints`) must be on
-storage all nodes share (a ReadWriteMany volume, NFS, Lustre), because rank 0 writes checkpoints that every rank
-loads on a restart.
+storage all nodes share, because rank 0 writes checkpoints that every rank loads on a restart: a ReadWriteMany
+volume, NFS, Lustre (`mounts`), or object storage, with no volume at all: `data_root` and `checkpoint_dir`
+`s3://bucket/prefix` (S3, MinIO, Ceph, OSS, R2), the credentials from a Kubernetes Secret (`storage_secret`: its
+keys, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL for an S3-compatible store, become every
+pod's environment) or the pod's role (the scheduler's `service_account`). A job whose data and checkpoints are on
+object storage mounts nothing (the `mounts` of .torchxconfig are dropped): its out_dir (logs, metrics) is the
+pod's own disk, and the run lock and the row ledger lie beside the checkpoints.
 
 torchx loads this file by executing it in its own module namespace (torchx.specs.finder), not by importing it:
 it imports nothing of hyrank, defines no name that module already has (e.g. `logger`, `validate`), and its
@@ -50,7 +55,12 @@ _JOB_ARGS_DOC = """
     h: a torchx named resource (e.g. gpu.large); if set, it takes precedence over cpu, gpu and memMB
     env: environment variables of every rank, e.g. NCCL_DEBUG=INFO,LOGLEVEL=INFO
     mounts: volumes for the data root and checkpoint.dir, shared by all nodes, e.g.
-        type=volume,src=hyrank-runs,dst=/app/runs (a PVC) or type=bind,src=/mnt/nfs/data,dst=/app/data
+        type=volume,src=hyrank-runs,dst=/app/runs (a PVC) or type=bind,src=/mnt/nfs/data,dst=/app/data; none
+        when data_root and checkpoint_dir are on object storage
+    data_root: the logs (data.root), e.g. s3://logs/clicks ("" for the config's)
+    checkpoint_dir: the run's checkpoints (checkpoint.dir), e.g. s3://models/prod/checkpoints ("" for the config's)
+    storage_secret: a Kubernetes Secret whose keys become every pod's environment (the object store's
+        credentials and endpoint: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL); "" for none
     max_retries: restarts after a failure. torchelastic restarts every rank up to this many times
         (--max-restarts: train continues from its latest checkpoint, stream always does), and the scheduler
         resubmits a job that lost a node up to this many times (Volcano maxRetry, Slurm requeue)
@@ -65,9 +75,20 @@ def _with_job_args(fn):
     return fn
 
 
+_OBJECT_STORAGE = ("s3://",)
+SECRET_METADATA = "hyrank/storage_secret"  # role metadata: `hyrank submit` adds the Secret to the pods (envFrom)
+
+
+def _storage_args(data_root: str, checkpoint_dir: str) -> List[str]:
+    """The verb's --set of the storage locations given as component arguments."""
+    return ([f'--set=data.root="{data_root}"'] if data_root else []) + \
+        ([f'--set=checkpoint.dir="{checkpoint_dir}"'] if checkpoint_dir else [])
+
+
 def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, image: str, cuda_image: str, cpu: int,
                 gpu: int, memMB: int, h: Optional[str], env: Optional[Dict[str, str]], mounts: Optional[List[str]],
-                max_retries: int, rdzv_port: int, rdzv_backend: str) -> specs.AppDef:
+                max_retries: int, rdzv_port: int, rdzv_backend: str, storage: List[str] = (),
+                storage_secret: str = "") -> specs.AppDef:
     """dist.ddp running `python -m hyrank.pipeline.cli <verb> <verb_args> <extra>` under torchrun, with torchelastic
     restarts; its one role is named after the verb. A role with GPUs (from --gpu or a named resource -h) runs
     `cuda_image` with the NCCL environment; on Kubernetes torchx gives every pod a memory-backed /dev/shm without a
@@ -83,6 +104,8 @@ def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, im
     # restart a rank can read a dead rank's Gloo address ("connectFullMesh failed ... Connection refused",
     # measured). Opting out of the sharing gives every round its own store.
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
+    if storage and all(loc.startswith(_OBJECT_STORAGE) for loc in storage):
+        mounts = None  # data and checkpoints (and exports) on object storage: no volume for pods to share
     app = ddp(verb, *verb_args, *extra, m="hyrank.pipeline.cli", name=f"hyrank/hyrank-{verb}", image=image, cpu=cpu,
               gpu=gpu, memMB=memMB, h=h, j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port,
               rdzv_backend=rdzv_backend, mounts=mounts)
@@ -97,6 +120,8 @@ def _hyrank_job(verb: str, verb_args: List[str], extra: List[str], *, j: str, im
     # attempt inside the same allocation, TORCHELASTIC_RESTART_COUNT > 0, so train resumes from latest)
     role.args = [shell_flag, f"torchrun --max-restarts {max_retries} " + command[len("torchrun "):]]
     role.name = verb
+    if storage_secret:
+        role.metadata[SECRET_METADATA] = storage_secret
     return app
 
 
@@ -105,7 +130,8 @@ def train(*extra: str, days: str, config: str = _CONFIG, eval_day: str = "", res
           j: str = "1x2", image: str = _IMAGE, cuda_image: str = _CUDA_IMAGE, cpu: int = 4, gpu: int = 0,
           memMB: int = 16384, h: Optional[str] = None, env: Optional[Dict[str, str]] = None,
           mounts: Optional[List[str]] = None, max_retries: int = 0, rdzv_port: int = 29500,
-          rdzv_backend: str = "c10d") -> specs.AppDef:
+          rdzv_backend: str = "c10d", data_root: str = "", checkpoint_dir: str = "",
+          storage_secret: str = "") -> specs.AppDef:
     """Train on a range of days (`hyrank train`), on j nodes x processes.
 
     Runs `python -m hyrank.pipeline.cli train --config CONFIG --days DAYS ... --quiet` on every rank. Every attempt of
@@ -123,9 +149,10 @@ def train(*extra: str, days: str, config: str = _CONFIG, eval_day: str = "", res
     verb_args = ["--config", config, "--days", days, "--quiet"]
     verb_args += ["--eval-day", eval_day] if eval_day else []
     verb_args += ["--resume", resume] if resume else []
+    verb_args += _storage_args(data_root, checkpoint_dir)
     return _hyrank_job("train", verb_args, list(extra), j=j, image=image, cuda_image=cuda_image, cpu=cpu, gpu=gpu,
                        memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries, rdzv_port=rdzv_port,
-                       rdzv_backend=rdzv_backend)
+                       rdzv_backend=rdzv_backend, storage=[data_root, checkpoint_dir], storage_secret=storage_secret)
 
 
 @_with_job_args
@@ -133,7 +160,8 @@ def stream(*extra: str, config: str = _CONFIG, from_day: str = "", until: str = 
            skip_gaps: bool = False, warm_start: str = "", j: str = "1x2", image: str = _IMAGE,
            cuda_image: str = _CUDA_IMAGE, cpu: int = 4, gpu: int = 0, memMB: int = 16384, h: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, mounts: Optional[List[str]] = None, max_retries: int = 0,
-           rdzv_port: int = 29500, rdzv_backend: str = "c10d") -> specs.AppDef:
+           rdzv_port: int = 29500, rdzv_backend: str = "c10d", data_root: str = "", checkpoint_dir: str = "",
+           export_to: str = "", storage_secret: str = "") -> specs.AppDef:
     """Daily retraining (`hyrank stream`): evaluate each complete day with the current model, then train on it.
 
     Runs `python -m hyrank.pipeline.cli stream --config CONFIG ... --quiet` on every rank. It always warm-starts from the
@@ -149,6 +177,7 @@ def stream(*extra: str, config: str = _CONFIG, from_day: str = "", until: str = 
         follow: keep waiting for days that are not complete yet (a job that does not end)
         skip_gaps: skip a missing day once a later day is complete (logged in history.jsonl)
         warm_start: the latest checkpoint is of another model: carry dense, tables or matching weights ("" to refuse)
+        export_to: publish each day's model to this root (`--export-to`), e.g. s3://models/prod/serving
     """
     verb_args = ["--config", config, "--quiet"]
     verb_args += ["--from", from_day] if from_day else []
@@ -156,15 +185,18 @@ def stream(*extra: str, config: str = _CONFIG, from_day: str = "", until: str = 
     verb_args += ["--follow"] if follow else []
     verb_args += ["--skip-gaps"] if skip_gaps else []
     verb_args += ["--warm-start", warm_start] if warm_start else []
+    verb_args += ["--export-to", export_to] if export_to else []
+    verb_args += _storage_args(data_root, checkpoint_dir)
+    storage = [data_root, checkpoint_dir] + ([export_to] if export_to else [])
     return _hyrank_job("stream", verb_args, list(extra), j=j, image=image, cuda_image=cuda_image, cpu=cpu, gpu=gpu,
                        memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries, rdzv_port=rdzv_port,
-                       rdzv_backend=rdzv_backend)
+                       rdzv_backend=rdzv_backend, storage=storage, storage_secret=storage_secret)
 
 
 def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str = _IMAGE,
            cuda_image: str = _CUDA_IMAGE, cpu: int = 4, gpu: int = 0, memMB: int = 16384, h: Optional[str] = None,
            env: Optional[Dict[str, str]] = None, mounts: Optional[List[str]] = None,
-           max_retries: int = 0) -> specs.AppDef:
+           max_retries: int = 0, storage_secret: str = "") -> specs.AppDef:
     """Export a checkpoint for serving (`hyrank export`): one process on one node.
 
     Runs `python -m hyrank.pipeline.cli export --checkpoint CHECKPOINT --out OUT [--tables T]` as a 1x1 torchrun job.
@@ -181,11 +213,14 @@ def export(*extra: str, checkpoint: str, out: str, tables: str = "", image: str 
         memMB: memory in MB
         h: a torchx named resource (e.g. gpu.small); if set, it takes precedence over cpu, gpu and memMB
         env: environment variables, e.g. LOGLEVEL=INFO
-        mounts: volumes holding the checkpoint and the output folder, e.g. type=volume,src=hyrank-runs,dst=/app/runs
+        mounts: volumes holding the checkpoint and the output folder, e.g. type=volume,src=hyrank-runs,dst=/app/runs;
+            none when both are on object storage (s3://)
         max_retries: restarts after a failure (torchelastic), and resubmissions by the scheduler
+        storage_secret: a Kubernetes Secret whose keys become the pod's environment (the object store's credentials
+            and endpoint); "" for none
     """
     verb_args = ["--checkpoint", checkpoint, "--out", out]
     verb_args += ["--tables", tables] if tables else []
     return _hyrank_job("export", verb_args, list(extra), j="1x1", image=image, cuda_image=cuda_image, cpu=cpu,
                        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries, rdzv_port=29500,
-                       rdzv_backend="c10d")
+                       rdzv_backend="c10d", storage=[checkpoint, out], storage_secret=storage_secret)

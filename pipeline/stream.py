@@ -46,6 +46,7 @@ from hyrank.pipeline.data.fingerprint import FileFingerprint, file_changes, file
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.files import write_json
 from hyrank.pipeline.serving.publish import QUALITY_MARGIN
+from hyrank.pipeline.storage import location
 from hyrank.pipeline.train.resume import WarmStart, check_resumable
 from hyrank.pipeline.train.plan import DayEnd
 from hyrank.pipeline.train.trainer import RunPlan, RunResult, Trainer
@@ -215,7 +216,7 @@ class StreamDays:
         try:
             for day in sorted(set(self.trainer.progress.days_done)):
                 if (folder := f"{d.partition_key}={day}") in recorded:
-                    now = {f.name: file_fingerprint(f) for f in sorted((Path(d.root) / folder).glob("*.parquet"))}
+                    now = {f.name: file_fingerprint(f) for f in sorted((location(d.root) / folder).glob("*.parquet"))}
                     if changes := file_changes(recorded[folder], now):
                         changed[day] = changes
         except OSError as e:  # e.g. a file without read permission: the check is a report, not a reason to stop

@@ -93,3 +93,24 @@ def _no_process_group_left_behind():
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         pytest.fail("the test left a default process group initialised in the pytest process")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session's s3 tests (tests/s3.py), stopped at the end."""
+    from s3 import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the test S3 server, with the standard AWS variables pointing this process (and the
+    processes it starts) at it."""
+    from s3 import Bucket, set_env
+
+    set_env(s3_server.env, monkeypatch)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return Bucket(s3_server)

@@ -293,6 +293,52 @@ def test_paper_scale_job_on_8_hosts_of_8_gpus(capsys):
     assert sum(t.num_embeddings for t in cfg.features.tables) > 4_000_000_000
 
 
+@pytest.mark.filterwarnings(VOLCANO_NOTE)
+@pytest.mark.parametrize("component", ["train", "stream"])
+def test_s3_kubernetes_dryrun_has_data_and_checkpoints_on_object_storage_and_no_shared_volume(component, capsys):
+    """Pods that share no volume: the storage locations go to the verb, the credentials come from a Secret as
+    environment variables, and .torchxconfig's ReadWriteMany claims are not mounted."""
+    args = ["--days", "2026-11-01..2026-11-03"] if component == "train" else ["--export_to", "s3://models/serving"]
+    assert main(["submit", "--scheduler", "kubernetes", "--dryrun", component, "-j", "2x2", *args,
+                 "--data_root", "s3://logs/clicks", "--checkpoint_dir", "s3://models/run/checkpoints",
+                 "--storage_secret", "hyrank-s3", "--", '--set=out_dir="runs/prod"']) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert [t["name"] for t in job["spec"]["tasks"]] == [f"{component}-0", f"{component}-1"]
+    for task in job["spec"]["tasks"]:
+        pod = task["template"]["spec"]
+        (container,) = pod["containers"]
+        command = shlex.split(container["command"][2])
+        assert command[command.index(component) + 1:][-3:] == [
+            '--set=data.root="s3://logs/clicks"', '--set=checkpoint.dir="s3://models/run/checkpoints"',
+            '--set=out_dir="runs/prod"']
+        if component == "stream":
+            assert command[command.index("--export-to") + 1] == "s3://models/serving"
+        assert container["envFrom"] == [{"secretRef": {"name": "hyrank-s3"}}]
+        assert not any("persistentVolumeClaim" in v for v in pod["volumes"])  # no ReadWriteMany volume
+        assert [m["mountPath"] for m in container["volumeMounts"]] == ["/dev/shm"]
+    # data on object storage but checkpoints under out_dir: the shared volumes stay
+    assert main(["submit", "--scheduler", "kubernetes", "--dryrun", component, "-j", "2x2", *args,
+                 "--data_root", "s3://logs/clicks"]) == 0
+    pod = yaml.safe_load(capsys.readouterr().out)["spec"]["tasks"][0]["template"]["spec"]
+    assert any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+
+@pytest.mark.filterwarnings(VOLCANO_NOTE)
+def test_s3_kubernetes_dryrun_of_an_export_from_and_to_object_storage_mounts_nothing(capsys):
+    assert main(["submit", "--scheduler", "kubernetes", "--dryrun", "export", "--checkpoint",
+                 "s3://models/run/checkpoints/step-000000100", "--out", "s3://models/serving",
+                 "--storage_secret", "hyrank-s3"]) == 0
+    pod = yaml.safe_load(capsys.readouterr().out)["spec"]["tasks"][0]["template"]["spec"]
+    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "hyrank-s3"}}]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+
+def test_s3_storage_secret_is_kubernetes_only(caplog):
+    assert main(["submit", "--scheduler", "slurm", "--dryrun", "train", "--days", "2026-11-01",
+                 "--storage_secret", "hyrank-s3"]) == 2
+    assert "storage_secret names a Kubernetes Secret" in caplog.text
+
+
 def test_a_cpu_job_runs_the_cpu_image_without_nccl():
     with torchx_runner() as runner:
         info = job_request(runner, "train", ["-j", "2x2", "--days", "2026-11-01"], "kubernetes")

@@ -181,7 +181,30 @@ def job_request(runner, component: str, component_args: list[str], scheduler: st
             raise ValueError(f"{component}: {scheduler} runs containers and the job names no image: pass --{key} "
                              f"REGISTRY/hyrank:TAG or set `{key}` in .torchxconfig's [component:{defaults_key}]")
     with _torchx_errors(f"{component} on {scheduler}"):
-        return runner.dryrun(app, scheduler, cfg=cfg, workspace=None)
+        request = runner.dryrun(app, scheduler, cfg=cfg, workspace=None)
+    _add_storage_secret(app, scheduler, request)
+    return request
+
+
+STORAGE_SECRET = "hyrank/storage_secret"  # the role metadata jobs/components.py sets from `storage_secret`
+
+
+def _add_storage_secret(app, scheduler: str, request) -> None:
+    """The Kubernetes Secret a component names (`storage_secret`: the object store's credentials) becomes the
+    environment of every pod (envFrom): torchx's pods take plain values only, and a secret's belong in no job spec."""
+    secrets = {role.metadata[STORAGE_SECRET] for role in app.roles if role.metadata.get(STORAGE_SECRET)}
+    if not secrets:
+        return
+    if scheduler != "kubernetes":
+        raise ValueError(f"storage_secret names a Kubernetes Secret; on {scheduler} the ranks take the object store's "
+                         "credentials from the hosts' AWS chain (environment via --env, ~/.aws, instance role)")
+    from kubernetes.client import V1EnvFromSource, V1SecretEnvSource
+
+    (secret,) = secrets  # hyrank's components have one role
+    for task in request.request.resource["spec"]["tasks"]:
+        for container in task["template"].spec.containers:
+            container.env_from = [*(container.env_from or []), V1EnvFromSource(secret_ref=V1SecretEnvSource(
+                name=secret))]
 
 
 def wait_for(runner, handle: str, *, timeout_s: float | None = None, poll_s: float = 1.0, log_to=None):

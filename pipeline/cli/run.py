@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hyrank.pipeline.cli import verb
 from hyrank.pipeline.serving.publish import QUALITY_MARGIN
+from hyrank.pipeline.storage import location, size
 
 
 # -- train ---------------------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def add_stream(verbs) -> None:
                    help="skip a missing or incomplete day once a later day is complete (logged in history.jsonl)")
     p.add_argument("--poll-s", type=float, default=5.0, help="first wait between looks at the data root")
     p.add_argument("--max-poll-s", type=float, default=60.0, help="longest wait between looks")
-    p.add_argument("--export-to", type=Path, help="publish each day's model to this root (hyrank export's "
+    p.add_argument("--export-to", type=location, help="publish each day's model to this root (hyrank export's "
                    "parity gate, and a quality gate against the published one)")
     p.add_argument("--quality-margin", type=float, default=QUALITY_MARGIN,
                    help="with --export-to: do not publish a model whose held-out AUC is more than this below the "
@@ -267,7 +268,7 @@ def _stream(args) -> int:
 
 def add_evaluate(verbs) -> None:
     p = verb(verbs, "evaluate", _evaluate)
-    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (step-N), e.g. "
+    p.add_argument("--checkpoint", required=True, type=location, help="a checkpoint folder (step-N), e.g. "
                    "runs/default/checkpoints/step-000002344, or a file naming one: a run's checkpoints/latest, or "
                    "the metrics/best.json of a run with --valid-days (its best pass)")
     p.add_argument("--days", required=True, action="append", metavar="A..B",
@@ -333,7 +334,7 @@ def _resolve_checkpoint(path: Path) -> Path:
         picked = json.loads(path.read_text()).get("checkpoint")
         if not picked:
             raise ValueError(f"{path} names no checkpoint (expected a run's metrics/best.json)")
-        return Path(picked)
+        return location(picked)
     return path.parent / path.read_text().strip()
 
 
@@ -358,10 +359,10 @@ def _checkpoint_config(args, checkpoint: Path):
 
 def add_export(verbs) -> None:
     p = verb(verbs, "export", _export)
-    p.add_argument("--checkpoint", required=True, type=Path,
+    p.add_argument("--checkpoint", required=True, type=location,
                    help="a checkpoint folder (step-N) written on any number of ranks, where its run keeps it (the "
                    "checkpoint folder its config names); anywhere else needs --trust-checkpoint")
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True, type=location,
                    help="publish root: versions/<run id>-step-N/, `latest`, history.jsonl")
     p.add_argument("--quality-margin", type=float, default=QUALITY_MARGIN,
                    help="do not publish a model whose held-out AUC is more than this below that of the version "
@@ -447,5 +448,5 @@ def _newest_day(d) -> list:
     return scan_days(d.root, partition_key=d.partition_key, require_success=d.require_success).found[-1:]
 
 
-def _bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+def _bytes(folder) -> int:
+    return sum(size(p) for p in folder.iterdir() if p.is_file())

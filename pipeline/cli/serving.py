@@ -14,11 +14,13 @@ import argparse
 import time
 from pathlib import Path
 
+from hyrank.pipeline.storage import location
+
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     # the defaults are ServeOptions' (pipeline/serving/server.py; tests/test_serve.py holds them equal), written
     # out so that building the parser does not import the server (FastAPI, torchrec)
-    p.add_argument("--artifact", required=True, type=Path,
+    p.add_argument("--artifact", required=True, type=location,
                    help="a publish root of `hyrank export --out` (its `latest` is followed) or one version folder")
     p.add_argument("--port", required=True, type=int, help="TCP port")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -69,10 +71,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifact", required=True, type=Path, help="a publish root (its `latest`) or a version folder")
-    p.add_argument("--data", required=True, type=Path, help="log root: <partition-key>=YYYY-MM-DD/*.parquet")
+    p.add_argument("--artifact", required=True, type=location, help="a publish root (its `latest`) or a version folder")
+    p.add_argument("--data", required=True, type=location, help="log root: <partition-key>=YYYY-MM-DD/*.parquet")
     p.add_argument("--days", required=True, help="YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD (complete days only)")
-    p.add_argument("--out", required=True, type=Path, help="output Parquet file (written atomically)")
+    p.add_argument("--out", required=True, type=location, help="output Parquet file (written atomically)")
     p.add_argument("--key", dest="keys", action="append", default=None, metavar="COL",
                    help="a log column to copy into the output next to day/file/row (repeatable; default: the "
                    "feature spec's query id column)")

@@ -212,6 +212,8 @@ BENCHES = {
     "model": ("hyrank.bench.model", "achieved training FLOP/s of each tower against the machine's fp32 matmul FLOP/s"),
     "seqlen": ("hyrank.bench.seqlen", "step time and FLOPs of HyFormer, LONGER+RankMixer and the Transformer over "
                "sequence length, width and depth"),
+    "storage": ("hyrank.bench.storage", "object storage (S3) against local disk: reader rows/s of one day, checkpoint "
+                "save and load time"),
     "reader": ("hyrank.bench.reader", "DayReader rows/s against a raw pyarrow scan of the same files and columns"),
     "serve": ("hyrank.bench.serve", "the scoring server under concurrent clients and a hot reload: throughput, "
               "p50/p99, errors, served rows/s against the program called in-process"),

@@ -11,9 +11,8 @@ seconds), then a profile of the values (`hyrank check`).
 Schema: every column the spec reads must be in every file of every day with a type its kind accepts
 (pipeline/data/schema.py `column_kinds`, `check_type`: the converter's rule), and a day's files must agree on them
 (`check_same_types`: the reader's rule). The reader (split.py `read_footers`) stops at the first problem; here every
-problem of every file is listed, and the same files pass both. Errors: what the reader refuses. Warnings: missing or
-incomplete days of a range (one line for many), days that disagree on a type, ranks left less than a batch
-(`split_rows`).
+problem of every file is listed, and the same files pass both. Errors: what the reader refuses. Warnings: missing
+or incomplete days of a range (one line for many), days disagreeing on a type, ranks left under a batch (split_rows).
 
 Profile: each row group read (all, or whole ones drawn until `max_rows_per_day`) goes through the reader's validation
 (`validate_rows`: the rows it drops, per reason) and one vectorised pass per column: null share; for ids the distinct
@@ -45,6 +44,7 @@ from hyrank.pipeline.data.schema import (ColumnKind, check_type, column_kinds, i
                                          nulls, plain)
 from hyrank.pipeline.data.split import RowRange, split_rows
 from hyrank.pipeline.data.validate import check_same_types, validate_rows
+from hyrank.pipeline.storage import open_input
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _check_day(spec: FeatureSpec, day: DayPartition, opts: ReaderOptions,
     corrupt = 0
     for file in files:
         try:
-            pf = pq.ParquetFile(file)
+            pf = pq.ParquetFile(open_input(file))
         except (pa.ArrowException, OSError) as e:
             corrupt += 1
             skip = opts.on_corrupt_file == "skip"
@@ -355,7 +355,7 @@ def profile_days(spec: FeatureSpec, days: list[DayPartition], *, options: Reader
         files = []
         for file in day.files:
             with contextlib.suppress(pa.ArrowException, OSError):  # unreadable: skipped (on_corrupt_file = "skip")
-                files.append(pq.ParquetFile(file))
+                files.append(pq.ParquetFile(open_input(file)))
         units = [(pf, i, pf.metadata.row_group(i).num_rows) for pf in files for i in range(pf.metadata.num_row_groups)]
         prof = DayProfile(str(day.day), sum(n for _, _, n in units), 0)
         for pf, i, _ in _sample(units, max_rows_per_day, np.random.default_rng([seed, day.day.toordinal()])):

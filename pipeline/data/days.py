@@ -10,6 +10,9 @@ Layout: `<root>/<partition_key>=YYYY-MM-DD/*.parquet` (hive style); a day is com
 its folder. `scan_days` lists the files with pyarrow.dataset and reports every partition folder it skipped;
 `missing_days` turns that into the calendar days of a range that will not be read whole (no folder, no `_SUCCESS`,
 no .parquet file), so a range with holes is not trained across the gap without a word.
+
+`root` may be `s3://bucket/prefix` (pipeline/storage.py): the same layout, found by listing the prefix, with
+`_SUCCESS` an object of the day's prefix.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+
+from hyrank.pipeline.storage import S3Path, arrow_dataset_source, location
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +72,11 @@ class DayRange:
 @dataclass(frozen=True)
 class DayPartition:
     day: dt.date
-    path: Path
+    path: Path | S3Path
     complete: bool
 
     @property
-    def files(self) -> list[Path]:
+    def files(self) -> list[Path | S3Path]:
         return sorted(self.path.glob("*.parquet"))
 
     @property
@@ -108,7 +113,7 @@ class DaySpan:
         return self.parts[0].day
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | S3Path:
         return self.parts[0].path
 
     @property
@@ -116,7 +121,7 @@ class DaySpan:
         return all(p.complete for p in self.parts)
 
     @property
-    def files(self) -> list[Path]:
+    def files(self) -> list[Path | S3Path]:
         return [f for p in self.parts for f in p.files]
 
     @property
@@ -147,7 +152,7 @@ def as_span(days: list[DayPartition]) -> Days:
 class SkippedDay:
     """A partition folder that discovery did not return, and why."""
 
-    path: Path
+    path: Path | S3Path
     reason: str
     day: dt.date | None = None  # the day it would have been; None when the folder name is not a date
 
@@ -170,7 +175,7 @@ class DayScan:
 def scan_days(root: str | Path, days: DayRange | None = None, *, partition_key: str = "day",
               require_success: bool = True) -> DayScan:
     """Day partitions under `root` in the range, and the folders skipped with the reason (not complete, ...)."""
-    root = Path(root)
+    root = location(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root not found: {root}")
     files_by_value = _parquet_files_by_partition(root, partition_key)
@@ -198,12 +203,13 @@ def scan_days(root: str | Path, days: DayRange | None = None, *, partition_key: 
     return DayScan(found, skipped, empty)
 
 
-def _parquet_files_by_partition(root: Path, partition_key: str) -> dict[str, list[str]]:
+def _parquet_files_by_partition(root: Path | S3Path, partition_key: str) -> dict[str, list[str]]:
     """partition value -> its .parquet files, listed by pyarrow.dataset with hive partitioning (one listing)."""
     partitioning = ds.partitioning(pa.schema([(partition_key, pa.string())]), flavor="hive")
     # An explicit schema: discovery must not open any file (a corrupt one is the reader's to report, by path).
     # The listing skips `_SUCCESS` and hidden files.
-    dataset = ds.dataset(root, format="parquet", partitioning=partitioning,
+    source, filesystem = arrow_dataset_source(root)
+    dataset = ds.dataset(source, filesystem=filesystem, format="parquet", partitioning=partitioning,
                          schema=pa.schema([(partition_key, pa.string())]))
     out: dict[str, list[str]] = {}
     for fragment in dataset.get_fragments():
@@ -285,7 +291,7 @@ def describe_missing(gaps: list[MissingDay], *, edge: int = MAX_NAMED_MISSING //
 def find_day(root: str | Path, day: dt.date, *, partition_key: str = "day",
              require_success: bool = True) -> DayPartition:
     """The partition of one day, or a FileNotFoundError saying why it cannot be used."""
-    path = Path(root) / f"{partition_key}={day.isoformat()}"
+    path = location(root) / f"{partition_key}={day.isoformat()}"
     if not path.is_dir():
         raise FileNotFoundError(f"no partition for {day} under {root} (expected {path})")
     complete = (path / SUCCESS).exists()
@@ -300,7 +306,7 @@ def next_complete_day(root: str | Path, after: dt.date, *, partition_key: str = 
     deadline = time.monotonic() + timeout_s
     window = DayRange(after + dt.timedelta(days=1), dt.date.max)
     while True:
-        if Path(root).is_dir():
+        if location(root).is_dir():
             found = scan_days(root, window, partition_key=partition_key).found
             if found:
                 return found[0]

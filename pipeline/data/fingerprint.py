@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hyrank.pipeline.storage import is_remote, open_input
+
 _MAGIC = b"PAR1"
 _FALLBACK_BYTES = 1 << 16  # hashed from the end of a file without a Parquet trailer
 
@@ -42,8 +44,9 @@ class FileFingerprint:
 def file_fingerprint(path: str | Path) -> FileFingerprint:
     """The file's size and the hash of its Parquet footer (see the module docstring); OSError if it cannot be
     opened."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    remote = is_remote(path)
+    with open_input(path) if remote else open(path, "rb") as f:
+        size = f.size() if remote else os.fstat(f.fileno()).st_size
         f.seek(max(0, size - 8))
         tail = f.read(8)
         footer_len = int.from_bytes(tail[:4], "little") if len(tail) == 8 and tail[4:] == _MAGIC else -1

@@ -26,6 +26,7 @@ import torch
 from hyrank.pipeline.data.batch import Batch
 from hyrank.pipeline.data.split import RowRange
 from hyrank.pipeline.data.validate import REASONS, DayValidation, validate_rows, write_quarantine
+from hyrank.pipeline.storage import open_input
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,8 @@ class Producer:
         """Rows [ref.start, ref.stop) of a row group, validated; raw row numbers are the row group's own."""
         r = self.r
         try:
-            table = pq.ParquetFile(ref.file).read_row_group(ref.index, columns=r.columns, use_threads=True)
+            table = pq.ParquetFile(open_input(ref.file)).read_row_group(ref.index, columns=r.columns,
+                                                                    use_threads=True)
         except (pa.ArrowException, OSError) as e:
             if r.options.on_corrupt_file == "fail":
                 raise ValueError(f"{ref.file}: row group {ref.index} is unreadable: {e} "
@@ -285,7 +287,8 @@ class Producer:
         r = self.r
         for ref in r.refs:
             try:
-                table = pq.ParquetFile(ref.file).read_row_group(ref.index, columns=r.columns, use_threads=True)
+                table = pq.ParquetFile(open_input(ref.file)).read_row_group(ref.index, columns=r.columns,
+                                                                            use_threads=True)
             except (pa.ArrowException, OSError):
                 continue  # counted by the rank whose share it is
             good = np.flatnonzero(validate_rows(table, r.spec, max_list_len=r.options.max_list_len).good_B)

@@ -27,6 +27,7 @@ from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.data.fingerprint import FileFingerprint, file_fingerprint
 from hyrank.pipeline.data.schema import is_string_id
 from hyrank.pipeline.data.validate import check_same_types, check_schema
+from hyrank.pipeline.storage import open_input
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def read_footers(day: Days, spec: FeatureSpec | None = None, *,
     for file in files:
         try:
             out.fingerprints[str(file)] = file_fingerprint(file)  # two small reads beside the footer's
-            pf = pq.ParquetFile(file)
+            pf = pq.ParquetFile(open_input(file))
         except (pa.ArrowException, OSError) as e:
             if on_corrupt_file == "fail":
                 raise ValueError(f"{file}: cannot read the Parquet footer: {e} "
@@ -176,7 +177,7 @@ def group_days(days: list[DayPartition], min_rows: int) -> list[Days]:
 
 def _footer_rows(file: Path) -> int:
     try:
-        return pq.ParquetFile(file).metadata.num_rows
+        return pq.ParquetFile(open_input(file)).metadata.num_rows
     except (pa.ArrowException, OSError):
         return 0
 

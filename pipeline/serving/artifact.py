@@ -17,7 +17,8 @@ Requests go through the training path: raw rows (or an Arrow request) -> the Arr
 gives a log file) -> validate_rows (the same checks, and the same reasons, as the training reader's) ->
 BatchConverter (id hashing and OOV policy, dense normalisation, sequence truncation and order) -> the exported
 program. Nothing is re-implemented for serving, so there is no training/serving skew to drift in. Loading verifies
-every file's sha256 before torch.export reads it.
+every file's sha256 before torch.export reads it; a version on object storage (and each base of a delta there) is
+downloaded first, and the download is what is verified and loaded.
 
 Imports torch, torchrec (the program holds torchrec's ops) and pipeline.data, never pipeline.train
 (tests/test_layering.py).
@@ -41,6 +42,7 @@ from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.files import sha256
 from hyrank.pipeline.serving.delta import DELTA, DeltaBaseError, apply_delta, load_delta, state_of
 from hyrank.pipeline.serving.rows import BadRows, RowSchema, explain
+from hyrank.pipeline.storage import S3Path, local_copy, location
 
 MANIFEST = "manifest.json"
 PROGRAM = "model.pt2"
@@ -63,7 +65,7 @@ class NoSuchVersion(FileNotFoundError):
 
 @dataclass
 class Artifact:
-    path: Path
+    path: Path | S3Path
     manifest: dict[str, Any]
     program: torch.nn.Module
     rows: RowSchema  # what a request row holds, and the checks it goes through
@@ -88,12 +90,13 @@ class Artifact:
         self._converter = BatchConverter(self.spec)  # holds no state between calls: one for every batch
 
     @classmethod
-    def load(cls, path: str | Path) -> Artifact:
-        """The artifact at `path`: a version folder, or a publish root whose `latest` names one."""
+    def load(cls, path: str | Path | S3Path, *, bases: Path | S3Path | None = None) -> Artifact:
+        """The artifact at `path`: a version folder, or a publish root whose `latest` names one (on object storage:
+        downloaded, then verified and loaded like a local folder). A delta's bases lie beside it, or in `bases`."""
         path = resolve(path)
-        manifest = read_manifest(path)
+        manifest, program = load_version(path, bases)
         rows = RowSchema.of(manifest, source=str(path / MANIFEST))
-        return cls(path, manifest, load_program(path, manifest).module(), rows)
+        return cls(path, manifest, program.module(), rows)
 
     # -- scoring -------------------------------------------------------------------------------------------------
 
@@ -152,42 +155,56 @@ class Outputs(NamedTuple):
     unknown_ids: torch.Tensor | None = None  # (B, T) of those, the ids without a slot (they read the fallback row)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """A version folder's manifest, its format checked and every file it names verified against its sha256."""
-    manifest = json.loads((path / MANIFEST).read_text())
+def read_manifest(path: Path | S3Path, local: Path) -> dict[str, Any]:
+    """A version folder's manifest, its format checked and every file it names verified against its sha256; the
+    files read are `local`'s (storage.local_copy: `path` itself, or its download, which the errors name)."""
+    manifest = json.loads((local / MANIFEST).read_text())
     if manifest.get("format") not in FORMATS_READ:
         raise ValueError(f"{path / MANIFEST}: artifact format {manifest.get('format')}, this code reads "
                          f"{', '.join(map(str, FORMATS_READ))}")
     for name, digest in manifest["files"].items():
-        if sha256(path / name) != digest:
+        if sha256(local / name) != digest:
             raise ValueError(f"{path / name} does not match the sha256 in its manifest: the artifact is damaged")
     return manifest
 
 
-def load_program(path: Path, manifest: dict[str, Any], depth: int = 0) -> torch.export.ExportedProgram:
-    """A version's exported program; a delta's (pipeline/serving/delta.py) is its base's, loaded the same way (a
-    base may be a delta itself) and checked, with the delta applied. DeltaBaseError if the base is not there, not
-    the version the delta was made on, or damaged."""
+def load_version(path: Path | S3Path, bases: Path | S3Path | None = None,
+                 ) -> tuple[dict[str, Any], torch.export.ExportedProgram]:
+    """A version's manifest (verified: read_manifest) and program (load_program). On object storage the version is
+    downloaded first and the download verified and loaded, so the bytes checked are the bytes loaded."""
+    with local_copy(path) as local:
+        manifest = read_manifest(path, local)
+        return manifest, load_program(path, manifest, local, bases=bases)
+
+
+def load_program(path: Path | S3Path, manifest: dict[str, Any], local: Path, *, bases: Path | S3Path | None = None,
+                 depth: int = 0) -> torch.export.ExportedProgram:
+    """A version's exported program, its files read from `local` (as read_manifest); a delta's
+    (pipeline/serving/delta.py) is its base's, loaded the same way (downloaded and verified on object storage; a base
+    may be a delta itself) and checked, with the delta applied. Bases lie in `bases`, by default beside `path` (an
+    export's staging folder for a root on object storage is a local one: its bases are the root's versions/).
+    DeltaBaseError if the base is not there, not the version the delta was made on, or damaged."""
     delta = manifest.get("delta")
     if delta is None:
         with _LOADING:
-            return torch.export.load(str(path / PROGRAM))
-    base = path.parent / str(delta["base"])
+            return torch.export.load(str(local / PROGRAM))
+    base = (path.parent if bases is None else bases) / str(delta["base"])
     if depth > MAX_CHAIN:
         raise DeltaBaseError(f"{path}: more than {MAX_CHAIN} deltas lie on each other: not loaded (export one in full)")
     if not re.fullmatch(r"[\w.-]+", str(delta["base"])) or not (base / MANIFEST).is_file():
         raise DeltaBaseError(f"{path} is a delta of {delta['base']!r}, which is not a version published beside it "
                              f"({base}): it cannot be loaded")
-    if sha256(base / MANIFEST) != delta["base_manifest_sha256"]:
-        raise DeltaBaseError(f"{path} is a delta of {base}, whose manifest is not the one the delta was made on "
-                             "(its sha256 differs): the base was damaged or replaced")
     try:
-        program = load_program(base, read_manifest(base), depth + 1)
+        with local_copy(base) as base_local:  # the base manifest's sha256 is checked on the bytes then loaded
+            if sha256(base_local / MANIFEST) != delta["base_manifest_sha256"]:
+                raise DeltaBaseError(f"{path} is a delta of {base}, whose manifest is not the one the delta was made "
+                                     "on (its sha256 differs): the base was damaged or replaced")
+            program = load_program(base, read_manifest(base, base_local), base_local, depth=depth + 1)
     except DeltaBaseError:
         raise
     except (ValueError, OSError, RuntimeError) as e:
         raise DeltaBaseError(f"{path} is a delta of {base}, which does not load: {e}") from e
-    apply_delta(state_of(program), load_delta(path / DELTA))
+    apply_delta(state_of(program), load_delta(local / DELTA))
     return program
 
 
@@ -202,9 +219,9 @@ def model_inputs(batch) -> tuple[torch.Tensor, ...]:
     return plain + (torch.cat([k.values() for k in managed]), torch.cat([k.lengths() for k in managed]))
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path | S3Path) -> Path | S3Path:
     """A version folder, or the one a publish root's `latest` names (never a path out of the root)."""
-    path = Path(path)
+    path = location(path)
     if (path / MANIFEST).is_file():
         return path
     pointer = path / "latest"

@@ -63,14 +63,15 @@ from hyrank.pipeline.files import sha256, write_json
 from hyrank.pipeline.metrics import auc
 from hyrank.pipeline.ranker import RankingModel
 from hyrank.pipeline.serving.artifact import (FORMAT_MANAGED_OR_DELTA, FORMAT_VERSION, MANIFEST, PROGRAM, Artifact,
-                                              load_program, model_inputs, read_manifest)
+                                              load_version, model_inputs)
 from hyrank.pipeline.serving.delta import DELTA, DeltaBaseError, DeltaMismatch, describe, make_delta, state_of
 from hyrank.pipeline.serving.managed import (FALLBACK, ManagedScoringModule, load_loaded, load_template,
                                              managed_tables)
 from hyrank.pipeline.serving.publish import (QUALITY_MARGIN, NotPublished, VersionTaken, publish, published_manifest,
                                              record, staging_folder, version_name, who)
 from hyrank.pipeline.serving.quantize import quantize_tables
-from hyrank.pipeline.train.checkpoint import CheckpointMeta, verified_in_its_run
+from hyrank.pipeline.storage import location, open_input
+from hyrank.pipeline.train.checkpoint import CheckpointMeta, dcp_args, verified_in_its_run
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def load_model(checkpoint: Path, meta: CheckpointMeta) -> tuple[RunConfig, Ranki
     tower = build_model(cfg.model.name, cfg.model.config, cfg.features.input_shape())
     model = RankingModel(cfg.features, tower, sparse_device=torch.device("cpu"))  # plain lookups: serving has no
     state = {"model": load_template(model)}                                    # dedup (the same tables, same loss)
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process, even inside a job (stream)
+    dcp.load(state, **dcp_args(checkpoint), no_dist=True)  # one process, even inside a job (stream)
     load_loaded(model, state["model"], str(checkpoint))  # managed remaps rebuilt whole (pipeline/serving/managed.py)
     return cfg, model.eval()
 
@@ -155,7 +156,7 @@ def holdout_rows(cfg: RunConfig, days_done: list[str], num_rows: int) -> tuple[p
     day = later[0] if later else next(day for day in days if str(day.day) == last)
     parts, have = [], 0
     for file in day.files:
-        table = pq.read_table(file, columns=cfg.features.columns())
+        table = pq.read_table(open_input(file), columns=cfg.features.columns())
         good = validate_rows(table, cfg.features, max_list_len=d.max_list_len).good_B
         parts.append(table.filter(pa.array(good)))
         have += parts[-1].num_rows
@@ -189,7 +190,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tables: Tables
         raise ValueError("--aoti needs a full export (an AOTInductor package holds its weights): drop --delta-from")
     if aoti and tables != "fp32":  # AOTI trips on fbgemm's bounds_check_indices for quantized tables (torchrec 1.8)
         raise ValueError(f"--aoti needs fp32 tables, not {tables}")
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = location(checkpoint), location(out)
     meta = verified_in_its_run(checkpoint, trust=trust_checkpoint)
     version = version_name(meta.run_id, meta.progress.global_step, tables)
     event = {"version": version, "checkpoint": str(checkpoint), "checkpoint_sha256": meta.fingerprint, "by": who(),
@@ -227,7 +228,7 @@ def _export(checkpoint: Path, meta: CheckpointMeta, out: Path, version: str, *, 
     staging = _write_staging(out, version, scoring, inputs, manifest, aoti=aoti, delta_from=delta_from)
     try:
         # the gate scores through the artifact as a server loads it: raw rows, validation, converter, program
-        served = Artifact.load(staging).logits(rows)
+        served = Artifact.load(staging, bases=out / "versions").logits(rows)  # (a delta's bases: published ones)
         parity = {**_parity(eager, served, labels), **_quantization(fp32, served, labels, tables), "day": str(day.day)}
         _check_parity(parity, tables, f"{checkpoint} ({tables} tables)")
         gate = _quality_gate(out, rows, labels, parity, version, day, quality_margin)
@@ -299,14 +300,15 @@ def _write_delta(out: Path, base: str, program: torch.export.ExportedProgram, ma
     """Write the delta of `program` from the published version `base` into `staging` (pipeline/serving/delta.py);
     its manifest entry. DeltaRefused if `base` is not published there, is damaged, or is another model."""
     path = out / "versions" / base
-    if published_manifest(out, base) is None:
+    published = published_manifest(out, base)
+    if published is None:
         raise DeltaRefused(f"--delta-from {base}: no such version is published under {out}")
     try:
-        base_manifest = read_manifest(path)
-        for key in ("model", "features", "tables", "arrow_schema"):
-            if base_manifest.get(key) != manifest[key]:
+        for key in ("model", "features", "tables", "arrow_schema"):  # before loading it: another model is no base
+            if published.get(key) != manifest[key]:
                 raise DeltaMismatch(f"its {key} differs from this model's")
-        delta = make_delta(state_of(load_program(path, base_manifest)), state_of(program))
+        base_manifest, base_program = load_version(path)  # verified as a server loads it (downloaded on S3)
+        delta = make_delta(state_of(base_program), state_of(program))
     except (DeltaMismatch, DeltaBaseError, ValueError) as e:
         raise DeltaRefused(f"no delta of {manifest['version']} from {base} ({path}): {e}") from e
     torch.save(delta, staging / DELTA)

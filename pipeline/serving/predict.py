@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from hyrank.pipeline.data.days import DayRange, discover_days
 from hyrank.pipeline.files import write_atomic
 from hyrank.pipeline.serving.artifact import Artifact
+from hyrank.pipeline.storage import location, open_input
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class PredictResult:
 def predict(artifact: Artifact, data_root: str | Path, days: DayRange, out: str | Path, *,
             keys: list[str] | None = None, partition_key: str = "day", batch_rows: int = 65536) -> PredictResult:
     """Score every row of the complete days of `days` under `data_root` into the Parquet file `out`."""
-    data_root, out = Path(data_root), Path(out)
+    data_root, out = location(data_root), location(out)  # local paths or s3://
     found = discover_days(data_root, days, partition_key=partition_key)
     if not found:
         raise FileNotFoundError(f"no complete day in {days} under {data_root} (partition key {partition_key!r})")
@@ -79,7 +80,7 @@ def predict(artifact: Artifact, data_root: str | Path, days: DayRange, out: str 
 def _scored_batches(artifact: Artifact, path: Path, data_root: Path, day: str, keys: list[str], batch_rows: int,
                     result: PredictResult):
     """The output rows of one file, a batch of `batch_rows` at a time, in file order."""
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(open_input(path))
     columns = list(dict.fromkeys(artifact.features + keys))  # a key may be a feature too: read it once
     missing = [c for c in columns if c not in parquet.schema_arrow.names]
     if missing:

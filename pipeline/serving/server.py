@@ -84,6 +84,7 @@ from hyrank.pipeline.serving.batching import MicroBatcher, Overloaded
 from hyrank.pipeline.serving.bodies import ARROW_STREAM, NoModel, answer, decode_request, is_arrow
 from hyrank.pipeline.serving.rows import BadRows
 from hyrank.pipeline.serving.worker import ModelLoadError, ModelProcess, Outcome
+from hyrank.pipeline.storage import location, mtime_ns
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class ServeOptions:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
 
     def __post_init__(self) -> None:
-        self.artifact = Path(self.artifact)
+        self.artifact = location(self.artifact)  # a local path or s3://bucket/prefix
         for name in ("max_batch_rows", "max_request_rows", "max_body_bytes", "model_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -137,7 +138,7 @@ class ModelSlot:
         """Start the version `latest` names if it is not the one serving; True if a new one was swapped in."""
         try:
             path = resolve(self.source)
-            key = (path, (path / MANIFEST).stat().st_mtime_ns)
+            key = (path, mtime_ns(path / MANIFEST))
         except NoSuchVersion as e:
             self._dangling_pointer(e)
             return False

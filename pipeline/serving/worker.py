@@ -259,7 +259,7 @@ def _load(path: str, nice: int, out: dict) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
         from hyrank.pipeline.serving.artifact import Artifact
 
-        out["artifact"] = artifact = Artifact.load(Path(path))
+        out["artifact"] = artifact = Artifact.load(path)
     except BaseException as e:  # noqa: BLE001 - the parent logs it and keeps serving what it serves
         out["error"] = f"could not load {path}: {type(e).__name__}: {e}"
         return

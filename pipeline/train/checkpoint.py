@@ -25,7 +25,11 @@ managed table's ids move between ranks with their rows and optimizer state: pipe
 One checkpoint is a folder `<root>/step-000000123/`: DCP shards plus meta.json. All ranks write into `step-...tmp`;
 rank 0 writes meta.json last and renames the folder, so a crash leaves the previous checkpoint or the new one,
 never half of one. `latest` names the newest; `keep` bounds how many stay. On several hosts `root` must be storage
-every host sees.
+every host sees: a shared file system, or object storage `s3://bucket/prefix` (pipeline/storage.py), which has no
+rename: there DCP writes through its fsspec storage straight into `step-N/`, rank 0 then lists and hashes what every
+rank uploaded, and meta.json (the mark of a complete checkpoint) and `latest` are written last, one PUT each. A
+crash before meta.json leaves a `step-N/` without it, which is not a checkpoint (it is ignored, and cleared when that
+step is saved again).
 
 Trust: DCP unpickles its `.metadata`, so a checkpoint is code, not data. meta.json (plain JSON) records the sha256
 of every other file, verified before DCP opens any of them: a damaged checkpoint is named with the reason in one
@@ -45,10 +49,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.files import sha256, write_atomic
+from hyrank.pipeline.storage import S3Path, fsspec_options, is_remote, location, mtime_ns, rmtree
 from hyrank.pipeline.train.state import Progress, run_id_of
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ class CheckpointMeta:
     """A checkpoint's meta.json, read through this one owner of its layout: a renamed or missing part is an error
     naming the checkpoint, never a KeyError in export or evaluate."""
 
-    def __init__(self, path: Path, data: dict[str, Any]):
+    def __init__(self, path: Path | S3Path, data: dict[str, Any]):
         self.path, self.data = path, data
 
     @property
@@ -118,10 +124,10 @@ class CheckpointMeta:
         return hashlib.sha256(json.dumps(self.data, sort_keys=True).encode()).hexdigest()
 
     @property
-    def run_root(self) -> Path:
+    def run_root(self) -> Path | S3Path:
         """The checkpoint folder its own config names: where the run that wrote it keeps its checkpoints."""
         checkpoint, out_dir = self.config.get("checkpoint", {}), self.config.get("out_dir", "")
-        return Path(checkpoint.get("dir") or Path(out_dir) / "checkpoints")
+        return location(checkpoint.get("dir") or location(out_dir) / "checkpoints")
 
 
 class Stateful(Protocol):
@@ -134,7 +140,7 @@ class Checkpointer:
     def __init__(self, root: str | Path, env: DistEnv, *, keep: int, tensors: dict[str, Stateful],
                  meta: dict[str, Stateful] | None = None, per_rank: dict[str, Stateful] | None = None,
                  info: dict[str, Any] | None = None):
-        self.root, self.env, self.keep = Path(root), env, keep
+        self.root, self.env, self.keep = location(root), env, keep
         self.tensors, self.meta, self.per_rank = tensors, meta or {}, per_rank or {}
         self.info = info or {}  # written into meta.json for people and tools, never loaded
         self.protected: set[str] = set()  # checkpoint names pruning keeps whatever their age (best by a metric)
@@ -145,12 +151,15 @@ class Checkpointer:
         """Write every part as of training step `step` (collective)."""
         env, start = self.env, time.perf_counter()
         final = self.root / f"step-{step:09d}"
-        tmp = final.with_name(final.name + ".tmp")
+        remote = isinstance(final, S3Path)
+        tmp = final if remote else final.with_name(final.name + ".tmp")  # no rename on object storage
         if env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if remote:  # the same step saved again: not a checkpoint from its meta.json's removal on
+                (final / META).unlink(missing_ok=True)
+            rmtree(tmp)
             tmp.mkdir(parents=True)
         env.comm.barrier()
-        dcp.save({name: part.state_dict() for name, part in self.tensors.items()}, checkpoint_id=str(tmp))
+        dcp.save({name: part.state_dict() for name, part in self.tensors.items()}, **dcp_args(tmp, write=True))
         ranks = env.comm.gather_objects({name: part.state_dict() for name, part in self.per_rank.items()})
         if env.is_main:
             meta = {"format": FORMAT_VERSION, "step": step, "world_size": env.world_size,
@@ -158,7 +167,8 @@ class Checkpointer:
                     "parts": {name: part.state_dict() for name, part in self.meta.items()},
                     "ranks": ranks, "files": _hash_files(tmp), **self.info}
             write_atomic(tmp / META, json.dumps(meta, indent=1, default=str) + "\n")
-            _replace_dir(tmp, final)
+            if not remote:
+                _replace_dir(tmp, final)
             write_atomic(self.root / "latest", final.name + "\n")
             self._prune()
             log.info("checkpoint %s in %.2f s", final, time.perf_counter() - start)
@@ -168,7 +178,9 @@ class Checkpointer:
     def _prune(self) -> None:
         for old in self.complete()[:-self.keep]:
             if old.name not in self.protected:
-                shutil.rmtree(old, ignore_errors=True)
+                if isinstance(old, S3Path):  # no longer a checkpoint before its files go
+                    (old / META).unlink(missing_ok=True)
+                rmtree(old)
 
     # -- find ----------------------------------------------------------------------------------------------------
 
@@ -177,8 +189,8 @@ class Checkpointer:
         that holds an older run's higher steps still finds (and keeps) its own newest."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / META).is_file()]
-        return sorted(found, key=lambda p: ((p / META).stat().st_mtime_ns, p.name))
+        found = [p for p in self.root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / META).is_file()]
+        return sorted(found, key=lambda p: (mtime_ns(p / META), p.name))
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
@@ -228,7 +240,7 @@ class Checkpointer:
         `path` must be a checkpoint of this root unless `trust` (loading runs the pickle code DCP finds there).
         Raises CheckpointError naming the checkpoint when it is incomplete, damaged or of another format.
         """
-        path = Path(path)
+        path = location(path)
         meta = _agree(lambda: verified_meta(path, trusted=trust or self.inside(path), root=self.root), self.env)
         start = time.perf_counter()
         for name, part in self.meta.items():
@@ -247,7 +259,7 @@ class Checkpointer:
         return meta
 
     def _load_tensors(self, path: Path) -> None:
-        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        saved = set(_reader(path).read_metadata().state_dict_metadata)
         state, unsaved = {}, []
         for name, part in self.tensors.items():
             mine = {k[len(name) + 1:] for k in saved if k.startswith(name + ".")}
@@ -258,7 +270,7 @@ class Checkpointer:
                 unsaved += [f"{name}.{k}" for k in missing]
             if template is not None:
                 state[name] = template
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, **dcp_args(path))
         for name, part in self.tensors.items():
             if name in state:
                 part.load_state_dict(state[name])
@@ -284,9 +296,9 @@ class Checkpointer:
         with the same shape (a warm start of another model from a trusted checkpoint of this run); returns their
         names. A model part with `resized_template(saved, wanted)` / `load_resized(loaded)` also takes what it can
         of tensors of another size (a resized managed table's ids and rows). Collective."""
-        path = Path(path)
+        path = location(path)
         _agree(lambda: verified_meta(path, trusted=True, root=self.root), self.env)
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        saved = _reader(path).read_metadata().state_dict_metadata
         model = self.tensors["model"]
         template = {}
         for name, value in model.state_dict().items():
@@ -299,7 +311,7 @@ class Checkpointer:
         if hasattr(model, "resized_template"):
             mine = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
             resized = model.resized_template(mine, wanted)
-        dcp.load({"model": {**template, **resized}}, checkpoint_id=str(path))
+        dcp.load({"model": {**template, **resized}}, **dcp_args(path))
         model.load_state_dict(template, strict=False)
         if resized:
             model.load_resized(resized)
@@ -312,8 +324,9 @@ class Checkpointer:
                 part.after_load()
 
 
-def read_meta(path: Path) -> CheckpointMeta:
+def read_meta(path: str | Path | S3Path) -> CheckpointMeta:
     """A checkpoint's meta.json, checked to be complete and of this code's format."""
+    path = location(path)
     meta_path = path / META
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint: no {META} (an interrupted save leaves "
@@ -328,7 +341,7 @@ def read_meta(path: Path) -> CheckpointMeta:
     return CheckpointMeta(path, meta)
 
 
-def verified_meta(path: Path, *, trusted: bool, root: Path, run: str = "this run",
+def verified_meta(path: Path | S3Path, *, trusted: bool, root: Path | S3Path, run: str = "this run",
                   use: str = "resume from it") -> CheckpointMeta:
     """meta.json (plain JSON, safe to read), after the folder was found trusted and every file it lists was found
     with its recorded sha256 (and no unlisted file is there)."""
@@ -347,7 +360,7 @@ def verified_meta(path: Path, *, trusted: bool, root: Path, run: str = "this run
     return meta
 
 
-def verified_in_its_run(path: Path, *, trust: bool) -> CheckpointMeta:
+def verified_in_its_run(path: Path | S3Path, *, trust: bool) -> CheckpointMeta:
     """verified_meta of a checkpoint loaded outside a run (export): trusted when it is a step-N folder of the
     checkpoint folder its own config names, i.e. where the run that wrote it keeps it (a relative out_dir is read
     from here, as the run read it from where it started), or when the caller trusts it."""
@@ -355,12 +368,27 @@ def verified_in_its_run(path: Path, *, trust: bool) -> CheckpointMeta:
     return verified_meta(path, trusted=trust or _inside(root, path), root=root, run="its run", use="export it")
 
 
-def _inside(root: Path, path: str | Path) -> bool:
-    path = Path(path).resolve()
-    return path.parent == Path(root).resolve() and re.fullmatch(r"step-\d+", path.name) is not None
+def _inside(root: Path | S3Path, path: str | Path | S3Path) -> bool:
+    path, root = location(path).resolve(), location(root)
+    if is_remote(path) != is_remote(root):
+        return False
+    return path.parent == root.resolve() and re.fullmatch(r"step-\d+", path.name) is not None
 
 
-def _hash_files(folder: Path) -> dict[str, str]:
+def dcp_args(path: Path | S3Path, *, write: bool = False) -> dict[str, Any]:
+    """dcp.save/load's storage arguments: its fsspec storage on object storage, its file system one on disk."""
+    if not is_remote(path):
+        return {"checkpoint_id": str(path)}
+    # no checkpoint_id beside it: DCP would re-create the storage from the id alone, without the endpoint
+    return {"storage_writer": FsspecWriter(str(path), **fsspec_options())} if write else \
+        {"storage_reader": _reader(path)}
+
+
+def _reader(path: Path | S3Path) -> dcp.FileSystemReader:
+    return FsspecReader(str(path), **fsspec_options()) if is_remote(path) else dcp.FileSystemReader(str(path))
+
+
+def _hash_files(folder: Path | S3Path) -> dict[str, str]:
     return {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != META}
 
 

@@ -27,6 +27,7 @@ import torch
 from hyrank.pipeline.config import RunConfig, to_dict
 from hyrank.pipeline.data.fingerprint import FileFingerprint, file_changes
 from hyrank.pipeline.files import write_atomic
+from hyrank.pipeline.storage import S3Path, is_remote, location
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +209,8 @@ class Ledger:
     check. Every rank records every file of the day (each reads every footer), so every rank raises the same error.
     """
 
-    def __init__(self, root: str | Path, rank: int):
-        self.dir = Path(root) / f"rank-{rank}"
+    def __init__(self, root: str | Path | S3Path, rank: int):
+        self.dir = location(root) / f"rank-{rank}"
         self.segments: list[str] = []
         self._pending: list[dict[str, Any]] = []
         self._pending_files: list[dict[str, Any]] = []
@@ -246,13 +247,12 @@ class Ledger:
         return {e["file"]: FileFingerprint.from_dict(e) for name in self.segments for e in self._file_lines(name)}
 
     def _file_lines(self, name: str) -> Iterator[dict[str, Any]]:
-        """The file lines of a segment: they come first, so the rows after them are not read."""
-        with open(self.dir / name) as f:
-            for line in f:
-                entry = json.loads(line)
-                if "footer" not in entry:
-                    return
-                yield entry
+        """The file lines of a segment: they come first, so the rows after them are not parsed."""
+        for line in (self.dir / name).read_text().splitlines():
+            entry = json.loads(line)
+            if "footer" not in entry:
+                return
+            yield entry
 
     def state_dict(self) -> list[str]:
         """Writes the files and rows since the last checkpoint as a segment; returns the segments so far."""
@@ -271,12 +271,20 @@ class Ledger:
                 (self.dir / orphan).unlink()
 
 
-def read_ledger(out_dir: str | Path, segments_by_rank: list[list[str]]) -> list[dict[str, Any]]:
+def ledger_dir(out_dir: str | Path, checkpoint_root: Path | S3Path) -> Path | S3Path:
+    """Where a run's ledger lies: beside its checkpoints when they are on object storage (a job restarted on
+    another node, with a fresh out_dir, finds the segments its checkpoint lists), else `<out_dir>/ledger`."""
+    return checkpoint_root / "ledger" if is_remote(checkpoint_root) else Path(out_dir) / "ledger"
+
+
+def read_ledger(out_dir: str | Path, segments_by_rank: list[list[str]],
+                ledger: str | Path | S3Path | None = None) -> list[dict[str, Any]]:
     """The row lines of the segments a checkpoint lists (meta.json: ranks[r]["ledger"]), with their rank (the file
     lines are Ledger.recorded_files')."""
     lines = []
     for rank, segments in enumerate(segments_by_rank):
         for name in segments:
-            with open(Path(out_dir) / "ledger" / f"rank-{rank}" / name) as f:
-                lines += [dict(entry, rank=rank) for line in f if "footer" not in (entry := json.loads(line))]
+            text = (location(ledger or Path(out_dir) / "ledger") / f"rank-{rank}" / name).read_text()
+            lines += [dict(entry, rank=rank) for line in text.splitlines()
+                      if "footer" not in (entry := json.loads(line))]
     return lines

@@ -41,6 +41,7 @@ from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.distributed.managed_state import ModelState, describe_stats, managed_stats
 from hyrank.pipeline.distributed.signals import GracefulStop
 from hyrank.pipeline.files import write_json
+from hyrank.pipeline.storage import location
 from hyrank.pipeline.logs import progress
 from hyrank.pipeline.train.checkpoint import PROGRESS, RUN, Checkpointer
 from hyrank.pipeline.train.plan import (DayEnd, DayStats, RunPlan, RunResult, RunStopped, best_record, pass_order,
@@ -53,7 +54,8 @@ from hyrank.pipeline.train.resume import WarmStart, checkpoint_diff, checkpoint_
 from hyrank.pipeline.train.resume import warm_start as resume_warm
 from hyrank.pipeline.train.run_lock import hold_run_dir
 from hyrank.pipeline.train.schedule import LRSchedule
-from hyrank.pipeline.train.state import Ledger, OptimizerState, Progress, ReaderCursor, RNGState, RunIdentity
+from hyrank.pipeline.train.state import (Ledger, OptimizerState, Progress, ReaderCursor, RNGState, RunIdentity,
+                                         ledger_dir)
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,10 @@ class Trainer:
         self.progress = Progress()
         self.cursor = ReaderCursor()
         self.out_dir = Path(cfg.out_dir)
-        self.ledger = Ledger(self.out_dir / "ledger", env.rank)
+        checkpoints = location(cfg.checkpoint.dir or self.out_dir / "checkpoints")
+        self.ledger = Ledger(ledger_dir(self.out_dir, checkpoints), env.rank)
         self.checkpointer = Checkpointer(
-            cfg.checkpoint.dir or self.out_dir / "checkpoints", env, keep=cfg.checkpoint.keep,
+            checkpoints, env, keep=cfg.checkpoint.keep,
             tensors={"model": ModelState(self.model), "optim": OptimizerState(self.optimizer), "hook": self.dense},
             meta={RUN: RunIdentity(cfg), PROGRESS: self.progress, "schedule": self.schedule},
             per_rank={"reader": self.cursor, "rng": RNGState(), "ledger": self.ledger},
@@ -117,7 +120,7 @@ class Trainer:
         current step with a checkpoint (`RunResult.stopped`); a second signal stops the process at once.
         """
         result = RunResult([], {}, None, None)
-        with hold_run_dir(self.out_dir, self.env), GracefulStop(self.env.comm) as self._stop:
+        with hold_run_dir(self.out_dir, self.env, self.checkpointer.root), GracefulStop(self.env.comm) as self._stop:
             try:
                 if self.env.is_main:
                     save_resolved(self.cfg, self.out_dir)
