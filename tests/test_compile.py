@@ -80,3 +80,22 @@ def test_a_compiled_two_rank_run_trains_resumes_and_exports_like_the_eager_one(t
     torch.testing.assert_close(torch.cat([got0, got1]), torch.cat([want0, want1]), rtol=1e-3, atol=1e-4)
     result = export_checkpoint(checkpoint, tmp_path / "exports")  # the export's own parity gate against the trainer
     assert result.parity["max_abs_logit_diff"] <= 1e-5 and result.parity["rows"] == 1000
+
+
+def _compile_in_rank(rank, world_size):
+    f = torch.compile(lambda x: (x * 2).sin() + x.cos())
+    return float(f(torch.full((4,), float(rank))).sum())
+
+
+def test_a_forked_rank_compiles_after_the_parent_started_its_compile_pool(tmp_path, monkeypatch):
+    """A fork copies inductor's compile thread pool without its threads: run_local's ranks must start their own, or
+    the first compile in a rank waits forever (it hung the suite once a test before had compiled in the parent)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    from hyrank.pipeline.distributed.local import run_local
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache: the ranks really compile
+    AsyncCompile.pool().submit(int).result()
+    got = run_local(_compile_in_rank, world_size=2, timeout_s=180)
+    want = [float(((torch.full((4,), float(r)) * 2).sin() + torch.full((4,), float(r)).cos()).sum()) for r in (0, 1)]
+    assert got == pytest.approx(want, rel=1e-6)

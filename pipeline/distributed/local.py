@@ -28,6 +28,7 @@ def _worker(fn, rank, world_size, init_file, pg_timeout_s, backend, args, queue)
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    _fresh_compile_pool()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
     try:
@@ -42,6 +43,16 @@ def _worker(fn, rank, world_size, init_file, pg_timeout_s, backend, args, queue)
         queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         queue.put((rank, False, traceback.format_exc()))
+
+
+def _fresh_compile_pool() -> None:
+    """Forget inductor's compile thread pool inherited from the parent: a fork copies the pool but not its threads,
+    so the first torch.compile in a rank would wait forever on a future nothing runs (torch's own at-fork hook
+    resets only its process pool). Matters once the parent has compiled anything (a test before)."""
+    import sys
+
+    if "torch._inductor.async_compile" in sys.modules:
+        sys.modules["torch._inductor.async_compile"].AsyncCompile.pool.cache_clear()
 
 
 _DEATH_GRACE_S = 2.0  # how long a rank's error waits for another rank's death to show in its exit code
