@@ -1,8 +1,9 @@
 """train.compile and train.autocast (pipeline/train/compile.py): a tower under torch.compile (inductor) gives the eager
 tower's logits and gradients; a 2-rank run with it (DMP tables, DDP tower, the async dense sync with weight
 prediction) trains like the eager run, resumes from its checkpoint, and exports from it. A bf16-autocast tower's
-training step gives the fp32 step's logits and gradients within bf16's rounding (BF16_REL), and a run with it
-checkpoints and exports (the export's parity gate in fp32 against the checkpoint's weights).
+training step gives the fp32 step's logits and gradients within bf16's rounding (BF16_LOGITS, BF16_GRAD,
+BF16_TENSOR), and a 2-rank run with train.autocast = "bf16" (default.toml's DLRM-MLP, tiny) trains like the fp32
+one, checkpoints, and exports (the export's parity gate in fp32 against the checkpoint's weights).
 
 Inductor fuses kernels and reorders float reductions, so "the same" is within TOL, not bit for bit. Compiling is
 slow on a small machine (tens of seconds a tower): the default run covers HHFT (attention, per-token bmm, batched
