@@ -141,6 +141,10 @@ class TrainConfig:
     # CPU machine it cost 4.5 min of compiling per run for 1.06x HyFormer rows/s after it, and DLRM-MLP ran slower
     # compiled (docs/results.md, issue 31); HHFT's tower step gained 1.5x over eager
     compile: bool = False
+    # bf16: the tower's training forward under torch.autocast(bf16) on the run's device (CPU too), from outside
+    # (pipeline/train/compile.py); weights, gradients, optimizer state, loss and metrics stay fp32, evaluation and
+    # export run fp32. (train.precision is the older CUDA-only switch over the whole model's forward.)
+    autocast: Literal["off", "bf16"] = "off"
     # sync: plain DDP. async: HyFormer's one-step-stale allreduce (pipeline/distributed/comm_hooks.py)
     allreduce: Literal["sync", "async"] = "sync"
     allreduce_compression: Literal["none", "bf16"] = "none"

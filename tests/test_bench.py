@@ -17,7 +17,7 @@ from hyrank.pipeline.cli import main
     ["bench", "overlap", "--config", "jobs/configs/hyformer.toml", "--batch-size", "16", "--steps", "2",
      "--warmup", "1", "--rounds", "1"],
     ["bench", "model", "--models", "dlrm_mlp,hyformer", "--batch-size", "4", "--steps", "1", "--compare",
-     "--autocast", "bf16"],  # the GPU path's bf16 autocast, run on CPU
+     "--autocast", "bf16"],  # train.autocast's bf16 rows beside the fp32 ones
     ["bench", "seqlen", "--models", "hyformer,longer_rankmixer", "--lengths", "16,32", "--batch-size", "2", "--steps", "1"],
     ["bench", "days", "--small-days", "6", "--rows-per-day", "60", "--set", "data.batch_size_per_rank=16",
      "--set", "model.options.hidden=[16]", "--set", "features.sequences.0.max_len=16"],
@@ -36,10 +36,11 @@ def test_bench_runs(argv, capsys):
         assert "async (sync steps 2, prediction 1, compensation 0.5)" in out and "plain stale - sync" in out, out
     if "overlap" in argv:  # every mode ran, and each one's gradients were checked reduced (or not, for local)
         assert all(m in out for m in ("local (no", "sync (plain", "async (stale", "async, plain")), out
-    if "model" in argv:  # both towers against the same measured matmul peak
-        assert "default shapes, batch 4, autocast bf16" in out, out
+    if "model" in argv:  # both towers, fp32 and bf16 rows, against the fp32 and bf16 matmul peaks of the same turns
+        assert "default shapes, batch 4" in out and "of fp32 mm" in out and "of bf16 mm" in out, out
         table = out.split('{"bench"')[0]
-        assert all(f"{m} {v}" in " ".join(table.split()) for m in ("dlrm_mlp", "hyformer") for v in ("reference", "eager"))
+        assert all(f"{m} {v} " in " ".join(table.split()) for m in ("dlrm_mlp", "hyformer")
+                   for v in ("reference", "eager", "eager-bf16"))
     if "tables" in argv:  # the shipped size and the one asked for, each measured against its plan
         assert "as shipped" in out and "item 20,000 rows" in out and "rows/s" in out, out
     if "seqlen" in argv:  # each length, then 2x width and 2x depth, per tower

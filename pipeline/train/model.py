@@ -23,7 +23,7 @@ from hyrank.pipeline.distributed.comm_hooks import StaleAllReduce
 from hyrank.pipeline.distributed.dmp import ShardedModel, make_data_parallel_wrapper, shard_model
 from hyrank.pipeline.distributed.env import DistEnv
 from hyrank.pipeline.ranker import RankingModel
-from hyrank.pipeline.train.compile import compile_tower
+from hyrank.pipeline.train.compile import autocast_tower, compile_tower
 
 
 @dataclass
@@ -38,6 +38,8 @@ def build_run_model(cfg: RunConfig, env: DistEnv) -> RunModel:
     torch.manual_seed(cfg.seed)
     spec = cfg.features
     tower = build_model(cfg.model.name, cfg.model.config, spec.input_shape())
+    if cfg.train.autocast == "bf16":
+        autocast_tower(tower, env.device.type)
     if cfg.train.compile:
         compile_tower(tower, report=env.is_main)
     model = RankingModel(spec, tower, sparse_device=torch.device("meta"), dedup=cfg.embeddings.dedup,
