@@ -137,9 +137,8 @@ class TrainConfig:
     grad_clip_norm: float = 0.0  # clip the dense gradient norm; 0: off
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the forward on CUDA (ignored on CPU)
     # torch.compile (inductor) of the dense tower, applied in place from outside (models/ stay plain modules, so
-    # checkpoints, resume and export are unchanged); its compile time is logged once. Off by default: on the 2-core
-    # CPU machine it cost 4.5 min of compiling per run for 1.06x HyFormer rows/s after it, and DLRM-MLP ran slower
-    # compiled (docs/results.md, issue 31); HHFT's tower step gained 1.5x over eager
+    # checkpoints, resume and export are unchanged); its compile time is logged once. Off by default: on CPU its
+    # minutes of compiling did not pay back in a day's training (docs/results.md, "Faster towers")
     compile: bool = False
     # bf16: the tower's training forward under torch.autocast(bf16) on the run's device (CPU too), from outside
     # (pipeline/train/compile.py); weights, gradients, optimizer state, loss and metrics stay fp32, evaluation and
