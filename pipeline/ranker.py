@@ -18,6 +18,7 @@ from torchrec import JaggedTensor
 from hyrank.embeddings.collection import SparseArch, SparseOutput
 from hyrank.embeddings.dedup import SequenceFeed
 from hyrank.models.inputs import SequenceInput, TowerInput
+from hyrank.models.layers.fastpath import fast
 from hyrank.pipeline.data.batch import Batch
 from hyrank.pipeline.data.features import FeatureSpec
 
@@ -111,7 +112,25 @@ torch.fx.wrap("ebc_block")
 
 
 def pad_sequence(columns: list[JaggedTensor], max_len: int, batch_size: int) -> SequenceInput:
-    """Concatenate aligned jagged columns event-wise and pad to (B, max_len, D); events stay left-aligned."""
+    """Aligned jagged columns side by side, padded to (B, max_len, D); events stay left-aligned. Each column's
+    values are written once into their own width slice of the padded buffer (`_PadRows`): no event-wise
+    concatenation first, and backward reads each column's rows straight out of the padded gradient."""
+    if not fast():
+        return pad_sequence_reference(columns, max_len, batch_size)
+    lengths = columns[0].lengths()
+    _check_lengths(lengths, max_len)
+    starts = torch.cumsum(lengths, 0) - lengths
+    # event n of row b at position p lands in flat slot b * max_len + p = n + (b * max_len - starts[b])
+    shift_B = torch.arange(batch_size, device=lengths.device) * max_len - starts
+    slot_N = (torch.arange(columns[0].values().shape[0], device=lengths.device)
+              + torch.repeat_interleave(shift_B, lengths))
+    padded = _PadRows.apply(slot_N, batch_size * max_len, *(c.values() for c in columns))
+    mask = torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return SequenceInput(values_BLD=padded.view(batch_size, max_len, -1), mask_BL=mask)
+
+
+def pad_sequence_reference(columns: list[JaggedTensor], max_len: int, batch_size: int) -> SequenceInput:
+    """The plain path `pad_sequence` is tested against: concatenate the columns event-wise, then scatter."""
     lengths = columns[0].lengths()
     values_ND = torch.cat([c.values() for c in columns], dim=-1)
     rows = torch.repeat_interleave(torch.arange(batch_size, device=values_ND.device), lengths)
@@ -121,3 +140,44 @@ def pad_sequence(columns: list[JaggedTensor], max_len: int, batch_size: int) -> 
     padded[rows, pos] = values_ND
     mask = torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
     return SequenceInput(values_BLD=padded, mask_BL=mask)
+
+
+def _check_lengths(lengths: torch.Tensor, max_len: int) -> None:
+    """A row longer than max_len would spill into the next row's slots: the reader truncates to max_len, so this
+    is a broken batch. On CUDA an async assert (no host sync per batch)."""
+    if lengths.is_cuda:
+        torch._assert_async(lengths.max() <= max_len, "a sequence row is longer than max_len")
+    elif lengths.numel() and int(lengths.max()) > max_len:
+        raise ValueError(f"a sequence row holds {int(lengths.max())} events, more than max_len={max_len}: "
+                         "batches come from the reader, which truncates to max_len")
+
+
+class _PadRows(torch.autograd.Function):
+    """(N, D_c) values of each column -> one zero-padded (S, sum D_c) buffer, row n of every column in slot
+    slot_N[n]; backward gathers each column's N rows from the padded gradient's width slice."""
+
+    @staticmethod
+    def forward(ctx, slot_N: torch.Tensor, num_slots: int, *values_ND: torch.Tensor) -> torch.Tensor:
+        widths = [v.shape[-1] for v in values_ND]
+        out = values_ND[0].new_zeros(num_slots, sum(widths))
+        start = 0
+        for v, w in zip(values_ND, widths):
+            out[:, start:start + w].index_copy_(0, slot_N, v)
+            start += w
+        ctx.save_for_backward(slot_N)
+        ctx.widths = widths
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_SD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (slot_N,) = ctx.saved_tensors
+        grads, start = [], 0
+        for i, w in enumerate(ctx.widths):
+            grads.append(grad_SD[:, start:start + w].index_select(0, slot_N)
+                         if ctx.needs_input_grad[2 + i] else None)
+            start += w
+        return (None, None, *grads)
+
+
+# Opaque to TrainPipelineSparseDist's FX trace: it reads a length on the host and calls an autograd Function.
+torch.fx.wrap("pad_sequence")

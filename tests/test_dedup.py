@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec import KeyedJaggedTensor
+from torchrec import JaggedTensor, KeyedJaggedTensor
 
 from hyrank.embeddings.dedup import (compact_index_dtype, dedup_sequences, expand_rows, lookup_dedup, lookup_reference,
                               unique_per_table)
@@ -279,3 +279,61 @@ def test_a_block_of_consecutive_ebc_features_is_a_slice_of_the_ebc_output(small_
     shuffled = ebc_block(SparseOutput(emb.pooled, {}, pooled_values=emb.pooled_values,
                                       pooled_columns=emb.pooled_columns), apart)
     assert torch.equal(shuffled, torch.cat([emb.pooled[m] for m in apart], dim=-1))
+
+
+def _padded_both_ways(columns, max_len: int, batch_size: int):
+    """pad_sequence's fast path and its reference on the same columns: outputs, and each column's gradient under
+    one upstream gradient."""
+    from hyrank.models.layers.fastpath import reference_paths
+    from hyrank.pipeline.ranker import pad_sequence
+
+    results = []
+    for paths in (torch.enable_grad, reference_paths):
+        leaves = [c.values().detach().clone().requires_grad_(True) for c in columns]
+        jagged = [JaggedTensor(values=v, lengths=c.lengths()) for v, c in zip(leaves, columns)]
+        with paths():
+            out = pad_sequence(jagged, max_len, batch_size)
+        upstream = torch.randn(out.values_BLD.shape, generator=torch.Generator().manual_seed(3))
+        (out.values_BLD * upstream).sum().backward()
+        results.append((out, [v.grad for v in leaves]))
+    return results
+
+
+def test_padded_sequences_equal_the_concatenate_then_scatter_reference():
+    """The Tokenizer's sequence padding writes each column once into its width slice of the padded buffer; it equals
+    concatenating the columns and scattering them (values, mask and every column's gradient bit for bit), with
+    empty rows, full rows and a batch of only empty rows."""
+    g = torch.Generator().manual_seed(0)
+    max_len, batch_size = 12, 9
+    for lengths in (torch.tensor([0, 12, 3, 1, 0, 7, 12, 5, 2]), torch.zeros(9, dtype=torch.int64)):
+        n = int(lengths.sum())
+        columns = [JaggedTensor(values=torch.randn(n, width, generator=g), lengths=lengths) for width in (8, 8, 4)]
+        (fast, fast_grads), (ref, ref_grads) = _padded_both_ways(columns, max_len, batch_size)
+        assert fast.values_BLD.shape == (batch_size, max_len, 20)
+        assert torch.equal(fast.values_BLD, ref.values_BLD) and torch.equal(fast.mask_BL, ref.mask_BL)
+        assert not fast.values_BLD[~fast.mask_BL].any()  # padding is zeros
+        for got, want in zip(fast_grads, ref_grads):
+            assert torch.equal(got, want)
+
+
+def test_padded_sequences_of_a_real_batch_equal_the_reference(small_cfg):
+    """The same on the sequences of a real batch's lookup (the Tokenizer's columns: ids and side features)."""
+    from hyrank.pipeline.data.convert import BatchConverter
+
+    model = _ranking_model(small_cfg, dedup=False)
+    batch = BatchConverter(small_cfg.features, sequence_feed=model.sequence_feed)(_real_table(small_cfg))
+    emb = model.sparse(batch.pooled, batch.sequence, batch.sequence_index)
+    for seq in small_cfg.features.sequences:
+        columns = [emb.sequences[c] for c in seq.columns]
+        (fast, fast_grads), (ref, ref_grads) = _padded_both_ways(columns, seq.max_len, batch.labels.shape[0])
+        assert torch.equal(fast.values_BLD, ref.values_BLD), seq.name
+        assert all(torch.equal(a, b) for a, b in zip(fast_grads, ref_grads)), seq.name
+
+
+def test_a_sequence_row_longer_than_max_len_is_refused():
+    """Its events would spill into the next row's slots: an error naming max_len, not a silently shifted batch."""
+    from hyrank.pipeline.ranker import pad_sequence
+
+    column = JaggedTensor(values=torch.randn(7, 4), lengths=torch.tensor([2, 5]))
+    with pytest.raises(ValueError, match="5 events, more than max_len=4"):
+        pad_sequence([column], 4, 2)

@@ -1,6 +1,6 @@
-"""One switch for the towers' fast paths (batched projections), so the plain reference of each stays runnable in
-the whole model: tests compare a tower's outputs and gradients both ways, and `hyrank bench model --compare`
-times the two side by side in one run.
+"""One switch for the fast paths of the towers (batched projections) and of what feeds them (the padding of
+sequences), so the plain reference of each stays runnable in the whole model: tests compare a tower's outputs and
+gradients both ways, and `hyrank bench model --compare` times the two side by side in one run.
 
     with reference_paths():
         logits = model(x).logits      # every fast path runs its plain reference
