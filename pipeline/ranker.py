@@ -144,10 +144,10 @@ def pad_sequence_reference(columns: list[JaggedTensor], max_len: int, batch_size
 
 def _check_lengths(lengths: torch.Tensor, max_len: int) -> None:
     """A row longer than max_len would spill into the next row's slots: the reader truncates to max_len, so this
-    is a broken batch. On CUDA an async assert (no host sync per batch)."""
-    if lengths.is_cuda:
-        torch._assert_async(lengths.max() <= max_len, "a sequence row is longer than max_len")
-    elif lengths.numel() and int(lengths.max()) > max_len:
+    is a broken batch. On CUDA and in a traced program (export) an async assert: no host sync per batch."""
+    if lengths.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async((lengths <= max_len).all(), "a sequence row is longer than max_len")
+    elif not bool((lengths <= max_len).all()):
         raise ValueError(f"a sequence row holds {int(lengths.max())} events, more than max_len={max_len}: "
                          "batches come from the reader, which truncates to max_len")
 
