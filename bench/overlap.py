@@ -19,7 +19,7 @@ loopback TCP beside the GPU's compute (the hook's setting, with a slower link th
 kernels take turns on the one GPU, so "local" is about world-size times one rank's compute.
 
 Measured on one H100 (2026-11-23), 2 ranks sharing it over gloo, HyFormer with the paper's input shapes
-(`--shape paper --model hyformer`, long sequence 1000 events unless noted), fp32 (default.toml's precision), its
+(`--shape paper --model hyformer`, long sequence 1000 events unless noted), fp32 (default.toml: train.autocast off), its
 prediction 1 + compensation 0.5 ("async") and the plain stale rule ("plain"); ms per step:
     tower (d_model)     params  batch/rank   local    sync   async   plain   allreduce alone   hidden: async  plain
     paper (976), L=3000  417M      256        220.2   898.7   288.3   232.6       892.0              0.90   0.98
@@ -144,7 +144,7 @@ def _spec(args: argparse.Namespace, config: str) -> dict:
     return {"model": name, "options": options, "shape": shape, "dense_params": params,
             "batch_size": args.batch_size or cfg.data.batch_size_per_rank,
             "lr": t.lr, "weight_decay": t.weight_decay, "grad_clip_norm": t.grad_clip_norm,
-            "bf16": t.precision == "bf16", "compression": t.allreduce_compression,
+            "bf16": t.autocast == "bf16", "compression": t.allreduce_compression,
             "compensation": t.allreduce_delay_compensation, "prediction": t.allreduce_weight_prediction}
 
 
@@ -182,7 +182,7 @@ def _worker(rank: int, world_size: int, spec: dict, timing: dict) -> dict:
         leaf.data.normal_(generator=gen)
     inputs = _to(inputs, device)
     labels = (torch.rand(spec["batch_size"], generator=gen) < 0.2).float().to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and spec["bf16"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])  # as train.autocast
 
     def sync() -> None:
         if device.type == "cuda":
@@ -281,7 +281,7 @@ def _report(r: dict, spec: dict, args: argparse.Namespace, backend: str) -> None
     print(f"tower {spec['model']}: {params:,} dense parameters ({params * 4 / 2**20:.1f} MiB of "
           f"fp32 gradient), batch {spec['batch_size']} per rank, {args.world_size} ranks, {backend} on "
           f"{r['device_name']}{' (ranks share the GPU)' if shared else ''}"
-          f"{', bf16 autocast' if args.device == 'cuda' and spec['bf16'] else ''}")
+          f"{', bf16 autocast' if spec['bf16'] else ''}")
     print(f"step time, median of {args.steps} steps x {args.rounds} rounds (slowest rank):")
     print(f"  local (no allreduce)  {r['local'] * 1e3:9.2f} ms")
     exposed = r["sync"] - r["local"]

@@ -118,6 +118,20 @@ def test_override_is_validated_like_the_file():
     assert cfg.train.lr == 0.5 and cfg.model.config.hidden == [8]
 
 
+def test_the_retired_train_precision_still_loads_as_train_autocast(caplog):
+    """train.precision (the CUDA-only bf16 switch) was folded into train.autocast: configs and the configs stored in
+    older checkpoints' meta.json that hold it still load, "bf16" as train.autocast = "bf16" with a warning."""
+    assert load_config(DEFAULT_CONFIG, ['train.precision="fp32"']) == load_config(DEFAULT_CONFIG)
+    with caplog.at_level("WARNING", logger="hyrank.pipeline.config"):
+        cfg = load_config(DEFAULT_CONFIG, ['train.precision="bf16"'])
+    assert cfg.train.autocast == "bf16" and "train.precision is retired" in caplog.text
+    assert load_config(DEFAULT_CONFIG, ['train.precision="bf16"', 'train.autocast="bf16"']).train.autocast == "bf16"
+    with pytest.raises(ConfigError, match="train.precision and train.autocast disagree"):
+        load_config(DEFAULT_CONFIG, ['train.precision="bf16"', 'train.autocast="off"'])
+    with pytest.raises(ConfigError, match="train.precision: expected 'fp32' or 'bf16', got 'fp8'"):
+        load_config(DEFAULT_CONFIG, ['train.precision="fp8"'])
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(DEFAULT_CONFIG, ["train.lr=0.25"])
     path = save_resolved(cfg, tmp_path)

@@ -23,7 +23,6 @@ reader.py: a rank failed, a real row is left, a rank was signalled); every colle
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -405,8 +404,7 @@ class Trainer:
         """One step on one batch (already on the device); returns the detached loss."""
         self._before_forward()
         try:
-            with self._autocast():
-                loss, _ = self.model(batch)
+            loss, _ = self.model(batch)
             self.optimizer.zero_grad()
             loss.backward()  # sparse tables are updated in here (fused optimizers)
         finally:  # the real weights back even if the step fails
@@ -420,11 +418,6 @@ class Trainer:
     def _after_backward(self) -> None:
         self.dense.after_backward()
         self.progress.global_step += 1
-
-    def _autocast(self):
-        if self.env.device.type == "cuda" and self.cfg.train.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def dense_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The DDP part's parameters by name: what DDP reduces (DMP's own split: every parameter that is not in a
