@@ -63,8 +63,7 @@ def _train_resume_score(rank, world_size, cfg):
     first = Trainer(cfg, env_of_current_group()).run(RunPlan(train_days=days[:1]))
     trainer = Trainer(cfg, env_of_current_group())
     result = trainer.run(RunPlan(train_days=days[1:2], resume=str(first.checkpoint)))
-    scores = score_day(trainer.model, trainer._reader(days[1], 0), device=torch.device("cpu"),
-                       autocast=trainer._autocast)
+    scores = score_day(trainer.model, trainer._reader(days[1], 0), device=torch.device("cpu"))
     losses = first.trained[0].losses + result.trained[0].losses
     compiled = hasattr(trainer.model.module.tower.forward, "_torchdynamo_orig_callable")  # torch.compile's wrapper
     assert compiled == cfg.train.compile

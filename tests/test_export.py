@@ -59,7 +59,7 @@ def _train_and_score(rank, world_size, cfg):
     trainer = Trainer(cfg, env_of_current_group())
     result = trainer.run(RunPlan(train_days=days[:1]))
     reader = trainer._reader(days[1], 0)
-    scores = score_day(trainer.model, reader, device=torch.device("cpu"), autocast=trainer._autocast)
+    scores = score_day(trainer.model, reader, device=torch.device("cpu"))
     return str(result.checkpoint), scores.logits
 
 

@@ -47,8 +47,7 @@ def _train_and_score(rank, world_size, cfg, days_trained):
     days = discover_days(cfg.data.root)
     trainer = Trainer(cfg, env_of_current_group())
     result = trainer.run(RunPlan(train_days=days[:days_trained], resume="latest-if-any"))
-    scores = score_day(trainer.model, trainer._reader(days[days_trained], 0), device=torch.device("cpu"),
-                       autocast=trainer._autocast)
+    scores = score_day(trainer.model, trainer._reader(days[days_trained], 0), device=torch.device("cpu"))
     return str(result.checkpoint), scores.logits
 
 

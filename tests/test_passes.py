@@ -146,8 +146,7 @@ def _score(rank, world_size, cfg):
     trainer = Trainer(cfg, env_of_current_group())
     trainer.train_day(days[0])
     span = trainer.evaluate(as_span(days[1:3]))
-    parts = [score_day(trainer.model, trainer._reader(d, 0, training=False), device=trainer.env.device,
-                       autocast=trainer._autocast) for d in days[1:3]]
+    parts = [score_day(trainer.model, trainer._reader(d, 0, training=False), device=trainer.env.device) for d in days[1:3]]
     return span, [(p.logits.numpy(), p.labels.numpy(), p.groups.numpy(), p.oracle.numpy()) for p in parts]
 
 

@@ -1,6 +1,6 @@
 """Scoring a day with the current model: the real rows' logits, labels, query ids and oracle, in one pass.
 
-    scores = score_day(trainer.model, reader, device=env.device, autocast=trainer._autocast, bar=None)
+    scores = score_day(trainer.model, reader, device=env.device, bar=None)
     metrics = metrics_over_ranks(env.comm, scores.logits, scores.labels, scores.groups, scores.oracle)
 
 Filler rows (weight 0, pipeline/data/reader.py) keep every rank's batches full; they are not data, so they are
@@ -9,8 +9,6 @@ not scored: the metrics cover every valid row of the day exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +27,14 @@ class Scores:
 
 
 @torch.no_grad()
-def score_day(model: torch.nn.Module, reader: DayReader, *, device: torch.device,
-              autocast: Callable[[], AbstractContextManager], bar=None) -> Scores:
-    """Every real row `reader` yields, scored by `model` in eval mode (restored to train mode after)."""
+def score_day(model: torch.nn.Module, reader: DayReader, *, device: torch.device, bar=None) -> Scores:
+    """Every real row `reader` yields, scored by `model` in eval mode (restored to train mode after): fp32, what an
+    export serves (train.autocast covers the tower's training forward only)."""
     parts: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "groups": [], "oracle": []}
     model.eval()
     try:
         for batch in reader:
-            with autocast():
-                _, out = model(batch.to(device, non_blocking=True))
+            _, out = model(batch.to(device, non_blocking=True))
             real = torch.ones(batch.batch_size, dtype=torch.bool) if batch.weights is None else batch.weights > 0
             on_device = real.to(out.labels.device)
             parts["logits"].append(out.logits.float()[on_device])

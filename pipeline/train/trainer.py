@@ -8,7 +8,7 @@
     trainer.close()
 
 The trainer discovers nothing: the caller (pipeline/cli/run.py, a benchmark, the daily stream) says which days to train
-and evaluate and where to resume from. One step: forward (bf16 autocast on CUDA if asked) -> BCE -> backward, during
+and evaluate and where to resume from. One step: forward (the tower under bf16 autocast if train.autocast asks) -> BCE -> backward, during
 which fbgemm updates the sharded tables (fused optimizers) and DDP reduces the dense gradients -> the dense step,
 whose reduction policy and call order belong to DenseSync (pipeline/distributed/dense_sync.py). With
 `train.allreduce = "async"` the dense step applies last step's gradient and every boundary (end of a day,
@@ -468,7 +468,7 @@ class Trainer:
         self.dense.flush()
         reader = self._reader(day, self.cfg.train.eval_max_batches, training=False)
         bar = progress(len(reader), f"{kind} {day.label}", "batch") if self.show_progress else None
-        s = score_day(self.model, reader, device=self.env.device, autocast=self._autocast, bar=bar)
+        s = score_day(self.model, reader, device=self.env.device, bar=bar)
         if bar is not None:
             bar.close()
         groups = s.groups if self.cfg.features.group is not None else None  # no group column: no query-AUC
