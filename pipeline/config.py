@@ -12,7 +12,6 @@ file name attached. A new variant is a new TOML file, not a new flag.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import sys
 import types
@@ -30,9 +29,8 @@ import tomli_w
 
 from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.data.options import ReaderOptions
+from hyrank.pipeline.config_retired import translate_retired
 from hyrank.pipeline.files import write_atomic
-
-log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -144,7 +142,7 @@ class TrainConfig:
     compile: bool = False
     # bf16: the tower's training forward under torch.autocast(bf16) on the run's device (CPU too), from outside
     # (pipeline/train/compile.py); weights, gradients, optimizer state, loss and metrics stay fp32, evaluation and
-    # export run fp32. (It replaces train.precision, the CUDA-only switch over the whole forward: see _RETIRED.)
+    # export run fp32. (It replaces train.precision, the CUDA-only switch over the whole forward: config_retired.py.)
     autocast: Literal["off", "bf16"] = "off"
     # sync: plain DDP. async: HyFormer's one-step-stale allreduce (pipeline/distributed/comm_hooks.py)
     allreduce: Literal["sync", "async"] = "sync"
@@ -377,46 +375,14 @@ def _list_index(node: list, key: str, where: str, source: str) -> int:
 T = typing.TypeVar("T")
 
 
-def _retired_precision(value: Any) -> dict[str, Any]:
-    if value == "fp32":
-        return {}
-    if value == "bf16":
-        return {"autocast": "bf16"}
-    raise ValueError(f"expected 'fp32' or 'bf16', got {value!r}")
-
-
-# Keys that older configs (and the configs stored in older checkpoints' meta.json) hold, and what they now read as,
-# so those still load: train.precision = "bf16" was the CUDA-only autocast of the whole forward, folded into
-# train.autocast (the tower's training forward, on any device).
-_RETIRED: dict[str, tuple[str, typing.Callable[[Any], dict[str, Any]]]] = {
-    "train.precision": ('train.precision is retired: it reads as train.autocast = "bf16" for "bf16", nothing for '
-                        '"fp32"', _retired_precision),
-}
-
-
-def _translate_retired(data: dict, source: str, where: str) -> dict:
-    out = dict(data)
-    for name in [n for n in data if _join(where, n) in _RETIRED]:
-        key = _join(where, name)
-        note, translate = _RETIRED[key]
-        try:
-            replacement = translate(out.pop(name))
-        except ValueError as e:
-            raise _err(source, f"{key}: {e} ({note})") from e
-        clash = sorted(k for k, v in replacement.items() if k in out and out[k] != v)
-        if clash:
-            raise _err(source, f"{key} and {_join(where, clash[0])} disagree ({note})")
-        out.update(replacement)
-        if replacement:
-            log.warning("%s: %s", source, note)
-    return out
-
-
 def from_dict(cls: type[T], data: Any, *, source: str, where: str = "") -> T:
     """Build dataclass `cls` from a TOML dict, checking keys and types recursively."""
     if not isinstance(data, dict):
         raise _err(source, f"{where or 'top level'} must be a table, got {type(data).__name__}")
-    data = _translate_retired(data, source, where)
+    try:
+        data = translate_retired(data, where)
+    except ValueError as e:
+        raise _err(source, str(e)) from e
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

@@ -122,13 +122,13 @@ def test_the_retired_train_precision_still_loads_as_train_autocast(caplog):
     """train.precision (the CUDA-only bf16 switch) was folded into train.autocast: configs and the configs stored in
     older checkpoints' meta.json that hold it still load, "bf16" as train.autocast = "bf16" with a warning."""
     assert load_config(DEFAULT_CONFIG, ['train.precision="fp32"']) == load_config(DEFAULT_CONFIG)
-    with caplog.at_level("WARNING", logger="hyrank.pipeline.config"):
+    with caplog.at_level("WARNING", logger="hyrank.pipeline.config_retired"):
         cfg = load_config(DEFAULT_CONFIG, ['train.precision="bf16"'])
-    assert cfg.train.autocast == "bf16" and "train.precision is retired" in caplog.text
+    assert cfg.train.autocast == "bf16" and "train.precision = 'bf16' is retired: read as train.autocast" in caplog.text
     assert load_config(DEFAULT_CONFIG, ['train.precision="bf16"', 'train.autocast="bf16"']).train.autocast == "bf16"
-    with pytest.raises(ConfigError, match="train.precision and train.autocast disagree"):
+    with pytest.raises(ConfigError, match=r"train.precision \(retired\) and train.autocast disagree"):
         load_config(DEFAULT_CONFIG, ['train.precision="bf16"', 'train.autocast="off"'])
-    with pytest.raises(ConfigError, match="train.precision: expected 'fp32' or 'bf16', got 'fp8'"):
+    with pytest.raises(ConfigError, match=r"train.precision \(retired\) must be one of \['bf16', 'fp32'\], got 'fp8'"):
         load_config(DEFAULT_CONFIG, ['train.precision="fp8"'])
 
 
