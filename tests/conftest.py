@@ -58,6 +58,24 @@ def tiny_cfg(root, out_dir, *extra):
     return load_config(DEFAULT_CONFIG, [f'data.root="{root}"', f'out_dir="{out_dir}"', *TINY, *extra])
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc): a launcher's ranks, which run in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
 def latest_checkpoint_tensors(out_dir):
     """Every tensor of a run's latest checkpoint by dotted name (DCP read offline, tables whole), and its meta.json
     (a CheckpointMeta)."""

@@ -16,7 +16,7 @@ import torch
 
 from hyrank.pipeline.train.run_lock import RunDirInUse, RunLock
 
-from conftest import DEFAULT_CONFIG, latest_checkpoint_tensors
+from conftest import DEFAULT_CONFIG, descendants, latest_checkpoint_tensors
 
 pytestmark = pytest.mark.dist
 
@@ -44,23 +44,6 @@ def _wait_for_step(proc, log: Path, step: int, timeout_s: float = 120) -> None:
     raise TimeoutError(f"no step {step} within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -86,7 +69,7 @@ def test_killing_the_launchers_group_kills_every_rank_and_frees_the_run(synth_ro
     proc = _start(_cmd(synth_root, tmp_path, "--set", "data.batch_size_per_rank=8"), log)
     try:
         _wait_for_step(proc, log, 3)
-        ranks = _descendants(proc.pid)
+        ranks = descendants(proc.pid)
         assert len(ranks) >= 2, ranks
         os.killpg(proc.pid, signal.SIGKILL)  # what a scheduler does to a job: the group, not the ranks' sessions
         proc.wait(timeout=10)
@@ -96,7 +79,7 @@ def test_killing_the_launchers_group_kills_every_rank_and_frees_the_run(synth_ro
         survivors = [p for p in ranks if _alive(p)]
         assert not survivors, f"ranks {survivors} outlived their launcher"
     finally:
-        for p in _descendants(proc.pid) | {proc.pid}:
+        for p in descendants(proc.pid) | {proc.pid}:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:

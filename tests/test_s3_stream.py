@@ -25,7 +25,7 @@ from hyrank.pipeline.train.checkpoint import read_meta
 from hyrank.pipeline.train.run_lock import ObjectLock, RunDirInUse
 from hyrank.pipeline.train.state import read_ledger
 
-from conftest import DEFAULT_CONFIG, TINY, latest_checkpoint_tensors, small_synth
+from conftest import DEFAULT_CONFIG, TINY, descendants, latest_checkpoint_tensors, small_synth
 
 pytestmark = pytest.mark.dist
 
@@ -62,16 +62,23 @@ def _partial_steps(s3, prefix: str) -> list[str]:
 
 
 def _run_killed_during_upload(s3, cmd, log: Path, prefix: str) -> str:
-    """Start the stream and SIGKILL it the moment a step-N folder holds uploaded files but no meta.json."""
+    """Start the stream and SIGKILL it the moment a step-N folder holds uploaded files but no meta.json: the
+    launcher and its ranks at once, as a node that dies. (Killing the launcher's group alone leaves the ranks, in
+    sessions of their own, up to a second before they notice; one whose peer died first then unwinds through its
+    error path, which releases the run lock, and may start another upload: not the crash this test is about.)"""
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         partial = _partial_steps(s3, prefix)
         if partial:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in descendants(proc.pid) | {proc.pid}:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.wait()
-            time.sleep(1.5)  # ranks notice the launcher is gone within a second (launch.die_with_launcher)
+            time.sleep(0.5)  # the ranks' zombies reaped by init, their sockets closed
             return partial[0]
         time.sleep(0.005)
     proc.kill()
