@@ -19,7 +19,7 @@ loopback TCP beside the GPU's compute (the hook's setting, with a slower link th
 kernels take turns on the one GPU, so "local" is about world-size times one rank's compute.
 
 Measured on one H100 (2026-11-23), 2 ranks sharing it over gloo, HyFormer with the paper's input shapes
-(`--shape paper --model hyformer`, long sequence 1000 events unless noted), fp32 (default.toml: train.autocast off), its
+(`--shape paper --model hyformer`, long sequence 1000 events unless noted), fp32 (train.autocast off), its
 prediction 1 + compensation 0.5 ("async") and the plain stale rule ("plain"); ms per step:
     tower (d_model)     params  batch/rank   local    sync   async   plain   allreduce alone   hidden: async  plain
     paper (976), L=3000  417M      256        220.2   898.7   288.3   232.6       892.0              0.90   0.98

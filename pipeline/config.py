@@ -27,9 +27,9 @@ else:  # pragma: no cover
 
 import tomli_w
 
+from hyrank.pipeline.config_retired import translate_retired
 from hyrank.pipeline.data.features import FeatureSpec
 from hyrank.pipeline.data.options import ReaderOptions
-from hyrank.pipeline.config_retired import translate_retired
 from hyrank.pipeline.files import write_atomic
 
 

@@ -8,12 +8,13 @@
     trainer.close()
 
 The trainer discovers nothing: the caller (pipeline/cli/run.py, a benchmark, the daily stream) says which days to train
-and evaluate and where to resume from. One step: forward (the tower under bf16 autocast if train.autocast asks) -> BCE -> backward, during
-which fbgemm updates the sharded tables (fused optimizers) and DDP reduces the dense gradients -> the dense step,
-whose reduction policy and call order belong to DenseSync (pipeline/distributed/dense_sync.py). With
-`train.allreduce = "async"` the dense step applies last step's gradient and every boundary (end of a day,
-evaluation) flushes the gradient still in flight; a checkpoint keeps it pending instead, so a resumed run takes the
-same steps. Checkpoints hold the trainer's Stateful parts (pipeline/train/checkpoint.py, pipeline/train/state.py).
+and evaluate and where to resume from. One step: forward (the tower under bf16 autocast if train.autocast asks) ->
+BCE -> backward, during which fbgemm updates the sharded tables (fused optimizers) and DDP reduces the dense
+gradients -> the dense step, whose reduction policy and call order belong to DenseSync
+(pipeline/distributed/dense_sync.py). With `train.allreduce = "async"` the dense step applies last step's gradient
+and every boundary (end of a day, evaluation) flushes the gradient still in flight; a checkpoint keeps it pending
+instead, so a resumed run takes the same steps. Checkpoints hold the trainer's Stateful parts
+(pipeline/train/checkpoint.py, pipeline/train/state.py).
 
 Each step's only collective of the pipeline's own is the reader's agreement before the batch (pipeline/data/
 reader.py: a rank failed, a real row is left, a rank was signalled); every collective goes through `env.comm`
